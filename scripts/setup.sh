@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the build, the demo and the tests need and is missing (Debian packages, npm
+# dependencies), then builds everything. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# clang/llvm/libbpf/bpftool build the tap; iproute2 makes the namespaces; tcpdump, wrk, curl,
+# redis-server and python3 are the real programs the tests and benchmarks drive.
+packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-format make g++
+  pkg-config tcpdump wrk curl redis-server redis-tools python3 procps)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  sudo=()
+  ((EUID == 0)) || sudo=(sudo)
+  echo "setup: installing Debian packages: ${missing[*]}"
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+# npm ci only when the lock changed since the last install, so repeated runs stay fast.
+if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  echo "setup: installing npm dependencies"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+npm run --silent build
