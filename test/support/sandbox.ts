@@ -53,12 +53,39 @@ function deleteNetns(netns: string): void {
   }
 }
 
-/** Removes every test netns (and the processes in it) left by a run that was killed. */
-export function removeStaleSandboxes(): void {
-  const names = ip(['netns', 'list'])
+/**
+ * The pid of the test process that made a test netns or cgroup: names are
+ * `mirrord-test-LABEL-PID-N…`. Undefined for names of another form.
+ */
+export function ownerOf(name: string): number | undefined {
+  const match = /^mirrord-test-[a-z]+-(\d+)-\d+/.exec(name);
+  return match ? Number(match[1]) : undefined;
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** True for test resources whose maker is gone (a killed run) or that name no maker. */
+export function isStale(name: string): boolean {
+  const owner = ownerOf(name);
+  return owner === undefined || !isAlive(owner);
+}
+
+export function listTestNetns(): string[] {
+  return ip(['netns', 'list'])
     .split('\n')
     .map((line) => line.split(' ')[0] ?? '')
     .filter((name) => name.startsWith(SANDBOX_PREFIX));
+}
+
+/** Removes the given test namespaces and every process inside them. */
+export function removeNetns(names: string[]): void {
   for (const name of names) deleteNetns(name);
 }
 
@@ -66,7 +93,7 @@ export function removeStaleSandboxes(): void {
  * Creates a target and a client netns joined by a veth pair. The subnet index keeps the
  * sandboxes of one process apart; the pid keeps parallel runs apart.
  */
-export function createSandbox(label = 'sb'): Sandbox {
+export function createSandbox(label = 'sandbox'): Sandbox {
   sandboxCount += 1;
   const subnet = ((process.pid % 200) + sandboxCount) % 250;
   const id = `${label}-${process.pid}-${sandboxCount}`;
@@ -110,7 +137,19 @@ export function createSandbox(label = 'sb'): Sandbox {
     // Short names: interface names are limited to 15 bytes.
     const vethTarget = `mt${sandboxCount}p${process.pid}`.slice(0, 15);
     const vethClient = `mc${sandboxCount}p${process.pid}`.slice(0, 15);
-    ip(['link', 'add', vethTarget, 'netns', target, 'type', 'veth', 'peer', vethClient, 'netns', client]);
+    ip([
+      'link',
+      'add',
+      vethTarget,
+      'netns',
+      target,
+      'type',
+      'veth',
+      'peer',
+      vethClient,
+      'netns',
+      client,
+    ]);
     ip(['-n', target, 'link', 'set', vethTarget, 'name', 'eth0']);
     ip(['-n', client, 'link', 'set', vethClient, 'name', 'eth0']);
     ip(['-n', target, 'addr', 'add', `${targetAddress}/24`, 'dev', 'eth0']);

@@ -1,0 +1,38 @@
+import { existsSync, readdirSync, rmdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { SANDBOX_PREFIX, listTestNetns, removeNetns } from './sandbox.js';
+
+/** Where tests make the cgroups that stand for containers (cgroup v2, hybrid or pure). */
+export const CGROUP_ROOT = existsSync('/sys/fs/cgroup/unified/cgroup.procs')
+  ? '/sys/fs/cgroup/unified'
+  : '/sys/fs/cgroup';
+
+export function listTestCgroups(): string[] {
+  return readdirSync(CGROUP_ROOT).filter((name) => name.startsWith(SANDBOX_PREFIX));
+}
+
+/** Removes a cgroup tree bottom-up: cgroupfs only lets empty leaves go. */
+export function removeCgroupTree(path: string): void {
+  for (const entry of readdirSync(path, { withFileTypes: true })) {
+    if (entry.isDirectory()) removeCgroupTree(join(path, entry.name));
+  }
+  rmdirSync(path);
+}
+
+/**
+ * Removes the test namespaces and cgroups that `select` picks and returns their names. A cgroup
+ * whose processes were killed with their netns may linger a moment; the next run removes it.
+ */
+export function removeLeftovers(select: (name: string) => boolean): string[] {
+  const netns = listTestNetns().filter(select);
+  const cgroups = listTestCgroups().filter(select);
+  removeNetns(netns);
+  for (const cgroup of cgroups) {
+    try {
+      removeCgroupTree(join(CGROUP_ROOT, cgroup));
+    } catch {
+      // Still busy; see above.
+    }
+  }
+  return [...netns.map((n) => `netns ${n}`), ...cgroups.map((c) => `cgroup ${c}`)];
+}
