@@ -1,4 +1,4 @@
-import { isStale } from './support/sandbox.js';
+import { isStale } from '../src/platform/local/netns.js';
 import { removeLeftovers } from './support/leftovers.js';
 
 /** A killed earlier run may have left namespaces and cgroups behind: remove them first. */

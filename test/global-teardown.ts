@@ -1,4 +1,4 @@
-import { ownerOf } from './support/sandbox.js';
+import { ownerOf } from '../src/platform/local/netns.js';
 import { removeLeftovers } from './support/leftovers.js';
 
 /**

@@ -1,6 +1,7 @@
 import { existsSync, readdirSync, rmdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { SANDBOX_PREFIX, listTestNetns, removeNetns } from './sandbox.js';
+import { deleteNetns } from '../../src/platform/local/netns.js';
+import { SANDBOX_PREFIX, listTestNetns } from './sandbox.js';
 
 /** Where tests make the cgroups that stand for containers (cgroup v2, hybrid or pure). */
 export const CGROUP_ROOT = existsSync('/sys/fs/cgroup/unified/cgroup.procs')
@@ -26,7 +27,7 @@ export function removeCgroupTree(path: string): void {
 export function removeLeftovers(select: (name: string) => boolean): string[] {
   const netns = listTestNetns().filter(select);
   const cgroups = listTestCgroups().filter(select);
-  removeNetns(netns);
+  for (const name of netns) deleteNetns(name);
   for (const cgroup of cgroups) {
     try {
       removeCgroupTree(join(CGROUP_ROOT, cgroup));

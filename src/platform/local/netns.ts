@@ -1,0 +1,116 @@
+import { execFileSync } from 'node:child_process';
+
+/**
+ * Named network namespaces (`ip netns`) joined by veth pairs: the sandbox "staging" of the demo
+ * and the test hosts. Names carry the pid of the process that made them
+ * (`PREFIX-LABEL-PID-N…`), so that leftovers of a killed run can be told from live ones.
+ */
+
+function ip(args: string[]): string {
+  return execFileSync('ip', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+export function listNetns(prefix: string): string[] {
+  return ip(['netns', 'list'])
+    .split('\n')
+    .map((line) => line.split(' ')[0] ?? '')
+    .filter((name) => name.startsWith(prefix));
+}
+
+/** The pid in a name made by `netnsName`, or undefined for a name of another form. */
+export function ownerOf(name: string): number | undefined {
+  const match = /-(\d+)-\d+(-[a-z]+)?$/.exec(name);
+  return match ? Number(match[1]) : undefined;
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** True for a namespace whose maker is gone (a killed run) or that names no maker. */
+export function isStale(name: string): boolean {
+  const owner = ownerOf(name);
+  return owner === undefined || !isAlive(owner);
+}
+
+let madeCount = 0;
+
+/** A fresh name `PREFIX-LABEL-PID-N` for this process. */
+export function netnsName(prefix: string, label: string): string {
+  madeCount += 1;
+  return `${prefix}-${label}-${process.pid}-${madeCount}`;
+}
+
+/** Kills every process inside the namespace, then deletes it; a missing one is not an error. */
+export function deleteNetns(name: string): void {
+  let pids: string[] = [];
+  try {
+    pids = ip(['netns', 'pids', name]).split('\n').filter(Boolean);
+  } catch {
+    return;
+  }
+  for (const pid of pids) {
+    try {
+      process.kill(Number(pid), 'SIGKILL');
+    } catch {
+      // Already gone.
+    }
+  }
+  try {
+    ip(['netns', 'delete', name]);
+  } catch {
+    // Already gone.
+  }
+}
+
+export interface NetnsPair {
+  /** The namespace that plays the server (the mirrored target). */
+  server: string;
+  client: string;
+  serverAddress: string;
+  clientAddress: string;
+}
+
+/**
+ * Makes two namespaces joined by a veth pair, `eth0` on both sides, addresses in one /24, lo up.
+ * On failure whatever was made is removed before the error is thrown.
+ */
+export function createNetnsPair(pair: NetnsPair): void {
+  try {
+    ip(['netns', 'add', pair.server]);
+    ip(['netns', 'add', pair.client]);
+    // Both ends are created directly inside their namespaces and renamed there, so the
+    // temporary names only need to be unique within each namespace.
+    ip([
+      'link',
+      'add',
+      'veth-s',
+      'netns',
+      pair.server,
+      'type',
+      'veth',
+      'peer',
+      'veth-c',
+      'netns',
+      pair.client,
+    ]);
+    for (const [ns, veth, address] of [
+      [pair.server, 'veth-s', pair.serverAddress],
+      [pair.client, 'veth-c', pair.clientAddress],
+    ] as const) {
+      ip(['-n', ns, 'link', 'set', veth, 'name', 'eth0']);
+      ip(['-n', ns, 'addr', 'add', `${address}/24`, 'dev', 'eth0']);
+      ip(['-n', ns, 'link', 'set', 'lo', 'up']);
+      ip(['-n', ns, 'link', 'set', 'eth0', 'up']);
+    }
+  } catch (error) {
+    deleteNetns(pair.server);
+    deleteNetns(pair.client);
+    throw error;
+  }
+}
