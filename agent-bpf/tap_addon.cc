@@ -1,0 +1,664 @@
+// The tap's loader: loads tap.bpf.o (embedded through its skeleton), attaches it to the ingress of
+// every interface of a target network namespace and streams ring buffer records to JavaScript in
+// batches. See tap.h for the record layout and src/agent/tap.ts for the JavaScript side.
+#include <napi.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tap.h"
+#include "tap.skel.h"
+
+namespace {
+
+static_assert(sizeof(tap_record) == 64, "tap_record layout is shared with src/agent/tap.ts");
+
+// enum bpf_attach_type's BPF_TCX_INGRESS (Linux 6.6+, checked against the kernel's BTF). The
+// uapi headers this builds with may predate it.
+constexpr auto kTcxIngress = static_cast<enum bpf_attach_type>(46);
+
+// Legacy tc filters are identified by this fixed handle and priority, so that a later agent can
+// find (and replace) a filter that a killed agent left behind. A consequence: in tc mode only one
+// tap can be attached per network namespace at a time.
+constexpr __u32 kTcHandle = 0x6d697272; // "mirr"
+constexpr __u32 kTcPriority = 0x6d72;   // "mr"
+
+constexpr size_t kBatchBytes = 1 << 20;
+// Batches handed to JavaScript but not yet processed. When JavaScript falls behind, the consumer
+// thread blocks on this bound, the ring buffer fills and the BPF program counts drops: memory in
+// the agent stays bounded.
+constexpr size_t kMaxQueuedBatches = 4;
+// Room for several records of the largest size (64 KiB of payload).
+constexpr size_t kMinRingBytes = 256 * 1024;
+constexpr size_t kMaxRingBytes = size_t(1) << 30;
+
+struct TapFailure : std::runtime_error {
+    std::string code;
+    TapFailure(std::string c, const std::string &message)
+        : std::runtime_error(message), code(std::move(c)) {}
+};
+
+[[noreturn]] void fail(const char *code, const std::string &message) {
+    throw TapFailure(code, message);
+}
+
+std::string errnoText(int err) { return std::strerror(err < 0 ? -err : err); }
+
+[[noreturn]] void failBpf(const std::string &what, int err) {
+    err = err < 0 ? -err : err;
+    if (err == EPERM || err == EACCES)
+        fail("NO_PRIVILEGE", what + ": needs root or CAP_BPF+CAP_NET_ADMIN");
+    fail("BPF_FAILED", what + ": " + errnoText(err));
+}
+
+// Runs fn on a short-lived thread that has joined the network namespace nsFd, so that the Node
+// process itself never changes namespace. Kernel objects created there (links, filters) outlive
+// the thread.
+template <typename Fn> void inNetns(int nsFd, const std::string &nsLabel, Fn fn) {
+    std::exception_ptr error;
+    std::thread thread([&] {
+        try {
+            if (setns(nsFd, CLONE_NEWNET) != 0) {
+                int err = errno;
+                if (err == EPERM)
+                    fail("NO_PRIVILEGE", "entering " + nsLabel + ": needs root or CAP_SYS_ADMIN");
+                if (err == EINVAL)
+                    fail("BAD_TARGET", nsLabel + " is not a network namespace");
+                fail("BAD_TARGET", "entering " + nsLabel + ": " + errnoText(err));
+            }
+            fn();
+        } catch (...) {
+            error = std::current_exception();
+        }
+    });
+    thread.join();
+    if (error)
+        std::rethrow_exception(error);
+}
+
+struct Interface {
+    unsigned ifindex;
+    std::string name;
+    int progFd;
+    int linkFd = -1; // tcx mode
+};
+
+// A consumer thread drains the ring buffer into batches and hands them to JavaScript.
+struct Batch {
+    uint8_t *data;
+    size_t len;
+};
+
+void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batch *batch);
+using BatchFn = Napi::TypedThreadSafeFunction<std::nullptr_t, Batch, deliverBatch>;
+
+void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batch *batch) {
+    std::unique_ptr<Batch> owned(batch);
+    // A null env means the thread-safe function is shutting down with this batch still queued.
+    if (static_cast<napi_env>(env) == nullptr) {
+        std::free(batch->data);
+        return;
+    }
+    auto buffer = Napi::Buffer<uint8_t>::New(env, batch->data, batch->len,
+                                             [](Napi::Env, uint8_t *data) { std::free(data); });
+    callback.Call({buffer});
+}
+
+class Consumer {
+  public:
+    Consumer(int ringFd, BatchFn fn) : fn_(fn) {
+        rb_ = ring_buffer__new(ringFd, &Consumer::onRecord, this, nullptr);
+        stopFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        epollFd_ = epoll_create1(EPOLL_CLOEXEC);
+        epoll_event ring{}, stop{};
+        ring.events = stop.events = EPOLLIN;
+        ring.data.fd = ringFd;
+        stop.data.fd = stopFd_;
+        if (!rb_ || stopFd_ < 0 || epollFd_ < 0 ||
+            epoll_ctl(epollFd_, EPOLL_CTL_ADD, ringFd, &ring) != 0 ||
+            epoll_ctl(epollFd_, EPOLL_CTL_ADD, stopFd_, &stop) != 0) {
+            int err = errno;
+            release();
+            failBpf("setting up the ring buffer consumer", err);
+        }
+        thread_ = std::thread([this] { run(); });
+    }
+
+    ~Consumer() {
+        uint64_t one = 1;
+        (void)!write(stopFd_, &one, sizeof(one));
+        // Wakes the thread if it is blocked on a full queue; batches still queued are freed.
+        fn_.Abort();
+        thread_.join();
+        std::free(batch_.data);
+        release();
+    }
+
+  private:
+    void release() {
+        if (rb_)
+            ring_buffer__free(rb_);
+        if (epollFd_ >= 0)
+            close(epollFd_);
+        if (stopFd_ >= 0)
+            close(stopFd_);
+    }
+
+    void run() {
+        pthread_setname_np(pthread_self(), "mirrord-tap");
+        epoll_event events[2];
+        for (;;) {
+            int n = epoll_wait(epollFd_, events, 2, -1);
+            for (int i = 0; i < n; i++)
+                if (events[i].data.fd == stopFd_)
+                    return;
+            if (n > 0 && (ring_buffer__consume(rb_) < 0 || !flush()))
+                return;
+        }
+    }
+
+    static int onRecord(void *ctx, void *data, size_t size) {
+        auto *self = static_cast<Consumer *>(ctx);
+        size_t padded = (size + TAP_RECORD_ALIGN - 1) & ~size_t(TAP_RECORD_ALIGN - 1);
+        if (self->batch_.data && self->batch_.len + padded > kBatchBytes && !self->flush())
+            return -ECANCELED;
+        if (!self->batch_.data) {
+            self->batch_.data = static_cast<uint8_t *>(std::malloc(kBatchBytes));
+            if (!self->batch_.data)
+                return -ENOMEM;
+        }
+        uint8_t *dst = self->batch_.data + self->batch_.len;
+        std::memcpy(dst, data, size);
+        std::memset(dst + size, 0, padded - size);
+        self->batch_.len += padded;
+        return 0;
+    }
+
+    // Blocks while kMaxQueuedBatches batches wait for JavaScript. False once the tap is closing.
+    bool flush() {
+        if (!batch_.data)
+            return true;
+        // A small batch (light traffic) gives back its unused tail, so the memory that V8 is
+        // told about when it wraps the buffer is the memory actually held.
+        if (batch_.len < kBatchBytes / 2) {
+            if (auto *shrunk = static_cast<uint8_t *>(std::realloc(batch_.data, batch_.len)))
+                batch_.data = shrunk;
+        }
+        auto *batch = new Batch(batch_);
+        batch_ = Batch{nullptr, 0};
+        if (fn_.BlockingCall(batch) != napi_ok) {
+            std::free(batch->data);
+            delete batch;
+            return false;
+        }
+        return true;
+    }
+
+    BatchFn fn_;
+    ring_buffer *rb_ = nullptr;
+    int stopFd_ = -1;
+    int epollFd_ = -1;
+    Batch batch_{nullptr, 0};
+    std::thread thread_;
+};
+
+struct Target {
+    int nsFd = -1;
+    std::string label;
+};
+
+Target openTarget(const Napi::Object &target) {
+    Target t;
+    std::string path;
+    if (target.Has("pid")) {
+        auto v = target.Get("pid");
+        if (!v.IsNumber() || v.As<Napi::Number>().DoubleValue() < 1 ||
+            v.As<Napi::Number>().DoubleValue() != v.As<Napi::Number>().Int64Value())
+            fail("BAD_TARGET", "target pid must be a positive integer");
+        auto pid = v.As<Napi::Number>().Int64Value();
+        path = "/proc/" + std::to_string(pid) + "/ns/net";
+        t.label = "the network namespace of PID " + std::to_string(pid);
+        t.nsFd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (t.nsFd < 0 && (errno == ENOENT || errno == ESRCH))
+            fail("NO_SUCH_PROCESS", "no process with PID " + std::to_string(pid));
+    } else if (target.Has("netns")) {
+        auto v = target.Get("netns");
+        std::string name = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+        if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+            fail("BAD_TARGET", "target netns must be a network namespace name (as in ip netns)");
+        path = "/run/netns/" + name;
+        t.label = "network namespace " + name;
+        t.nsFd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (t.nsFd < 0 && errno == ENOENT)
+            fail("NO_SUCH_NETNS", "no network namespace named " + name + " (" + path + ")");
+    } else {
+        fail("BAD_TARGET", "target must be { pid } or { netns }");
+    }
+    if (t.nsFd < 0) {
+        int err = errno;
+        if (err == EACCES || err == EPERM)
+            fail("NO_PRIVILEGE", "opening " + path + ": needs root");
+        fail("BAD_TARGET", "opening " + path + ": " + errnoText(err));
+    }
+    return t;
+}
+
+void checkKernel() {
+    int fd = bpf_map_create(BPF_MAP_TYPE_ARRAY, nullptr, 4, 4, 1, nullptr);
+    if (fd < 0) {
+        int err = errno;
+        if (err == ENOSYS)
+            fail("NO_BPF", "this kernel has no BPF support (bpf(2): ENOSYS)");
+        failBpf("creating a BPF map", err);
+    }
+    close(fd);
+    if (libbpf_probe_bpf_map_type(BPF_MAP_TYPE_RINGBUF, nullptr) != 1)
+        fail("NO_RINGBUF", "this kernel has no BPF ring buffer (needs Linux 5.8 or later)");
+}
+
+// Inside the target netns: lists the interfaces and picks, per interface, the program that
+// matches where its skbs start (Ethernet header or directly IP).
+std::vector<Interface> listInterfaces(tap_bpf *skel) {
+    std::vector<Interface> out;
+    struct if_nameindex *names = if_nameindex();
+    if (!names)
+        fail("BAD_TARGET", "listing interfaces: " + errnoText(errno));
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    for (auto *n = names; n->if_index != 0; n++) {
+        ifreq ifr{};
+        std::strncpy(ifr.ifr_name, n->if_name, IFNAMSIZ - 1);
+        bool ethernet = true;
+        if (sock >= 0 && ioctl(sock, SIOCGIFHWADDR, &ifr) == 0)
+            ethernet = ifr.ifr_hwaddr.sa_family == ARPHRD_ETHER ||
+                       ifr.ifr_hwaddr.sa_family == ARPHRD_LOOPBACK;
+        int prog = bpf_program__fd(ethernet ? skel->progs.tap_eth : skel->progs.tap_l3);
+        out.push_back(Interface{n->if_index, n->if_name, prog});
+    }
+    if (sock >= 0)
+        close(sock);
+    if_freenameindex(names);
+    if (out.empty())
+        fail("NO_INTERFACES", "the target network namespace has no interfaces");
+    return out;
+}
+
+bpf_tc_hook tcHook(unsigned ifindex) {
+    bpf_tc_hook hook{};
+    hook.sz = sizeof(hook);
+    hook.ifindex = static_cast<int>(ifindex);
+    hook.attach_point = BPF_TC_INGRESS;
+    return hook;
+}
+
+bpf_tc_opts tcOpts() {
+    bpf_tc_opts opts{};
+    opts.sz = sizeof(opts);
+    opts.handle = kTcHandle;
+    opts.priority = kTcPriority;
+    return opts;
+}
+
+__u32 progId(int progFd) {
+    bpf_prog_info info{};
+    __u32 len = sizeof(info);
+    return bpf_obj_get_info_by_fd(progFd, &info, &len) == 0 ? info.id : 0;
+}
+
+// Removes our filter unless another agent has replaced it since. The clsact qdisc stays: other
+// software (CNI plugins, Cilium) may have filters on it, and deleting the qdisc deletes those.
+void detachTc(const Interface &iface) {
+    auto hook = tcHook(iface.ifindex);
+    auto opts = tcOpts();
+    if (bpf_tc_query(&hook, &opts) != 0 || opts.prog_id != progId(iface.progFd))
+        return;
+    auto del = tcOpts();
+    bpf_tc_detach(&hook, &del);
+}
+
+// tc mode: a filter with our handle and priority replaces the one a killed agent left behind.
+void attachTc(Interface &iface) {
+    auto hook = tcHook(iface.ifindex);
+    int err = bpf_tc_hook_create(&hook);
+    if (err && err != -EEXIST)
+        failBpf("creating the clsact qdisc on " + iface.name, err);
+    auto opts = tcOpts();
+    opts.prog_fd = iface.progFd;
+    opts.flags = BPF_TC_F_REPLACE;
+    err = bpf_tc_attach(&hook, &opts);
+    if (err)
+        failBpf("attaching a tc filter to " + iface.name, err);
+}
+
+enum class Mode { Auto, Tcx, Tc };
+
+class TapState {
+  public:
+    ~TapState() { close(); }
+
+    static std::unique_ptr<TapState> open(Napi::Env env, const Napi::Object &target,
+                                          const Napi::Function &callback, size_t ringBytes,
+                                          Mode mode) {
+        auto t = std::make_unique<TapState>();
+        Target tgt = openTarget(target);
+        t->nsFd_ = tgt.nsFd;
+        t->nsLabel_ = tgt.label;
+        checkKernel();
+
+        t->skel_ = tap_bpf__open();
+        if (!t->skel_)
+            failBpf("opening the tap BPF object", -errno);
+        int cpus = libbpf_num_possible_cpus();
+        if (cpus <= 0)
+            failBpf("counting CPUs", cpus);
+        bpf_map__set_max_entries(t->skel_->maps.scratch, static_cast<__u32>(cpus));
+        bpf_map__set_max_entries(t->skel_->maps.events, static_cast<__u32>(ringBytes));
+        if (int err = tap_bpf__load(t->skel_))
+            failBpf("loading the tap BPF program (MIRRORD_TAP_DEBUG=1 prints libbpf's log)", err);
+        t->cpus_ = static_cast<size_t>(cpus);
+
+        inNetns(t->nsFd_, t->nsLabel_, [&] { t->attach(mode); });
+        if (!t->tcMode_) {
+            // Links do not need the namespace again; holding it would keep a deleted pod's
+            // namespace alive.
+            ::close(t->nsFd_);
+            t->nsFd_ = -1;
+        }
+
+        auto fn = BatchFn::New(env, callback, "mirrord-tap", kMaxQueuedBatches, 1);
+        try {
+            t->consumer_ = std::make_unique<Consumer>(bpf_map__fd(t->skel_->maps.events), fn);
+        } catch (...) {
+            fn.Abort();
+            throw;
+        }
+        return t;
+    }
+
+    bool tcMode() const { return tcMode_; }
+    const std::vector<Interface> &interfaces() const { return ifaces_; }
+
+    void setPort(uint16_t port, bool on) {
+        __u8 one = 1;
+        int err = on ? bpf_map__update_elem(skel_->maps.ports, &port, sizeof(port), &one,
+                                            sizeof(one), BPF_ANY)
+                     : bpf_map__delete_elem(skel_->maps.ports, &port, sizeof(port), 0);
+        if (err && !(err == -ENOENT && !on))
+            failBpf(std::string(on ? "subscribing" : "unsubscribing") + " port " +
+                        std::to_string(port),
+                    err);
+    }
+
+    tap_counters counters() const {
+        tap_counters sum{};
+        std::vector<tap_counters> perCpu(cpus_);
+        __u32 key = 0;
+        if (bpf_map__lookup_elem(skel_->maps.counters, &key, sizeof(key), perCpu.data(),
+                                 perCpu.size() * sizeof(tap_counters), 0) != 0)
+            return sum;
+        for (const auto &c : perCpu) {
+            sum.segments_copied += c.segments_copied;
+            sum.bytes_copied += c.bytes_copied;
+            sum.segments_dropped += c.segments_dropped;
+            sum.bytes_dropped += c.bytes_dropped;
+        }
+        return sum;
+    }
+
+    void close() {
+        detach();
+        consumer_.reset();
+        if (skel_) {
+            tap_bpf__destroy(skel_);
+            skel_ = nullptr;
+        }
+        if (nsFd_ >= 0) {
+            ::close(nsFd_);
+            nsFd_ = -1;
+        }
+    }
+
+  private:
+    void attach(Mode mode) {
+        ifaces_ = listInterfaces(skel_);
+        try {
+            tcMode_ = mode == Mode::Tc;
+            for (auto &iface : ifaces_) {
+                if (tcMode_) {
+                    attachTc(iface);
+                    continue;
+                }
+                iface.linkFd = bpf_link_create(iface.progFd, static_cast<int>(iface.ifindex),
+                                               kTcxIngress, nullptr);
+                if (iface.linkFd >= 0)
+                    continue;
+                int err = errno;
+                // Kernels before 6.6 reject the attach type itself.
+                if (err == EINVAL && &iface == &ifaces_.front()) {
+                    if (mode == Mode::Tcx)
+                        fail("NO_TCX", "this kernel has no TCX links (needs Linux 6.6 or later); "
+                                       "use attachMode 'tc'");
+                    tcMode_ = true;
+                    attachTc(iface);
+                    continue;
+                }
+                failBpf("attaching to " + iface.name, err);
+            }
+        } catch (...) {
+            detachAll();
+            throw;
+        }
+    }
+
+    void detachAll() {
+        for (auto &iface : ifaces_) {
+            if (iface.linkFd >= 0) {
+                ::close(iface.linkFd);
+                iface.linkFd = -1;
+            } else if (tcMode_) {
+                detachTc(iface);
+            }
+        }
+        ifaces_.clear();
+    }
+
+    void detach() {
+        if (ifaces_.empty())
+            return;
+        if (!tcMode_) {
+            detachAll();
+            return;
+        }
+        try {
+            inNetns(nsFd_, nsLabel_, [&] { detachAll(); });
+        } catch (...) {
+            // Closing cannot fail; filters left behind are replaced by the next open in tc mode.
+            ifaces_.clear();
+        }
+    }
+
+    tap_bpf *skel_ = nullptr;
+    size_t cpus_ = 0;
+    int nsFd_ = -1;
+    std::string nsLabel_;
+    bool tcMode_ = false;
+    std::vector<Interface> ifaces_;
+    std::unique_ptr<Consumer> consumer_;
+};
+
+// Runs fn, turning a TapFailure into a JavaScript Error whose `code` names the cause.
+template <typename Fn> Napi::Value guarded(const Napi::Env &env, Fn fn) {
+    try {
+        return fn();
+    } catch (const TapFailure &f) {
+        auto error = Napi::Error::New(env, f.what());
+        error.Set("code", f.code);
+        throw error;
+    }
+}
+
+uint16_t portArg(const Napi::CallbackInfo &info) {
+    double p = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+    if (!(p >= 1 && p <= 65535) || p != static_cast<uint16_t>(p))
+        fail("BAD_ARGUMENT", "port must be an integer from 1 to 65535");
+    return static_cast<uint16_t>(p);
+}
+
+class TapHandle : public Napi::ObjectWrap<TapHandle> {
+  public:
+    static Napi::Function define(Napi::Env env) {
+        return DefineClass(env, "TapHandle",
+                           {
+                               InstanceMethod<&TapHandle::subscribe>("subscribe"),
+                               InstanceMethod<&TapHandle::unsubscribe>("unsubscribe"),
+                               InstanceMethod<&TapHandle::counters>("counters"),
+                               InstanceMethod<&TapHandle::close>("close"),
+                           });
+    }
+
+    // Called only by openTap, with the already opened state.
+    explicit TapHandle(const Napi::CallbackInfo &info)
+        : Napi::ObjectWrap<TapHandle>(info), env_(info.Env()) {
+        state_.reset(info[0].As<Napi::External<TapState>>().Data());
+        // Closes the tap when the environment (main thread or worker) is torn down without
+        // close(). Registered after the thread-safe function was created, so it runs first.
+        napi_add_env_cleanup_hook(env_, &TapHandle::onEnvTeardown, this);
+    }
+
+    ~TapHandle() override { shutdown(); }
+
+  private:
+    static void onEnvTeardown(void *self) {
+        auto *handle = static_cast<TapHandle *>(self);
+        handle->state_.reset();
+    }
+
+    void shutdown() {
+        if (!state_)
+            return;
+        napi_remove_env_cleanup_hook(env_, &TapHandle::onEnvTeardown, this);
+        state_.reset();
+    }
+
+    TapState &state() {
+        if (!state_)
+            fail("CLOSED", "the tap is closed");
+        return *state_;
+    }
+
+    Napi::Value subscribe(const Napi::CallbackInfo &info) {
+        return guarded(info.Env(), [&] {
+            state().setPort(portArg(info), true);
+            return info.Env().Undefined();
+        });
+    }
+
+    Napi::Value unsubscribe(const Napi::CallbackInfo &info) {
+        return guarded(info.Env(), [&] {
+            state().setPort(portArg(info), false);
+            return info.Env().Undefined();
+        });
+    }
+
+    // [segmentsCopied, bytesCopied, segmentsDropped, bytesDropped]; zeros once closed.
+    Napi::Value counters(const Napi::CallbackInfo &info) {
+        tap_counters c = state_ ? state_->counters() : tap_counters{};
+        auto out = Napi::Array::New(info.Env(), 4);
+        out.Set(0u, static_cast<double>(c.segments_copied));
+        out.Set(1u, static_cast<double>(c.bytes_copied));
+        out.Set(2u, static_cast<double>(c.segments_dropped));
+        out.Set(3u, static_cast<double>(c.bytes_dropped));
+        return out;
+    }
+
+    Napi::Value close(const Napi::CallbackInfo &info) {
+        shutdown();
+        return info.Env().Undefined();
+    }
+
+    napi_env env_;
+    std::unique_ptr<TapState> state_;
+};
+
+// open(target: {pid} | {netns}, onBatch: (batch: Buffer) => void, ringBufferBytes: number,
+//      attachMode: 'auto' | 'tcx' | 'tc') => TapHandle & { attachMode, interfaces }
+Napi::Value openTap(const Napi::CallbackInfo &info) {
+    auto env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+        if (!info[0].IsObject() || !info[1].IsFunction() || !info[2].IsNumber() ||
+            !info[3].IsString())
+            fail("BAD_ARGUMENT", "open(target, onBatch, ringBufferBytes, attachMode)");
+        double ring = info[2].As<Napi::Number>().DoubleValue();
+        // The kernel wants a power of 2 multiple of the page size; from 256 KiB up, any power of
+        // 2 is one on every page size Linux uses.
+        if (!(ring >= kMinRingBytes && ring <= kMaxRingBytes) ||
+            (static_cast<size_t>(ring) & (static_cast<size_t>(ring) - 1)) != 0)
+            fail("BAD_ARGUMENT", "ringBufferBytes must be a power of 2 from 256 KiB to 1 GiB");
+        std::string modeName = info[3].As<Napi::String>().Utf8Value();
+        Mode mode;
+        if (modeName == "auto")
+            mode = Mode::Auto;
+        else if (modeName == "tcx")
+            mode = Mode::Tcx;
+        else if (modeName == "tc")
+            mode = Mode::Tc;
+        else
+            fail("BAD_ARGUMENT", "attachMode must be 'auto', 'tcx' or 'tc'");
+
+        auto state = TapState::open(env, info[0].As<Napi::Object>(), info[1].As<Napi::Function>(),
+                                    static_cast<size_t>(ring), mode);
+        auto ifaces = Napi::Array::New(env, state->interfaces().size());
+        for (size_t i = 0; i < state->interfaces().size(); i++) {
+            auto entry = Napi::Object::New(env);
+            entry.Set("ifindex", state->interfaces()[i].ifindex);
+            entry.Set("name", state->interfaces()[i].name);
+            ifaces.Set(static_cast<uint32_t>(i), entry);
+        }
+        auto modeValue = Napi::String::New(env, state->tcMode() ? "tc" : "tcx");
+        auto *ctor = env.GetInstanceData<Napi::FunctionReference>();
+        auto handle = ctor->New({Napi::External<TapState>::New(env, state.release())});
+        handle.Set("attachMode", modeValue);
+        handle.Set("interfaces", ifaces);
+        return handle;
+    });
+}
+
+// libbpf reports expected conditions (an existing clsact qdisc, a kernel without TCX) as
+// warnings on stderr; the agent's errors carry the cause instead, and the log is on request.
+int libbpfPrint(enum libbpf_print_level level, const char *format, va_list args) {
+    static const bool debug = std::getenv("MIRRORD_TAP_DEBUG") != nullptr;
+    return debug && level != LIBBPF_DEBUG ? std::vfprintf(stderr, format, args) : 0;
+}
+
+} // namespace
+
+Napi::Object init(Napi::Env env, Napi::Object exports) {
+    libbpf_set_print(libbpfPrint);
+    auto *ctor = new Napi::FunctionReference(Napi::Persistent(TapHandle::define(env)));
+    env.SetInstanceData(ctor);
+    exports.Set("open", Napi::Function::New<openTap>(env, "open"));
+    return exports;
+}
+
+NODE_API_MODULE(mirrord_tap, init)

@@ -1,0 +1,41 @@
+{
+  "targets": [
+    {
+      # The BPF object and its skeleton (agent-bpf/.output/), which the addon embeds.
+      "target_name": "mirrord_bpf",
+      "type": "none",
+      "actions": [
+        {
+          "action_name": "make_bpf",
+          "inputs": [
+            "agent-bpf/tap.bpf.c",
+            "agent-bpf/tap.h",
+            "agent-bpf/Makefile",
+            "test/bpf/drop.bpf.c"
+          ],
+          "outputs": ["agent-bpf/.output/tap.skel.h"],
+          "action": ["make", "-s", "--no-print-directory", "-C", "agent-bpf"]
+        }
+      ]
+    },
+    {
+      "target_name": "mirrord_tap",
+      "dependencies": ["mirrord_bpf"],
+      "sources": ["agent-bpf/tap_addon.cc"],
+      "include_dirs": [
+        "<!(node -p \"require('node-addon-api').include_dir\")",
+        "agent-bpf",
+        "agent-bpf/.output"
+      ],
+      "libraries": ["-lbpf", "-lelf", "-lz"],
+      "defines": [
+        "NODE_ADDON_API_CPP_EXCEPTIONS",
+        "NODE_ADDON_API_CPP_EXCEPTIONS_ALL",
+        "NAPI_VERSION=8"
+      ],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "cflags_cc": ["-std=c++17", "-Wall", "-Wextra"]
+    }
+  ]
+}

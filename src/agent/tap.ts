@@ -1,0 +1,274 @@
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { FlowEndpoints, TapSegment } from './segment.js';
+
+export type TapTarget = { pid: number } | { netns: string };
+
+export interface TapOptions {
+  /** Size of the BPF ring buffer: a power of 2 from 256 KiB to 1 GiB. Default 32 MiB. */
+  ringBufferBytes?: number;
+  /**
+   * 'tcx' uses TCX links (Linux 6.6+), which vanish with the process; 'tc' uses a legacy clsact
+   * filter, which a killed agent leaves behind until the next open replaces it. 'auto' (default)
+   * prefers tcx.
+   */
+  attachMode?: 'auto' | 'tcx' | 'tc';
+}
+
+export interface TapInterface {
+  ifindex: number;
+  name: string;
+}
+
+/** Summed over CPUs. A skb larger than one record (64 KiB of payload) counts once per record. */
+export interface TapCounters {
+  segmentsCopied: number;
+  bytesCopied: number;
+  /** Segments the ring buffer had no room for: JavaScript did not keep up. */
+  segmentsDropped: number;
+  bytesDropped: number;
+}
+
+export interface TapHandlers {
+  onSegment(segment: TapSegment): void;
+  /** Called after the last segment of each batch: a good time to flush work queued per segment. */
+  onBatchEnd?(): void;
+}
+
+/**
+ * `code` is one of: NO_SUCH_PROCESS, NO_SUCH_NETNS, BAD_TARGET, NO_PRIVILEGE, NO_BPF, NO_RINGBUF,
+ * NO_TCX, NO_INTERFACES, BPF_FAILED, BAD_ARGUMENT, CLOSED, NO_ADDON.
+ */
+export class TapError extends Error {
+  override name = 'TapError';
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+interface NativeHandle {
+  readonly attachMode: 'tcx' | 'tc';
+  readonly interfaces: TapInterface[];
+  subscribe(port: number): void;
+  unsubscribe(port: number): void;
+  counters(): [number, number, number, number];
+  close(): void;
+}
+
+interface NativeModule {
+  open(
+    target: TapTarget,
+    onBatch: (batch: Buffer) => void,
+    ringBufferBytes: number,
+    attachMode: string,
+  ): NativeHandle;
+}
+
+// Record layout, as in agent-bpf/tap.h.
+const HEADER = 64;
+const ALIGN_MASK = 7;
+const OFF_SEQ = 8;
+const OFF_IFINDEX = 12;
+const OFF_LEN = 16;
+const OFF_SPORT = 20;
+const OFF_DPORT = 22;
+const OFF_FAMILY = 24;
+const OFF_FLAGS = 25;
+const OFF_SADDR = 32;
+const OFF_DADDR = 48;
+
+const DEFAULT_RING_BYTES = 32 * 1024 * 1024;
+
+let native: NativeModule | undefined;
+
+// The addon lives in build/Release under the package root, which is reached from
+// dist/agent/tap.js at run time and from src/agent/tap.ts under jest.
+function loadNative(): NativeModule {
+  if (native) return native;
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) {
+    const parent = dirname(dir);
+    if (parent === dir) throw new TapError('NO_ADDON', 'mirrord package root not found');
+    dir = parent;
+  }
+  const path = join(dir, 'build', 'Release', 'mirrord_tap.node');
+  if (!existsSync(path)) {
+    throw new TapError('NO_ADDON', `the tap addon is not built (${path}); run npm run build`);
+  }
+  native = createRequire(import.meta.url)(path) as NativeModule;
+  return native;
+}
+
+// Not `instanceof Error`: errors made by the addon belong to the main realm, which is not the
+// realm of code running in a vm context (jest).
+function asTapError(error: unknown): unknown {
+  const { code, message } = (error ?? {}) as { code?: unknown; message?: unknown };
+  return typeof code === 'string' && typeof message === 'string'
+    ? new TapError(code, message)
+    : error;
+}
+
+function formatIpv6(b: Buffer, at: number): string {
+  const groups = [];
+  for (let i = 0; i < 16; i += 2) groups.push(b.readUInt16BE(at + i).toString(16));
+  // The URL parser writes IPv6 hosts in the canonical short form (RFC 5952 "::" compression).
+  return new URL(`http://[${groups.join(':')}]/`).hostname.slice(1, -1);
+}
+
+function formatAddress(family: 4 | 6, b: Buffer, at: number): string {
+  return family === 4 ? `${b[at]}.${b[at + 1]}.${b[at + 2]}.${b[at + 3]}` : formatIpv6(b, at);
+}
+
+// IPv4 addresses as numbers: cheaper than text, and the key only needs to be unique.
+function flowKeyAt(b: Buffer, at: number): string {
+  const sport = b.readUInt16LE(at + OFF_SPORT);
+  const dport = b.readUInt16LE(at + OFF_DPORT);
+  if (b[at + OFF_FAMILY] === 4) {
+    return `${b.readUInt32BE(at + OFF_SADDR)}:${sport}>${b.readUInt32BE(at + OFF_DADDR)}:${dport}`;
+  }
+  const saddr = b.toString('hex', at + OFF_SADDR, at + OFF_SADDR + 16);
+  const daddr = b.toString('hex', at + OFF_DADDR, at + OFF_DADDR + 16);
+  return `${saddr}:${sport}>${daddr}:${dport}`;
+}
+
+class Segment implements TapSegment {
+  constructor(
+    public flowKey: string,
+    public seq: number,
+    public flags: number,
+    public payload: Buffer,
+    private readonly batch: Buffer,
+    private readonly at: number,
+  ) {}
+
+  endpoints(): FlowEndpoints {
+    const b = this.batch;
+    const at = this.at;
+    const family = b[at + OFF_FAMILY] === 6 ? 6 : 4;
+    return {
+      family,
+      clientAddress: formatAddress(family, b, at + OFF_SADDR),
+      clientPort: b.readUInt16LE(at + OFF_SPORT),
+      serverAddress: formatAddress(family, b, at + OFF_DADDR),
+      serverPort: b.readUInt16LE(at + OFF_DPORT),
+      ifindex: b.readUInt32LE(at + OFF_IFINDEX),
+    };
+  }
+}
+
+const openTaps = new Set<Tap>();
+
+// TCX links vanish with the process, but legacy tc filters must be removed while we still can.
+function closeAllOnExit(): void {
+  for (const tap of openTaps) tap.close();
+}
+
+/**
+ * Copies client→server TCP segments of subscribed ports that arrive in a network namespace. An
+ * open tap keeps the process alive until close().
+ */
+export class Tap {
+  private closed = false;
+  private finalCounters: TapCounters | undefined;
+  private readonly native: NativeHandle;
+
+  readonly interfaces: TapInterface[];
+  readonly attachMode: 'tcx' | 'tc';
+
+  private constructor(
+    target: TapTarget,
+    private readonly handlers: TapHandlers,
+    options: TapOptions,
+  ) {
+    const mod = loadNative();
+    try {
+      this.native = mod.open(
+        target,
+        (batch) => this.onBatch(batch),
+        options.ringBufferBytes ?? DEFAULT_RING_BYTES,
+        options.attachMode ?? 'auto',
+      );
+    } catch (error) {
+      throw asTapError(error);
+    }
+    this.interfaces = this.native.interfaces;
+    this.attachMode = this.native.attachMode;
+  }
+
+  /** Loads the tap and attaches it to every interface of the target's network namespace. */
+  static open(target: TapTarget, handlers: TapHandlers, options: TapOptions = {}): Tap {
+    const tap = new Tap(target, handlers, options);
+    if (openTaps.size === 0) process.once('exit', closeAllOnExit);
+    openTaps.add(tap);
+    return tap;
+  }
+
+  subscribe(port: number): void {
+    try {
+      this.native.subscribe(port);
+    } catch (error) {
+      throw asTapError(error);
+    }
+  }
+
+  unsubscribe(port: number): void {
+    try {
+      this.native.unsubscribe(port);
+    } catch (error) {
+      throw asTapError(error);
+    }
+  }
+
+  /** After close(), the values at the time of closing. */
+  counters(): TapCounters {
+    if (this.finalCounters) return this.finalCounters;
+    const [segmentsCopied, bytesCopied, segmentsDropped, bytesDropped] = this.native.counters();
+    return { segmentsCopied, bytesCopied, segmentsDropped, bytesDropped };
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.finalCounters = this.counters();
+    this.closed = true;
+    this.native.close();
+    openTaps.delete(this);
+    if (openTaps.size === 0) process.removeListener('exit', closeAllOnExit);
+  }
+
+  private onBatch(batch: Buffer): void {
+    try {
+      this.deliver(batch);
+    } catch (error) {
+      // Node only warns about an exception thrown into a native callback (DEP0168); thrown again
+      // outside of it, a handler's bug fails the process like any uncaught exception.
+      process.nextTick(() => {
+        throw error;
+      });
+    }
+  }
+
+  private deliver(batch: Buffer): void {
+    const { onSegment, onBatchEnd } = this.handlers;
+    const end = batch.length;
+    let at = 0;
+    while (at < end && !this.closed) {
+      const len = batch.readUInt32LE(at + OFF_LEN);
+      const segment = new Segment(
+        flowKeyAt(batch, at),
+        batch.readUInt32LE(at + OFF_SEQ),
+        batch[at + OFF_FLAGS] ?? 0,
+        batch.subarray(at + HEADER, at + HEADER + len),
+        batch,
+        at,
+      );
+      onSegment.call(this.handlers, segment);
+      at += (HEADER + len + ALIGN_MASK) & ~ALIGN_MASK;
+    }
+    if (!this.closed) onBatchEnd?.call(this.handlers);
+  }
+}
