@@ -73,23 +73,3 @@ export function createSandbox(label = 'sandbox'): Sandbox {
     },
   };
 }
-
-/** Resolves once something accepts TCP connections at host:port inside `netns`. */
-export async function waitForPort(
-  sandbox: Sandbox,
-  netns: string,
-  host: string,
-  port: number,
-  timeoutMs = 10_000,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      sandbox.run(netns, 'bash', ['-c', `exec 3<>/dev/tcp/${host}/${port}`]);
-      return;
-    } catch {
-      if (Date.now() > deadline) throw new Error(`nothing listens on ${host}:${port} in ${netns}`);
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
-  }
-}

@@ -1,4 +1,7 @@
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
+import { promisify } from 'node:util';
+
+const execFileAsync = promisify(execFile);
 
 /**
  * Named network namespaces (`ip netns`) joined by veth pairs: the sandbox "staging" of the demo
@@ -112,5 +115,27 @@ export function createNetnsPair(pair: NetnsPair): void {
     deleteNetns(pair.server);
     deleteNetns(pair.client);
     throw error;
+  }
+}
+
+/** Resolves once something inside `netns` accepts TCP connections at address:port. */
+export async function waitForTcp(
+  netns: string,
+  address: string,
+  port: number,
+  timeoutMs = 10_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  const probe = ['netns', 'exec', netns, 'bash', '-c', `exec 3<>/dev/tcp/${address}/${port}`];
+  for (;;) {
+    try {
+      await execFileAsync('ip', probe);
+      return;
+    } catch {
+      if (Date.now() > deadline) {
+        throw new Error(`nothing accepts connections at ${address}:${port} in netns ${netns}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
   }
 }

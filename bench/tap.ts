@@ -1,0 +1,260 @@
+/**
+ * `npm run bench -- tap`: what tapping costs the target, and how fast the agent keeps up.
+ *
+ * (a) requests/s of an HTTP target in a netns under wrk load: with no capture (the baseline),
+ *     with our tap and agent draining it into a session, and with `tcpdump -w` on the same
+ *     interface. Rounds alternate the three so that drift on a noisy machine hits all alike.
+ * (b) one TCP stream paced at rising rates (SO_MAX_PACING_RATE): the highest rate at which the
+ *     agent delivers 100% of the bytes of the connection, and tcpdump's capture loss at each rate.
+ * The agent's RSS is sampled throughout.
+ */
+import { execa } from 'execa';
+import { connectToAgent, type AgentClient } from '../src/protocol/client.js';
+import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
+import { waitForTcp } from '../src/platform/local/netns.js';
+import {
+  createBenchHosts,
+  median,
+  progress,
+  round,
+  sampleRss,
+  startHttpTarget,
+  wrkRequestsPerSecond,
+  type BenchHosts,
+} from './support.js';
+
+const HTTP_PORT = 8080;
+const STREAM_PORT = 9000;
+const ROUNDS = 3;
+const WRK_SECONDS = 5;
+const WRK_CONNECTIONS = 32;
+const STREAM_SECONDS = 2.5;
+const RATES_GBIT = [1, 2, 3, 4, 5, 6, 8, 10];
+
+/** Paces one connection with SO_MAX_PACING_RATE and waits for the receiver to have it all. */
+const PACED_SENDER = `
+import socket, sys, time
+host, port, rate, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+s = socket.create_connection((host, port))
+s.setsockopt(socket.SOL_SOCKET, 47, rate // 8)  # SO_MAX_PACING_RATE, bytes per second
+chunk = bytes(range(256)) * 4096
+sent, start = 0, time.monotonic()
+while sent < total:
+    sent += s.send(chunk[: min(len(chunk), total - sent)])
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print(sent, time.monotonic() - start)
+`;
+
+/** Reads every connection to the end, then answers one byte so the sender knows. */
+const DRAINING_RECEIVER = `
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((sys.argv[1], int(sys.argv[2])))
+listener.listen(8)
+buf = bytearray(1 << 20)
+while True:
+    conn, _ = listener.accept()
+    while conn.recv_into(buf):
+        pass
+    conn.send(b"k")
+    conn.close()
+`;
+
+interface Capture {
+  stop(): Promise<void>;
+}
+
+/** A session that reads everything the agent mirrors, as the CLI would. */
+interface DrainingSession extends Capture {
+  agent: LocalAgent;
+  client: AgentClient;
+  /** Resolves with the bytes and close reason of the next connection that closes. */
+  nextClosed(): Promise<{ bytes: number; reason: string; gapBytes: number }>;
+}
+
+async function startDrainingSession(hosts: BenchHosts, port: number): Promise<DrainingSession> {
+  const agent = await startLocalAgent({ netns: hosts.target });
+  const client = await connectToAgent(agent.readiness.address, agent.readiness.port, {
+    clientName: 'bench',
+  });
+  const bytes = new Map<number, number>();
+  const waiting: ((closed: { bytes: number; reason: string; gapBytes: number }) => void)[] = [];
+  client.on('opened', (c) => bytes.set(c.id, 0));
+  client.on('data', (d) => bytes.set(d.id, (bytes.get(d.id) ?? 0) + d.bytes.length));
+  client.on('closed', (c) => {
+    const total = bytes.get(c.id) ?? 0;
+    bytes.delete(c.id);
+    waiting.shift()?.({ bytes: total, reason: c.reason, gapBytes: c.gapBytes });
+  });
+  client.on('error', (error) => progress(`  session error: ${error.message}`));
+  await client.subscribe(port);
+  return {
+    agent,
+    client,
+    nextClosed: () => new Promise((resolve) => waiting.push(resolve)),
+    async stop() {
+      await client.close();
+      await agent.stop();
+    },
+  };
+}
+
+async function startTcpdump(
+  hosts: BenchHosts,
+  port: number,
+): Promise<Capture & { stats(): Promise<{ captured: number; dropped: number }> }> {
+  const child = execa(
+    'ip',
+    [
+      'netns',
+      'exec',
+      hosts.target,
+      'tcpdump',
+      '-i',
+      'eth0',
+      '-s',
+      '0',
+      '-w',
+      '/dev/null',
+      `tcp dst port ${port}`,
+    ],
+    { reject: false, stdin: 'ignore' },
+  );
+  // tcpdump says "listening on" once its socket is bound.
+  await new Promise<void>((resolve) => {
+    child.stderr!.on('data', (chunk: Buffer) => {
+      if (chunk.toString().includes('listening on')) resolve();
+    });
+    setTimeout(resolve, 3000);
+  });
+  const finished = (async () => {
+    const result = await child;
+    const text = String(result.stderr);
+    const number = (label: string): number =>
+      Number(new RegExp(`(\\d+) packets? ${label}`).exec(text)?.[1] ?? NaN);
+    return { captured: number('captured'), dropped: number('dropped by kernel') };
+  })();
+  return {
+    async stop() {
+      child.kill('SIGINT');
+      await finished;
+    },
+    stats: () => {
+      child.kill('SIGINT');
+      return finished;
+    },
+  };
+}
+
+async function httpOverhead(
+  hosts: BenchHosts,
+  agentRss: number[],
+): Promise<Record<string, number>> {
+  await startHttpTarget(hosts, HTTP_PORT);
+  const url = `http://${hosts.targetAddress}:${HTTP_PORT}/orders`;
+  await wrkRequestsPerSecond(hosts, url, 1, WRK_CONNECTIONS); // warm-up
+  const rates = { none: [] as number[], tap: [] as number[], tcpdump: [] as number[] };
+  for (let round = 1; round <= ROUNDS; round += 1) {
+    rates.none.push(await wrkRequestsPerSecond(hosts, url, WRK_SECONDS, WRK_CONNECTIONS));
+    const session = await startDrainingSession(hosts, HTTP_PORT);
+    const rss = sampleRss(session.agent.pid);
+    rates.tap.push(await wrkRequestsPerSecond(hosts, url, WRK_SECONDS, WRK_CONNECTIONS));
+    agentRss.push(rss.stop());
+    await session.stop();
+    const tcpdump = await startTcpdump(hosts, HTTP_PORT);
+    rates.tcpdump.push(await wrkRequestsPerSecond(hosts, url, WRK_SECONDS, WRK_CONNECTIONS));
+    await tcpdump.stop();
+    progress(
+      `  round ${round}: no capture ${rates.none.at(-1)} req/s, tap ${rates.tap.at(-1)}, tcpdump ${rates.tcpdump.at(-1)}`,
+    );
+  }
+  const none = median(rates.none);
+  return {
+    http_requests_per_s_no_capture: round(none, 0),
+    http_requests_per_s_tap: round(median(rates.tap), 0),
+    http_requests_per_s_tcpdump: round(median(rates.tcpdump), 0),
+    http_ratio_tap_to_no_capture: round(median(rates.tap) / none),
+    http_ratio_tcpdump_to_no_capture: round(median(rates.tcpdump) / none),
+  };
+}
+
+/** Sends one paced stream; returns the rate it reached in Gbit/s. */
+async function sendPacedStream(
+  hosts: BenchHosts,
+  rateGbit: number,
+): Promise<{ gbit: number; bytes: number }> {
+  const bytes = Math.round((rateGbit * 1e9 * STREAM_SECONDS) / 8);
+  const result = await hosts.spawn(hosts.client, 'python3', [
+    '-c',
+    PACED_SENDER,
+    hosts.targetAddress,
+    String(STREAM_PORT),
+    String(rateGbit * 1e9),
+    String(bytes),
+  ]);
+  const [sent = '0', seconds = '1'] = String(result.stdout).trim().split(' ');
+  return { gbit: (Number(sent) * 8) / Number(seconds) / 1e9, bytes: Number(sent) };
+}
+
+async function singleStream(
+  hosts: BenchHosts,
+  agentRss: number[],
+): Promise<Record<string, unknown>> {
+  hosts.spawn(hosts.target, 'python3', [
+    '-c',
+    DRAINING_RECEIVER,
+    hosts.targetAddress,
+    String(STREAM_PORT),
+  ]);
+  await waitForTcp(hosts.client, hosts.targetAddress, STREAM_PORT);
+  let losslessGbit = 0;
+  const tcpdumpLoss: Record<string, number> = {};
+  const agentResults: Record<string, string> = {};
+  for (const rate of RATES_GBIT) {
+    const session = await startDrainingSession(hosts, STREAM_PORT);
+    const rss = sampleRss(session.agent.pid);
+    const closed = session.nextClosed();
+    const sent = await sendPacedStream(hosts, rate);
+    const outcome = await Promise.race([
+      closed,
+      new Promise<undefined>((resolve) => setTimeout(resolve, 10_000)),
+    ]);
+    agentRss.push(rss.stop());
+    await session.stop();
+    const complete = outcome?.reason === 'fin' && outcome.bytes === sent.bytes;
+    agentResults[`${rate}`] = complete
+      ? `100% at ${sent.gbit.toFixed(2)} Gbit/s`
+      : `${(((outcome?.bytes ?? 0) / sent.bytes) * 100).toFixed(1)}% (${outcome?.reason ?? 'no close'})`;
+
+    const tcpdump = await startTcpdump(hosts, STREAM_PORT);
+    await sendPacedStream(hosts, rate);
+    const stats = await tcpdump.stats();
+    tcpdumpLoss[`${rate}`] = round((stats.dropped / (stats.captured + stats.dropped)) * 100, 2);
+    progress(
+      `  ${rate} Gbit/s: agent ${agentResults[`${rate}`]}; tcpdump lost ${tcpdumpLoss[`${rate}`]}%`,
+    );
+    if (!complete) break;
+    losslessGbit = round(sent.gbit, 2);
+  }
+  return {
+    stream_lossless_gbit_per_s_agent: losslessGbit,
+    stream_tcpdump_loss_percent_by_gbit_per_s: tcpdumpLoss,
+    stream_agent_result_by_gbit_per_s: agentResults,
+  };
+}
+
+export async function benchTap(): Promise<Record<string, unknown>> {
+  const hosts = createBenchHosts();
+  const agentRss: number[] = [];
+  try {
+    progress('(a) HTTP target under wrk: no capture vs tap+agent vs tcpdump');
+    const http = await httpOverhead(hosts, agentRss);
+    progress('(b) one paced TCP stream at rising rates');
+    const stream = await singleStream(hosts, agentRss);
+    return { ...http, ...stream, agent_rss_max_mib: round(Math.max(...agentRss), 1) };
+  } finally {
+    hosts.destroy();
+  }
+}

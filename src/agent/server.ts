@@ -1,0 +1,211 @@
+import net from 'node:net';
+import { hostname } from 'node:os';
+import { AgentSession } from '../protocol/server.js';
+import type { Counters } from '../protocol/messages.js';
+import { Reassembler, type CloseReason, type ReassemblyLimits } from './reassembly.js';
+import { Tap, type TapOptions } from './tap.js';
+import { describeTarget, resolveTarget, type TargetSpec } from './target.js';
+
+export interface AgentOptions {
+  target: TargetSpec;
+  host: string;
+  port: number;
+  /** How long to wait for a session before exiting. */
+  idleTimeoutMs: number;
+  tap?: TapOptions;
+  reassembly?: Partial<ReassemblyLimits>;
+  /**
+   * Bytes that may wait for the CLI before the agent drops connections rather than send more
+   * (default 16 MiB): dropping whole connections, reported, keeps the others exact.
+   */
+  maxBacklogBytes?: number;
+}
+
+/** The one line the agent prints when it listens: what launchers wait for. */
+export interface AgentReadiness {
+  ready: true;
+  address: string;
+  port: number;
+  target: string;
+  interfaces: string[];
+  attachMode: 'tcx' | 'tc';
+}
+
+/** Why the agent ended: `error` is set when it ended because something went wrong. */
+export interface AgentExit {
+  error?: string;
+}
+
+export interface RunningAgent {
+  readiness: AgentReadiness;
+  done: Promise<AgentExit>;
+  /** Detaches everything and ends the session. */
+  stop(): void;
+}
+
+const AGENT_NAME = `mirrord-agent on ${hostname()}`;
+const SWEEP_INTERVAL_MS = 1_000;
+
+/**
+ * Attaches the tap to the target, then serves exactly one session: the session's subscriptions
+ * drive the tap's port map, the tap's segments go through the reassembler, and the reassembled
+ * streams go to the session. The agent ends with its session, or when none arrives in time.
+ */
+export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
+  const spec = options.target;
+  const maxBacklogBytes = options.maxBacklogBytes ?? 16 * 1024 * 1024;
+  let session: AgentSession | undefined;
+  let now = Date.now();
+  const droppedConnections = new Set<number>();
+  const agentDrops = { connections: 0, bytes: 0 };
+
+  let tap: Tap | undefined;
+  const interfaceName = (ifindex: number): string =>
+    tap?.interfaces.find((i) => i.ifindex === ifindex)?.name ?? `if${ifindex}`;
+
+  const dropConnection = (id: number, bytes: number): void => {
+    droppedConnections.add(id);
+    agentDrops.connections += 1;
+    agentDrops.bytes += bytes;
+    session?.sendClosed(id, 'broken', bytes);
+  };
+
+  const reassembler = new Reassembler(
+    {
+      opened(connection) {
+        session?.sendOpened({
+          id: connection.id,
+          family: connection.family,
+          client: { address: connection.clientAddress, port: connection.clientPort },
+          server: { address: connection.serverAddress, port: connection.serverPort },
+          interface: interfaceName(connection.ifindex),
+          midStream: connection.midStream,
+        });
+      },
+      data(id, bytes) {
+        if (!session) return;
+        if (droppedConnections.has(id)) {
+          agentDrops.bytes += bytes.length;
+        } else if (session.backlogBytes > maxBacklogBytes) {
+          dropConnection(id, bytes.length);
+        } else {
+          session.sendData(id, bytes);
+        }
+      },
+      closed(id: number, reason: CloseReason, gapBytes: number) {
+        if (droppedConnections.delete(id)) return;
+        if (reason === 'broken') {
+          agentDrops.connections += 1;
+          agentDrops.bytes += gapBytes;
+        }
+        session?.sendClosed(id, reason, gapBytes);
+      },
+    },
+    options.reassembly,
+  );
+
+  tap = Tap.open(
+    resolveTarget(spec),
+    {
+      onSegment: (segment) => reassembler.push(segment, now),
+      onBatchEnd: () => {
+        now = Date.now();
+        session?.flush();
+      },
+    },
+    options.tap,
+  );
+  const openTap = tap;
+
+  const counters = (): Counters => {
+    const kernel = openTap.counters();
+    return {
+      segmentsCopied: kernel.segmentsCopied,
+      bytesCopied: kernel.bytesCopied,
+      segmentsDroppedKernel: kernel.segmentsDropped,
+      bytesDroppedKernel: kernel.bytesDropped,
+      connectionsDroppedAgent: agentDrops.connections,
+      bytesDroppedAgent: agentDrops.bytes,
+      connectionsOpen: reassembler.connectionCount,
+    };
+  };
+
+  let finish!: (exit: AgentExit) => void;
+  const done = new Promise<AgentExit>((resolve) => (finish = resolve));
+  const server = net.createServer();
+  const sweeper = setInterval(() => {
+    now = Date.now();
+    reassembler.sweep(now);
+    if (session) {
+      session.sendCounters(counters());
+      session.flush();
+    }
+  }, SWEEP_INTERVAL_MS);
+  let ended = false;
+  const end = (exit: AgentExit): void => {
+    if (ended) return;
+    ended = true;
+    clearInterval(sweeper);
+    clearTimeout(idleTimer);
+    openTap.close();
+    session?.close();
+    server.close();
+    finish(exit);
+  };
+  const idleTimer = setTimeout(
+    () => end({ error: `no session arrived within ${options.idleTimeoutMs / 1000} s` }),
+    options.idleTimeoutMs,
+  );
+
+  server.on('connection', (socket) => {
+    if (session || ended) {
+      // One agent, one session: a second CLI would silently steal half the streams.
+      socket.end();
+      return;
+    }
+    clearTimeout(idleTimer);
+    AgentSession.accept(socket, {
+      agent: AGENT_NAME,
+      target: describeTarget(spec),
+      interfaces: openTap.interfaces.map((i) => i.name),
+    }).then(
+      (accepted) => {
+        session = accepted;
+        accepted.on('subscribe', (port) => {
+          openTap.subscribe(port);
+          accepted.ackSubscribe(port);
+        });
+        accepted.on('unsubscribe', (port) => {
+          openTap.unsubscribe(port);
+          accepted.ackUnsubscribe(port);
+        });
+        accepted.on('end', (error) => {
+          session = undefined;
+          end(error ? { error: `session ended: ${error.message}` } : {});
+        });
+      },
+      (error: Error) => end({ error: `session refused: ${error.message}` }),
+    );
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (error) => {
+      end({ error: error.message });
+      reject(error);
+    });
+    server.listen(options.port, options.host, () => resolve());
+  });
+  const address = server.address() as net.AddressInfo;
+  return {
+    readiness: {
+      ready: true,
+      address: address.address,
+      port: address.port,
+      target: describeTarget(spec),
+      interfaces: openTap.interfaces.map((i) => i.name),
+      attachMode: openTap.attachMode,
+    },
+    done,
+    stop: () => end({}),
+  };
+}

@@ -1,0 +1,34 @@
+import { Command, Flags } from '@oclif/core';
+import { runDemo } from '../demo/run-demo.js';
+
+export default class DemoCommand extends Command {
+  static override summary =
+    'Mirror a sandbox "staging" service on this machine: no cluster needed.';
+  static override description =
+    'Creates a network namespace with a small HTTP service and a traffic generator, taps it with a local agent, and prints every mirrored request. Removes everything when it ends or on Ctrl-C. Needs root.';
+
+  static override flags = {
+    duration: Flags.integer({
+      summary: 'Seconds to run (0: until Ctrl-C).',
+      default: 20,
+      min: 0,
+    }),
+  };
+
+  async run(): Promise<void> {
+    const { flags } = await this.parse(DemoCommand);
+    const interrupted = new Promise<void>((resolve) => {
+      process.once('SIGINT', resolve);
+      process.once('SIGTERM', resolve);
+    });
+    try {
+      await runDemo({
+        durationSeconds: flags.duration,
+        log: (line) => this.log(line),
+        interrupted,
+      });
+    } catch (error) {
+      this.error((error as Error).message, { exit: 1 });
+    }
+  }
+}

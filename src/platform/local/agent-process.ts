@@ -1,0 +1,99 @@
+import { execa, type ResultPromise } from 'execa';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import type { TargetSpec } from '../../agent/target.js';
+import type { AgentReadiness } from '../../agent/server.js';
+
+/** The CLI entry point; the agent is its hidden `agent` command, run by the same Node. */
+const CLI_ENTRY = fileURLToPath(new URL('../../../bin/run.js', import.meta.url));
+
+export interface LocalAgent {
+  readiness: AgentReadiness;
+  pid: number;
+  /** Resolves with the exit code when the agent process is gone. */
+  exited: Promise<number>;
+  /** Asks the agent to detach and exit (SIGTERM), then waits for it. */
+  stop(): Promise<number>;
+}
+
+export interface LocalAgentOptions {
+  idleTimeoutSeconds?: number;
+  extraArgs?: string[];
+  startTimeoutMs?: number;
+}
+
+export class LocalAgentError extends Error {}
+
+function targetArgs(target: TargetSpec): string[] {
+  if ('pid' in target) return ['--pid', String(target.pid)];
+  if ('netns' in target) return ['--netns', target.netns];
+  return ['--container-id', target.containerId];
+}
+
+/**
+ * Starts an agent for a target on this machine as a child process and waits for its readiness
+ * line. A child rather than in-process: the agent holds BPF links and a ring buffer whose
+ * lifetime must end with it, and a killed CLI must not take the target's tap state down with
+ * anything but the agent's own exit.
+ */
+export async function startLocalAgent(
+  target: TargetSpec,
+  options: LocalAgentOptions = {},
+): Promise<LocalAgent> {
+  const child: ResultPromise = execa(
+    process.execPath,
+    [
+      CLI_ENTRY,
+      'agent',
+      ...targetArgs(target),
+      '--idle-timeout',
+      String(options.idleTimeoutSeconds ?? 30),
+      ...(options.extraArgs ?? []),
+    ],
+    { reject: false, stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', buffer: { stdout: false } },
+  );
+  const stderrLines: string[] = [];
+  createInterface({ input: child.stderr! }).on('line', (line) => {
+    stderrLines.push(line);
+    if (stderrLines.length > 20) stderrLines.shift();
+  });
+  const exited = child.then((result) => result.exitCode ?? 1);
+
+  const readiness = await new Promise<AgentReadiness>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new LocalAgentError('the agent did not become ready within its start timeout'));
+    }, options.startTimeoutMs ?? 15_000);
+    const lines = createInterface({ input: child.stdout! });
+    lines.on('line', (line) => {
+      try {
+        const parsed = JSON.parse(line) as AgentReadiness;
+        if (parsed.ready) {
+          clearTimeout(timer);
+          resolve(parsed);
+        }
+      } catch {
+        // Not the readiness line.
+      }
+    });
+    void exited.then(() => {
+      clearTimeout(timer);
+      const last = stderrLines.filter(Boolean).at(-1) ?? 'no output';
+      reject(
+        new LocalAgentError(
+          `the agent exited before it was ready: ${last.replace(/^\s*›?\s*Error:\s*/, '')}`,
+        ),
+      );
+    });
+  });
+
+  return {
+    readiness,
+    pid: child.pid!,
+    exited,
+    async stop() {
+      child.kill('SIGTERM');
+      return exited;
+    },
+  };
+}

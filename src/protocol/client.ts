@@ -1,0 +1,529 @@
+/**
+ * The CLI's end of a session with an agent, shared by the CLI and the tests.
+ *
+ * ```ts
+ * const client = await connectToAgent('127.0.0.1', port, { clientName: 'mirrord-cli 0.1.0' });
+ * client.on('opened', (c) => replay.open(c));
+ * client.on('data', (d) => {
+ *   // Backpressure: stop the whole agent stream until the consumer catches up.
+ *   if (!replay.write(d.id, d.bytes)) {
+ *     client.pause();
+ *     replay.once('drain', () => client.resume());
+ *   }
+ * });
+ * client.on('closed', (c) => replay.end(c.id));
+ * client.on('error', (err) => log(err)); // the session is over; 'end' follows
+ * client.on('end', () => done());
+ * await client.subscribe(8080); // resolves once the tap is live for port 8080
+ * ```
+ */
+import { EventEmitter } from 'node:events';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { FrameDecoder, FrameWriter, type FrameLimits } from './framing.js';
+import {
+  CAPABILITIES,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  clientMessageToWire,
+  parseAgentMessage,
+  type AgentHelloMessage,
+  type AgentMessage,
+  type ClientMessage,
+  type ClosedMessage,
+  type CountersMessage,
+  type DataMessage,
+  type ErrorMessage,
+  type OpenedMessage,
+} from './messages.js';
+
+export type AgentClientErrorCode =
+  /** The agent does not speak our protocol version. */
+  | 'refused'
+  | 'handshake-timeout'
+  /** No byte from the agent for `deadAfterMs` while we were reading. */
+  | 'dead-agent'
+  /** The agent reported a fatal error; its code is in `agentCode`. */
+  | 'agent'
+  /** The connection ended without the agent saying why, or failed. */
+  | 'closed'
+  /** A subscribe/unsubscribe got no answer within `requestTimeoutMs`. */
+  | 'request-timeout'
+  | 'subscribe-failed';
+
+export class AgentClientError extends Error {
+  override name = 'AgentClientError';
+  constructor(
+    readonly code: AgentClientErrorCode,
+    message: string,
+    readonly agentCode?: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+export interface AgentClientOptions extends FrameLimits {
+  /** Shown in the agent's logs. */
+  clientName?: string;
+  capabilities?: readonly string[];
+  /** How long the agent has to answer the hello (default 10 s). */
+  handshakeTimeoutMs?: number;
+  /** Interval of keep-alive pings (default 5 s). */
+  keepAliveIntervalMs?: number;
+  /**
+   * The agent is declared dead when nothing at all arrived from it for this long (default
+   * 20 s). Suspended while the client is paused, since then we are the ones not reading.
+   */
+  deadAfterMs?: number;
+  /** How long subscribe()/unsubscribe() wait for the agent's answer (default 10 s). */
+  requestTimeoutMs?: number;
+}
+
+export interface ConnectOptions extends AgentClientOptions {
+  /** How long the TCP connection may take (default 10 s). */
+  connectTimeoutMs?: number;
+}
+
+/** Event name → listener arguments. */
+export interface AgentClientEvents {
+  /** A mirrored connection starts; `data` and `closed` with its id follow. */
+  opened: [OpenedMessage];
+  data: [DataMessage];
+  closed: [ClosedMessage];
+  counters: [CountersMessage];
+  /** A non-fatal problem the agent reported; mirroring goes on. */
+  warning: [ErrorMessage];
+  /**
+   * The session failed: a {@link ProtocolError}, an {@link AgentClientError}, or the stream's
+   * error. Emitted at most once, never after close(); 'end' follows. As with any Node emitter,
+   * an 'error' without a listener is thrown, so always listen.
+   */
+  error: [Error];
+  /** The session is over, cleanly or not; emitted exactly once. */
+  end: [];
+}
+
+interface PendingRequest {
+  resolve: () => void;
+  reject: (error: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+type Phase = 'handshake' | 'open' | 'closing' | 'ended';
+
+/**
+ * Runs the client side of a session over any duplex byte stream (a TCP socket, a port-forward
+ * stream). Obtain one with {@link connectToAgent} or {@link AgentClient.start}, which resolve
+ * once the handshake is done.
+ *
+ * Backpressure: call `pause()` from any listener when the consumer cannot keep up. No further
+ * event is emitted from then on (messages already decoded wait inside the client, at most one
+ * frame), the stream stops being read so TCP pushes back to the agent, and the agent stops
+ * reading its tap. `resume()` delivers the waiting messages and reads again. Keep-alive pings go
+ * on while paused, so the agent knows we are alive.
+ */
+export class AgentClient extends EventEmitter<AgentClientEvents> {
+  readonly #stream: Duplex;
+  readonly #decoder: FrameDecoder<AgentMessage>;
+  readonly #writer: FrameWriter<ClientMessage>;
+  readonly #deadAfterMs: number;
+  readonly #requestTimeoutMs: number;
+  readonly #keepAliveIntervalMs: number;
+  #phase: Phase = 'handshake';
+  #agent: AgentHelloMessage | undefined;
+  #handshake!: { resolve: () => void; reject: (error: Error) => void };
+  #handshakeTimer: NodeJS.Timeout | undefined;
+  #keepAlive: NodeJS.Timeout | undefined;
+  #watchdog: NodeJS.Timeout | undefined;
+  #nonce = 0;
+  #paused = false;
+  /** Decoded messages not yet dispatched: those after a pause(), or after the hello. */
+  #queue: AgentMessage[] = [];
+  #queueHead = 0;
+  #dispatching = false;
+  readonly #openConnections = new Set<number>();
+  readonly #pending = new Map<string, PendingRequest[]>();
+  #closed: Promise<void> | undefined;
+
+  private constructor(stream: Duplex, options: AgentClientOptions) {
+    super();
+    this.#stream = stream;
+    this.#decoder = new FrameDecoder(parseAgentMessage, options);
+    // Control messages are rare and latency-sensitive: each is flushed at once.
+    this.#writer = new FrameWriter(stream, clientMessageToWire, options);
+    this.#deadAfterMs = options.deadAfterMs ?? 20_000;
+    this.#requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    this.#keepAliveIntervalMs = options.keepAliveIntervalMs ?? 5_000;
+    if (stream instanceof net.Socket) stream.setNoDelay(true);
+  }
+
+  /** Runs the handshake over an open stream; rejects (and destroys the stream) if it fails. */
+  static async start(stream: Duplex, options: AgentClientOptions = {}): Promise<AgentClient> {
+    const client = new AgentClient(stream, options);
+    await client.#start(options);
+    return client;
+  }
+
+  #start(options: AgentClientOptions): Promise<void> {
+    const done = new Promise<void>((resolve, reject) => {
+      this.#handshake = { resolve, reject };
+    });
+    const stream = this.#stream;
+    stream.on('data', (chunk: Buffer) => this.#onChunk(chunk));
+    stream.on('end', () => this.#onStreamGone());
+    stream.on('close', () => this.#onStreamGone());
+    stream.on('error', (error) =>
+      this.#fail(
+        new AgentClientError(
+          'closed',
+          `connection to the agent failed: ${error.message}`,
+          undefined,
+          { cause: error },
+        ),
+      ),
+    );
+    this.#handshakeTimer = setTimeout(
+      () =>
+        this.#fail(new AgentClientError('handshake-timeout', 'the agent did not answer the hello')),
+      options.handshakeTimeoutMs ?? 10_000,
+    );
+    this.#send({
+      type: 'hello',
+      version: PROTOCOL_VERSION,
+      capabilities: [...(options.capabilities ?? CAPABILITIES)],
+      client: options.clientName ?? 'mirrord',
+    });
+    this.#watch();
+    return done;
+  }
+
+  /** The agent's hello: its version, capabilities, target and interfaces. */
+  get agent(): AgentHelloMessage {
+    return this.#agent as AgentHelloMessage; // set before start() resolves
+  }
+
+  get paused(): boolean {
+    return this.#paused;
+  }
+
+  /** Stops events and reading until resume(); see the class comment. */
+  pause(): void {
+    if (this.#paused || this.#phase === 'ended') return;
+    this.#paused = true;
+    this.#stream.pause();
+    clearTimeout(this.#watchdog);
+  }
+
+  resume(): void {
+    if (!this.#paused || this.#phase === 'ended') return;
+    this.#paused = false;
+    if (this.#drainQueue()) {
+      this.#watch();
+      this.#stream.resume();
+    }
+  }
+
+  /** Resolves once the agent's tap copies connections to `port`. */
+  subscribe(port: number): Promise<void> {
+    return this.#request('subscribe', port);
+  }
+
+  /** Resolves once the agent copies no new connections to `port`. */
+  unsubscribe(port: number): Promise<void> {
+    return this.#request('unsubscribe', port);
+  }
+
+  /**
+   * Says bye and ends the session; resolves once the stream is closed. Emits 'end', never
+   * 'error'; no message event is emitted after this call.
+   */
+  close(): Promise<void> {
+    if (this.#closed) return this.#closed;
+    this.#closed = new Promise<void>((resolve) => {
+      if (this.#phase === 'ended' || this.#stream.destroyed) {
+        this.#finish();
+        resolve();
+        return;
+      }
+      this.#phase = 'closing';
+      this.#send({ type: 'bye' });
+      this.#stream.end();
+      this.#stream.resume();
+      // The agent ends its side after bye; don't wait for it forever.
+      const grace = setTimeout(() => this.#stream.destroy(), 2_000);
+      this.#stream.once('close', () => {
+        clearTimeout(grace);
+        this.#finish();
+        resolve();
+      });
+    });
+    return this.#closed;
+  }
+
+  #request(kind: 'subscribe' | 'unsubscribe', port: number): Promise<void> {
+    if (this.#phase !== 'open') {
+      return Promise.reject(new AgentClientError('closed', `cannot ${kind}: the session is over`));
+    }
+    return new Promise<void>((resolve, reject) => {
+      const key = `${kind}:${port}`;
+      const queue = this.#pending.get(key) ?? [];
+      const request: PendingRequest = {
+        resolve,
+        reject,
+        timer: setTimeout(() => {
+          queue.splice(queue.indexOf(request), 1);
+          reject(
+            new AgentClientError('request-timeout', `the agent did not answer ${kind} ${port}`),
+          );
+        }, this.#requestTimeoutMs),
+      };
+      queue.push(request);
+      this.#pending.set(key, queue);
+      this.#send({ type: kind, port });
+    });
+  }
+
+  #settle(key: string, error?: Error): void {
+    const request = this.#pending.get(key)?.shift();
+    if (request === undefined) return; // answer to a request that already timed out
+    clearTimeout(request.timer);
+    if (error) request.reject(error);
+    else request.resolve();
+  }
+
+  #send(message: ClientMessage): void {
+    this.#writer.send(message);
+    this.#writer.flush();
+  }
+
+  #watch(): void {
+    clearTimeout(this.#watchdog);
+    this.#watchdog = setTimeout(
+      () =>
+        this.#fail(
+          new AgentClientError(
+            'dead-agent',
+            `nothing received from the agent for ${this.#deadAfterMs} ms`,
+          ),
+        ),
+      this.#deadAfterMs,
+    );
+  }
+
+  #onChunk(chunk: Buffer): void {
+    if (this.#phase === 'ended' || this.#phase === 'closing') return;
+    if (!this.#paused) this.#watchdog?.refresh();
+    let messages: AgentMessage[];
+    try {
+      messages = this.#decoder.push(chunk);
+    } catch (error) {
+      this.#fail(error as ProtocolError);
+      return;
+    }
+    for (const message of messages) this.#queue.push(message);
+    if (this.#phase === 'handshake') this.#handshakeStep();
+    else this.#drainQueue();
+  }
+
+  #handshakeStep(): void {
+    const first = this.#queue[this.#queueHead];
+    if (first === undefined) return;
+    this.#queueHead++;
+    if (first.type === 'refused') {
+      this.#fail(
+        new AgentClientError(
+          'refused',
+          `the agent refused the session (agent protocol v${first.version}, ours v${PROTOCOL_VERSION}): ${first.reason}`,
+        ),
+      );
+      return;
+    }
+    if (first.type === 'error') {
+      this.#fail(new AgentClientError('agent', `agent error: ${first.message}`, first.code));
+      return;
+    }
+    if (first.type !== 'hello') {
+      this.#fail(new ProtocolError(`expected the agent's hello, got ${first.type}`));
+      return;
+    }
+    if (first.version !== PROTOCOL_VERSION) {
+      this.#fail(
+        new AgentClientError(
+          'refused',
+          `the agent speaks protocol v${first.version}, ours is v${PROTOCOL_VERSION}`,
+        ),
+      );
+      return;
+    }
+    clearTimeout(this.#handshakeTimer);
+    this.#agent = first;
+    this.#phase = 'open';
+    this.#keepAlive = setInterval(
+      () => this.#send({ type: 'ping', nonce: ++this.#nonce }),
+      this.#keepAliveIntervalMs,
+    );
+    this.#keepAlive.unref();
+    this.#handshake.resolve();
+    // Messages that came with the hello wait until the caller, resumed by the handshake promise,
+    // has attached its listeners.
+    setImmediate(() => this.#drainQueue());
+  }
+
+  /** Dispatches queued messages until paused; returns whether the client may read on. */
+  #drainQueue(): boolean {
+    if (!this.#dispatching) {
+      this.#dispatching = true;
+      try {
+        while (!this.#paused && this.#phase === 'open' && this.#queueHead < this.#queue.length) {
+          const message = this.#queue[this.#queueHead++] as AgentMessage;
+          this.#dispatch(message);
+        }
+      } catch (error) {
+        if (!(error instanceof ProtocolError)) throw error; // a listener's own error
+        this.#fail(error);
+      } finally {
+        this.#dispatching = false;
+        if (this.#queueHead === this.#queue.length) {
+          this.#queue = [];
+          this.#queueHead = 0;
+        }
+      }
+    }
+    return !this.#paused && this.#phase === 'open';
+  }
+
+  #dispatch(message: AgentMessage): void {
+    switch (message.type) {
+      case 'data':
+        if (!this.#openConnections.has(message.id)) {
+          throw new ProtocolError(`data for connection ${message.id}, which is not open`);
+        }
+        this.emit('data', message);
+        return;
+      case 'opened':
+        if (this.#openConnections.has(message.id)) {
+          throw new ProtocolError(`connection ${message.id} opened twice`);
+        }
+        this.#openConnections.add(message.id);
+        this.emit('opened', message);
+        return;
+      case 'closed':
+        if (!this.#openConnections.delete(message.id)) {
+          throw new ProtocolError(`close of connection ${message.id}, which is not open`);
+        }
+        this.emit('closed', message);
+        return;
+      case 'counters':
+        this.emit('counters', message);
+        return;
+      case 'error':
+        if (message.fatal) {
+          this.#fail(
+            new AgentClientError('agent', `agent error: ${message.message}`, message.code),
+          );
+        } else {
+          this.emit('warning', message);
+        }
+        return;
+      case 'subscribed':
+        this.#settle(`subscribe:${message.port}`);
+        return;
+      case 'subscribeFailed':
+        this.#settle(
+          `subscribe:${message.port}`,
+          new AgentClientError(
+            'subscribe-failed',
+            `cannot mirror port ${message.port}: ${message.reason}`,
+          ),
+        );
+        return;
+      case 'unsubscribed':
+        this.#settle(`unsubscribe:${message.port}`);
+        return;
+      case 'pong':
+        return; // any byte received already proved the agent alive
+      case 'hello':
+      case 'refused':
+        throw new ProtocolError(`unexpected ${message.type} after the handshake`);
+    }
+  }
+
+  #onStreamGone(): void {
+    if (this.#phase === 'closing' || this.#phase === 'ended') return;
+    this.#fail(
+      new AgentClientError('closed', 'the agent closed the connection without saying why'),
+    );
+  }
+
+  #fail(error: Error): void {
+    if (this.#phase === 'ended' || this.#phase === 'closing') return;
+    const wasOpen = this.#phase === 'open';
+    this.#finish(error);
+    this.#stream.destroy();
+    if (wasOpen) {
+      this.emit('error', error);
+      this.emit('end');
+    } else {
+      this.#handshake.reject(error);
+    }
+  }
+
+  /** Releases everything; emits 'end' for a clean close (#fail emits its own). */
+  #finish(error?: Error): void {
+    if (this.#phase === 'ended') return;
+    const clean = error === undefined && this.#phase !== 'handshake';
+    this.#phase = 'ended';
+    clearTimeout(this.#handshakeTimer);
+    clearInterval(this.#keepAlive);
+    clearTimeout(this.#watchdog);
+    this.#writer.close();
+    this.#queue = [];
+    this.#queueHead = 0;
+    const reason = error ?? new AgentClientError('closed', 'the session was closed');
+    for (const requests of this.#pending.values()) {
+      for (const request of requests) {
+        clearTimeout(request.timer);
+        request.reject(reason);
+      }
+    }
+    this.#pending.clear();
+    if (clean) this.emit('end');
+  }
+}
+
+/** Opens a TCP connection to an agent and resolves once the handshake is done. */
+export function connectToAgent(
+  host: string,
+  port: number,
+  options: ConnectOptions = {},
+): Promise<AgentClient> {
+  return new Promise<AgentClient>((resolve, reject) => {
+    const socket = net.connect({ host, port });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(
+        new AgentClientError('closed', `connecting to the agent at ${host}:${port} timed out`),
+      );
+    }, options.connectTimeoutMs ?? 10_000);
+    const onError = (error: Error): void => {
+      clearTimeout(timer);
+      reject(
+        new AgentClientError(
+          'closed',
+          `cannot connect to the agent at ${host}:${port}: ${error.message}`,
+          undefined,
+          {
+            cause: error,
+          },
+        ),
+      );
+    };
+    socket.once('error', onError);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      socket.off('error', onError);
+      AgentClient.start(socket, options).then(resolve, reject);
+    });
+  });
+}

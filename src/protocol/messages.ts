@@ -1,0 +1,536 @@
+/**
+ * Every message of the agent protocol, both directions, with its wire form and the runtime checks
+ * that turn a decoded msgpack value back into a typed message.
+ *
+ * On the wire a message is a msgpack array `[typeCode, ...fields]`, not a map: the data path
+ * carries ≥ 250 MB/s of small `data` messages, and positional arrays skip writing, reading and
+ * hashing a key string per field (and keep a `data` header at 4–8 bytes). The price is that
+ * fields are identified by position, so every layout below is fixed for a protocol version and
+ * only `hello` may grow (see {@link PROTOCOL_VERSION}).
+ */
+import { isIP } from 'node:net';
+
+/**
+ * Bumped on any change of a message layout or meaning. Both ends must speak the same version:
+ * the agent answers a different one with `refused`. The leading `[code, version]` of both
+ * `hello` messages never changes, and `hello` tolerates trailing fields, so that a newer peer
+ * is told "wrong version" instead of "malformed message".
+ */
+export const PROTOCOL_VERSION = 1;
+
+/**
+ * What this build supports. Informational: a peer must tolerate names it does not know.
+ * `ipv6`: connections to IPv6 addresses are mirrored. `mid-stream`: connections already open
+ * when the tap started are mirrored from the first byte seen (`opened.midStream`).
+ */
+export const CAPABILITIES: readonly string[] = ['ipv6', 'mid-stream'];
+
+/** The peer sent something this protocol does not allow; the session cannot continue. */
+export class ProtocolError extends Error {
+  override name = 'ProtocolError';
+}
+
+export interface Endpoint {
+  address: string;
+  port: number;
+}
+
+// ---- client (CLI) → agent ----
+
+/**
+ * First message of a session. Requests may follow it at once; the agent acts on them after
+ * accepting the hello.
+ */
+export interface ClientHelloMessage {
+  type: 'hello';
+  version: number;
+  capabilities: string[];
+  /** Free text for the agent's logs, e.g. "mirrord-cli 0.1.0". */
+  client: string;
+}
+
+/** Start copying connections whose server port is `port`; answered by `subscribed` or `subscribeFailed`. */
+export interface SubscribeMessage {
+  type: 'subscribe';
+  port: number;
+}
+
+/** Stop copying new connections to `port`; answered by `unsubscribed`. */
+export interface UnsubscribeMessage {
+  type: 'unsubscribe';
+  port: number;
+}
+
+/** Keep-alive; the agent answers with `pong` carrying the same nonce. */
+export interface PingMessage {
+  type: 'ping';
+  nonce: number;
+}
+
+/** The client is leaving on purpose: the agent ends the session and cleans up. */
+export interface ByeMessage {
+  type: 'bye';
+}
+
+export type ClientMessage =
+  ClientHelloMessage | SubscribeMessage | UnsubscribeMessage | PingMessage | ByeMessage;
+
+// ---- agent → client (CLI) ----
+
+/** Accepts the client's hello. */
+export interface AgentHelloMessage {
+  type: 'hello';
+  version: number;
+  capabilities: string[];
+  /** Free text, e.g. "mirrord-agent 0.1.0 on node-3". */
+  agent: string;
+  /** The target as the agent resolved it, e.g. "pid 4242 (container 3f2a…)". */
+  target: string;
+  /** Interfaces of the target's network namespace the tap is attached to. */
+  interfaces: string[];
+}
+
+/** Rejects the client's hello; the agent closes the session right after. */
+export interface RefusedMessage {
+  type: 'refused';
+  /** The version the agent speaks, so the CLI can say which side to upgrade. */
+  version: number;
+  reason: string;
+}
+
+export interface SubscribedMessage {
+  type: 'subscribed';
+  port: number;
+}
+
+/** The tap could not be set up for this port; the session goes on. */
+export interface SubscribeFailedMessage {
+  type: 'subscribeFailed';
+  port: number;
+  reason: string;
+}
+
+export interface UnsubscribedMessage {
+  type: 'unsubscribed';
+  port: number;
+}
+
+/** A client→server TCP connection to a subscribed port that the agent now mirrors. */
+export interface OpenedMessage {
+  type: 'opened';
+  /** Unique within the session; not reused after `closed`. */
+  id: number;
+  family: 4 | 6;
+  /** The remote peer that opened the connection in the target. */
+  client: Endpoint;
+  /** The target's address and (subscribed) port. */
+  server: Endpoint;
+  /** Name of the interface in the target's netns the connection arrived on (`eth0`, `lo`…). */
+  interface: string;
+  /** The handshake was not seen: the stream starts at an arbitrary byte. */
+  midStream: boolean;
+}
+
+/**
+ * The next bytes the client sent on connection `id`, in order and without gaps unless a
+ * `closed` with `reason: 'broken'` follows.
+ */
+export interface DataMessage {
+  type: 'data';
+  id: number;
+  /**
+   * A view into the received frame, not a copy: holding it keeps that frame's memory alive
+   * (at most one frame, ≤ 16 MiB; usually one socket read). Copy it if you keep it for long.
+   */
+  bytes: Buffer;
+}
+
+/**
+ * Why a mirrored connection ended. `fin`/`rst`: the client closed or reset it. `expired`: idle
+ * too long, the agent gave up on it. `broken`: the agent could not deliver the stream in order
+ * (bytes missing: a dropped segment, a memory limit) and stopped mirroring it.
+ */
+export type CloseReason = 'fin' | 'rst' | 'expired' | 'broken';
+
+const CLOSE_REASONS: readonly string[] = [
+  'fin',
+  'rst',
+  'expired',
+  'broken',
+] satisfies CloseReason[];
+
+export interface ClosedMessage {
+  type: 'closed';
+  id: number;
+  reason: CloseReason;
+  /** Bytes of this connection's client stream that were never delivered; 0 when complete. */
+  gapBytes: number;
+}
+
+/** Cumulative since the session started; sent periodically by the agent. */
+export interface Counters {
+  /** Segments (and their payload bytes) the tap copied to the agent. */
+  segmentsCopied: number;
+  bytesCopied: number;
+  /** Segments the tap saw but could not copy (ring buffer full). */
+  segmentsDroppedKernel: number;
+  bytesDroppedKernel: number;
+  /** Connections (and bytes) the agent copied but could not mirror (memory limits, gaps). */
+  connectionsDroppedAgent: number;
+  bytesDroppedAgent: number;
+  /** Connections mirrored right now (a level, not a total). */
+  connectionsOpen: number;
+}
+
+export interface CountersMessage extends Counters {
+  type: 'counters';
+}
+
+/**
+ * Something went wrong in the agent. `fatal`: the agent ends the session right after this
+ * message; otherwise it is a warning and mirroring goes on.
+ */
+export interface ErrorMessage {
+  type: 'error';
+  /** Stable, machine-readable: `protocol`, `idle-timeout`, `backlog`, or the agent's own codes. */
+  code: string;
+  message: string;
+  fatal: boolean;
+}
+
+export interface PongMessage {
+  type: 'pong';
+  nonce: number;
+}
+
+export type AgentMessage =
+  | AgentHelloMessage
+  | RefusedMessage
+  | SubscribedMessage
+  | SubscribeFailedMessage
+  | UnsubscribedMessage
+  | OpenedMessage
+  | DataMessage
+  | ClosedMessage
+  | CountersMessage
+  | ErrorMessage
+  | PongMessage;
+
+// ---- wire form ----
+
+/** One field of a message on the wire; only these msgpack kinds are ever used. */
+export type WireValue = number | boolean | string | Uint8Array | readonly string[];
+export type WireMessage = readonly WireValue[];
+
+/**
+ * Type codes. Client and agent codes never overlap, so a message sent in the wrong direction is
+ * reported as such instead of being read with the other direction's layout.
+ */
+export const MessageCode = {
+  clientHello: 0x01,
+  subscribe: 0x02,
+  unsubscribe: 0x03,
+  ping: 0x04,
+  bye: 0x05,
+  agentHello: 0x10,
+  refused: 0x11,
+  subscribed: 0x12,
+  subscribeFailed: 0x13,
+  unsubscribed: 0x14,
+  opened: 0x15,
+  data: 0x16,
+  closed: 0x17,
+  counters: 0x18,
+  error: 0x19,
+  pong: 0x1a,
+} as const;
+
+const C = MessageCode;
+
+export function clientMessageToWire(m: ClientMessage): WireMessage {
+  switch (m.type) {
+    case 'hello':
+      return [C.clientHello, m.version, m.capabilities, m.client];
+    case 'subscribe':
+      return [C.subscribe, m.port];
+    case 'unsubscribe':
+      return [C.unsubscribe, m.port];
+    case 'ping':
+      return [C.ping, m.nonce];
+    case 'bye':
+      return [C.bye];
+  }
+}
+
+export function agentMessageToWire(m: AgentMessage): WireMessage {
+  switch (m.type) {
+    case 'data':
+      return [C.data, m.id, m.bytes];
+    case 'hello':
+      return [C.agentHello, m.version, m.capabilities, m.agent, m.target, m.interfaces];
+    case 'refused':
+      return [C.refused, m.version, m.reason];
+    case 'subscribed':
+      return [C.subscribed, m.port];
+    case 'subscribeFailed':
+      return [C.subscribeFailed, m.port, m.reason];
+    case 'unsubscribed':
+      return [C.unsubscribed, m.port];
+    case 'opened':
+      return [
+        C.opened,
+        m.id,
+        m.family,
+        m.client.address,
+        m.client.port,
+        m.server.address,
+        m.server.port,
+        m.interface,
+        m.midStream,
+      ];
+    case 'closed':
+      return [C.closed, m.id, m.reason, m.gapBytes];
+    case 'counters':
+      return [
+        C.counters,
+        m.segmentsCopied,
+        m.bytesCopied,
+        m.segmentsDroppedKernel,
+        m.bytesDroppedKernel,
+        m.connectionsDroppedAgent,
+        m.bytesDroppedAgent,
+        m.connectionsOpen,
+      ];
+    case 'error':
+      return [C.error, m.code, m.message, m.fatal];
+    case 'pong':
+      return [C.pong, m.nonce];
+  }
+}
+
+// ---- validation ----
+
+const CODE_NAMES = new Map<number, string>(Object.entries(MessageCode).map(([k, v]) => [v, k]));
+
+function describe(value: unknown): string {
+  if (value === null) return 'nil';
+  if (typeof value === 'string') {
+    return `string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value)}`;
+  }
+  if (typeof value === 'number' || typeof value === 'boolean' || typeof value === 'bigint') {
+    return `${typeof value} ${String(value)}`;
+  }
+  if (value instanceof Uint8Array) return `binary (${value.length} bytes)`;
+  if (Array.isArray(value)) return `array (${value.length} elements)`;
+  return typeof value;
+}
+
+function fail(message: string, field: string, expected: string, value: unknown): never {
+  throw new ProtocolError(`${message}.${field}: expected ${expected}, got ${describe(value)}`);
+}
+
+function arity(wire: readonly unknown[], message: string, fields: number, exact = true): void {
+  if (wire.length - 1 < fields || (exact && wire.length - 1 !== fields)) {
+    throw new ProtocolError(
+      `${message}: expected ${exact ? '' : 'at least '}${fields} fields, got ${wire.length - 1}`,
+    );
+  }
+}
+
+function uint(wire: readonly unknown[], i: number, message: string, field: string): number {
+  const v = wire[i];
+  if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return v;
+  return fail(message, field, 'a non-negative integer', v);
+}
+
+function port(wire: readonly unknown[], i: number, message: string, field: string): number {
+  const v = wire[i];
+  if (typeof v === 'number' && Number.isInteger(v) && v >= 1 && v <= 65535) return v;
+  return fail(message, field, 'a port number (1–65535)', v);
+}
+
+function str(wire: readonly unknown[], i: number, message: string, field: string): string {
+  const v = wire[i];
+  if (typeof v === 'string') return v;
+  return fail(message, field, 'a string', v);
+}
+
+function bool(wire: readonly unknown[], i: number, message: string, field: string): boolean {
+  const v = wire[i];
+  if (typeof v === 'boolean') return v;
+  return fail(message, field, 'a boolean', v);
+}
+
+function strings(wire: readonly unknown[], i: number, message: string, field: string): string[] {
+  const v = wire[i];
+  if (Array.isArray(v) && v.every((s) => typeof s === 'string')) return v as string[];
+  return fail(message, field, 'an array of strings', v);
+}
+
+function address(
+  wire: readonly unknown[],
+  i: number,
+  family: 4 | 6,
+  message: string,
+  field: string,
+): string {
+  const v = wire[i];
+  if (typeof v === 'string' && isIP(v) === family) return v;
+  return fail(message, field, `an IPv${family} address`, v);
+}
+
+function messageCode(wire: unknown): readonly unknown[] & { 0: number } {
+  if (!Array.isArray(wire) || wire.length === 0) {
+    throw new ProtocolError(`expected a message [typeCode, ...fields], got ${describe(wire)}`);
+  }
+  if (typeof wire[0] !== 'number') {
+    throw new ProtocolError(`message type code: expected an integer, got ${describe(wire[0])}`);
+  }
+  return wire as unknown[] & { 0: number };
+}
+
+function wrongDirection(code: number, from: string): never {
+  const name = CODE_NAMES.get(code);
+  throw new ProtocolError(
+    name === undefined
+      ? `unknown message type code ${code} from the ${from}`
+      : `message type ${name} (code ${code}) is not sent by the ${from}`,
+  );
+}
+
+/** Validates one decoded wire message from the client; throws {@link ProtocolError}. */
+export function parseClientMessage(value: unknown): ClientMessage {
+  const w = messageCode(value);
+  switch (w[0]) {
+    case C.clientHello:
+      arity(w, 'hello', 3, false);
+      return {
+        type: 'hello',
+        version: uint(w, 1, 'hello', 'version'),
+        capabilities: strings(w, 2, 'hello', 'capabilities'),
+        client: str(w, 3, 'hello', 'client'),
+      };
+    case C.subscribe:
+      arity(w, 'subscribe', 1);
+      return { type: 'subscribe', port: port(w, 1, 'subscribe', 'port') };
+    case C.unsubscribe:
+      arity(w, 'unsubscribe', 1);
+      return { type: 'unsubscribe', port: port(w, 1, 'unsubscribe', 'port') };
+    case C.ping:
+      arity(w, 'ping', 1);
+      return { type: 'ping', nonce: uint(w, 1, 'ping', 'nonce') };
+    case C.bye:
+      arity(w, 'bye', 0);
+      return { type: 'bye' };
+    default:
+      return wrongDirection(w[0], 'client');
+  }
+}
+
+/** Validates one decoded wire message from the agent; throws {@link ProtocolError}. */
+export function parseAgentMessage(value: unknown): AgentMessage {
+  const w = messageCode(value);
+  switch (w[0]) {
+    case C.data: {
+      arity(w, 'data', 2);
+      const id = uint(w, 1, 'data', 'id');
+      const bytes = w[2];
+      if (!(bytes instanceof Uint8Array)) return fail('data', 'bytes', 'binary', bytes);
+      return {
+        type: 'data',
+        id,
+        bytes: Buffer.isBuffer(bytes)
+          ? bytes
+          : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+      };
+    }
+    case C.agentHello:
+      arity(w, 'hello', 5, false);
+      return {
+        type: 'hello',
+        version: uint(w, 1, 'hello', 'version'),
+        capabilities: strings(w, 2, 'hello', 'capabilities'),
+        agent: str(w, 3, 'hello', 'agent'),
+        target: str(w, 4, 'hello', 'target'),
+        interfaces: strings(w, 5, 'hello', 'interfaces'),
+      };
+    case C.refused:
+      arity(w, 'refused', 2);
+      return {
+        type: 'refused',
+        version: uint(w, 1, 'refused', 'version'),
+        reason: str(w, 2, 'refused', 'reason'),
+      };
+    case C.subscribed:
+      arity(w, 'subscribed', 1);
+      return { type: 'subscribed', port: port(w, 1, 'subscribed', 'port') };
+    case C.subscribeFailed:
+      arity(w, 'subscribeFailed', 2);
+      return {
+        type: 'subscribeFailed',
+        port: port(w, 1, 'subscribeFailed', 'port'),
+        reason: str(w, 2, 'subscribeFailed', 'reason'),
+      };
+    case C.unsubscribed:
+      arity(w, 'unsubscribed', 1);
+      return { type: 'unsubscribed', port: port(w, 1, 'unsubscribed', 'port') };
+    case C.opened: {
+      arity(w, 'opened', 8);
+      const family = w[2];
+      if (family !== 4 && family !== 6) return fail('opened', 'family', '4 or 6', family);
+      return {
+        type: 'opened',
+        id: uint(w, 1, 'opened', 'id'),
+        family,
+        client: {
+          address: address(w, 3, family, 'opened', 'client.address'),
+          port: port(w, 4, 'opened', 'client.port'),
+        },
+        server: {
+          address: address(w, 5, family, 'opened', 'server.address'),
+          port: port(w, 6, 'opened', 'server.port'),
+        },
+        interface: str(w, 7, 'opened', 'interface'),
+        midStream: bool(w, 8, 'opened', 'midStream'),
+      };
+    }
+    case C.closed: {
+      arity(w, 'closed', 3);
+      const reason = w[2];
+      if (typeof reason !== 'string' || !CLOSE_REASONS.includes(reason)) {
+        return fail('closed', 'reason', CLOSE_REASONS.join('|'), reason);
+      }
+      return {
+        type: 'closed',
+        id: uint(w, 1, 'closed', 'id'),
+        reason: reason as CloseReason,
+        gapBytes: uint(w, 3, 'closed', 'gapBytes'),
+      };
+    }
+    case C.counters:
+      arity(w, 'counters', 7);
+      return {
+        type: 'counters',
+        segmentsCopied: uint(w, 1, 'counters', 'segmentsCopied'),
+        bytesCopied: uint(w, 2, 'counters', 'bytesCopied'),
+        segmentsDroppedKernel: uint(w, 3, 'counters', 'segmentsDroppedKernel'),
+        bytesDroppedKernel: uint(w, 4, 'counters', 'bytesDroppedKernel'),
+        connectionsDroppedAgent: uint(w, 5, 'counters', 'connectionsDroppedAgent'),
+        bytesDroppedAgent: uint(w, 6, 'counters', 'bytesDroppedAgent'),
+        connectionsOpen: uint(w, 7, 'counters', 'connectionsOpen'),
+      };
+    case C.error:
+      arity(w, 'error', 3);
+      return {
+        type: 'error',
+        code: str(w, 1, 'error', 'code'),
+        message: str(w, 2, 'error', 'message'),
+        fatal: bool(w, 3, 'error', 'fatal'),
+      };
+    case C.pong:
+      arity(w, 'pong', 1);
+      return { type: 'pong', nonce: uint(w, 1, 'pong', 'nonce') };
+    default:
+      return wrongDirection(w[0], 'agent');
+  }
+}

@@ -1,0 +1,400 @@
+/**
+ * The agent's end of a session: the handshake, the client's requests as events, and batched
+ * sends. It knows nothing about the tap or reassembly; the agent glues those to it:
+ *
+ * ```ts
+ * const session = await AgentSession.accept(socket, { agent, target, interfaces });
+ * session.on('subscribe', (port) => tap.add(port).then(() => session.ackSubscribe(port),
+ *   (err) => session.failSubscribe(port, err.message)));
+ * session.on('drain', () => tap.resume());
+ * session.on('end', (error) => exit(error));
+ * // per tap batch:
+ * for (const s of segments) session.sendData(id, s.payload);
+ * if (!session.flush()) tap.pause(); // the CLI cannot keep up: stop reading the tap
+ * ```
+ */
+import { EventEmitter } from 'node:events';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { FrameDecoder, FrameWriter, type FrameLimits } from './framing.js';
+import {
+  CAPABILITIES,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  agentMessageToWire,
+  parseClientMessage,
+  type AgentMessage,
+  type ClientHelloMessage,
+  type ClientMessage,
+  type CloseReason,
+  type Counters,
+  type OpenedMessage,
+} from './messages.js';
+
+/** Larger payloads are sent as several `data` messages so any payload fits in a frame. */
+const MAX_DATA_MESSAGE_BYTES = 1024 * 1024;
+/** Agent error messages are for humans; a runaway one must not fill a frame. */
+const MAX_ERROR_TEXT = 4096;
+
+export type AgentSessionErrorCode =
+  | 'refused'
+  | 'handshake-timeout'
+  /** Nothing from the client for `idleTimeoutMs`: the CLI or the path to it is gone. */
+  | 'idle-timeout'
+  /** More than `maxBacklogBytes` waited to be written: the agent ignored needsDrain. */
+  | 'backlog'
+  /** The client left without `bye`, or the stream failed. */
+  | 'closed';
+
+export class AgentSessionError extends Error {
+  override name = 'AgentSessionError';
+  constructor(
+    readonly code: AgentSessionErrorCode,
+    message: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+export interface AgentSessionOptions extends FrameLimits {
+  /** Free text for the CLI, e.g. "mirrord-agent 0.1.0 on node-3". */
+  agent: string;
+  /** The target as resolved, e.g. "pid 4242". */
+  target: string;
+  /** Interfaces the tap is attached to. */
+  interfaces: readonly string[];
+  capabilities?: readonly string[];
+  /** How long the client has to send its hello (default 10 s). */
+  handshakeTimeoutMs?: number;
+  /** The session ends when nothing arrived from the client for this long (default 30 s). */
+  idleTimeoutMs?: number;
+  /** Longest a queued message waits before being written anyway (default 2 ms). */
+  flushIntervalMs?: number;
+  /** Queued bytes that trigger a write (default 256 KiB). */
+  flushBytes?: number;
+  /** Bytes waiting in the stream beyond which the session is ended (default 64 MiB). */
+  maxBacklogBytes?: number;
+}
+
+/** Event name → listener arguments. */
+export interface AgentSessionEvents {
+  /** Answer with ackSubscribe(port) once the tap copies the port, or failSubscribe(). */
+  subscribe: [port: number];
+  /** Answer with ackUnsubscribe(port). */
+  unsubscribe: [port: number];
+  /** Already answered with a pong; for liveness bookkeeping only. */
+  ping: [nonce: number];
+  /** The stream's buffer emptied after needsDrain: resume reading the tap. */
+  drain: [];
+  /**
+   * The session is over; emitted exactly once. `error` is undefined when the client said bye or
+   * the agent called close(), otherwise a ProtocolError or an AgentSessionError. The session
+   * never emits 'error', so a hostile client cannot crash an agent that forgot a listener.
+   */
+  end: [error: Error | undefined];
+}
+
+type Phase = 'handshake' | 'open' | 'ended';
+
+export class AgentSession extends EventEmitter<AgentSessionEvents> {
+  readonly #stream: Duplex;
+  readonly #options: AgentSessionOptions;
+  readonly #decoder: FrameDecoder<ClientMessage>;
+  readonly #writer: FrameWriter<AgentMessage>;
+  readonly #maxBacklogBytes: number;
+  #phase: Phase = 'handshake';
+  #client: ClientHelloMessage | undefined;
+  #handshake!: { resolve: () => void; reject: (error: Error) => void };
+  #watchdog: NodeJS.Timeout;
+  #queue: ClientMessage[] = [];
+
+  private constructor(stream: Duplex, options: AgentSessionOptions) {
+    super();
+    this.#stream = stream;
+    this.#options = options;
+    this.#decoder = new FrameDecoder(parseClientMessage, options);
+    this.#writer = new FrameWriter(stream, agentMessageToWire, {
+      ...options,
+      flushIntervalMs: options.flushIntervalMs ?? 2,
+    });
+    this.#maxBacklogBytes = options.maxBacklogBytes ?? 64 * 1024 * 1024;
+    this.#watchdog = setTimeout(
+      () =>
+        this.#abort(
+          new AgentSessionError('handshake-timeout', 'the client did not send its hello in time'),
+        ),
+      options.handshakeTimeoutMs ?? 10_000,
+    );
+    if (stream instanceof net.Socket) stream.setNoDelay(true);
+  }
+
+  /** Runs the handshake on an accepted stream; rejects (and closes it) if that fails. */
+  static async accept(stream: Duplex, options: AgentSessionOptions): Promise<AgentSession> {
+    const session = new AgentSession(stream, options);
+    await new Promise<void>((resolve, reject) => {
+      session.#handshake = { resolve, reject };
+      stream.on('data', (chunk: Buffer) => session.#onChunk(chunk));
+      stream.on('end', () => session.#onStreamGone());
+      stream.on('close', () => session.#onStreamGone());
+      stream.on('drain', session.#onDrain);
+      stream.on('error', (error) =>
+        session.#finish(
+          new AgentSessionError('closed', `connection to the client failed: ${error.message}`, {
+            cause: error,
+          }),
+        ),
+      );
+    });
+    return session;
+  }
+
+  /** The client's hello. */
+  get client(): ClientHelloMessage {
+    return this.#client as ClientHelloMessage; // set before accept() resolves
+  }
+
+  /** The CLI is not keeping up: stop reading the tap until 'drain'. */
+  get needsDrain(): boolean {
+    return this.#stream.writableNeedDrain;
+  }
+
+  /** Bytes written to the stream and not yet taken by the client. */
+  get backlogBytes(): number {
+    return this.#stream.writableLength;
+  }
+
+  get ended(): boolean {
+    return this.#phase === 'ended';
+  }
+
+  ackSubscribe(port: number): void {
+    this.#sendNow({ type: 'subscribed', port });
+  }
+
+  failSubscribe(port: number, reason: string): void {
+    this.#sendNow({ type: 'subscribeFailed', port, reason: reason.slice(0, MAX_ERROR_TEXT) });
+  }
+
+  ackUnsubscribe(port: number): void {
+    this.#sendNow({ type: 'unsubscribed', port });
+  }
+
+  sendOpened(connection: Omit<OpenedMessage, 'type'>): void {
+    this.#send({ type: 'opened', ...connection });
+  }
+
+  /**
+   * `bytes` is referenced, not copied, until the next flush() copies it into a frame: call
+   * flush() before its memory is reused (e.g. before handing a ring-buffer batch back).
+   */
+  sendData(id: number, bytes: Buffer): void {
+    for (let offset = 0; offset < bytes.length; offset += MAX_DATA_MESSAGE_BYTES) {
+      const end = Math.min(bytes.length, offset + MAX_DATA_MESSAGE_BYTES);
+      this.#send({
+        type: 'data',
+        id,
+        bytes: offset === 0 && end === bytes.length ? bytes : bytes.subarray(offset, end),
+      });
+    }
+  }
+
+  sendClosed(id: number, reason: CloseReason, gapBytes = 0): void {
+    this.#send({ type: 'closed', id, reason, gapBytes });
+  }
+
+  sendCounters(counters: Counters): void {
+    this.#send({ type: 'counters', ...counters });
+  }
+
+  /** A non-fatal problem; for a fatal one use close({ code, message }). */
+  sendWarning(code: string, message: string): void {
+    this.#sendNow({ type: 'error', code, message: message.slice(0, MAX_ERROR_TEXT), fatal: false });
+  }
+
+  /**
+   * Writes what is queued as one frame. Returns false when the stream's buffer is full: stop
+   * reading the tap until 'drain'. Call it after each tap batch; queued messages are also
+   * written by themselves after `flushIntervalMs` or once `flushBytes` are queued.
+   */
+  flush(): boolean {
+    if (this.#phase === 'ended') return false;
+    const ok = this.#writer.flush();
+    return this.#withinBacklog() && ok;
+  }
+
+  /**
+   * Ends the session: with `error`, the client is told why (a fatal error message) first.
+   * Emits 'end' with no error.
+   */
+  close(error?: { code: string; message: string }): void {
+    if (this.#phase === 'ended') return;
+    this.#end(error);
+    this.#finish(undefined);
+  }
+
+  #send(message: AgentMessage): void {
+    if (this.#phase === 'ended') return;
+    this.#writer.send(message);
+    // The writer also flushes by itself (size, timer), so the bound is checked on every send.
+    this.#withinBacklog();
+  }
+
+  #withinBacklog(): boolean {
+    if (this.#stream.writableLength <= this.#maxBacklogBytes) return true;
+    this.#abort(
+      new AgentSessionError(
+        'backlog',
+        `more than ${this.#maxBacklogBytes} bytes wait to be sent to the client`,
+      ),
+    );
+    return false;
+  }
+
+  #sendNow(message: AgentMessage): void {
+    this.#send(message);
+    this.flush();
+  }
+
+  /** Tells the client why (if there is a why), writes what is queued, and ends the stream. */
+  #end(error: { code: string; message: string } | undefined): void {
+    if (error) {
+      // Not #send: its backlog check would end the session again, from inside this call.
+      this.#writer.send({
+        type: 'error',
+        code: error.code,
+        message: error.message.slice(0, MAX_ERROR_TEXT),
+        fatal: true,
+      });
+    }
+    this.#writer.flush();
+    if (!this.#stream.destroyed) this.#stream.end();
+    // A client that does not read would keep the stream open forever.
+    setTimeout(() => this.#stream.destroy(), 1_000).unref();
+  }
+
+  /** Ends the session because of `error`, telling the client. */
+  #abort(error: ProtocolError | AgentSessionError): void {
+    if (this.#phase === 'ended') return;
+    this.#end({
+      code: error instanceof ProtocolError ? 'protocol' : error.code,
+      message: error.message,
+    });
+    this.#finish(error);
+  }
+
+  #onChunk(chunk: Buffer): void {
+    if (this.#phase === 'ended') return;
+    this.#watchdog.refresh();
+    let messages: ClientMessage[];
+    try {
+      messages = this.#decoder.push(chunk);
+    } catch (error) {
+      this.#abort(error as ProtocolError);
+      return;
+    }
+    if (this.#phase === 'handshake') {
+      const first = messages.shift();
+      if (first === undefined) return;
+      if (!this.#handshakeWith(first)) return;
+      // Requests pipelined with the hello wait until the caller of accept() has listeners.
+      this.#queue = messages;
+      setImmediate(() => {
+        const queued = this.#queue;
+        this.#queue = [];
+        this.#dispatchAll(queued);
+      });
+      return;
+    }
+    if (this.#queue.length > 0) {
+      for (const message of messages) this.#queue.push(message);
+      return;
+    }
+    this.#dispatchAll(messages);
+  }
+
+  #handshakeWith(hello: ClientMessage): boolean {
+    if (hello.type !== 'hello') {
+      this.#abort(new ProtocolError(`expected the client's hello, got ${hello.type}`));
+      return false;
+    }
+    if (hello.version !== PROTOCOL_VERSION) {
+      const reason = `the client speaks protocol v${hello.version}, this agent v${PROTOCOL_VERSION}`;
+      this.#send({ type: 'refused', version: PROTOCOL_VERSION, reason });
+      this.#end(undefined);
+      this.#finish(new AgentSessionError('refused', reason));
+      return false;
+    }
+    this.#client = hello;
+    this.#phase = 'open';
+    this.#sendNow({
+      type: 'hello',
+      version: PROTOCOL_VERSION,
+      capabilities: [...(this.#options.capabilities ?? CAPABILITIES)],
+      agent: this.#options.agent,
+      target: this.#options.target,
+      interfaces: [...this.#options.interfaces],
+    });
+    clearTimeout(this.#watchdog);
+    const idleMs = this.#options.idleTimeoutMs ?? 30_000;
+    this.#watchdog = setTimeout(
+      () =>
+        this.#abort(
+          new AgentSessionError(
+            'idle-timeout',
+            `nothing received from the client for ${idleMs} ms`,
+          ),
+        ),
+      idleMs,
+    );
+    this.#handshake.resolve();
+    return true;
+  }
+
+  #dispatchAll(messages: ClientMessage[]): void {
+    for (const message of messages) {
+      if (this.#phase !== 'open') return;
+      switch (message.type) {
+        case 'subscribe':
+          this.emit('subscribe', message.port);
+          break;
+        case 'unsubscribe':
+          this.emit('unsubscribe', message.port);
+          break;
+        case 'ping':
+          // While the stream is backed up the client is not reading anyway, and skipping the
+          // pong keeps a ping flood from growing the backlog.
+          if (!this.#stream.writableNeedDrain)
+            this.#sendNow({ type: 'pong', nonce: message.nonce });
+          this.emit('ping', message.nonce);
+          break;
+        case 'bye':
+          this.close();
+          break;
+        case 'hello':
+          this.#abort(new ProtocolError('hello sent twice'));
+          break;
+      }
+    }
+  }
+
+  #onStreamGone(): void {
+    this.#finish(new AgentSessionError('closed', 'the client left without saying bye'));
+  }
+
+  #finish(error: Error | undefined): void {
+    if (this.#phase === 'ended') return;
+    const wasOpen = this.#phase === 'open';
+    this.#phase = 'ended';
+    clearTimeout(this.#watchdog);
+    this.#writer.close();
+    this.#queue = [];
+    this.#stream.off('drain', this.#onDrain);
+    if (wasOpen) this.emit('end', error);
+    else this.#handshake.reject(error ?? new AgentSessionError('closed', 'session closed'));
+  }
+
+  readonly #onDrain = (): void => {
+    if (this.#phase === 'open') this.emit('drain');
+  };
+}

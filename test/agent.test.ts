@@ -1,0 +1,268 @@
+/**
+ * The agent end to end: a real `mirrord agent` process tapping a real netns, real clients
+ * sending real traffic, and a session (the protocol client the CLI uses) checking what arrives.
+ */
+import { execFileSync } from 'node:child_process';
+import net from 'node:net';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { startLocalAgent } from '../src/platform/local/agent-process.js';
+import { waitForTcp } from '../src/platform/local/netns.js';
+import { FrameDecoder } from '../src/protocol/framing.js';
+import { parseAgentMessage, type AgentMessage } from '../src/protocol/messages.js';
+import { MirrorSession } from './support/mirror-session.js';
+import { createSandbox, type Sandbox } from './support/sandbox.js';
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
+const CLI = join(ROOT, 'bin', 'run.js');
+const DROP_OBJ = join(ROOT, 'agent-bpf', '.output', 'drop.bpf.o');
+const PORT = 7000;
+
+/** Reads each connection to its end, then answers with the byte count. */
+const SINK_SERVER = `
+require('net').createServer((s) => {
+  let n = 0;
+  s.on('data', (d) => { n += d.length; });
+  s.on('end', () => s.end(String(n)));
+  s.on('error', () => {});
+}).listen(${PORT}, () => console.log('listening'));`;
+
+/** N concurrent connections, each sending its own random bytes; prints their digests. */
+const CONCURRENT_CLIENT = `
+import asyncio, hashlib, json, os, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+async def one(i):
+    reader, writer = await asyncio.open_connection(host, port)
+    local_port = writer.get_extra_info("sockname")[1]
+    data = os.urandom(500 + (i * 7919) % 40000)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()
+    await reader.read()
+    writer.close()
+    return {"port": local_port, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+async def main():
+    print(json.dumps(await asyncio.gather(*(one(i) for i in range(count)))))
+asyncio.run(main())
+`;
+
+/** One connection uploading N MiB of seeded random bytes; prints port, digest and size. */
+const UPLOAD_CLIENT = `
+import hashlib, json, random, socket, sys
+host, port, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng, digest = random.Random(7), hashlib.sha256()
+s = socket.create_connection((host, port))
+for _ in range(mib):
+    chunk = rng.randbytes(1 << 20)
+    digest.update(chunk)
+    s.sendall(chunk)
+s.shutdown(socket.SHUT_WR)
+s.recv(64)
+print(json.dumps({"port": s.getsockname()[1], "sha256": digest.hexdigest(), "bytes": mib << 20}))
+`;
+
+interface Sent {
+  port: number;
+  sha256: string;
+  bytes: number;
+}
+
+/** TCX links of the tap's program anywhere on the machine (bpftool 7.1 shows them as type 11). */
+function tapLinks(): string[] {
+  const links = JSON.parse(
+    execFileSync('bpftool', ['-j', 'link', 'show'], { encoding: 'utf8' }),
+  ) as {
+    prog_id: number;
+  }[];
+  const programs = JSON.parse(
+    execFileSync('bpftool', ['-j', 'prog', 'show'], { encoding: 'utf8' }),
+  ) as {
+    id: number;
+    name?: string;
+  }[];
+  const tapPrograms = new Set(programs.filter((p) => p.name?.startsWith('tap_')).map((p) => p.id));
+  return links.filter((l) => tapPrograms.has(l.prog_id)).map((l) => JSON.stringify(l));
+}
+
+async function startSink(sandbox: Sandbox): Promise<void> {
+  sandbox.spawn(sandbox.target, process.execPath, ['-e', SINK_SERVER]);
+  await waitForTcp(sandbox.client, sandbox.targetAddress, PORT);
+}
+
+function runCli(args: string[]): { status: number; stdout: string; stderr: string } {
+  try {
+    const stdout = execFileSync(process.execPath, [CLI, ...args], {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'pipe'],
+      timeout: 30_000,
+    });
+    return { status: 0, stdout, stderr: '' };
+  } catch (error) {
+    const failed = error as { status: number; stdout: string; stderr: string };
+    return { status: failed.status, stdout: failed.stdout, stderr: failed.stderr };
+  }
+}
+
+function expectMirrored(session: MirrorSession, sent: Sent[]): void {
+  const byPort = new Map(
+    [...session.connections.values()].map((c) => [c.opened.client.port, c] as const),
+  );
+  for (const expected of sent) {
+    const mirrored = byPort.get(expected.port);
+    expect(mirrored?.closed?.reason).toBe('fin');
+    expect(mirrored?.bytes).toBe(expected.bytes);
+    expect(mirrored?.digest.digest('hex')).toBe(expected.sha256);
+  }
+}
+
+describe('mirrord agent', () => {
+  let sandbox: Sandbox;
+  let session: MirrorSession | undefined;
+
+  beforeEach(async () => {
+    sandbox = createSandbox('agent');
+    await startSink(sandbox);
+  });
+
+  afterEach(async () => {
+    await session?.stop().catch(() => undefined);
+    session = undefined;
+    sandbox.destroy();
+  });
+
+  test('mirrors 500 concurrent connections byte-exact, with their original addresses', async () => {
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    const sent = JSON.parse(
+      sandbox.run(sandbox.client, 'python3', [
+        '-c',
+        CONCURRENT_CLIENT,
+        sandbox.targetAddress,
+        String(PORT),
+        '500',
+      ]),
+    ) as Sent[];
+    const current = session;
+    await current.until(() => current.closedConnections().length >= 500, '500 closed connections');
+    expectMirrored(current, sent);
+    for (const connection of current.connections.values()) {
+      expect(connection.opened).toMatchObject({
+        family: 4,
+        client: { address: sandbox.clientAddress },
+        server: { address: sandbox.targetAddress, port: PORT },
+        interface: 'eth0',
+        midStream: false,
+      });
+    }
+  });
+
+  test('mirrors a 128 MiB upload byte-exact', async () => {
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    const sent = JSON.parse(
+      sandbox.run(sandbox.client, 'python3', [
+        '-c',
+        UPLOAD_CLIENT,
+        sandbox.targetAddress,
+        String(PORT),
+        '128',
+      ]),
+    ) as Sent;
+    const current = session;
+    await current.until(() => current.closedConnections().length === 1, 'the upload to close');
+    expectMirrored(current, [sent]);
+  });
+
+  test('segments lost on the way and retransmitted still reassemble exactly', async () => {
+    const tc = (...args: string[]): string => sandbox.run(sandbox.client, 'tc', args);
+    tc('qdisc', 'add', 'dev', 'eth0', 'clsact');
+    tc('filter', 'add', 'dev', 'eth0', 'egress', 'bpf', 'da', 'obj', DROP_OBJ, 'sec', 'tc');
+    const retransmits = (): number =>
+      Number(
+        /TcpRetransSegs\s+(\d+)/.exec(sandbox.run(sandbox.client, 'nstat', ['-az']))?.[1] ?? 0,
+      );
+    const before = retransmits();
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    const sent = JSON.parse(
+      sandbox.run(sandbox.client, 'python3', [
+        '-c',
+        UPLOAD_CLIENT,
+        sandbox.targetAddress,
+        String(PORT),
+        '16',
+      ]),
+    ) as Sent;
+    const current = session;
+    await current.until(() => current.closedConnections().length === 1, 'the upload to close');
+    expect(retransmits() - before).toBeGreaterThan(10);
+    expectMirrored(current, [sent]);
+  });
+
+  test('a connection opened before the subscription is flagged mid-stream', async () => {
+    const client = sandbox.spawn(
+      sandbox.client,
+      process.execPath,
+      [
+        '-e',
+        `const s = require('net').connect(${PORT}, '${sandbox.targetAddress}');
+       process.stdin.on('data', (d) => s.write(d));
+       process.stdin.on('end', () => s.end());`,
+      ],
+      { stdio: ['pipe', 'pipe', 'pipe'] },
+    );
+    client.stdin!.write('sent before mirroring\n');
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    client.stdin!.end('sent while mirrored\n');
+    const current = session;
+    await current.until(() => current.closedConnections().length === 1, 'the connection to close');
+    const [connection] = current.connections.values();
+    expect(connection?.opened.midStream).toBe(true);
+    expect(connection?.head.toString()).toBe('sent while mirrored\n');
+    expect(connection?.closed?.reason).toBe('fin');
+  });
+
+  test('a hostile frame is refused with an error, and the agent leaves cleanly', async () => {
+    const agent = await startLocalAgent({ netns: sandbox.target });
+    const socket = net.connect(agent.readiness.port, agent.readiness.address);
+    const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
+    const received: AgentMessage[] = [];
+    socket.on('data', (chunk: Buffer) => received.push(...decoder.push(chunk)));
+    // A length prefix of 4 GiB, then garbage.
+    socket.write(Buffer.from([0xff, 0xff, 0xff, 0xff, 1, 2, 3]));
+    await new Promise((resolve) => socket.once('close', resolve));
+    expect(received).toEqual([expect.objectContaining({ type: 'error', code: 'protocol' })]);
+    expect(await agent.exited).toBe(1);
+    expect(tapLinks()).toEqual([]);
+  });
+
+  test('a SIGKILLed agent leaves nothing attached', async () => {
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    expect(tapLinks()).toHaveLength(2); // eth0 and lo
+    process.kill(session.agent.pid, 'SIGKILL');
+    await session.agent.exited;
+    session = undefined;
+    expect(tapLinks()).toEqual([]);
+    expect(sandbox.run(sandbox.target, 'bpftool', ['net', 'show'])).not.toMatch(/tap/);
+  });
+
+  test('with no session the agent exits by itself after its idle timeout', async () => {
+    const agent = await startLocalAgent({ netns: sandbox.target }, { idleTimeoutSeconds: 1 });
+    expect(await agent.exited).toBe(1);
+    expect(tapLinks()).toEqual([]);
+  });
+
+  test('bad targets give one clear line and a non-zero exit', () => {
+    const cases: [string[], RegExp][] = [
+      [['--pid', '999999'], /process 999999 does not exist/],
+      [['--netns', 'no-such-netns'], /network namespace "no-such-netns" does not exist/],
+      [['--container-id', 'zzz'], /not a container id/],
+      [['--container-id', 'containerd://' + 'ab'.repeat(32)], /no process of container/],
+      [[], /exactly one of --pid, --netns, --container-id/i],
+    ];
+    for (const [args, message] of cases) {
+      const result = runCli(['agent', ...args]);
+      expect(result.status).not.toBe(0);
+      expect(result.stderr).toMatch(message);
+      expect(result.stderr).not.toMatch(/\n\s+at /);
+    }
+  });
+});
