@@ -46,12 +46,16 @@ async def main():
 asyncio.run(main())
 `;
 
-/** One connection uploading N MiB of seeded random bytes; prints port, digest and size. */
+/**
+ * One connection uploading N MiB of seeded random bytes, paced at 1 Gbit/s (a fast client; the
+ * benchmark finds the highest rate the agent keeps up with); prints port, digest and size.
+ */
 const UPLOAD_CLIENT = `
 import hashlib, json, random, socket, sys
 host, port, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng, digest = random.Random(7), hashlib.sha256()
 s = socket.create_connection((host, port))
+s.setsockopt(socket.SOL_SOCKET, 47, 125_000_000)  # SO_MAX_PACING_RATE, bytes per second
 for _ in range(mib):
     chunk = rng.randbytes(1 << 20)
     digest.update(chunk)
@@ -133,7 +137,7 @@ describe('mirrord agent', () => {
   test('mirrors 500 concurrent connections byte-exact, with their original addresses', async () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
     const sent = JSON.parse(
-      sandbox.run(sandbox.client, 'python3', [
+      await sandbox.runAsync(sandbox.client, 'python3', [
         '-c',
         CONCURRENT_CLIENT,
         sandbox.targetAddress,
@@ -158,7 +162,7 @@ describe('mirrord agent', () => {
   test('mirrors a 128 MiB upload byte-exact', async () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
     const sent = JSON.parse(
-      sandbox.run(sandbox.client, 'python3', [
+      await sandbox.runAsync(sandbox.client, 'python3', [
         '-c',
         UPLOAD_CLIENT,
         sandbox.targetAddress,
@@ -182,7 +186,7 @@ describe('mirrord agent', () => {
     const before = retransmits();
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
     const sent = JSON.parse(
-      sandbox.run(sandbox.client, 'python3', [
+      await sandbox.runAsync(sandbox.client, 'python3', [
         '-c',
         UPLOAD_CLIENT,
         sandbox.targetAddress,
@@ -256,13 +260,14 @@ describe('mirrord agent', () => {
       [['--netns', 'no-such-netns'], /network namespace "no-such-netns" does not exist/],
       [['--container-id', 'zzz'], /not a container id/],
       [['--container-id', 'containerd://' + 'ab'.repeat(32)], /no process of container/],
-      [[], /exactly one of --pid, --netns, --container-id/i],
+      [[], /Exactly one of the following must be provided: --container-id, --netns, --pid/],
+      [['--netns', 'x', '--idle-timeout', 'soon'], /Expected an integer but received: soon/],
     ];
     for (const [args, message] of cases) {
       const result = runCli(['agent', ...args]);
       expect(result.status).not.toBe(0);
       expect(result.stderr).toMatch(message);
-      expect(result.stderr).not.toMatch(/\n\s+at /);
+      expect(result.stderr.trim().split('\n')).toHaveLength(1);
     }
   });
 });

@@ -59,9 +59,9 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const droppedConnections = new Set<number>();
   const agentDrops = { connections: 0, bytes: 0 };
 
-  let tap: Tap | undefined;
+  // Called only for segments, so after `tap` below is assigned.
   const interfaceName = (ifindex: number): string =>
-    tap?.interfaces.find((i) => i.ifindex === ifindex)?.name ?? `if${ifindex}`;
+    tap.interfaces.find((i) => i.ifindex === ifindex)?.name ?? `if${ifindex}`;
 
   const dropConnection = (id: number, bytes: number): void => {
     droppedConnections.add(id);
@@ -104,7 +104,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     options.reassembly,
   );
 
-  tap = Tap.open(
+  const tap = Tap.open(
     resolveTarget(spec),
     {
       onSegment: (segment) => reassembler.push(segment, now),
@@ -115,10 +115,9 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     },
     options.tap,
   );
-  const openTap = tap;
 
   const counters = (): Counters => {
-    const kernel = openTap.counters();
+    const kernel = tap.counters();
     return {
       segmentsCopied: kernel.segmentsCopied,
       bytesCopied: kernel.bytesCopied,
@@ -147,7 +146,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     ended = true;
     clearInterval(sweeper);
     clearTimeout(idleTimer);
-    openTap.close();
+    tap.close();
     session?.close();
     server.close();
     finish(exit);
@@ -167,16 +166,16 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     AgentSession.accept(socket, {
       agent: AGENT_NAME,
       target: describeTarget(spec),
-      interfaces: openTap.interfaces.map((i) => i.name),
+      interfaces: tap.interfaces.map((i) => i.name),
     }).then(
       (accepted) => {
         session = accepted;
         accepted.on('subscribe', (port) => {
-          openTap.subscribe(port);
+          tap.subscribe(port);
           accepted.ackSubscribe(port);
         });
         accepted.on('unsubscribe', (port) => {
-          openTap.unsubscribe(port);
+          tap.unsubscribe(port);
           accepted.ackUnsubscribe(port);
         });
         accepted.on('end', (error) => {
@@ -202,8 +201,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       address: address.address,
       port: address.port,
       target: describeTarget(spec),
-      interfaces: openTap.interfaces.map((i) => i.name),
-      attachMode: openTap.attachMode,
+      interfaces: tap.interfaces.map((i) => i.name),
+      attachMode: tap.attachMode,
     },
     done,
     stop: () => end({}),

@@ -1,8 +1,9 @@
-import { Command, Flags } from '@oclif/core';
+import { Flags } from '@oclif/core';
+import { MirrordCommand } from '../cli/base-command.js';
 import { startAgent } from '../agent/server.js';
 import type { TargetSpec } from '../agent/target.js';
 
-export default class AgentCommand extends Command {
+export default class AgentCommand extends MirrordCommand {
   static override hidden = true;
   static override summary =
     "Tap a network namespace's incoming TCP and serve it, reassembled, to one mirrord session.";

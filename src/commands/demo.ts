@@ -1,7 +1,8 @@
-import { Command, Flags } from '@oclif/core';
+import { Flags } from '@oclif/core';
+import { MirrordCommand } from '../cli/base-command.js';
 import { runDemo } from '../demo/run-demo.js';
 
-export default class DemoCommand extends Command {
+export default class DemoCommand extends MirrordCommand {
   static override summary =
     'Mirror a sandbox "staging" service on this machine: no cluster needed.';
   static override description =

@@ -1,4 +1,11 @@
-import { execFileSync, spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import {
+  execFile,
+  execFileSync,
+  spawn,
+  type ChildProcess,
+  type SpawnOptions,
+} from 'node:child_process';
+import { promisify } from 'node:util';
 import {
   createNetnsPair,
   deleteNetns,
@@ -12,6 +19,8 @@ import {
  * the test process's pid, so a killed run's leftovers are found and removed at the next start;
  * addresses come from 10.213.0.0/16, the range tests may use.
  */
+const execFileAsync = promisify(execFile);
+
 export const SANDBOX_PREFIX = 'mirrord-test';
 
 export interface Sandbox {
@@ -24,6 +33,11 @@ export interface Sandbox {
   spawn(netns: string, command: string, args: string[], options?: SpawnOptions): ChildProcess;
   /** Runs a program inside a namespace to completion and returns its stdout. */
   run(netns: string, command: string, args: string[]): string;
+  /**
+   * The same without blocking the event loop: for clients whose traffic the test process itself
+   * must consume while they run.
+   */
+  runAsync(netns: string, command: string, args: string[]): Promise<string>;
   destroy(): void;
 }
 
@@ -65,6 +79,13 @@ export function createSandbox(label = 'sandbox'): Sandbox {
         stdio: ['ignore', 'pipe', 'pipe'],
         maxBuffer: 64 * 1024 * 1024,
       });
+    },
+    async runAsync(netns, command, args) {
+      const { stdout } = await execFileAsync('ip', ['netns', 'exec', netns, command, ...args], {
+        encoding: 'utf8',
+        maxBuffer: 64 * 1024 * 1024,
+      });
+      return stdout;
     },
     destroy() {
       for (const child of children) child.kill('SIGKILL');
