@@ -173,6 +173,14 @@ describe('mirrord agent', () => {
     const current = session;
     await current.until(() => current.closedConnections().length === 1, 'the upload to close');
     expectMirrored(current, [sent]);
+    const counters = await current.nextCounters();
+    expect(counters.bytesCopied).toBeGreaterThanOrEqual(sent.bytes);
+    expect(counters).toMatchObject({
+      segmentsDroppedKernel: 0,
+      connectionsDroppedAgent: 0,
+      bytesDroppedAgent: 0,
+      connectionsOpen: 0,
+    });
   });
 
   test('segments lost on the way and retransmitted still reassemble exactly', async () => {
@@ -246,6 +254,17 @@ describe('mirrord agent', () => {
     session = undefined;
     expect(tapLinks()).toEqual([]);
     expect(sandbox.run(sandbox.target, 'bpftool', ['net', 'show'])).not.toMatch(/tap/);
+  });
+
+  test('SIGTERM detaches everything and ends the session cleanly', async () => {
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    const current = session;
+    const ended = new Promise<void>((resolve) => current.client.once('end', resolve));
+    process.kill(current.agent.pid, 'SIGTERM');
+    expect(await current.agent.exited).toBe(0);
+    await ended;
+    session = undefined;
+    expect(tapLinks()).toEqual([]);
   });
 
   test('with no session the agent exits by itself after its idle timeout', async () => {

@@ -1,8 +1,8 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import type { FlowEndpoints, TapSegment } from './segment.js';
+import { packageRoot } from '../package-root.js';
 
 export type TapTarget = { pid: number } | { netns: string };
 
@@ -86,17 +86,9 @@ const DEFAULT_RING_BYTES = 32 * 1024 * 1024;
 
 let native: NativeModule | undefined;
 
-// The addon lives in build/Release under the package root, which is reached from
-// dist/agent/tap.js at run time and from src/agent/tap.ts under jest.
 function loadNative(): NativeModule {
   if (native) return native;
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json'))) {
-    const parent = dirname(dir);
-    if (parent === dir) throw new TapError('NO_ADDON', 'mirrord package root not found');
-    dir = parent;
-  }
-  const path = join(dir, 'build', 'Release', 'mirrord_tap.node');
+  const path = join(packageRoot(), 'build', 'Release', 'mirrord_tap.node');
   if (!existsSync(path)) {
     throw new TapError('NO_ADDON', `the tap addon is not built (${path}); run npm run build`);
   }

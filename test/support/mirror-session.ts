@@ -1,6 +1,6 @@
 import { createHash, type Hash } from 'node:crypto';
 import { connectToAgent, type AgentClient } from '../../src/protocol/client.js';
-import type { ClosedMessage, OpenedMessage } from '../../src/protocol/messages.js';
+import type { ClosedMessage, CountersMessage, OpenedMessage } from '../../src/protocol/messages.js';
 import { startLocalAgent, type LocalAgent } from '../../src/platform/local/agent-process.js';
 import type { TargetSpec } from '../../src/agent/target.js';
 
@@ -92,6 +92,11 @@ export class MirrorSession {
         });
       });
     }
+  }
+
+  /** The next counters the agent sends (it sends them every second). */
+  nextCounters(): Promise<CountersMessage> {
+    return new Promise((resolve) => this.client.once('counters', resolve));
   }
 
   closedConnections(): MirroredConnection[] {

@@ -1,11 +1,9 @@
 import { execa, type ResultPromise } from 'execa';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { packageRoot } from '../../package-root.js';
 import type { TargetSpec } from '../../agent/target.js';
 import type { AgentReadiness } from '../../agent/server.js';
-
-/** The CLI entry point; the agent is its hidden `agent` command, run by the same Node. */
-const CLI_ENTRY = fileURLToPath(new URL('../../../bin/run.js', import.meta.url));
 
 export interface LocalAgent {
   readiness: AgentReadiness;
@@ -23,6 +21,12 @@ export interface LocalAgentOptions {
 }
 
 export class LocalAgentError extends Error {}
+
+/** The agent's own one-line error if it printed one, else the first line of what it printed. */
+function reasonOf(stderrLines: string[]): string {
+  const own = stderrLines.findLast((line) => line.startsWith('mirrord: '));
+  return own?.slice('mirrord: '.length) ?? stderrLines.find(Boolean) ?? 'it printed nothing';
+}
 
 function targetArgs(target: TargetSpec): string[] {
   if ('pid' in target) return ['--pid', String(target.pid)];
@@ -43,7 +47,8 @@ export async function startLocalAgent(
   const child: ResultPromise = execa(
     process.execPath,
     [
-      CLI_ENTRY,
+      // The CLI entry point: the agent is its hidden `agent` command, run by the same Node.
+      join(packageRoot(), 'bin', 'run.js'),
       'agent',
       ...targetArgs(target),
       '--idle-timeout',
@@ -78,12 +83,7 @@ export async function startLocalAgent(
     });
     void exited.then(() => {
       clearTimeout(timer);
-      const last = stderrLines.filter(Boolean).at(-1) ?? 'no output';
-      reject(
-        new LocalAgentError(
-          `the agent exited before it was ready: ${last.replace(/^\s*›?\s*Error:\s*/, '')}`,
-        ),
-      );
+      reject(new LocalAgentError(`the agent exited before it was ready: ${reasonOf(stderrLines)}`));
     });
   });
 
