@@ -16,7 +16,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <csignal>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -50,6 +53,12 @@ constexpr size_t kBatchBytes = 1 << 20;
 // thread blocks on this bound, the ring buffer fills and the BPF program counts drops: memory in
 // the agent stays bounded.
 constexpr size_t kMaxQueuedBatches = 4;
+// How long the consumer pauses between drains while records flow: 1 ms per 1,000 records/s,
+// within these bounds (see Consumer::run).
+constexpr int kMinPauseMillis = 1;
+constexpr int kMaxPauseMillis = 100;
+constexpr double kRecordsPerSecondPerPauseMilli = 1000;
+constexpr int kIdleCheckMillis = 100;
 // Room for several records of the largest size (64 KiB of payload).
 constexpr size_t kMinRingBytes = 256 * 1024;
 constexpr size_t kMaxRingBytes = size_t(1) << 30;
@@ -71,6 +80,21 @@ std::string errnoText(int err) { return std::strerror(err < 0 ? -err : err); }
     if (err == EPERM || err == EACCES)
         fail("NO_PRIVILEGE", what + ": needs root or CAP_BPF+CAP_NET_ADMIN");
     fail("BPF_FAILED", what + ": " + errnoText(err));
+}
+
+// Runs fn on a short-lived thread with every signal blocked and returns its result. The verifier
+// gives up with EAGAIN whenever a signal is pending, and the JS thread receives signals often
+// (a profiler's SIGPROF every millisecond), so loading there can fail every time.
+template <typename Fn> int onQuietThread(Fn fn) {
+    int result = 0;
+    std::thread thread([&] {
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, nullptr);
+        result = fn();
+    });
+    thread.join();
+    return result;
 }
 
 // Runs fn on a short-lived thread that has joined the network namespace nsFd, so that the Node
@@ -128,7 +152,7 @@ void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batc
 
 class Consumer {
   public:
-    Consumer(int ringFd, BatchFn fn) : fn_(fn) {
+    Consumer(int ringFd, volatile __u32 *idleFlag, BatchFn fn) : fn_(fn), idleFlag_(idleFlag) {
         rb_ = ring_buffer__new(ringFd, &Consumer::onRecord, this, nullptr);
         stopFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         epollFd_ = epoll_create1(EPOLL_CLOEXEC);
@@ -166,16 +190,40 @@ class Consumer {
             close(stopFd_);
     }
 
+    // Drains on a schedule while records flow and sleeps until woken when they stop. The pause
+    // between drains grows with the record rate: at a few thousand records a second it keeps the
+    // mirror's lag to a few milliseconds, and under full load it keeps wakeups (each of which
+    // preempts the target) to a few dozen a second.
     void run() {
         pthread_setname_np(pthread_self(), "mirrord-tap");
         epoll_event events[2];
+        bool active = false;
+        int pauseMillis = kMinPauseMillis;
+        auto lastDrain = std::chrono::steady_clock::now();
         for (;;) {
-            int n = epoll_wait(epollFd_, events, 2, -1);
+            if (!active)
+                __atomic_store_n(idleFlag_, 1, __ATOMIC_SEQ_CST);
+            // Idle, the wait still ends now and then: a record that raced with setting the flag
+            // did not wake us, and must not wait for the next one.
+            int n = epoll_wait(epollFd_, events, 2, active ? pauseMillis : kIdleCheckMillis);
             for (int i = 0; i < n; i++)
                 if (events[i].data.fd == stopFd_)
                     return;
-            if (n > 0 && (ring_buffer__consume(rb_) < 0 || !flush()))
+            if (n < 0 && errno != EINTR)
                 return;
+            int records = ring_buffer__consume(rb_);
+            if (records < 0 || !flush())
+                return;
+            auto now = std::chrono::steady_clock::now();
+            double seconds = std::chrono::duration<double>(now - lastDrain).count();
+            lastDrain = now;
+            active = records > 0;
+            if (!active)
+                continue;
+            __atomic_store_n(idleFlag_, 0, __ATOMIC_SEQ_CST);
+            double perSecond = records / std::max(seconds, 1e-3);
+            pauseMillis = std::clamp(static_cast<int>(perSecond / kRecordsPerSecondPerPauseMilli),
+                                     kMinPauseMillis, kMaxPauseMillis);
         }
     }
 
@@ -217,6 +265,7 @@ class Consumer {
     }
 
     BatchFn fn_;
+    volatile __u32 *idleFlag_;
     ring_buffer *rb_ = nullptr;
     int stopFd_ = -1;
     int epollFd_ = -1;
@@ -366,15 +415,16 @@ class TapState {
         t->nsLabel_ = tgt.label;
         checkKernel();
 
-        t->skel_ = tap_bpf__open();
-        if (!t->skel_)
-            failBpf("opening the tap BPF object", -errno);
         int cpus = libbpf_num_possible_cpus();
         if (cpus <= 0)
             failBpf("counting CPUs", cpus);
+        t->skel_ = tap_bpf__open();
+        if (!t->skel_)
+            failBpf("opening the tap BPF object", -errno);
         bpf_map__set_max_entries(t->skel_->maps.scratch, static_cast<__u32>(cpus));
         bpf_map__set_max_entries(t->skel_->maps.events, static_cast<__u32>(ringBytes));
-        if (int err = tap_bpf__load(t->skel_))
+        int err = onQuietThread([&] { return tap_bpf__load(t->skel_); });
+        if (err)
             failBpf("loading the tap BPF program (MIRRORD_TAP_DEBUG=1 prints libbpf's log)", err);
         t->cpus_ = static_cast<size_t>(cpus);
 
@@ -388,7 +438,8 @@ class TapState {
 
         auto fn = BatchFn::New(env, callback, "mirrord-tap", kMaxQueuedBatches, 1);
         try {
-            t->consumer_ = std::make_unique<Consumer>(bpf_map__fd(t->skel_->maps.events), fn);
+            t->consumer_ = std::make_unique<Consumer>(bpf_map__fd(t->skel_->maps.events),
+                                                      &t->skel_->bss->consumer_idle, fn);
         } catch (...) {
             fn.Abort();
             throw;

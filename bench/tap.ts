@@ -9,6 +9,10 @@
  * The agent's RSS is sampled throughout.
  */
 import { execa } from 'execa';
+import { once } from 'node:events';
+import net from 'node:net';
+import { encodeFrame } from '../src/protocol/framing.js';
+import { PROTOCOL_VERSION, clientMessageToWire } from '../src/protocol/messages.js';
 import { connectToAgent, type AgentClient } from '../src/protocol/client.js';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
@@ -101,6 +105,44 @@ async function startDrainingSession(hosts: BenchHosts, port: number): Promise<Dr
   };
 }
 
+/**
+ * A session whose frames are read and counted but not decoded: in production the CLI runs on the
+ * developer's machine, at the far end of a port-forward, so only the agent's work (and not the
+ * CLI's decoding) is charged to the target's machine here.
+ */
+async function startCountingSession(
+  hosts: BenchHosts,
+  port: number,
+): Promise<Capture & { agent: LocalAgent; bytes(): number }> {
+  const agent = await startLocalAgent({ netns: hosts.target });
+  const socket = net.connect(agent.readiness.port, agent.readiness.address);
+  await once(socket, 'connect');
+  let received = 0;
+  socket.on('data', (chunk: Buffer) => (received += chunk.length));
+  socket.write(
+    encodeFrame([
+      clientMessageToWire({
+        type: 'hello',
+        version: PROTOCOL_VERSION,
+        capabilities: [],
+        client: 'bench',
+      }),
+      clientMessageToWire({ type: 'subscribe', port }),
+    ]),
+  );
+  // The agent acknowledges the subscription after its hello: wait until both arrived.
+  while (received === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  return {
+    agent,
+    bytes: () => received,
+    async stop() {
+      socket.destroy();
+      await agent.stop();
+    },
+  };
+}
+
 async function startTcpdump(
   hosts: BenchHosts,
   port: number,
@@ -158,10 +200,15 @@ async function httpOverhead(
   const rates = { none: [] as number[], tap: [] as number[], tcpdump: [] as number[] };
   for (let round = 1; round <= ROUNDS; round += 1) {
     rates.none.push(await wrkRequestsPerSecond(hosts, url, WRK_SECONDS, WRK_CONNECTIONS));
-    const session = await startDrainingSession(hosts, HTTP_PORT);
+    const session = await startCountingSession(hosts, HTTP_PORT);
     const rss = sampleRss(session.agent.pid);
     rates.tap.push(await wrkRequestsPerSecond(hosts, url, WRK_SECONDS, WRK_CONNECTIONS));
     agentRss.push(rss.stop());
+    if (session.bytes() < rates.tap.at(-1)! * WRK_SECONDS * 40) {
+      throw new Error(
+        `the session received only ${session.bytes()} bytes: mirroring did not happen`,
+      );
+    }
     await session.stop();
     const tcpdump = await startTcpdump(hosts, HTTP_PORT);
     rates.tcpdump.push(await wrkRequestsPerSecond(hosts, url, WRK_SECONDS, WRK_CONNECTIONS));

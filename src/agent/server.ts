@@ -2,6 +2,7 @@ import net from 'node:net';
 import { hostname } from 'node:os';
 import { AgentSession } from '../protocol/server.js';
 import type { Counters } from '../protocol/messages.js';
+import { Outbox } from './outbox.js';
 import { Reassembler, type CloseReason, type ReassemblyLimits } from './reassembly.js';
 import { Tap, type TapOptions } from './tap.js';
 import { describeTarget, resolveTarget, type TargetSpec } from './target.js';
@@ -56,19 +57,11 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const maxBacklogBytes = options.maxBacklogBytes ?? 16 * 1024 * 1024;
   let session: AgentSession | undefined;
   let now = Date.now();
-  const droppedConnections = new Set<number>();
-  const agentDrops = { connections: 0, bytes: 0 };
+  const outbox = new Outbox(maxBacklogBytes);
 
   // Called only for segments, so after `tap` below is assigned.
   const interfaceName = (ifindex: number): string =>
     tap.interfaces.find((i) => i.ifindex === ifindex)?.name ?? `if${ifindex}`;
-
-  const dropConnection = (id: number, bytes: number): void => {
-    droppedConnections.add(id);
-    agentDrops.connections += 1;
-    agentDrops.bytes += bytes;
-    session?.sendClosed(id, 'broken', bytes);
-  };
 
   const reassembler = new Reassembler(
     {
@@ -83,22 +76,10 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
         });
       },
       data(id, bytes) {
-        if (!session) return;
-        if (droppedConnections.has(id)) {
-          agentDrops.bytes += bytes.length;
-        } else if (session.backlogBytes > maxBacklogBytes) {
-          dropConnection(id, bytes.length);
-        } else {
-          session.sendData(id, bytes);
-        }
+        if (session) outbox.data(id, bytes);
       },
       closed(id: number, reason: CloseReason, gapBytes: number) {
-        if (droppedConnections.delete(id)) return;
-        if (reason === 'broken') {
-          agentDrops.connections += 1;
-          agentDrops.bytes += gapBytes;
-        }
-        session?.sendClosed(id, reason, gapBytes);
+        if (session) outbox.closed(session, id, reason, gapBytes);
       },
     },
     options.reassembly,
@@ -110,7 +91,9 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       onSegment: (segment) => reassembler.push(segment, now),
       onBatchEnd: () => {
         now = Date.now();
-        session?.flush();
+        if (!session) return;
+        outbox.flush(session);
+        session.flush();
       },
     },
     options.tap,
@@ -123,8 +106,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       bytesCopied: kernel.bytesCopied,
       segmentsDroppedKernel: kernel.segmentsDropped,
       bytesDroppedKernel: kernel.bytesDropped,
-      connectionsDroppedAgent: agentDrops.connections,
-      bytesDroppedAgent: agentDrops.bytes,
+      connectionsDroppedAgent: outbox.drops.connections,
+      bytesDroppedAgent: outbox.drops.bytes,
       connectionsOpen: reassembler.connectionCount,
     };
   };
@@ -180,6 +163,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
         });
         accepted.on('end', (error) => {
           session = undefined;
+          outbox.clear();
           end(error ? { error: `session ended: ${error.message}` } : {});
         });
       },

@@ -47,6 +47,7 @@ export async function startLocalAgent(
   const child: ResultPromise = execa(
     process.execPath,
     [
+      '--single-threaded-gc',
       // The CLI entry point: the agent is its hidden `agent` command, run by the same Node.
       join(packageRoot(), 'bin', 'run.js'),
       'agent',

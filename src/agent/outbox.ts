@@ -1,0 +1,83 @@
+import type { CloseReason } from './reassembly.js';
+
+/** The part of a session the outbox writes to. */
+export interface OutboxSession {
+  sendData(id: number, bytes: Buffer): void;
+  sendClosed(id: number, reason: CloseReason, gapBytes: number): void;
+  /** Bytes written and not yet taken by the client. */
+  readonly backlogBytes: number;
+}
+
+/** Below this average chunk size, joining a connection's chunks beats one message per chunk. */
+const JOIN_BELOW_BYTES = 4096;
+
+/**
+ * Holds each connection's reassembled bytes until the end of a tap batch and sends them as one
+ * data message per connection: a keep-alive HTTP connection under load yields dozens of small
+ * requests per batch, and one message instead of dozens is what keeps the agent's per-request
+ * cost low. It is also where a session that cannot keep up costs whole connections, reported
+ * as broken, rather than unbounded memory or corrupted streams.
+ */
+export class Outbox {
+  readonly #pending = new Map<number, Buffer[]>();
+  readonly #dropped = new Set<number>();
+  readonly #maxBacklogBytes: number;
+  /** Connections the agent gave up on, and the bytes it could not send of them. */
+  readonly drops = { connections: 0, bytes: 0 };
+
+  constructor(maxBacklogBytes: number) {
+    this.#maxBacklogBytes = maxBacklogBytes;
+  }
+
+  /** `bytes` may be a view into the tap's batch: it is sent (copied) by the batch's flush(). */
+  data(id: number, bytes: Buffer): void {
+    if (this.#dropped.has(id)) {
+      this.drops.bytes += bytes.length;
+      return;
+    }
+    const chunks = this.#pending.get(id);
+    if (chunks) chunks.push(bytes);
+    else this.#pending.set(id, [bytes]);
+  }
+
+  closed(session: OutboxSession, id: number, reason: CloseReason, gapBytes: number): void {
+    this.#send(session, id);
+    if (this.#dropped.delete(id)) return;
+    if (reason === 'broken') {
+      this.drops.connections += 1;
+      this.drops.bytes += gapBytes;
+    }
+    session.sendClosed(id, reason, gapBytes);
+  }
+
+  /** Sends what the batch gathered. */
+  flush(session: OutboxSession): void {
+    for (const id of this.#pending.keys()) this.#send(session, id);
+  }
+
+  /** Forgets everything: the session is gone. */
+  clear(): void {
+    this.#pending.clear();
+    this.#dropped.clear();
+  }
+
+  #send(session: OutboxSession, id: number): void {
+    const chunks = this.#pending.get(id);
+    if (!chunks) return;
+    this.#pending.delete(id);
+    let total = 0;
+    for (const chunk of chunks) total += chunk.length;
+    if (session.backlogBytes > this.#maxBacklogBytes) {
+      this.#dropped.add(id);
+      this.drops.connections += 1;
+      this.drops.bytes += total;
+      session.sendClosed(id, 'broken', total);
+      return;
+    }
+    if (chunks.length > 1 && total / chunks.length < JOIN_BELOW_BYTES) {
+      session.sendData(id, Buffer.concat(chunks, total));
+    } else {
+      for (const chunk of chunks) session.sendData(id, chunk);
+    }
+  }
+}
