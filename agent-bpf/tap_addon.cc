@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdarg>
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -48,11 +50,8 @@ constexpr auto kTcxIngress = static_cast<enum bpf_attach_type>(46);
 constexpr __u32 kTcHandle = 0x6d697272; // "mirr"
 constexpr __u32 kTcPriority = 0x6d72;   // "mr"
 
-constexpr size_t kBatchBytes = 1 << 20;
-// Batches handed to JavaScript but not yet processed. When JavaScript falls behind, the consumer
-// thread blocks on this bound, the ring buffer fills and the BPF program counts drops: memory in
-// the agent stays bounded.
-constexpr size_t kMaxQueuedBatches = 4;
+// A slot must hold the largest record (64 KiB of payload and its header) with room to spare.
+constexpr size_t kMinSlotBytes = 128 * 1024;
 // How long the consumer pauses between drains while records flow: 1 ms per 1,000 records/s,
 // within these bounds (see Consumer::run).
 constexpr int kMinPauseMillis = 1;
@@ -129,10 +128,13 @@ struct Interface {
     int linkFd = -1; // tcx mode
 };
 
-// A consumer thread drains the ring buffer into batches and hands them to JavaScript.
+// A consumer thread drains the ring buffer into batches and hands them to JavaScript. Batches
+// are slots of a pool of buffers that JavaScript allocated and gives back (release) once it has
+// processed them: memory stays fixed however fast records arrive, and no garbage is left for V8
+// to collect (fresh external buffers would pile up to V8's external-memory limit between GCs).
 struct Batch {
-    uint8_t *data;
-    size_t len;
+    uint32_t slot;
+    uint32_t len;
 };
 
 void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batch *batch);
@@ -141,18 +143,18 @@ using BatchFn = Napi::TypedThreadSafeFunction<std::nullptr_t, Batch, deliverBatc
 void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batch *batch) {
     std::unique_ptr<Batch> owned(batch);
     // A null env means the thread-safe function is shutting down with this batch still queued.
-    if (static_cast<napi_env>(env) == nullptr) {
-        std::free(batch->data);
+    if (static_cast<napi_env>(env) == nullptr)
         return;
-    }
-    auto buffer = Napi::Buffer<uint8_t>::New(env, batch->data, batch->len,
-                                             [](Napi::Env, uint8_t *data) { std::free(data); });
-    callback.Call({buffer});
+    callback.Call({Napi::Number::New(env, batch->slot), Napi::Number::New(env, batch->len)});
 }
 
 class Consumer {
   public:
-    Consumer(int ringFd, volatile __u32 *idleFlag, BatchFn fn) : fn_(fn), idleFlag_(idleFlag) {
+    Consumer(int ringFd, volatile __u32 *idleFlag, BatchFn fn, std::vector<uint8_t *> slots,
+             size_t slotBytes)
+        : fn_(fn), idleFlag_(idleFlag), slots_(std::move(slots)), slotBytes_(slotBytes) {
+        for (uint32_t i = 0; i < slots_.size(); i++)
+            free_.push_back(i);
         rb_ = ring_buffer__new(ringFd, &Consumer::onRecord, this, nullptr);
         stopFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         epollFd_ = epoll_create1(EPOLL_CLOEXEC);
@@ -173,11 +175,25 @@ class Consumer {
     ~Consumer() {
         uint64_t one = 1;
         (void)!write(stopFd_, &one, sizeof(one));
-        // Wakes the thread if it is blocked on a full queue; batches still queued are freed.
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+        }
+        // Wakes the thread if it waits for a free slot; batches still queued are dropped.
+        freed_.notify_all();
         fn_.Abort();
         thread_.join();
-        std::free(batch_.data);
         release();
+    }
+
+    // JavaScript is done with a slot.
+    void giveBack(uint32_t slot) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (slot < slots_.size())
+                free_.push_back(slot);
+        }
+        freed_.notify_one();
     }
 
   private:
@@ -230,34 +246,36 @@ class Consumer {
     static int onRecord(void *ctx, void *data, size_t size) {
         auto *self = static_cast<Consumer *>(ctx);
         size_t padded = (size + TAP_RECORD_ALIGN - 1) & ~size_t(TAP_RECORD_ALIGN - 1);
-        if (self->batch_.data && self->batch_.len + padded > kBatchBytes && !self->flush())
+        if (self->slot_ >= 0 && self->len_ + padded > self->slotBytes_ && !self->flush())
             return -ECANCELED;
-        if (!self->batch_.data) {
-            self->batch_.data = static_cast<uint8_t *>(std::malloc(kBatchBytes));
-            if (!self->batch_.data)
-                return -ENOMEM;
-        }
-        uint8_t *dst = self->batch_.data + self->batch_.len;
+        if (self->slot_ < 0 && !self->takeSlot())
+            return -ECANCELED;
+        uint8_t *dst = self->slots_[self->slot_] + self->len_;
         std::memcpy(dst, data, size);
         std::memset(dst + size, 0, padded - size);
-        self->batch_.len += padded;
+        self->len_ += padded;
         return 0;
     }
 
-    // Blocks while kMaxQueuedBatches batches wait for JavaScript. False once the tap is closing.
+    // Blocks while every slot is with JavaScript: then the ring buffer fills and the BPF program
+    // counts drops, which is how a slow agent loses data without growing. False once closing.
+    bool takeSlot() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        freed_.wait(lock, [this] { return stopping_ || !free_.empty(); });
+        if (stopping_)
+            return false;
+        slot_ = static_cast<int>(free_.back());
+        free_.pop_back();
+        len_ = 0;
+        return true;
+    }
+
     bool flush() {
-        if (!batch_.data)
+        if (slot_ < 0)
             return true;
-        // A small batch (light traffic) gives back its unused tail, so the memory that V8 is
-        // told about when it wraps the buffer is the memory actually held.
-        if (batch_.len < kBatchBytes / 2) {
-            if (auto *shrunk = static_cast<uint8_t *>(std::realloc(batch_.data, batch_.len)))
-                batch_.data = shrunk;
-        }
-        auto *batch = new Batch(batch_);
-        batch_ = Batch{nullptr, 0};
+        auto *batch = new Batch{static_cast<uint32_t>(slot_), static_cast<uint32_t>(len_)};
+        slot_ = -1;
         if (fn_.BlockingCall(batch) != napi_ok) {
-            std::free(batch->data);
             delete batch;
             return false;
         }
@@ -269,7 +287,14 @@ class Consumer {
     ring_buffer *rb_ = nullptr;
     int stopFd_ = -1;
     int epollFd_ = -1;
-    Batch batch_{nullptr, 0};
+    std::vector<uint8_t *> slots_;
+    size_t slotBytes_;
+    int slot_ = -1;
+    size_t len_ = 0;
+    std::mutex mutex_;
+    std::condition_variable freed_;
+    std::vector<uint32_t> free_;
+    bool stopping_ = false;
     std::thread thread_;
 };
 
@@ -408,7 +433,8 @@ class TapState {
 
     static std::unique_ptr<TapState> open(Napi::Env env, const Napi::Object &target,
                                           const Napi::Function &callback, size_t ringBytes,
-                                          Mode mode) {
+                                          Mode mode, std::vector<uint8_t *> slots,
+                                          size_t slotBytes) {
         auto t = std::make_unique<TapState>();
         Target tgt = openTarget(target);
         t->nsFd_ = tgt.nsFd;
@@ -436,10 +462,12 @@ class TapState {
             t->nsFd_ = -1;
         }
 
-        auto fn = BatchFn::New(env, callback, "mirrord-tap", kMaxQueuedBatches, 1);
+        // No queue bound here: the pool of slots bounds what can be queued.
+        auto fn = BatchFn::New(env, callback, "mirrord-tap", 0, 1);
         try {
             t->consumer_ = std::make_unique<Consumer>(bpf_map__fd(t->skel_->maps.events),
-                                                      &t->skel_->bss->consumer_idle, fn);
+                                                      &t->skel_->bss->consumer_idle, fn,
+                                                      std::move(slots), slotBytes);
         } catch (...) {
             fn.Abort();
             throw;
@@ -448,6 +476,11 @@ class TapState {
     }
 
     bool tcMode() const { return tcMode_; }
+
+    void giveBack(uint32_t slot) {
+        if (consumer_)
+            consumer_->giveBack(slot);
+    }
     const std::vector<Interface> &interfaces() const { return ifaces_; }
 
     void setPort(uint16_t port, bool on) {
@@ -584,6 +617,7 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
                                InstanceMethod<&TapHandle::subscribe>("subscribe"),
                                InstanceMethod<&TapHandle::unsubscribe>("unsubscribe"),
                                InstanceMethod<&TapHandle::counters>("counters"),
+                               InstanceMethod<&TapHandle::release>("release"),
                                InstanceMethod<&TapHandle::close>("close"),
                            });
     }
@@ -592,6 +626,8 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
     explicit TapHandle(const Napi::CallbackInfo &info)
         : Napi::ObjectWrap<TapHandle>(info), env_(info.Env()) {
         state_.reset(info[0].As<Napi::External<TapState>>().Data());
+        // The consumer thread writes into these buffers: they must outlive it.
+        pool_ = Napi::Persistent(info[1].As<Napi::Object>());
         // Closes the tap when the environment (main thread or worker) is torn down without
         // close(). Registered after the thread-safe function was created, so it runs first.
         napi_add_env_cleanup_hook(env_, &TapHandle::onEnvTeardown, this);
@@ -643,23 +679,47 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
         return out;
     }
 
+    Napi::Value release(const Napi::CallbackInfo &info) {
+        if (state_ && info[0].IsNumber())
+            state_->giveBack(info[0].As<Napi::Number>().Uint32Value());
+        return info.Env().Undefined();
+    }
+
     Napi::Value close(const Napi::CallbackInfo &info) {
         shutdown();
         return info.Env().Undefined();
     }
 
     napi_env env_;
+    // Declared before state_ so that it is released after the consumer thread stopped.
+    Napi::ObjectReference pool_;
     std::unique_ptr<TapState> state_;
 };
 
-// open(target: {pid} | {netns}, onBatch: (batch: Buffer) => void, ringBufferBytes: number,
-//      attachMode: 'auto' | 'tcx' | 'tc') => TapHandle & { attachMode, interfaces }
+// open(target: {pid} | {netns}, onBatch: (slot: number, length: number) => void,
+//      ringBufferBytes: number, attachMode: 'auto' | 'tcx' | 'tc', pool: Buffer[])
+//      => TapHandle & { attachMode, interfaces, release(slot) }
 Napi::Value openTap(const Napi::CallbackInfo &info) {
     auto env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
         if (!info[0].IsObject() || !info[1].IsFunction() || !info[2].IsNumber() ||
-            !info[3].IsString())
-            fail("BAD_ARGUMENT", "open(target, onBatch, ringBufferBytes, attachMode)");
+            !info[3].IsString() || !info[4].IsArray())
+            fail("BAD_ARGUMENT", "open(target, onBatch, ringBufferBytes, attachMode, pool)");
+        auto pool = info[4].As<Napi::Array>();
+        std::vector<uint8_t *> slots;
+        size_t slotBytes = 0;
+        for (uint32_t i = 0; i < pool.Length(); i++) {
+            Napi::Value item = pool[i];
+            if (!item.IsBuffer())
+                fail("BAD_ARGUMENT", "pool must hold Buffers of one size");
+            auto buffer = item.As<Napi::Buffer<uint8_t>>();
+            if (i > 0 && buffer.Length() != slotBytes)
+                fail("BAD_ARGUMENT", "pool must hold Buffers of one size");
+            slotBytes = buffer.Length();
+            slots.push_back(buffer.Data());
+        }
+        if (slots.empty() || slotBytes < kMinSlotBytes)
+            fail("BAD_ARGUMENT", "pool must hold Buffers of at least 128 KiB");
         double ring = info[2].As<Napi::Number>().DoubleValue();
         // The kernel wants a power of 2 multiple of the page size; from 256 KiB up, any power of
         // 2 is one on every page size Linux uses.
@@ -678,7 +738,7 @@ Napi::Value openTap(const Napi::CallbackInfo &info) {
             fail("BAD_ARGUMENT", "attachMode must be 'auto', 'tcx' or 'tc'");
 
         auto state = TapState::open(env, info[0].As<Napi::Object>(), info[1].As<Napi::Function>(),
-                                    static_cast<size_t>(ring), mode);
+                                    static_cast<size_t>(ring), mode, std::move(slots), slotBytes);
         auto ifaces = Napi::Array::New(env, state->interfaces().size());
         for (size_t i = 0; i < state->interfaces().size(); i++) {
             auto entry = Napi::Object::New(env);
@@ -688,7 +748,7 @@ Napi::Value openTap(const Napi::CallbackInfo &info) {
         }
         auto modeValue = Napi::String::New(env, state->tcMode() ? "tc" : "tcx");
         auto *ctor = env.GetInstanceData<Napi::FunctionReference>();
-        auto handle = ctor->New({Napi::External<TapState>::New(env, state.release())});
+        auto handle = ctor->New({Napi::External<TapState>::New(env, state.release()), pool});
         handle.Set("attachMode", modeValue);
         handle.Set("interfaces", ifaces);
         return handle;

@@ -48,7 +48,7 @@ class Collector {
       flowKey: segment.flowKey,
       seq: segment.seq,
       flags: segment.flags,
-      payload: segment.payload,
+      payload: Buffer.from(segment.payload), // the batch buffer is reused
       endpoints: segment.endpoints(),
     };
     this.records.push(record);

@@ -28,6 +28,7 @@ export interface TapSegment {
   /** Sequence number of payload[0] (or of the SYN/FIN), uint32. */
   seq: number;
   flags: number;
+  /** Valid until the end of the tap batch it came in (see TapHandlers): copy it to keep it. */
   payload: Buffer;
   endpoints(): FlowEndpoints;
 }

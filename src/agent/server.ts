@@ -54,7 +54,7 @@ const SWEEP_INTERVAL_MS = 1_000;
  */
 export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const spec = options.target;
-  const maxBacklogBytes = options.maxBacklogBytes ?? 16 * 1024 * 1024;
+  const maxBacklogBytes = options.maxBacklogBytes ?? 4 * 1024 * 1024;
   let session: AgentSession | undefined;
   let now = Date.now();
   const outbox = new Outbox(maxBacklogBytes);

@@ -7,7 +7,7 @@ import { packageRoot } from '../package-root.js';
 export type TapTarget = { pid: number } | { netns: string };
 
 export interface TapOptions {
-  /** Size of the BPF ring buffer: a power of 2 from 256 KiB to 1 GiB. Default 32 MiB. */
+  /** Size of the BPF ring buffer: a power of 2 from 256 KiB to 1 GiB. Default 16 MiB. */
   ringBufferBytes?: number;
   /**
    * 'tcx' uses TCX links (Linux 6.6+), which vanish with the process; 'tc' uses a legacy clsact
@@ -32,6 +32,10 @@ export interface TapCounters {
 }
 
 export interface TapHandlers {
+  /**
+   * `segment.payload` is a view into a buffer that is refilled once the batch's onBatchEnd has
+   * returned: copy whatever must outlive the batch.
+   */
   onSegment(segment: TapSegment): void;
   /** Called after the last segment of each batch: a good time to flush work queued per segment. */
   onBatchEnd?(): void;
@@ -57,15 +61,17 @@ interface NativeHandle {
   subscribe(port: number): void;
   unsubscribe(port: number): void;
   counters(): [number, number, number, number];
+  release(slot: number): void;
   close(): void;
 }
 
 interface NativeModule {
   open(
     target: TapTarget,
-    onBatch: (batch: Buffer) => void,
+    onBatch: (slot: number, length: number) => void,
     ringBufferBytes: number,
     attachMode: string,
+    pool: Buffer[],
   ): NativeHandle;
 }
 
@@ -82,7 +88,10 @@ const OFF_FLAGS = 25;
 const OFF_SADDR = 32;
 const OFF_DADDR = 48;
 
-const DEFAULT_RING_BYTES = 32 * 1024 * 1024;
+const DEFAULT_RING_BYTES = 16 * 1024 * 1024;
+/** Batches in flight between the consumer thread and JavaScript; it waits when all are out. */
+const POOL_SLOTS = 4;
+const SLOT_BYTES = 1024 * 1024;
 
 let native: NativeModule | undefined;
 
@@ -168,6 +177,8 @@ export class Tap {
   private closed = false;
   private finalCounters: TapCounters | undefined;
   private readonly native: NativeHandle;
+  /** The buffers the addon fills with batches, each given back once its batch is processed. */
+  private readonly pool = Array.from({ length: POOL_SLOTS }, () => Buffer.alloc(SLOT_BYTES));
 
   readonly interfaces: TapInterface[];
   readonly attachMode: 'tcx' | 'tc';
@@ -181,9 +192,10 @@ export class Tap {
     try {
       this.native = mod.open(
         target,
-        (batch) => this.onBatch(batch),
+        (slot, length) => this.onBatch(slot, length),
         options.ringBufferBytes ?? DEFAULT_RING_BYTES,
         options.attachMode ?? 'auto',
+        this.pool,
       );
     } catch (error) {
       throw asTapError(error);
@@ -232,15 +244,17 @@ export class Tap {
     if (openTaps.size === 0) process.removeListener('exit', closeAllOnExit);
   }
 
-  private onBatch(batch: Buffer): void {
+  private onBatch(slot: number, length: number): void {
     try {
-      this.deliver(batch);
+      this.deliver(this.pool[slot]!.subarray(0, length));
     } catch (error) {
       // Node only warns about an exception thrown into a native callback (DEP0168); thrown again
       // outside of it, a handler's bug fails the process like any uncaught exception.
       process.nextTick(() => {
         throw error;
       });
+    } finally {
+      if (!this.closed) this.native.release(slot);
     }
   }
 

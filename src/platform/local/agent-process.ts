@@ -48,6 +48,7 @@ export async function startLocalAgent(
     process.execPath,
     [
       '--single-threaded-gc',
+      '--max-semi-space-size=2',
       // The CLI entry point: the agent is its hidden `agent` command, run by the same Node.
       join(packageRoot(), 'bin', 'run.js'),
       'agent',
