@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "record_merger.h"
 #include "tap.h"
 #include "tap.skel.h"
 
@@ -152,7 +153,8 @@ class Consumer {
   public:
     Consumer(int ringFd, volatile __u32 *idleFlag, BatchFn fn, std::vector<uint8_t *> slots,
              size_t slotBytes)
-        : fn_(fn), idleFlag_(idleFlag), slots_(std::move(slots)), slotBytes_(slotBytes) {
+        : fn_(fn), idleFlag_(idleFlag), slots_(std::move(slots)), slotBytes_(slotBytes),
+          merger_(slotBytes) {
         for (uint32_t i = 0; i < slots_.size(); i++)
             free_.push_back(i);
         rb_ = ring_buffer__new(ringFd, &Consumer::onRecord, this, nullptr);
@@ -245,36 +247,34 @@ class Consumer {
 
     static int onRecord(void *ctx, void *data, size_t size) {
         auto *self = static_cast<Consumer *>(ctx);
-        size_t padded = (size + TAP_RECORD_ALIGN - 1) & ~size_t(TAP_RECORD_ALIGN - 1);
-        if (self->slot_ >= 0 && self->len_ + padded > self->slotBytes_ && !self->flush())
+        if (self->merger_.stagedBytes() + RecordMerger::padded(size) > self->slotBytes_ &&
+            !self->flush())
             return -ECANCELED;
-        if (self->slot_ < 0 && !self->takeSlot())
-            return -ECANCELED;
-        uint8_t *dst = self->slots_[self->slot_] + self->len_;
-        std::memcpy(dst, data, size);
-        std::memset(dst + size, 0, padded - size);
-        self->len_ += padded;
+        self->merger_.add(data, size);
         return 0;
     }
 
     // Blocks while every slot is with JavaScript: then the ring buffer fills and the BPF program
-    // counts drops, which is how a slow agent loses data without growing. False once closing.
-    bool takeSlot() {
+    // counts drops, which is how a slow agent loses data without growing. -1 once closing.
+    int takeSlot() {
         std::unique_lock<std::mutex> lock(mutex_);
         freed_.wait(lock, [this] { return stopping_ || !free_.empty(); });
         if (stopping_)
-            return false;
-        slot_ = static_cast<int>(free_.back());
+            return -1;
+        auto slot = static_cast<int>(free_.back());
         free_.pop_back();
-        len_ = 0;
-        return true;
+        return slot;
     }
 
+    // Hands what was staged to JavaScript as one batch.
     bool flush() {
-        if (slot_ < 0)
+        if (merger_.stagedBytes() == 0)
             return true;
-        auto *batch = new Batch{static_cast<uint32_t>(slot_), static_cast<uint32_t>(len_)};
-        slot_ = -1;
+        int slot = takeSlot();
+        if (slot < 0)
+            return false;
+        size_t length = merger_.writeTo(slots_[slot]);
+        auto *batch = new Batch{static_cast<uint32_t>(slot), static_cast<uint32_t>(length)};
         if (fn_.BlockingCall(batch) != napi_ok) {
             delete batch;
             return false;
@@ -289,8 +289,7 @@ class Consumer {
     int epollFd_ = -1;
     std::vector<uint8_t *> slots_;
     size_t slotBytes_;
-    int slot_ = -1;
-    size_t len_ = 0;
+    RecordMerger merger_;
     std::mutex mutex_;
     std::condition_variable freed_;
     std::vector<uint32_t> free_;

@@ -335,17 +335,20 @@ describe('tap', () => {
     // Records of the connection's end (a RST answering the server's late reply) may still be
     // on their way: wait until every counted record has arrived.
     const copied = () => collector.records.slice(firstRecord);
+    const copiedBytes = () => copied().reduce((n, r) => n + r.payload.length, 0);
     const deadline = Date.now() + 5000;
-    while (delta(theTap().counters(), before).segmentsCopied > copied().length) {
+    while (delta(theTap().counters(), before).bytesCopied > copiedBytes()) {
       if (Date.now() > deadline) break;
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
-    expect(delta(theTap().counters(), before)).toEqual({
-      segmentsCopied: copied().length,
-      bytesCopied: copied().reduce((n, r) => n + r.payload.length, 0),
+    // Records that continue each other reach JavaScript joined: fewer, same bytes.
+    const counted = delta(theTap().counters(), before);
+    expect(counted).toMatchObject({
+      bytesCopied: copiedBytes(),
       segmentsDropped: 0,
       bytesDropped: 0,
     });
+    expect(counted.segmentsCopied).toBeGreaterThanOrEqual(copied().length);
     expect(collector.batches).toBeGreaterThan(0);
   });
 
@@ -366,12 +369,17 @@ describe('tap', () => {
       const file = join(scratch, 'big');
       writeFileSync(file, data);
       const firstRecord = collector.records.length;
+      const before = theTap().counters();
       await upload(sandbox, file, sandbox.target, '::1');
       const fin = await collector.waitFor((r) => r.index >= firstRecord && hasFlag(r, TcpFlag.FIN));
       const records = collector.records.slice(firstRecord).filter((r) => r.flowKey === fin.flowKey);
       expect(reassemble(records).equals(data)).toBe(true);
-      // 64 KiB is one record's capacity: only a split skb fills a record exactly.
-      expect(records.filter((r) => r.payload.length === 65536).length).toBeGreaterThan(0);
+      // Skbs of up to 256 KiB carried the upload and a record holds at most 64 KiB, so the
+      // exact bytes above mean every skb was split whole; JavaScript sees the pieces joined
+      // again, but the kernel counted each.
+      expect(delta(theTap().counters(), before).segmentsCopied).toBeGreaterThanOrEqual(
+        data.length / 65536,
+      );
       expect(records.filter((r) => hasFlag(r, TcpFlag.SYN))).toHaveLength(1);
       expect(records.filter((r) => hasFlag(r, TcpFlag.FIN))).toHaveLength(1);
     } finally {
@@ -404,7 +412,7 @@ describe('tap', () => {
       }
       const counters = slowTap.counters();
       expect(counters.segmentsDropped).toBeGreaterThan(0);
-      expect(counters.segmentsCopied).toBe(slow.records.length);
+      expect(counters.segmentsCopied).toBeGreaterThanOrEqual(slow.records.length);
       expect(counters.bytesCopied).toBe(slow.records.reduce((n, r) => n + r.payload.length, 0));
       expect(counters.bytesCopied + counters.bytesDropped).toBeGreaterThanOrEqual(20 * 1024 * 1024);
     } finally {
