@@ -89,7 +89,7 @@ export async function wrkRequestsPerSecond(
 }
 
 /** Highest resident set size of a process, sampled until stop() is called. */
-export function sampleRss(pid: number, intervalMs = 100): { stop(): number } {
+export function sampleRss(pid: number, intervalMs = 250): { stop(): number } {
   let maxKiB = 0;
   const sample = (): void => {
     try {
