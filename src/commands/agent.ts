@@ -70,7 +70,7 @@ export default class AgentCommand extends MirrordCommand {
     } catch (error) {
       this.error((error as Error).message, { exit: 2 });
     }
-    for (const signal of ['SIGTERM', 'SIGINT'] as const) process.once(signal, () => agent.stop());
+    for (const signal of ['SIGTERM', 'SIGINT'] as const) process.on(signal, () => agent.stop());
     this.log(JSON.stringify(agent.readiness));
     const exit = await agent.done;
     if (exit.error) this.error(exit.error, { exit: 1 });

@@ -18,9 +18,11 @@ export default class DemoCommand extends MirrordCommand {
 
   async run(): Promise<void> {
     const { flags } = await this.parse(DemoCommand);
+    // `on`, not `once`: execa's exit handler re-raises a signal that no other listener is left
+    // to handle, which would kill the demo before it removes its sandbox.
     const interrupted = new Promise<void>((resolve) => {
-      process.once('SIGINT', resolve);
-      process.once('SIGTERM', resolve);
+      process.on('SIGINT', resolve);
+      process.on('SIGTERM', resolve);
     });
     try {
       await runDemo({
