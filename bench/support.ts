@@ -1,60 +1,19 @@
-import { execa, type ResultPromise } from 'execa';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import {
-  createNetnsPair,
-  deleteNetns,
-  isStale,
-  listNetns,
-  netnsName,
-  waitForTcp,
-} from '../src/platform/local/netns.js';
-
-const BENCH_PREFIX = 'mirrord-bench';
+import { createHosts, waitForTcp, type Hosts } from '../src/platform/local/netns.js';
 
 export function progress(line: string): void {
   process.stderr.write(`${line}\n`);
 }
 
-/** A target netns and a client netns (10.213.250.0/24), and the programs started in them. */
-export interface BenchHosts {
-  target: string;
-  client: string;
-  targetAddress: string;
-  spawn(netns: string, command: string, args: string[]): ResultPromise;
-  destroy(): void;
-}
+export type BenchHosts = Hosts;
 
+/** A target ("server") netns and a client netns, 10.213.250.0/24; Ctrl-C removes them. */
 export function createBenchHosts(): BenchHosts {
-  for (const stale of listNetns(BENCH_PREFIX).filter(isStale)) deleteNetns(stale);
-  const target = `${netnsName(BENCH_PREFIX, 'hosts')}-t`;
-  const client = target.replace(/-t$/, '-c');
-  const targetAddress = '10.213.250.1';
-  createNetnsPair({
-    server: target,
-    client,
-    serverAddress: targetAddress,
+  const hosts = createHosts('mirrord-bench', 'hosts', {
+    serverAddress: '10.213.250.1',
     clientAddress: '10.213.250.2',
   });
-  const children: ResultPromise[] = [];
-  const hosts: BenchHosts = {
-    target,
-    client,
-    targetAddress,
-    spawn(netns, command, args) {
-      const child = execa('ip', ['netns', 'exec', netns, command, ...args], {
-        reject: false,
-        stdin: 'ignore',
-      });
-      children.push(child);
-      return child;
-    },
-    destroy() {
-      for (const child of children) child.kill('SIGKILL');
-      deleteNetns(target);
-      deleteNetns(client);
-    },
-  };
   process.once('SIGINT', () => {
     hosts.destroy();
     process.exit(130);
@@ -66,8 +25,8 @@ export function createBenchHosts(): BenchHosts {
 export const HTTP_SERVICE = fileURLToPath(new URL('../src/demo/service.js', import.meta.url));
 
 export async function startHttpTarget(hosts: BenchHosts, port: number): Promise<void> {
-  hosts.spawn(hosts.target, process.execPath, [HTTP_SERVICE, hosts.targetAddress, String(port)]);
-  await waitForTcp(hosts.client, hosts.targetAddress, port);
+  hosts.spawn(hosts.server, process.execPath, [HTTP_SERVICE, hosts.serverAddress, String(port)]);
+  await waitForTcp(hosts.client, hosts.serverAddress, port);
 }
 
 /** Requests per second wrk reached against `url` from the client netns. */

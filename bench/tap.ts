@@ -79,7 +79,7 @@ interface DrainingSession extends Capture {
 }
 
 async function startDrainingSession(hosts: BenchHosts, port: number): Promise<DrainingSession> {
-  const agent = await startLocalAgent({ netns: hosts.target });
+  const agent = await startLocalAgent({ netns: hosts.server });
   const client = await connectToAgent(agent.readiness.address, agent.readiness.port, {
     clientName: 'bench',
   });
@@ -114,7 +114,7 @@ async function startCountingSession(
   hosts: BenchHosts,
   port: number,
 ): Promise<Capture & { agent: LocalAgent; bytes(): number }> {
-  const agent = await startLocalAgent({ netns: hosts.target });
+  const agent = await startLocalAgent({ netns: hosts.server });
   const socket = net.connect(agent.readiness.port, agent.readiness.address);
   await once(socket, 'connect');
   let received = 0;
@@ -152,7 +152,7 @@ async function startTcpdump(
     [
       'netns',
       'exec',
-      hosts.target,
+      hosts.server,
       'tcpdump',
       '-i',
       'eth0',
@@ -195,7 +195,7 @@ async function httpOverhead(
   agentRss: number[],
 ): Promise<Record<string, number>> {
   await startHttpTarget(hosts, HTTP_PORT);
-  const url = `http://${hosts.targetAddress}:${HTTP_PORT}/orders`;
+  const url = `http://${hosts.serverAddress}:${HTTP_PORT}/orders`;
   // Each configuration gets a second of unmeasured load first: the agent's JIT warms up, as it
   // has long since in a real session, and the target and tcpdump get the same.
   const measure = async (): Promise<number> => {
@@ -241,7 +241,7 @@ async function sendPacedStream(
   const result = await hosts.spawn(hosts.client, 'python3', [
     '-c',
     PACED_SENDER,
-    hosts.targetAddress,
+    hosts.serverAddress,
     String(STREAM_PORT),
     String(rateGbit * 1e9),
     String(bytes),
@@ -254,13 +254,13 @@ async function singleStream(
   hosts: BenchHosts,
   agentRss: number[],
 ): Promise<Record<string, unknown>> {
-  hosts.spawn(hosts.target, 'python3', [
+  hosts.spawn(hosts.server, 'python3', [
     '-c',
     DRAINING_RECEIVER,
-    hosts.targetAddress,
+    hosts.serverAddress,
     String(STREAM_PORT),
   ]);
-  await waitForTcp(hosts.client, hosts.targetAddress, STREAM_PORT);
+  await waitForTcp(hosts.client, hosts.serverAddress, STREAM_PORT);
   let losslessGbit = 0;
   const tcpdumpLoss: Record<string, number> = {};
   const agentResults: Record<string, string> = {};

@@ -93,6 +93,18 @@ async function startSink(sandbox: Sandbox): Promise<void> {
   await waitForTcp(sandbox.client, sandbox.targetAddress, PORT);
 }
 
+/** Runs UPLOAD_CLIENT in the client netns and returns what it sent. */
+async function upload(sandbox: Sandbox, mib: number): Promise<Sent> {
+  const out = await sandbox.runAsync(sandbox.client, 'python3', [
+    '-c',
+    UPLOAD_CLIENT,
+    sandbox.targetAddress,
+    String(PORT),
+    String(mib),
+  ]);
+  return JSON.parse(out) as Sent;
+}
+
 function runCli(args: string[]): { status: number; stdout: string; stderr: string } {
   try {
     const stdout = execFileSync(process.execPath, [CLI, ...args], {
@@ -161,15 +173,7 @@ describe('mirrord agent', () => {
 
   test('mirrors a 128 MiB upload byte-exact', async () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
-    const sent = JSON.parse(
-      await sandbox.runAsync(sandbox.client, 'python3', [
-        '-c',
-        UPLOAD_CLIENT,
-        sandbox.targetAddress,
-        String(PORT),
-        '128',
-      ]),
-    ) as Sent;
+    const sent = await upload(sandbox, 128);
     const current = session;
     await current.until(() => current.closedConnections().length === 1, 'the upload to close');
     expectMirrored(current, [sent]);
@@ -193,15 +197,7 @@ describe('mirrord agent', () => {
       );
     const before = retransmits();
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
-    const sent = JSON.parse(
-      await sandbox.runAsync(sandbox.client, 'python3', [
-        '-c',
-        UPLOAD_CLIENT,
-        sandbox.targetAddress,
-        String(PORT),
-        '16',
-      ]),
-    ) as Sent;
+    const sent = await upload(sandbox, 16);
     const current = session;
     await current.until(() => current.closedConnections().length === 1, 'the upload to close');
     expect(retransmits() - before).toBeGreaterThan(10);

@@ -26,20 +26,9 @@ import {
   AgentSessionError,
   type AgentSessionOptions,
 } from '../src/protocol/server.js';
+import { prng } from './support/prng.js';
 
 // ---- helpers ----
-
-/** Deterministic PRNG (mulberry32), so a failing fuzz case can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randomBytes(random: () => number, n: number): Buffer {
   const b = Buffer.alloc(n);

@@ -7,21 +7,10 @@ import {
   type ReassemblySink,
 } from '../src/agent/reassembly.js';
 import { TcpFlag, type FlowEndpoints, type TapSegment } from '../src/agent/segment.js';
+import { prng } from './support/prng.js';
 
 const { SYN, FIN, RST, ACK, PSH } = TcpFlag;
 const SEQ_MOD = 2 ** 32;
-
-/** mulberry32: small, deterministic, good enough to shuffle segments. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / SEQ_MOD;
-  };
-}
 
 function randInt(rng: () => number, lo: number, hi: number): number {
   return lo + Math.floor(rng() * (hi - lo + 1));

@@ -1,3 +1,4 @@
+import { execa, type ResultPromise } from 'execa';
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
 
@@ -138,4 +139,43 @@ export async function waitForTcp(
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
   }
+}
+
+/** A server and a client netns, and the programs started in them (see createHosts). */
+export interface Hosts extends NetnsPair {
+  /** Starts a program inside one of the two namespaces; destroy() kills it. */
+  spawn(netns: string, command: string, args: string[]): ResultPromise;
+  destroy(): void;
+}
+
+/**
+ * A pair of namespaces named `PREFIX-LABEL-PID-N-{s,c}` (removing those of a killed run first)
+ * with the programs started in them, all removed by destroy().
+ */
+export function createHosts(
+  prefix: string,
+  label: string,
+  addresses: { serverAddress: string; clientAddress: string },
+): Hosts {
+  for (const stale of listNetns(prefix).filter(isStale)) deleteNetns(stale);
+  const name = netnsName(prefix, label);
+  const pair = { server: `${name}-s`, client: `${name}-c`, ...addresses };
+  createNetnsPair(pair);
+  const children: ResultPromise[] = [];
+  return {
+    ...pair,
+    spawn(netns, command, args) {
+      const child = execa('ip', ['netns', 'exec', netns, command, ...args], {
+        reject: false,
+        stdin: 'ignore',
+      });
+      children.push(child);
+      return child;
+    },
+    destroy() {
+      for (const child of children) child.kill('SIGKILL');
+      deleteNetns(pair.server);
+      deleteNetns(pair.client);
+    },
+  };
 }
