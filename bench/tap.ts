@@ -14,6 +14,7 @@ import net from 'node:net';
 import { encodeFrame } from '../src/protocol/framing.js';
 import { PROTOCOL_VERSION, clientMessageToWire } from '../src/protocol/messages.js';
 import { connectToAgent, type AgentClient } from '../src/protocol/client.js';
+import type { Counters } from '../src/protocol/messages.js';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import {
@@ -29,7 +30,7 @@ import {
 
 const HTTP_PORT = 8080;
 const STREAM_PORT = 9000;
-const ROUNDS = 5;
+const ROUNDS = 7;
 const WRK_SECONDS = 5;
 const WRK_CONNECTIONS = 32;
 const STREAM_SECONDS = 2.5;
@@ -76,6 +77,8 @@ interface DrainingSession extends Capture {
   client: AgentClient;
   /** Resolves with the bytes and close reason of the next connection that closes. */
   nextClosed(): Promise<{ bytes: number; reason: string; gapBytes: number }>;
+  /** The latest counters the agent sent. */
+  counters(): Counters | undefined;
 }
 
 async function startDrainingSession(hosts: BenchHosts, port: number): Promise<DrainingSession> {
@@ -93,10 +96,13 @@ async function startDrainingSession(hosts: BenchHosts, port: number): Promise<Dr
     waiting.shift()?.({ bytes: total, reason: c.reason, gapBytes: c.gapBytes });
   });
   client.on('error', (error) => progress(`  session error: ${error.message}`));
+  let counters: Counters | undefined;
+  client.on('counters', (c) => (counters = c));
   await client.subscribe(port);
   return {
     agent,
     client,
+    counters: () => counters,
     nextClosed: () => new Promise((resolve) => waiting.push(resolve)),
     async stop() {
       await client.close();
@@ -227,8 +233,12 @@ async function httpOverhead(
     http_requests_per_s_no_capture: round(none, 0),
     http_requests_per_s_tap: round(median(rates.tap), 0),
     http_requests_per_s_tcpdump: round(median(rates.tcpdump), 0),
-    http_ratio_tap_to_no_capture: round(median(rates.tap) / none),
-    http_ratio_tcpdump_to_no_capture: round(median(rates.tcpdump) / none),
+    // Each round's rate over the same round's baseline, then the median: slow drift of the
+    // machine's speed cancels out within a round.
+    http_ratio_tap_to_no_capture: round(median(rates.tap.map((r, i) => r / rates.none[i]!))),
+    http_ratio_tcpdump_to_no_capture: round(
+      median(rates.tcpdump.map((r, i) => r / rates.none[i]!)),
+    ),
   };
 }
 
@@ -274,11 +284,15 @@ async function singleStream(
       new Promise<undefined>((resolve) => setTimeout(resolve, 10_000)),
     ]);
     agentRss.push(rss.stop());
+    // Counters come every second: wait for one that covers the whole stream.
+    await new Promise((resolve) => setTimeout(resolve, 1_100));
+    const dropped = session.counters();
     await session.stop();
     const complete = outcome?.reason === 'fin' && outcome.bytes === sent.bytes;
     agentResults[`${rate}`] = complete
       ? `100% at ${sent.gbit.toFixed(2)} Gbit/s`
-      : `${(((outcome?.bytes ?? 0) / sent.bytes) * 100).toFixed(1)}% (${outcome?.reason ?? 'no close'})`;
+      : `${(((outcome?.bytes ?? 0) / sent.bytes) * 100).toFixed(1)}% (${outcome?.reason ?? 'no close'}; ` +
+        `kernel dropped ${dropped?.bytesDroppedKernel ?? '?'} bytes, agent ${dropped?.bytesDroppedAgent ?? '?'})`;
 
     const tcpdump = await startTcpdump(hosts, STREAM_PORT);
     await sendPacedStream(hosts, rate);
