@@ -1,0 +1,947 @@
+// mirrord_layer.so: LD_PRELOADed into the local app (and inherited by its children).
+//
+// Hooks bind/listen/accept/accept4/getsockname/getpeername/close/dup/dup2/dup3 for TCP
+// sockets (AF_INET, AF_INET6) so that:
+//  1. the session learns which ports the app listens on: one JSON line per event on a unix
+//     stream socket named by MIRRORD_LAYER_SOCKET (one connection per process);
+//  2. a bind to a taken (EADDRINUSE) or privileged (EACCES) port still works: it binds the same
+//     address with port 0 and getsockname reports the requested port;
+//  3. accept/getpeername report the original remote client that the session announces with
+//     {"peer":{...}} lines on the same unix connection, keyed by the source port of the session's
+//     local replay connection.
+// Without MIRRORD_LAYER_SOCKET, or when the session cannot be reached, the app runs as if the
+// layer were not there. Nothing is printed unless MIRRORD_LAYER_DEBUG=1.
+
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+// Fixed tables: fds at or above FD_MAX are not tracked (they behave as if unhooked).
+#define FD_MAX 65536
+#define OBJ_MAX 1024
+#define PEER_MAX 256
+#define PEER_WAIT_MS 50
+#define PEER_TTL_MS 30000
+#define LINE_MAX_LEN 512
+
+// ---- real functions, resolved lazily (a hook may run before any constructor) ----
+
+typedef int (*socket_fn)(int, int, int);
+typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
+typedef int (*listen_fn)(int, int);
+typedef int (*accept_fn)(int, struct sockaddr *, socklen_t *);
+typedef int (*accept4_fn)(int, struct sockaddr *, socklen_t *, int);
+typedef int (*name_fn)(int, struct sockaddr *, socklen_t *);
+typedef int (*close_fn)(int);
+typedef int (*dup_fn)(int);
+typedef int (*dup2_fn)(int, int);
+typedef int (*dup3_fn)(int, int, int);
+typedef long (*syscall_fn)(long, ...);
+typedef int (*fcntl_fn)(int, int, ...);
+
+static void *resolve(void **slot, const char *name) {
+    void *p = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+    if (!p) {
+        p = dlsym(RTLD_NEXT, name);
+        __atomic_store_n(slot, p, __ATOMIC_RELEASE);
+    }
+    return p;
+}
+
+#define REAL(type, name)                                                                           \
+    static void *real_##name##_slot;                                                               \
+    static type real_##name(void) {                                                                \
+        type f = (type)resolve(&real_##name##_slot, #name);                                        \
+        return f;                                                                                  \
+    }
+
+REAL(socket_fn, socket)
+REAL(bind_fn, bind)
+REAL(listen_fn, listen)
+REAL(accept_fn, accept)
+REAL(accept4_fn, accept4)
+REAL(name_fn, getsockname)
+REAL(name_fn, getpeername)
+REAL(close_fn, close)
+REAL(dup_fn, dup)
+REAL(dup2_fn, dup2)
+REAL(dup3_fn, dup3)
+REAL(syscall_fn, syscall)
+REAL(fcntl_fn, fcntl)
+REAL(fcntl_fn, fcntl64)
+
+// If dlsym cannot find the next definition (should not happen), fail like a bad fd would.
+#define CALL_REAL(name, ...) (real_##name() ? real_##name()(__VA_ARGS__) : (errno = ENOSYS, -1))
+
+// ---- configuration and state ----
+
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+static const char *layer_path; // MIRRORD_LAYER_SOCKET, NULL when unset or empty
+static int debug_on;
+
+// mu guards the fd/object/peer tables; send_mu guards conn_fd and writes to it.
+// Lock order: send_mu before mu (code never takes send_mu while holding mu).
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t send_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t peer_cv; // initialised in do_init (CLOCK_MONOTONIC)
+static int conn_fd = -1;
+static int conn_up; // read without lock by accept (atomic)
+
+// A socket object: what the layer knows about one open file description. Several fds (dup) may
+// refer to it; refs counts them.
+struct obj {
+    int used;
+    int refs;
+    uint16_t req_port;   // port the app asked for; non-zero when getsockname must lie
+    uint16_t local_port; // port actually bound (listening sockets)
+    uint8_t family;      // 4 or 6
+    uint8_t listening;   // listen() seen
+    uint8_t reported;    // this process sent the "listen" event (close must be reported)
+    uint8_t has_peer;    // getpeername must report peer
+    socklen_t peer_len;
+    struct sockaddr_storage peer;
+};
+
+static int16_t fd_map[FD_MAX]; // object index + 1, 0 = untracked
+static struct obj objs[OBJ_MAX];
+
+struct peer_entry {
+    int used;
+    uint16_t local_port;
+    uint64_t at_ms;
+    struct sockaddr_storage addr; // AF_INET or AF_INET6 with the original client's address/port
+};
+static struct peer_entry peers[PEER_MAX];
+static unsigned peer_next;
+
+static void dbg(const char *fmt, ...) {
+    if (!debug_on)
+        return;
+    char buf[LINE_MAX_LEN];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    fprintf(stderr, "mirrord-layer[%d]: %s\n", (int)getpid(), buf);
+}
+
+static uint64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void atfork_prepare(void) {
+    pthread_mutex_lock(&send_mu);
+    pthread_mutex_lock(&mu);
+}
+
+static void atfork_parent(void) {
+    pthread_mutex_unlock(&mu);
+    pthread_mutex_unlock(&send_mu);
+}
+
+// The child gets a copy of the tables but not the reader thread, and must not share the
+// parent's unix connection: it opens its own on its first event. Inherited listening sockets
+// were announced by the parent, so the child does not report their close.
+static void atfork_child(void) {
+    pthread_mutex_init(&mu, NULL);
+    pthread_mutex_init(&send_mu, NULL);
+    if (conn_fd >= 0)
+        CALL_REAL(close, conn_fd);
+    conn_fd = -1;
+    __atomic_store_n(&conn_up, 0, __ATOMIC_RELEASE);
+    for (int i = 0; i < OBJ_MAX; i++)
+        objs[i].reported = 0;
+    memset(peers, 0, sizeof peers);
+}
+
+static void do_init(void) {
+    const char *p = getenv("MIRRORD_LAYER_SOCKET");
+    layer_path = (p && *p) ? p : NULL;
+    const char *d = getenv("MIRRORD_LAYER_DEBUG");
+    debug_on = d && strcmp(d, "1") == 0;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&peer_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+static void init(void) { pthread_once(&init_once, do_init); }
+
+__attribute__((constructor)) static void layer_ctor(void) { init(); }
+
+// ---- socket helpers ----
+
+// family (AF_INET/AF_INET6) when fd is a TCP socket of those families, else 0.
+static int tcp_family(int fd) {
+    int v;
+    socklen_t l = sizeof v;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &l) != 0 || (v != AF_INET && v != AF_INET6))
+        return 0;
+    int fam = v;
+    l = sizeof v;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &l) != 0 || v != SOCK_STREAM)
+        return 0;
+    l = sizeof v;
+    if (getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &v, &l) != 0 || v != IPPROTO_TCP)
+        return 0;
+    return fam;
+}
+
+static uint16_t sa_port(const struct sockaddr_storage *ss) {
+    if (ss->ss_family == AF_INET)
+        return ntohs(((const struct sockaddr_in *)ss)->sin_port);
+    if (ss->ss_family == AF_INET6)
+        return ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+    return 0;
+}
+
+static void sa_set_port(struct sockaddr_storage *ss, uint16_t port) {
+    if (ss->ss_family == AF_INET)
+        ((struct sockaddr_in *)ss)->sin_port = htons(port);
+    else if (ss->ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)ss)->sin6_port = htons(port);
+}
+
+static void sa_addr_str(const struct sockaddr_storage *ss, char *out, size_t n) {
+    out[0] = 0;
+    if (ss->ss_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)ss)->sin_addr, out, n);
+    else if (ss->ss_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, out, n);
+}
+
+// 127.0.0.0/8, ::ffff:127.0.0.0/104 or ::1
+static int sa_is_loopback(const struct sockaddr_storage *ss) {
+    if (ss->ss_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24) == 127;
+    if (ss->ss_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+        if (IN6_IS_ADDR_LOOPBACK(a))
+            return 1;
+        return IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127;
+    }
+    return 0;
+}
+
+// ---- object table (call with mu held) ----
+
+static int obj_of(int fd) {
+    if (fd < 0 || fd >= FD_MAX)
+        return -1;
+    return fd_map[fd] - 1;
+}
+
+static int obj_new(void) {
+    for (int i = 0; i < OBJ_MAX; i++) {
+        if (!objs[i].used) {
+            memset(&objs[i], 0, sizeof objs[i]);
+            objs[i].used = 1;
+            return i;
+        }
+    }
+    dbg("object table full");
+    return -1;
+}
+
+// Attaches fd to object i (which gains a reference). Returns 0, or -1 if fd cannot be tracked.
+static int fd_attach(int fd, int i) {
+    if (fd < 0 || fd >= FD_MAX || i < 0)
+        return -1;
+    __atomic_store_n(&fd_map[fd], (int16_t)(i + 1), __ATOMIC_RELAXED);
+    objs[i].refs++;
+    return 0;
+}
+
+// Detaches fd from its object. When that was the last reference, frees the object and returns
+// the port to report closed (0: nothing to report).
+static uint16_t fd_detach(int fd) {
+    int i = obj_of(fd);
+    if (i < 0)
+        return 0;
+    __atomic_store_n(&fd_map[fd], 0, __ATOMIC_RELAXED);
+    struct obj *o = &objs[i];
+    if (--o->refs > 0)
+        return 0;
+    uint16_t port = (o->listening && o->reported) ? (o->req_port ? o->req_port : o->local_port) : 0;
+    o->used = 0;
+    return port;
+}
+
+// Object for fd, created (with fd attached) when missing.
+static int obj_get_or_new(int fd) {
+    int i = obj_of(fd);
+    if (i >= 0)
+        return i;
+    if (fd < 0 || fd >= FD_MAX)
+        return -1;
+    i = obj_new();
+    if (i >= 0)
+        fd_attach(fd, i);
+    return i;
+}
+
+// ---- the unix connection to the session ----
+
+static void handle_line(char *line);
+static void after_dup(int oldfd, int newfd);
+
+static void *reader_main(void *arg) {
+    int fd = (int)(intptr_t)arg;
+    char buf[4096];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = recv(fd, buf + len, sizeof buf - 1 - len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        buf[len] = 0;
+        char *start = buf;
+        char *nl;
+        while ((nl = memchr(start, '\n', len - (size_t)(start - buf))) != NULL) {
+            *nl = 0;
+            handle_line(start);
+            start = nl + 1;
+        }
+        len -= (size_t)(start - buf);
+        memmove(buf, start, len);
+        if (len >= sizeof buf - 1) // a line longer than the buffer: drop it
+            len = 0;
+    }
+    dbg("session connection closed");
+    pthread_mutex_lock(&send_mu);
+    if (conn_fd == fd) {
+        CALL_REAL(close, fd);
+        conn_fd = -1;
+        __atomic_store_n(&conn_up, 0, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&send_mu);
+    return NULL;
+}
+
+// Call with send_mu held. Connects when not connected; returns conn_fd or -1.
+static int ensure_connected(void) {
+    if (conn_fd >= 0 || !layer_path)
+        return conn_fd;
+    struct sockaddr_un sun;
+    memset(&sun, 0, sizeof sun);
+    sun.sun_family = AF_UNIX;
+    if (strlen(layer_path) >= sizeof sun.sun_path) {
+        dbg("MIRRORD_LAYER_SOCKET path too long");
+        return -1;
+    }
+    strcpy(sun.sun_path, layer_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        return -1;
+    // Non-blocking connect: a full backlog fails at once instead of stalling the app.
+    if (connect(fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
+        dbg("cannot reach session at %s: %s", layer_path, strerror(errno));
+        CALL_REAL(close, fd);
+        return -1;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    struct timeval tv = {.tv_sec = 1, .tv_usec = 0};
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+
+    // The reader thread must not run the app's signal handlers.
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    int rc = pthread_create(&t, &attr, reader_main, (void *)(intptr_t)fd);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        dbg("cannot start reader thread");
+        CALL_REAL(close, fd);
+        return -1;
+    }
+    conn_fd = fd;
+    __atomic_store_n(&conn_up, 1, __ATOMIC_RELEASE);
+    dbg("connected to session at %s", layer_path);
+    return fd;
+}
+
+static void send_line(const char *line, size_t len) {
+    pthread_mutex_lock(&send_mu);
+    int fd = ensure_connected();
+    if (fd >= 0) {
+        size_t off = 0;
+        while (off < len) {
+            ssize_t n = send(fd, line + off, len - off, MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                dbg("send to session failed: %s", strerror(errno));
+                shutdown(fd, SHUT_RDWR); // the reader thread sees it and closes the fd
+                break;
+            }
+            off += (size_t)n;
+        }
+    }
+    pthread_mutex_unlock(&send_mu);
+}
+
+static void report_listen(uint16_t port, uint16_t local_port, int family, const char *address) {
+    char line[LINE_MAX_LEN];
+    int n = snprintf(line, sizeof line,
+                     "{\"event\":\"listen\",\"pid\":%d,\"port\":%u,\"local_port\":%u,\"family\":%d,"
+                     "\"address\":\"%s\"}\n",
+                     (int)getpid(), port, local_port, family, address);
+    if (n > 0 && (size_t)n < sizeof line)
+        send_line(line, (size_t)n);
+}
+
+static void report_close(uint16_t port) {
+    char line[LINE_MAX_LEN];
+    int n = snprintf(line, sizeof line, "{\"event\":\"close\",\"pid\":%d,\"port\":%u}\n",
+                     (int)getpid(), port);
+    if (n > 0 && (size_t)n < sizeof line)
+        send_line(line, (size_t)n);
+}
+
+// ---- peer lines: {"peer":{"local_port":54321,"address":"10.1.2.3","port":40000,"family":4}} ----
+
+// Finds "key" in s and returns the text after its ':' (whitespace skipped), or NULL.
+static const char *json_value(const char *s, const char *key) {
+    char pat[32];
+    snprintf(pat, sizeof pat, "\"%s\"", key);
+    const char *p = strstr(s, pat);
+    if (!p)
+        return NULL;
+    p += strlen(pat);
+    while (*p == ' ' || *p == '\t')
+        p++;
+    if (*p != ':')
+        return NULL;
+    p++;
+    while (*p == ' ' || *p == '\t')
+        p++;
+    return p;
+}
+
+static long json_int(const char *s, const char *key) {
+    const char *p = json_value(s, key);
+    if (!p || *p < '0' || *p > '9')
+        return -1;
+    char *end;
+    long v = strtol(p, &end, 10);
+    return v;
+}
+
+static int json_str(const char *s, const char *key, char *out, size_t n) {
+    const char *p = json_value(s, key);
+    if (!p || *p != '"')
+        return -1;
+    p++;
+    const char *q = strchr(p, '"');
+    if (!q || (size_t)(q - p) >= n)
+        return -1;
+    memcpy(out, p, (size_t)(q - p));
+    out[q - p] = 0;
+    return 0;
+}
+
+static void handle_line(char *line) {
+    const char *peer = json_value(line, "peer");
+    if (!peer || *peer != '{')
+        return; // other lines are ignored (room for later messages)
+    long local_port = json_int(peer, "local_port");
+    long port = json_int(peer, "port");
+    char addr[INET6_ADDRSTRLEN + 1];
+    if (local_port <= 0 || local_port > 65535 || port < 0 || port > 65535 ||
+        json_str(peer, "address", addr, sizeof addr) != 0) {
+        dbg("bad peer line: %s", line);
+        return;
+    }
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET, addr, &s4->sin_addr) == 1) {
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)port);
+    } else if (inet_pton(AF_INET6, addr, &s6->sin6_addr) == 1) {
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)port);
+    } else {
+        dbg("bad peer address: %s", addr);
+        return;
+    }
+    pthread_mutex_lock(&mu);
+    // Replace an entry for the same local port, else the oldest slot (ring).
+    int slot = -1;
+    for (int i = 0; i < PEER_MAX; i++) {
+        if (peers[i].used && peers[i].local_port == (uint16_t)local_port) {
+            slot = i;
+            break;
+        }
+    }
+    if (slot < 0) {
+        slot = (int)(peer_next % PEER_MAX);
+        peer_next++;
+    }
+    peers[slot].used = 1;
+    peers[slot].local_port = (uint16_t)local_port;
+    peers[slot].at_ms = now_ms();
+    peers[slot].addr = ss;
+    pthread_cond_broadcast(&peer_cv);
+    pthread_mutex_unlock(&mu);
+    dbg("peer for local port %ld: %s:%ld", local_port, addr, port);
+}
+
+// Call with mu held. Takes (removes) the mapping for local_port into out.
+static int peer_take(uint16_t local_port, struct sockaddr_storage *out) {
+    uint64_t now = now_ms();
+    for (int i = 0; i < PEER_MAX; i++) {
+        if (!peers[i].used || peers[i].local_port != local_port)
+            continue;
+        peers[i].used = 0;
+        if (now - peers[i].at_ms > PEER_TTL_MS)
+            return 0;
+        *out = peers[i].addr;
+        return 1;
+    }
+    return 0;
+}
+
+// Converts the original client address to the accepted socket's family (IPv4 into AF_INET6 as
+// ::ffff:a.b.c.d). Returns the length, or 0 when it cannot be represented.
+static socklen_t peer_for_family(const struct sockaddr_storage *orig, int family,
+                                 struct sockaddr_storage *out) {
+    memset(out, 0, sizeof *out);
+    if (orig->ss_family == family) {
+        *out = *orig;
+        return family == AF_INET ? sizeof(struct sockaddr_in) : sizeof(struct sockaddr_in6);
+    }
+    if (orig->ss_family == AF_INET && family == AF_INET6) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)orig;
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)out;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = s4->sin_port;
+        s6->sin6_addr.s6_addr[10] = 0xff;
+        s6->sin6_addr.s6_addr[11] = 0xff;
+        memcpy(&s6->sin6_addr.s6_addr[12], &s4->sin_addr, 4);
+        return sizeof(struct sockaddr_in6);
+    }
+    if (orig->ss_family == AF_INET6 && family == AF_INET) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)orig;
+        if (!IN6_IS_ADDR_V4MAPPED(&s6->sin6_addr))
+            return 0;
+        struct sockaddr_in *s4 = (struct sockaddr_in *)out;
+        s4->sin_family = AF_INET;
+        s4->sin_port = s6->sin6_port;
+        memcpy(&s4->sin_addr, &s6->sin6_addr.s6_addr[12], 4);
+        return sizeof(struct sockaddr_in);
+    }
+    return 0;
+}
+
+// Copies a sockaddr into the caller's buffer the way the kernel does: truncated to *addrlen,
+// and *addrlen set to the full length.
+static void copy_out(struct sockaddr *addr, socklen_t *addrlen, const struct sockaddr_storage *ss,
+                     socklen_t len) {
+    if (!addr || !addrlen)
+        return;
+    socklen_t n = *addrlen < len ? *addrlen : len;
+    memcpy(addr, ss, n);
+    *addrlen = len;
+}
+
+// ---- hooks ----
+
+// The kernel just handed out fd: whatever the tables say about that number is stale (its last
+// close went around the hooks, e.g. close_range). Forget it; a listener it was is gone.
+static void forget_stale(int fd) {
+    if (fd < 0 || fd >= FD_MAX || !__atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED))
+        return;
+    pthread_mutex_lock(&mu);
+    uint16_t port = fd_detach(fd);
+    pthread_mutex_unlock(&mu);
+    if (port)
+        report_close(port);
+}
+
+EXPORT int socket(int domain, int type, int protocol) {
+    init();
+    int fd = CALL_REAL(socket, domain, type, protocol);
+    if (fd >= 0) {
+        int saved = errno;
+        forget_stale(fd);
+        errno = saved;
+    }
+    return fd;
+}
+
+// Decision: the bind fallback only happens under mirrord: MIRRORD_LAYER_SOCKET set *and* the
+// session reachable. Without a session the layer must be invisible, so a taken or privileged port
+// fails exactly as it would unhooked.
+EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len) {
+    init();
+    int rc = CALL_REAL(bind, fd, addr, len);
+    if (rc == 0 || !layer_path || !addr || len < sizeof(sa_family_t))
+        return rc;
+    int err = errno;
+    if ((err != EADDRINUSE && err != EACCES) ||
+        (addr->sa_family != AF_INET && addr->sa_family != AF_INET6) || fd < 0 || fd >= FD_MAX ||
+        !tcp_family(fd)) {
+        errno = err;
+        return rc;
+    }
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    memcpy(&ss, addr, len < sizeof ss ? len : sizeof ss);
+    uint16_t want = sa_port(&ss);
+    // Only when the session is reachable: if it is gone, the app must see the real failure.
+    pthread_mutex_lock(&send_mu);
+    int up = ensure_connected() >= 0;
+    pthread_mutex_unlock(&send_mu);
+    if (want == 0 || !up) {
+        errno = err;
+        return rc;
+    }
+    sa_set_port(&ss, 0);
+    if (CALL_REAL(bind, fd, (struct sockaddr *)&ss, len) != 0) {
+        errno = err; // report the original failure
+        return rc;
+    }
+    pthread_mutex_lock(&mu);
+    int i = obj_get_or_new(fd);
+    if (i >= 0)
+        objs[i].req_port = want;
+    pthread_mutex_unlock(&mu);
+    dbg("bind to port %u failed (%s): bound an ephemeral port instead", want, strerror(err));
+    return 0;
+}
+
+EXPORT int listen(int fd, int backlog) {
+    init();
+    int rc = CALL_REAL(listen, fd, backlog);
+    if (rc != 0 || !layer_path)
+        return rc;
+    int saved = errno;
+    int fam = tcp_family(fd);
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (fam && fd < FD_MAX && CALL_REAL(getsockname, fd, (struct sockaddr *)&ss, &sl) == 0) {
+        uint16_t local_port = sa_port(&ss);
+        uint16_t port = local_port;
+        int report = 0;
+        pthread_mutex_lock(&mu);
+        int i = obj_get_or_new(fd);
+        if (i >= 0 && !objs[i].listening) {
+            objs[i].listening = 1;
+            objs[i].local_port = local_port;
+            objs[i].family = fam == AF_INET ? 4 : 6;
+            if (objs[i].req_port)
+                port = objs[i].req_port;
+            objs[i].reported = 1;
+            report = 1;
+        }
+        pthread_mutex_unlock(&mu);
+        if (report) {
+            char a[INET6_ADDRSTRLEN];
+            sa_addr_str(&ss, a, sizeof a);
+            dbg("listen on port %u (local port %u)", port, local_port);
+            report_listen(port, local_port, fam == AF_INET ? 4 : 6, a);
+        }
+    }
+    errno = saved;
+    return rc;
+}
+
+static int after_accept(int lfd, int fd, struct sockaddr *addr, socklen_t *addrlen) {
+    if (fd < 0 || fd >= FD_MAX)
+        return fd;
+    int saved = errno;
+    forget_stale(fd);
+    if (!layer_path) {
+        errno = saved;
+        return fd;
+    }
+    // Listener state: a fallback-bound listener makes its connections lie about the local port.
+    pthread_mutex_lock(&mu);
+    int li = obj_of(lfd);
+    uint16_t req_port = li >= 0 ? objs[li].req_port : 0;
+    pthread_mutex_unlock(&mu);
+
+    struct sockaddr_storage orig;
+    int have = 0;
+    if (__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE)) {
+        struct sockaddr_storage real;
+        socklen_t rl = sizeof real;
+        if (CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl) == 0 &&
+            sa_is_loopback(&real) && tcp_family(fd)) {
+            // The session sends the mapping right after connecting: wait briefly for it.
+            uint16_t sport = sa_port(&real);
+            struct timespec dl;
+            clock_gettime(CLOCK_MONOTONIC, &dl);
+            dl.tv_nsec += PEER_WAIT_MS * 1000000L;
+            if (dl.tv_nsec >= 1000000000L) {
+                dl.tv_sec++;
+                dl.tv_nsec -= 1000000000L;
+            }
+            pthread_mutex_lock(&mu);
+            while (!(have = peer_take(sport, &orig))) {
+                if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
+                    break;
+                if (pthread_cond_timedwait(&peer_cv, &mu, &dl) == ETIMEDOUT) {
+                    have = peer_take(sport, &orig);
+                    break;
+                }
+            }
+            pthread_mutex_unlock(&mu);
+        }
+    }
+
+    if (have || req_port) {
+        struct sockaddr_storage fake;
+        socklen_t flen = 0;
+        if (have) {
+            flen = peer_for_family(&orig, addr && addr->sa_family ? addr->sa_family : AF_UNSPEC,
+                                   &fake);
+            if (!flen) {
+                // addr may be NULL: use the socket's own family
+                int fam = tcp_family(fd);
+                flen = peer_for_family(&orig, fam, &fake);
+            }
+        }
+        pthread_mutex_lock(&mu);
+        int i = obj_get_or_new(fd);
+        if (i >= 0) {
+            objs[i].req_port = req_port;
+            if (flen) {
+                objs[i].has_peer = 1;
+                objs[i].peer = fake;
+                objs[i].peer_len = flen;
+            }
+        }
+        pthread_mutex_unlock(&mu);
+        if (flen) {
+            copy_out(addr, addrlen, &fake, flen);
+            char a[INET6_ADDRSTRLEN];
+            sa_addr_str(&fake, a, sizeof a);
+            dbg("accepted fd %d: peer reported as %s:%u", fd, a, sa_port(&fake));
+        }
+    }
+    errno = saved;
+    return fd;
+}
+
+EXPORT int accept(int lfd, struct sockaddr *addr, socklen_t *addrlen) {
+    init();
+    int fd = CALL_REAL(accept, lfd, addr, addrlen);
+    return after_accept(lfd, fd, addr, addrlen);
+}
+
+EXPORT int accept4(int lfd, struct sockaddr *addr, socklen_t *addrlen, int flags) {
+    init();
+    int fd = CALL_REAL(accept4, lfd, addr, addrlen, flags);
+    return after_accept(lfd, fd, addr, addrlen);
+}
+
+EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *addrlen) {
+    init();
+    socklen_t cap = addrlen ? *addrlen : 0;
+    int rc = CALL_REAL(getsockname, fd, addr, addrlen);
+    if (rc != 0 || fd < 0 || fd >= FD_MAX || !__atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED))
+        return rc;
+    pthread_mutex_lock(&mu);
+    int i = obj_of(fd);
+    uint16_t req = i >= 0 ? objs[i].req_port : 0;
+    pthread_mutex_unlock(&mu);
+    // The port sits at the same offset (2..3) in sockaddr_in and sockaddr_in6.
+    if (req && cap >= 4 && (addr->sa_family == AF_INET || addr->sa_family == AF_INET6)) {
+        uint16_t p = htons(req);
+        memcpy((char *)addr + 2, &p, 2);
+    }
+    return rc;
+}
+
+EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
+    init();
+    if (fd >= 0 && fd < FD_MAX && __atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED) && addr &&
+        addrlen) {
+        struct sockaddr_storage peer;
+        socklen_t plen = 0;
+        pthread_mutex_lock(&mu);
+        int i = obj_of(fd);
+        if (i >= 0 && objs[i].has_peer) {
+            peer = objs[i].peer;
+            plen = objs[i].peer_len;
+        }
+        pthread_mutex_unlock(&mu);
+        if (plen) {
+            // Still ask the kernel, so a disconnected socket fails as it should (ENOTCONN).
+            struct sockaddr_storage real;
+            socklen_t rl = sizeof real;
+            int rc = CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl);
+            if (rc != 0)
+                return rc;
+            copy_out(addr, addrlen, &peer, plen);
+            return 0;
+        }
+    }
+    return CALL_REAL(getpeername, fd, addr, addrlen);
+}
+
+static void before_close(int fd) {
+    if (fd >= 0 && fd < FD_MAX && __atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED)) {
+        pthread_mutex_lock(&mu);
+        uint16_t port = fd_detach(fd);
+        pthread_mutex_unlock(&mu);
+        if (port) {
+            dbg("listening socket for port %u closed", port);
+            report_close(port);
+        }
+    }
+}
+
+EXPORT int close(int fd) {
+    init();
+    before_close(fd);
+    return CALL_REAL(close, fd);
+}
+
+// fcntl(F_DUPFD / F_DUPFD_CLOEXEC) is a dup too (python's os.dup uses it). The third argument
+// is read as a pointer-sized value, as glibc itself does, and forwarded unchanged.
+static int fcntl_common(fcntl_fn f, int fd, int cmd, void *arg) {
+    if (!f) {
+        errno = ENOSYS;
+        return -1;
+    }
+    int rc = f(fd, cmd, arg);
+    if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) {
+        int saved = errno;
+        after_dup(fd, rc);
+        errno = saved;
+    }
+    return rc;
+}
+
+EXPORT int fcntl(int fd, int cmd, ...) {
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    init();
+    return fcntl_common(real_fcntl(), fd, cmd, arg);
+}
+
+EXPORT int fcntl64(int fd, int cmd, ...) {
+    va_list ap;
+    va_start(ap, cmd);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    init();
+    fcntl_fn f = real_fcntl64();
+    return fcntl_common(f ? f : real_fcntl(), fd, cmd, arg);
+}
+
+#if defined(__x86_64__) || defined(__aarch64__)
+// libuv (hence node) closes fds with syscall(SYS_close, fd), bypassing close(). Forward every
+// syscall() unchanged; only SYS_close is looked at. On these ABIs reading six variadic longs is
+// safe whatever the caller passed (they come from registers / the caller's frame).
+EXPORT long syscall(long number, ...) {
+    va_list ap;
+    va_start(ap, number);
+    long a1 = va_arg(ap, long), a2 = va_arg(ap, long), a3 = va_arg(ap, long);
+    long a4 = va_arg(ap, long), a5 = va_arg(ap, long), a6 = va_arg(ap, long);
+    va_end(ap);
+    if (number == SYS_close) {
+        init();
+        before_close((int)a1);
+    }
+    syscall_fn f = real_syscall();
+    if (!f) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return f(number, a1, a2, a3, a4, a5, a6);
+}
+#endif
+
+// After newfd became a copy of oldfd: newfd's previous object loses a reference (the kernel
+// closed it) and newfd joins oldfd's object.
+static void after_dup(int oldfd, int newfd) {
+    if (newfd < 0 || newfd == oldfd)
+        return;
+    int track_new = newfd < FD_MAX && __atomic_load_n(&fd_map[newfd], __ATOMIC_RELAXED);
+    int track_old =
+        oldfd >= 0 && oldfd < FD_MAX && __atomic_load_n(&fd_map[oldfd], __ATOMIC_RELAXED);
+    if (!track_new && !track_old)
+        return;
+    uint16_t port = 0;
+    pthread_mutex_lock(&mu);
+    if (newfd < FD_MAX)
+        port = fd_detach(newfd);
+    int i = obj_of(oldfd);
+    if (i >= 0)
+        fd_attach(newfd, i);
+    pthread_mutex_unlock(&mu);
+    if (port)
+        report_close(port);
+}
+
+EXPORT int dup(int oldfd) {
+    init();
+    int fd = CALL_REAL(dup, oldfd);
+    if (fd >= 0) {
+        int saved = errno;
+        after_dup(oldfd, fd);
+        errno = saved;
+    }
+    return fd;
+}
+
+EXPORT int dup2(int oldfd, int newfd) {
+    init();
+    int fd = CALL_REAL(dup2, oldfd, newfd);
+    if (fd >= 0) {
+        int saved = errno;
+        after_dup(oldfd, fd);
+        errno = saved;
+    }
+    return fd;
+}
+
+EXPORT int dup3(int oldfd, int newfd, int flags) {
+    init();
+    int fd = CALL_REAL(dup3, oldfd, newfd, flags);
+    if (fd >= 0) {
+        int saved = errno;
+        after_dup(oldfd, fd);
+        errno = saved;
+    }
+    return fd;
+}
