@@ -1,0 +1,434 @@
+/**
+ * The replay end to end: real clients in a sandbox netns talk to a real service in the target
+ * netns, a real agent mirrors those connections, and the replay writes them into a real local
+ * app listening on 127.0.0.1 in this (root) netns.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import http from 'node:http';
+import net from 'node:net';
+import { createInterface } from 'node:readline';
+import { waitForTcp } from '../src/platform/local/netns.js';
+import type { Endpoint } from '../src/protocol/messages.js';
+import { Replay, type ReplayEndInfo, type ReplayOptions } from '../src/session/replay.js';
+import { MirrorSession } from './support/mirror-session.js';
+import { createSandbox, type Sandbox } from './support/sandbox.js';
+
+const PORT = 7000;
+const APP_PORT = 34_517;
+const LOCAL = '127.0.0.1';
+
+/** The target's service: reads each connection to its end, then answers with the byte count. */
+const SINK_SERVER = `
+require('net').createServer((s) => {
+  let n = 0;
+  s.on('data', (d) => { n += d.length; });
+  s.on('end', () => s.end(String(n)));
+  s.on('error', () => {});
+}).listen(${PORT});`;
+
+/** Connections one after the other, each sending three pipelined HTTP requests of its own. */
+const HTTP_CLIENT = `
+import json, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out = []
+for i in range(count):
+    s = socket.create_connection((host, port))
+    sent = b""
+    for j in range(3):
+        body = f"body of request {j} on connection {i}: ".encode() + bytes([65 + i + j]) * (100 * i + j)
+        request = f"POST /c{i}/r{j} HTTP/1.1\\r\\nHost: staging\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n".encode() + body
+        s.sendall(request)
+        sent += request
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(65536): pass
+    out.append({"port": s.getsockname()[1], "sent": sent.hex()})
+    s.close()
+print(json.dumps(out))
+`;
+
+/** One connection closed with a FIN, one reset (SO_LINGER 0), each after sending its bytes. */
+const FIN_RST_CLIENT = `
+import socket, struct, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+a = socket.create_connection((host, port))
+a.sendall(b"closed with fin")
+a.shutdown(socket.SHUT_WR)
+while a.recv(65536): pass
+a.close()
+b = socket.create_connection((host, port))
+b.sendall(b"closed with rst")
+time.sleep(0.3)
+b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+b.close()
+`;
+
+/**
+ * A large upload to a slow app and a smaller one, at the same time; prints the small one. Paced
+ * (SO_MAX_PACING_RATE, 50 MB/s) so that the agent keeps up and only the replay drops anything.
+ */
+const SLOW_AND_FAST_CLIENT = `
+import asyncio, hashlib, json, os, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+async def send(data):
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, 47, 50_000_000)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()
+    await reader.read()
+    writer.close()
+async def main():
+    fast = b"FAST" + os.urandom(2 << 20)
+    await asyncio.gather(send(b"SLOW" + os.urandom(16 << 20)), send(fast))
+    print(json.dumps({"sha256": hashlib.sha256(fast).hexdigest(), "bytes": len(fast)}))
+asyncio.run(main())
+`;
+
+/** Sends one message and closes. */
+const ONE_SHOT_CLIENT = `
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(sys.argv[3].encode())
+s.shutdown(socket.SHUT_WR)
+while s.recv(65536): pass
+s.close()
+`;
+
+/** A connection that sends each line of its stdin, and closes when stdin ends. */
+const STDIN_CLIENT = `
+const s = require('net').connect(${PORT}, process.argv[1]);
+s.on('error', () => {});
+process.stdin.on('data', (d) => s.write(d));
+process.stdin.on('end', () => s.end());`;
+
+/** The local app as its own process, so that it can be killed: one JSON line per event. */
+const APP_PROCESS = `
+require('net').createServer((s) => {
+  s.on('data', (d) => console.log(JSON.stringify({ port: s.remotePort, data: d.toString() })));
+  s.on('error', () => {});
+}).listen(${APP_PORT}, '${LOCAL}', () => console.log(JSON.stringify({ listening: true })));`;
+
+interface AppConnection {
+  remotePort: number;
+  chunks: Buffer[];
+  ended: boolean;
+  errorCode: string | undefined;
+}
+
+interface LocalApp {
+  connections: AppConnection[];
+  close(): Promise<void>;
+}
+
+/** Records what each connection to `server` receives and how it ends. */
+async function listen(
+  server: net.Server,
+  onData?: (socket: net.Socket, connection: AppConnection) => void,
+): Promise<LocalApp> {
+  const connections: AppConnection[] = [];
+  const sockets = new Set<net.Socket>();
+  server.on('connection', (socket: net.Socket) => {
+    const connection: AppConnection = {
+      remotePort: socket.remotePort as number,
+      chunks: [],
+      ended: false,
+      errorCode: undefined,
+    };
+    connections.push(connection);
+    sockets.add(socket);
+    socket.on('data', (chunk: Buffer) => {
+      connection.chunks.push(chunk);
+      onData?.(socket, connection);
+    });
+    socket.on('end', () => {
+      connection.ended = true;
+    });
+    socket.on('error', (error: NodeJS.ErrnoException) => {
+      connection.errorCode = error.code;
+    });
+    socket.on('close', () => sockets.delete(socket));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(APP_PORT, LOCAL, resolve);
+  });
+  return {
+    connections,
+    async close() {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
+function bytesOf(connection: AppConnection): Buffer {
+  return Buffer.concat(connection.chunks);
+}
+
+async function until(done: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+describe('replay into a local app', () => {
+  let sandbox: Sandbox;
+  let session: MirrorSession | undefined;
+  const cleanups: (() => Promise<void> | void)[] = [];
+
+  beforeEach(async () => {
+    sandbox = createSandbox('replay');
+    sandbox.spawn(sandbox.target, process.execPath, ['-e', SINK_SERVER]);
+    await waitForTcp(sandbox.client, sandbox.targetAddress, PORT);
+  });
+
+  afterEach(async () => {
+    for (const cleanup of cleanups.splice(0).reverse()) {
+      await Promise.resolve(cleanup()).catch(() => undefined);
+    }
+    await session?.stop().catch(() => undefined);
+    session = undefined;
+    sandbox.destroy();
+  });
+
+  async function startSession(): Promise<MirrorSession> {
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    return session;
+  }
+
+  function startReplay(current: MirrorSession, options: Partial<ReplayOptions> = {}): Replay {
+    const replay = new Replay(current.client, {
+      route: (port) => (port === PORT ? { host: LOCAL, port: APP_PORT } : undefined),
+      ...options,
+    });
+    cleanups.push(() => replay.close());
+    return replay;
+  }
+
+  function endsOf(replay: Replay): ReplayEndInfo[] {
+    const ends: ReplayEndInfo[] = [];
+    replay.on('connectionEnd', (end) => ends.push(end));
+    return ends;
+  }
+
+  test('an HTTP app gets every request byte-exact and in order, from the original peer', async () => {
+    const requests = new Map<number, string[]>();
+    const server = http.createServer((request, response) => {
+      const urls = requests.get(request.socket.remotePort as number) ?? [];
+      urls.push(request.url as string);
+      requests.set(request.socket.remotePort as number, urls);
+      request.resume();
+      request.on('end', () => response.end('local answer'));
+    });
+    const app = await listen(server);
+    cleanups.push(() => app.close());
+    const current = await startSession();
+    const peers = new Map<number, Endpoint>();
+    const replay = startReplay(current, {
+      onConnected: (localPort, original) => peers.set(localPort, original),
+    });
+    const sent = JSON.parse(
+      await sandbox.runAsync(sandbox.client, 'python3', [
+        '-c',
+        HTTP_CLIENT,
+        sandbox.targetAddress,
+        String(PORT),
+        '4',
+      ]),
+    ) as { port: number; sent: string }[];
+    await until(
+      () => replay.stats().completed === 4 && app.connections.filter((c) => c.ended).length === 4,
+      'four replayed connections to end',
+    );
+    expect(app.connections).toHaveLength(4);
+    for (const [i, expected] of sent.entries()) {
+      const localPort = [...peers].find(([, peer]) => peer.port === expected.port)?.[0];
+      expect(peers.get(localPort as number)).toEqual({
+        address: sandbox.clientAddress,
+        port: expected.port,
+      });
+      const connection = app.connections.find((c) => c.remotePort === localPort);
+      expect(bytesOf(connection as AppConnection).toString('hex')).toBe(expected.sent);
+      expect(connection?.ended).toBe(true);
+      expect(requests.get(localPort as number)).toEqual([`/c${i}/r0`, `/c${i}/r1`, `/c${i}/r2`]);
+    }
+    expect(replay.stats()).toMatchObject({
+      opened: 4,
+      replayed: 4,
+      completed: 4,
+      bytesDropped: 0,
+      bytesReplayed: sent.reduce((n, s) => n + s.sent.length / 2, 0),
+    });
+  });
+
+  test("the client's FIN is replayed as a FIN and its RST as an RST", async () => {
+    const app = await listen(net.createServer());
+    cleanups.push(() => app.close());
+    const current = await startSession();
+    const replay = startReplay(current);
+    const ends = endsOf(replay);
+    await sandbox.runAsync(sandbox.client, 'python3', [
+      '-c',
+      FIN_RST_CLIENT,
+      sandbox.targetAddress,
+      String(PORT),
+    ]);
+    await until(() => ends.length === 2, 'both connections to end');
+    await until(
+      () => app.connections.filter((c) => c.ended || c.errorCode).length === 2,
+      'the app to see both ends',
+    );
+    const [fin, rst] = app.connections;
+    expect(bytesOf(fin as AppConnection).toString()).toBe('closed with fin');
+    expect(fin).toMatchObject({ ended: true, errorCode: undefined });
+    expect(bytesOf(rst as AppConnection).toString()).toBe('closed with rst');
+    expect(rst).toMatchObject({ ended: false, errorCode: 'ECONNRESET' });
+    expect(ends.map((e) => e.reason)).toEqual(['fin', 'rst']);
+    expect(replay.stats()).toMatchObject({ completed: 2, bytesDropped: 0 });
+  });
+
+  test('connections joined mid-stream are skipped unless asked for', async () => {
+    const app = await listen(net.createServer());
+    cleanups.push(() => app.close());
+    const client = sandbox.spawn(
+      sandbox.client,
+      process.execPath,
+      ['-e', STDIN_CLIENT, sandbox.targetAddress],
+      { stdio: ['pipe', 'pipe', 'pipe'] },
+    );
+    client.stdin!.write('sent before mirroring\n');
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const current = await startSession();
+    const byDefault = startReplay(current);
+    const withMidStream = startReplay(current, { midStream: true });
+    const ends = endsOf(withMidStream);
+    client.stdin!.end('sent while mirrored\n');
+    await until(() => ends.length === 1, 'the mid-stream connection to end');
+    await until(() => app.connections[0]?.ended === true, 'the app to see the end');
+    expect(app.connections).toHaveLength(1);
+    expect(bytesOf(app.connections[0] as AppConnection).toString()).toBe('sent while mirrored\n');
+    expect(byDefault.stats()).toMatchObject({
+      opened: 1,
+      replayed: 0,
+      skippedMidStream: 1,
+      bytesSkipped: 'sent while mirrored\n'.length,
+    });
+    expect(withMidStream.stats()).toMatchObject({ opened: 1, replayed: 1, completed: 1 });
+    expect(ends[0]?.reason).toBe('fin');
+  });
+
+  test.each([
+    ['its own bound', { maxBufferedPerConnection: 1 << 20 }],
+    ['the bound of all connections', { maxBufferedTotal: 1 << 20 }],
+  ])(
+    'a connection the app reads too slowly is dropped at %s, the others go on',
+    async (_, bounds) => {
+      // The app stops reading the big upload after its first chunk.
+      const app = await listen(net.createServer(), (socket, connection) => {
+        if (connection.chunks[0]?.subarray(0, 4).toString() === 'SLOW') socket.pause();
+      });
+      cleanups.push(() => app.close());
+      const current = await startSession();
+      const replay = startReplay(current, bounds);
+      const ends = endsOf(replay);
+      const fast = JSON.parse(
+        await sandbox.runAsync(sandbox.client, 'python3', [
+          '-c',
+          SLOW_AND_FAST_CLIENT,
+          sandbox.targetAddress,
+          String(PORT),
+        ]),
+      ) as { sha256: string; bytes: number };
+      await until(() => ends.length === 2, 'both connections to end');
+      // The agent's closed messages come after all their data.
+      await current.until(() => current.closedConnections().length === 2, 'both to be closed');
+      const fastApp = app.connections.find((c) => bytesOf(c).subarray(0, 4).toString() === 'FAST');
+      await until(() => fastApp?.ended === true, 'the fast connection to end in the app');
+      const digest = createHash('sha256').update(bytesOf(fastApp as AppConnection));
+      expect(digest.digest('hex')).toBe(fast.sha256);
+      expect(ends.map((e) => e.reason).sort()).toEqual(['fin', 'slow']);
+      const stats = replay.stats();
+      expect(stats).toMatchObject({ completed: 1, droppedSlow: 1 });
+      expect(stats.bytesDropped).toBeGreaterThan(0);
+      const mirrored = [...current.connections.values()];
+      expect(mirrored.map((c) => c.closed?.reason)).toEqual(['fin', 'fin']);
+      expect(stats.bytesReplayed + stats.bytesDropped).toBe(fast.bytes + 4 + (16 << 20));
+      expect(replay.buffered).toBe(0);
+    },
+  );
+
+  test('an app killed mid-session costs only its connections, and a restarted one gets new ones', async () => {
+    const apps: ChildProcess[] = [];
+    cleanups.push(() => {
+      for (const app of apps) app.kill('SIGKILL');
+    });
+    const received: { port: number; data: string }[] = [];
+    const startApp = async (): Promise<ChildProcess> => {
+      const app = spawn(process.execPath, ['-e', APP_PROCESS], {
+        stdio: ['ignore', 'pipe', 'inherit'],
+      });
+      apps.push(app);
+      await new Promise<void>((resolve) => {
+        createInterface({ input: app.stdout! }).on('line', (line) => {
+          const event = JSON.parse(line) as { listening?: true; port: number; data: string };
+          if (event.listening) resolve();
+          else received.push(event);
+        });
+      });
+      return app;
+    };
+    const first = await startApp();
+    const current = await startSession();
+    const replay = startReplay(current);
+    const ends = endsOf(replay);
+    const longLived = sandbox.spawn(
+      sandbox.client,
+      process.execPath,
+      ['-e', STDIN_CLIENT, sandbox.targetAddress],
+      { stdio: ['pipe', 'pipe', 'pipe'] },
+    );
+    longLived.stdin!.write('before the crash\n');
+    await until(() => received.length === 1, 'the app to receive the first bytes');
+    first.kill('SIGKILL');
+    await new Promise((resolve) => first.once('exit', resolve));
+    longLived.stdin!.write('after the crash\n');
+    await until(() => ends.length === 1, 'the connection to the killed app to end');
+    expect(ends[0]).toMatchObject({ reason: 'appGone' });
+
+    await sandbox.runAsync(sandbox.client, 'python3', [
+      '-c',
+      ONE_SHOT_CLIENT,
+      sandbox.targetAddress,
+      String(PORT),
+      'while the app is down',
+    ]);
+    await until(() => ends.length === 2, 'the connection made while the app was down to end');
+    expect(ends[1]).toMatchObject({ reason: 'refused' });
+
+    await startApp();
+    await sandbox.runAsync(sandbox.client, 'python3', [
+      '-c',
+      ONE_SHOT_CLIENT,
+      sandbox.targetAddress,
+      String(PORT),
+      'after the restart',
+    ]);
+    await until(() => ends.length === 3, 'the connection to the restarted app to end');
+    expect(ends[2]).toMatchObject({ reason: 'fin' });
+    await until(() => received.length === 2, 'the restarted app to receive');
+    expect(received[1]?.data).toBe('after the restart');
+    longLived.stdin!.end();
+    await current.until(() => current.closedConnections().length === 3, 'all three to close');
+    expect(replay.stats()).toMatchObject({
+      replayed: 3,
+      completed: 1,
+      droppedAppGone: 1,
+      failedToConnect: 1,
+      bytesDropped: 'after the crash\n'.length + 'while the app is down'.length,
+      bytesReplayed: 'before the crash\n'.length + 'after the restart'.length,
+    });
+  });
+});
