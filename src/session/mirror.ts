@@ -1,0 +1,116 @@
+import { execa } from 'execa';
+import { join } from 'node:path';
+import type { TargetSpec } from '../agent/target.js';
+import { startLocalAgent, type LocalAgent } from '../platform/local/agent-process.js';
+import { packageRoot } from '../package-root.js';
+import { connectToAgent, type AgentClient } from '../protocol/client.js';
+import { LayerChannel, type AppListener } from './layer-channel.js';
+import { Replay, type ReplayTarget } from './replay.js';
+
+export interface MirrorOptions {
+  target: TargetSpec;
+  /** The local app and its arguments; without one, only `ports` are replayed. */
+  command?: string[];
+  /** Remote port → local port, given by the user; they win over what the layer reports. */
+  ports: Map<number, number>;
+  /** Remote ports never mirrored, even when the app listens on them. */
+  ignorePorts: Set<number>;
+  midStream: boolean;
+  log(line: string): void;
+  /** Resolves when the user interrupts (Ctrl-C). */
+  interrupted: Promise<void>;
+}
+
+export class MirrorError extends Error {}
+
+const LAYER_PATH = (): string => join(packageRoot(), 'layer', '.output', 'mirrord_layer.so');
+
+/** Where to reach an app's listener from this machine: a wildcard bind is reached on loopback. */
+function localTarget(listener: AppListener): ReplayTarget {
+  const wildcard = listener.address === '0.0.0.0' || listener.address === '::';
+  return { host: wildcard ? '127.0.0.1' : listener.address, port: listener.localPort };
+}
+
+/**
+ * One mirroring session on this machine: an agent on the target, the local app under the layer,
+ * and the replay between them. Resolves with the app's exit code (0 without an app, after an
+ * interrupt). Everything it started is stopped before it returns, also on failure.
+ */
+export async function runMirror(options: MirrorOptions): Promise<number> {
+  const { log } = options;
+  const routes = new Map<number, ReplayTarget>();
+  for (const [remote, local] of options.ports)
+    routes.set(remote, { host: '127.0.0.1', port: local });
+
+  let agent: LocalAgent | undefined;
+  let client: AgentClient | undefined;
+  let channel: LayerChannel | undefined;
+  let replay: Replay | undefined;
+  try {
+    agent = await startLocalAgent(options.target);
+    const session = await connectToAgent(agent.readiness.address, agent.readiness.port, {
+      clientName: 'mirrord mirror',
+    });
+    client = session;
+    const ended = new Promise<void>((resolve) => session.once('end', resolve));
+    session.on('error', (error) => log(`mirrord: session failed: ${error.message}`));
+    log(`mirrord: mirroring ${agent.readiness.target} (${agent.readiness.interfaces.join(', ')})`);
+
+    const layer = options.command ? await LayerChannel.open() : undefined;
+    channel = layer;
+    replay = new Replay(session, {
+      route: (port) => routes.get(port),
+      midStream: options.midStream,
+      onConnected: (localPort, original) => layer?.announcePeer(localPort, original),
+    });
+    replay.on('connectionEnd', (end) => {
+      if (end.reason !== 'fin' && end.reason !== 'rst') {
+        log(`mirrord: connection ${end.id} ended: ${end.reason}`);
+      }
+    });
+    for (const remote of routes.keys()) await session.subscribe(remote);
+
+    layer?.on('listen', (listener) => {
+      if (options.ignorePorts.has(listener.port) || options.ports.has(listener.port)) return;
+      routes.set(listener.port, localTarget(listener));
+      log(`mirrord: the app listens on ${listener.port}: mirroring it`);
+      session.subscribe(listener.port).catch((error: Error) => log(`mirrord: ${error.message}`));
+    });
+    layer?.on('close', ({ port }) => {
+      if (!routes.has(port) || options.ports.has(port)) return;
+      routes.delete(port);
+      session.unsubscribe(port).catch(() => undefined);
+    });
+
+    if (!options.command || !layer) {
+      await Promise.race([options.interrupted, ended]);
+      return 0;
+    }
+    const [file = '', ...args] = options.command;
+    const preload = [LAYER_PATH(), process.env.LD_PRELOAD].filter(Boolean).join(':');
+    const app = execa(file, args, {
+      stdio: 'inherit',
+      reject: false,
+      env: { LD_PRELOAD: preload, MIRRORD_LAYER_SOCKET: layer.path },
+    });
+    const outcome = await Promise.race([app, options.interrupted.then(() => undefined)]);
+    if (!outcome) {
+      app.kill('SIGTERM');
+      return (await app).exitCode ?? 130;
+    }
+    if (outcome.failed && outcome.exitCode === undefined) {
+      const missing = (outcome as { code?: string }).code === 'ENOENT';
+      throw new MirrorError(
+        missing
+          ? `command not found: ${file} (check the name, or give its full path)`
+          : `could not start ${file}: ${outcome.shortMessage}`,
+      );
+    }
+    return outcome.exitCode ?? 1;
+  } finally {
+    await replay?.close();
+    await client?.close();
+    await agent?.stop();
+    await channel?.close();
+  }
+}

@@ -1,0 +1,185 @@
+/**
+ * `mirrord mirror` as a user runs it: the real CLI, a target in a sandbox netns with real
+ * clients, and a real local app under the layer.
+ */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import net from 'node:net';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { waitForTcp } from '../src/platform/local/netns.js';
+import { createSandbox, type Sandbox } from './support/sandbox.js';
+
+const CLI = join(dirname(fileURLToPath(import.meta.url)), '..', 'bin', 'run.js');
+const PORT = 37200 + Math.floor(Math.random() * 700);
+
+/** Prints each request it gets, with the peer it sees; exits with 3 after `count` requests. */
+const localApp = (port: number, count: number): string => `
+let n = 0;
+require('http').createServer((req, res) => {
+  let body = '';
+  req.on('data', (d) => (body += d));
+  req.on('end', () => {
+    console.log('got ' + req.method + ' ' + req.url + ' ' + body + ' from ' + req.socket.remoteAddress);
+    res.end('local');
+    if (++n === ${count}) setTimeout(() => process.exit(3), 50);
+  });
+}).listen(${port});`;
+
+interface Run {
+  child: ChildProcess;
+  output(): string;
+  exited: Promise<number | null>;
+}
+
+function mirrord(args: string[]): Run {
+  const child = spawn(process.execPath, [CLI, 'mirror', ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
+  child.stderr!.on('data', (chunk: Buffer) => (out += chunk.toString()));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  return { child, output: () => out, exited };
+}
+
+async function until(check: () => boolean, what: string, ms = 20_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** Resolves once something accepts connections on 127.0.0.1:port. */
+async function listening(port: number): Promise<void> {
+  for (let attempt = 0; ; attempt += 1) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const socket = net.connect(port, '127.0.0.1', () => resolve(true));
+      socket.on('error', () => resolve(false));
+      socket.on('connect', () => socket.destroy());
+    });
+    if (ok) return;
+    if (attempt > 200) throw new Error(`nothing listens on 127.0.0.1:${port}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** Agents still running for this sandbox's target: there must be none once mirror exits. */
+function agentsOf(target: string): string[] {
+  try {
+    return execFileSync('pgrep', ['-f', `agent --netns ${target}`], { encoding: 'utf8' })
+      .split('\n')
+      .filter(Boolean);
+  } catch {
+    return [];
+  }
+}
+
+describe('mirrord mirror', () => {
+  let sandbox: Sandbox;
+  const runs: Run[] = [];
+  const locals: ChildProcess[] = [];
+
+  beforeEach(async () => {
+    sandbox = createSandbox('mirror');
+    sandbox.spawn(sandbox.target, process.execPath, [
+      '-e',
+      `require('http').createServer((q, r) => { q.resume(); q.on('end', () => r.end('staging')); }).listen(${PORT})`,
+    ]);
+    await waitForTcp(sandbox.client, sandbox.targetAddress, PORT);
+  });
+
+  afterEach(async () => {
+    for (const run of runs.splice(0)) {
+      run.child.kill('SIGKILL');
+      await run.exited;
+    }
+    for (const local of locals.splice(0)) local.kill('SIGKILL');
+    sandbox.destroy();
+  });
+
+  const curl = (path: string, body: string): Promise<string> =>
+    sandbox.runAsync(sandbox.client, 'curl', [
+      '-s',
+      '--max-time',
+      '5',
+      '-d',
+      body,
+      `http://${sandbox.targetAddress}:${PORT}${path}`,
+    ]);
+
+  test('replays into the port COMMAND listens on; the app sees the original client; exit code is COMMAND’s', async () => {
+    const run = mirrord([
+      '--netns',
+      sandbox.target,
+      '--',
+      process.execPath,
+      '-e',
+      localApp(PORT, 3),
+    ]);
+    runs.push(run);
+    await until(() => run.output().includes(`the app listens on ${PORT}`), 'the app to listen');
+    for (const i of [1, 2, 3]) expect(await curl(`/order/${i}`, `item=${i}`)).toBe('staging');
+    expect(await run.exited).toBe(3);
+    expect(agentsOf(sandbox.target)).toEqual([]);
+    for (const i of [1, 2, 3]) {
+      expect(run.output()).toContain(
+        `got POST /order/${i} item=${i} from ::ffff:${sandbox.clientAddress}`,
+      );
+    }
+  });
+
+  test('--port REMOTE:LOCAL replays into a service already running, until Ctrl-C', async () => {
+    const localPort = PORT + 1000;
+    const local = spawn(process.execPath, ['-e', localApp(localPort, 100)], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    locals.push(local);
+    let seen = '';
+    local.stdout!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
+    await listening(localPort);
+    const run = mirrord(['--netns', sandbox.target, '--port', `${PORT}:${localPort}`]);
+    runs.push(run);
+    await until(() => run.output().includes('mirroring'), 'the session');
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(await curl('/mapped', 'x=1')).toBe('staging');
+    await until(
+      () => seen.includes('got POST /mapped x=1 from ::ffff:127.0.0.1'),
+      'the replayed request',
+    );
+    run.child.kill('SIGINT');
+    expect(await run.exited).toBe(0);
+    expect(agentsOf(sandbox.target)).toEqual([]);
+  });
+
+  test('bad input gives one line and a non-zero exit, with nothing left running', async () => {
+    const cases: [string[], RegExp][] = [
+      [['--netns', sandbox.target], /nothing to mirror into/],
+      [
+        ['--netns', 'no-such-netns', '--port', '80'],
+        /network namespace "no-such-netns" does not exist/,
+      ],
+      [
+        ['--netns', sandbox.target, '--port', '80:99999'],
+        /--port "80:99999" is not REMOTE\[:LOCAL\]/,
+      ],
+      [
+        ['--netns', sandbox.target, '--', 'no-such-command-xyz'],
+        /command not found: no-such-command-xyz/,
+      ],
+    ];
+    for (const [args, message] of cases) {
+      const run = mirrord(args);
+      runs.push(run);
+      expect(await run.exited).not.toBe(0);
+      const lines = run
+        .output()
+        .trim()
+        .split('\n')
+        .filter((line) => !line.startsWith('mirrord: mirroring'));
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toMatch(message);
+      expect(agentsOf(sandbox.target)).toEqual([]);
+    }
+  });
+});
