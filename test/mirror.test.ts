@@ -3,7 +3,9 @@
  * clients, and a real local app under the layer.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { waitForTcp } from '../src/platform/local/netns.js';
@@ -31,9 +33,10 @@ interface Run {
   exited: Promise<number | null>;
 }
 
-function mirrord(args: string[]): Run {
+function mirrord(args: string[], cwd?: string): Run {
   const child = spawn(process.execPath, [CLI, 'mirror', ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
+    cwd,
   });
   let out = '';
   child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
@@ -152,8 +155,48 @@ describe('mirrord mirror', () => {
     expect(agentsOf(sandbox.target)).toEqual([]);
   });
 
+  test('mirrord.json in the working directory holds the settings', async () => {
+    const localPort = PORT + 2000;
+    const local = spawn(process.execPath, ['-e', localApp(localPort, 100)], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    locals.push(local);
+    let seen = '';
+    local.stdout!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
+    await listening(localPort);
+    const dir = mkdtempSync(join(tmpdir(), 'mirrord-config-'));
+    try {
+      writeFileSync(
+        join(dir, 'mirrord.json'),
+        JSON.stringify({
+          netns: sandbox.target,
+          ports: [`${PORT}:${localPort}`],
+          midStream: false,
+        }),
+      );
+      const run = mirrord([], dir);
+      runs.push(run);
+      await until(() => run.output().includes('mirroring'), 'the session');
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(await curl('/configured', 'y=2')).toBe('staging');
+      await until(() => seen.includes('got POST /configured y=2'), 'the replayed request');
+      run.child.kill('SIGINT');
+      expect(await run.exited).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('bad input gives one line and a non-zero exit, with nothing left running', async () => {
+    const configDir = mkdtempSync(join(tmpdir(), 'mirrord-config-'));
+    const badConfig = join(configDir, 'mirrord.json');
+    writeFileSync(badConfig, JSON.stringify({ netns: sandbox.target, prots: ['80'] }));
     const cases: [string[], RegExp][] = [
+      [
+        ['--config', badConfig, '--', 'true'],
+        /unknown key "prots" \(known: pid, netns, ports, ignorePorts, midStream\)/,
+      ],
+      [['--config', join(configDir, 'missing.json'), '--', 'true'], /no such file/],
       [['--netns', sandbox.target], /nothing to mirror into/],
       [
         ['--netns', 'no-such-netns', '--port', '80'],
@@ -181,5 +224,6 @@ describe('mirrord mirror', () => {
       expect(lines[0]).toMatch(message);
       expect(agentsOf(sandbox.target)).toEqual([]);
     }
+    rmSync(configDir, { recursive: true, force: true });
   });
 });

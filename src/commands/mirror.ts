@@ -1,6 +1,7 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import { runMirror } from '../session/mirror.js';
+import { CONFIG_FILE, loadMirrorConfig } from '../cli/config.js';
 
 /** `REMOTE` or `REMOTE:LOCAL`, each a port. */
 function parsePortMapping(value: string): [number, number] {
@@ -28,7 +29,7 @@ export default class MirrorCommand extends MirrordCommand {
     pid: Flags.integer({
       summary: 'Mirror the network namespace of this local process.',
       min: 1,
-      exactlyOne: ['pid', 'netns'],
+      exclusive: ['netns'],
     }),
     netns: Flags.string({ summary: 'Mirror this named network namespace (ip netns).' }),
     port: Flags.string({
@@ -44,6 +45,10 @@ export default class MirrorCommand extends MirrordCommand {
     }),
     'mid-stream': Flags.boolean({
       summary: 'Also replay connections that were already open when mirroring started.',
+      allowNo: true,
+    }),
+    config: Flags.string({
+      summary: `Settings file (default: ./${CONFIG_FILE} when present); flags win over it.`,
     }),
   };
 
@@ -52,7 +57,22 @@ export default class MirrorCommand extends MirrordCommand {
     // oclif reorders repeated values of a non-strict command: COMMAND is what follows `--`.
     const separator = this.argv.indexOf('--');
     const command = separator >= 0 ? this.argv.slice(separator + 1) : [];
-    const ports = new Map((flags.port ?? []).map(parsePortMapping));
+    const config = loadMirrorConfig(flags.config);
+    const ports = new Map((flags.port ?? config.ports ?? []).map(parsePortMapping));
+    const target =
+      flags.pid !== undefined
+        ? { pid: flags.pid }
+        : flags.netns !== undefined
+          ? { netns: flags.netns }
+          : config.pid !== undefined
+            ? { pid: config.pid }
+            : config.netns !== undefined
+              ? { netns: config.netns }
+              : undefined;
+    if (!target)
+      this.error('no target: give --pid or --netns (or "pid"/"netns" in mirrord.json)', {
+        exit: 2,
+      });
     if (command.length === 0 && ports.size === 0) {
       this.error('nothing to mirror into: give a COMMAND after --, or --port REMOTE:LOCAL', {
         exit: 2,
@@ -64,11 +84,11 @@ export default class MirrorCommand extends MirrordCommand {
       process.on('SIGTERM', resolve);
     });
     process.exitCode = await runMirror({
-      target: flags.pid !== undefined ? { pid: flags.pid } : { netns: flags.netns ?? '' },
+      target,
       command: command.length ? command : undefined,
       ports,
-      ignorePorts: new Set(flags['ignore-port'] ?? []),
-      midStream: flags['mid-stream'],
+      ignorePorts: new Set(flags['ignore-port'] ?? config.ignorePorts ?? []),
+      midStream: flags['mid-stream'] ?? config.midStream ?? false,
       log: (line) => this.logToStderr(line),
       interrupted,
     });
