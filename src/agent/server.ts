@@ -17,7 +17,7 @@ export interface AgentOptions {
   reassembly?: Partial<ReassemblyLimits>;
   /**
    * Bytes that may wait for the CLI before the agent drops connections rather than send more
-   * (default 16 MiB): dropping whole connections, reported, keeps the others exact.
+   * (default 4 MiB): dropping whole connections, reported, keeps the others exact.
    */
   maxBacklogBytes?: number;
 }

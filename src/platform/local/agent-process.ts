@@ -36,9 +36,9 @@ function targetArgs(target: TargetSpec): string[] {
 
 /**
  * Starts an agent for a target on this machine as a child process and waits for its readiness
- * line. A child rather than in-process: the agent holds BPF links and a ring buffer whose
- * lifetime must end with it, and a killed CLI must not take the target's tap state down with
- * anything but the agent's own exit.
+ * line. A child, as in a cluster, rather than a module of the CLI: its BPF links and ring buffer
+ * then live exactly as long as it does, and when the CLI is killed the agent notices its session
+ * end and detaches by itself.
  */
 export async function startLocalAgent(
   target: TargetSpec,
@@ -47,6 +47,8 @@ export async function startLocalAgent(
   const child: ResultPromise = execa(
     process.execPath,
     [
+      // A small young generation and no GC helper threads keep the agent's RSS low and spare
+      // the target the helpers' wakeups (see the README's agent section).
       '--single-threaded-gc',
       '--max-semi-space-size=2',
       // The CLI entry point: the agent is its hidden `agent` command, run by the same Node.
