@@ -233,15 +233,16 @@ static void sa_addr_str(const struct sockaddr_storage *ss, char *out, size_t n) 
         inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, out, n);
 }
 
-// 127.0.0.0/8, ::ffff:127.0.0.0/104 or ::1
-static int sa_is_loopback(const struct sockaddr_storage *ss) {
+// The session replays from 127.0.0.2 (src/session/replay.ts), so only connections from there
+// wait for their original peer: a developer's own client on 127.0.0.1 is neither delayed nor
+// rewritten. Plain or v4-mapped.
+static int sa_is_replay_source(const struct sockaddr_storage *ss) {
+    const uint8_t replay[4] = {127, 0, 0, 2};
     if (ss->ss_family == AF_INET)
-        return (ntohl(((const struct sockaddr_in *)ss)->sin_addr.s_addr) >> 24) == 127;
+        return memcmp(&((const struct sockaddr_in *)ss)->sin_addr, replay, 4) == 0;
     if (ss->ss_family == AF_INET6) {
         const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
-        if (IN6_IS_ADDR_LOOPBACK(a))
-            return 1;
-        return IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127;
+        return IN6_IS_ADDR_V4MAPPED(a) && memcmp(&a->s6_addr[12], replay, 4) == 0;
     }
     return 0;
 }
@@ -701,7 +702,7 @@ static int after_accept(int lfd, int fd, struct sockaddr *addr, socklen_t *addrl
         struct sockaddr_storage real;
         socklen_t rl = sizeof real;
         if (CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl) == 0 &&
-            sa_is_loopback(&real) && tcp_family(fd)) {
+            sa_is_replay_source(&real) && tcp_family(fd)) {
             // The session sends the mapping right after connecting: wait briefly for it.
             uint16_t sport = sa_port(&real);
             struct timespec dl;

@@ -9,6 +9,7 @@ import net from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LayerChannel, type AppListener } from '../src/session/layer-channel.js';
+import { REPLAY_SOURCE } from '../src/session/replay.js';
 
 const LAYER = join(
   dirname(fileURLToPath(import.meta.url)),
@@ -27,7 +28,8 @@ require('http')
 
 function request(port: number, onConnect: (socket: net.Socket) => void): Promise<string> {
   return new Promise((resolve, reject) => {
-    const socket = net.connect(port, '127.0.0.1', () => {
+    // From the replay's source address, as the session connects.
+    const socket = net.connect({ port, host: '127.0.0.1', localAddress: REPLAY_SOURCE }, () => {
       onConnect(socket);
       socket.end('GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n');
     });

@@ -192,7 +192,8 @@ function exchange(
   beforeRequest: (localPort: number) => Promise<void>,
 ): Promise<string> {
   return new Promise((ok, fail) => {
-    const c = net.connect(port, '127.0.0.1', () => {
+    // From the session's replay source, the only peer the layer waits for.
+    const c = net.connect({ port, host: '127.0.0.1', localAddress: '127.0.0.2' }, () => {
       beforeRequest(c.localPort!).then(
         () => c.end('GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'),
         fail,
@@ -352,7 +353,10 @@ describe('accept reports the original client', () => {
     const plain = await exchange(ev.local_port!, async (localPort) => {
       src = localPort;
     });
-    expect(plain).toMatch(new RegExp(`\\r\\n\\r\\n127\\.0\\.0\\.1:${src} local \\d+$`));
+    expect(plain).toMatch(new RegExp(`\\r\\n\\r\\n127\\.0\\.0\\.2:${src} local \\d+$`));
+
+    // Any other loopback client (a developer's curl) is neither delayed nor rewritten.
+    expect(await httpGet(ev.local_port!)).toMatch(/\r\n\r\n127\.0\.0\.1:\d+ local \d+$/);
   });
 
   test('python on AF_INET6 (v4-mapped): accept and getpeername agree, short buffers too', async () => {
@@ -376,10 +380,13 @@ while True:
     const ev = await session.listenEvent(port);
     expect(ev.family).toBe(6);
     await new Promise<void>((ok, fail) => {
-      const c = net.connect(ev.local_port!, '127.0.0.1', () => {
-        session.sendPeer(ev.conn, c.localPort!, '10.213.9.9', 40000);
-        ok();
-      });
+      const c = net.connect(
+        { port: ev.local_port!, host: '127.0.0.1', localAddress: '127.0.0.2' },
+        () => {
+          session.sendPeer(ev.conn, c.localPort!, '10.213.9.9', 40000);
+          ok();
+        },
+      );
       c.on('error', fail);
       c.on('data', () => {});
     });

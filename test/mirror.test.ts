@@ -147,7 +147,7 @@ describe('mirrord mirror', () => {
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect(await curl('/mapped', 'x=1')).toBe('staging');
     await until(
-      () => seen.includes('got POST /mapped x=1 from ::ffff:127.0.0.1'),
+      () => seen.includes('got POST /mapped x=1 from ::ffff:127.0.0.2'),
       'the replayed request',
     );
     run.child.kill('SIGINT');

@@ -122,6 +122,8 @@ export interface ReplayEvents {
 }
 
 const MIB = 1024 * 1024;
+/** The source address of replayed connections to an IPv4 loopback listener. */
+export const REPLAY_SOURCE = '127.0.0.2';
 
 interface Replayed {
   info: ReplayConnectionInfo;
@@ -243,7 +245,14 @@ export class Replay extends EventEmitter<ReplayEvents> {
     }
     this.#stats.replayed++;
     // Half-open: the app closing its side must not end ours while the client still sends.
-    const socket = net.connect({ host: target.host, port: target.port, allowHalfOpen: true });
+    const socket = net.connect({
+      host: target.host,
+      port: target.port,
+      // The layer waits for the original peer only of connections from this address (see
+      // layer/layer.c), so the app's other loopback clients are left alone.
+      localAddress: target.host === '127.0.0.1' ? REPLAY_SOURCE : undefined,
+      allowHalfOpen: true,
+    });
     const connection: Replayed = {
       info: { ...base, midStream: opened.midStream, target },
       socket,
