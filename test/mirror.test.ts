@@ -115,6 +115,7 @@ describe('mirrord mirror', () => {
     const run = mirrord([
       '--netns',
       sandbox.target,
+      '--json',
       '--',
       process.execPath,
       '-e',
@@ -125,6 +126,28 @@ describe('mirrord mirror', () => {
     for (const i of [1, 2, 3]) expect(await curl(`/order/${i}`, `item=${i}`)).toBe('staging');
     expect(await run.exited).toBe(3);
     expect(agentsOf(sandbox.target)).toEqual([]);
+    // --json: the session's events, one JSON object a line, among the app's own output.
+    const events = run
+      .output()
+      .split('\n')
+      .filter((line) => line.startsWith('{"event"'))
+      .map((line) => JSON.parse(line) as { event: string; [key: string]: unknown });
+    expect(events[0]).toMatchObject({ event: 'ready', target: `netns ${sandbox.target}` });
+    expect(events).toContainEqual({ event: 'listen', port: PORT, localPort: PORT });
+    const opened = events.filter((e) => e.event === 'opened');
+    expect(opened).toHaveLength(3);
+    expect(opened[0]).toMatchObject({
+      client: { address: sandbox.clientAddress },
+      server: { port: PORT },
+    });
+    const closed = events.filter((e) => e.event === 'closed');
+    expect(closed.map((e) => e.reason)).toEqual(['fin', 'fin', 'fin']);
+    expect(events.at(-1)).toMatchObject({
+      event: 'counters',
+      replayed: 3,
+      completed: 3,
+      bytesDropped: 0,
+    });
     for (const i of [1, 2, 3]) {
       expect(run.output()).toContain(
         `got POST /order/${i} item=${i} from ::ffff:${sandbox.clientAddress}`,
@@ -153,6 +176,10 @@ describe('mirrord mirror', () => {
     run.child.kill('SIGINT');
     expect(await run.exited).toBe(0);
     expect(agentsOf(sandbox.target)).toEqual([]);
+    // Not a terminal: no live status, one line of totals at the end.
+    expect(run.output()).toMatch(
+      new RegExp(`mirrord: ports ${PORT} · 1 connections \\(0 open\\) · `),
+    );
   });
 
   test('mirrord.json in the working directory holds the settings', async () => {

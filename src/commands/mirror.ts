@@ -1,6 +1,8 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
-import { runMirror } from '../session/mirror.js';
+import type { TargetSpec } from '../agent/target.js';
+import { runMirror, type MirrorEvent } from '../session/mirror.js';
+import { StatusLine } from '../cli/status-line.js';
 import { CONFIG_FILE, loadMirrorConfig } from '../cli/config.js';
 
 /** `REMOTE` or `REMOTE:LOCAL`, each a port. */
@@ -12,6 +14,13 @@ function parsePortMapping(value: string): [number, number] {
     throw new Error(`--port "${value}" is not REMOTE[:LOCAL] with ports from 1 to 65535`);
   }
   return [remote, local];
+}
+
+/** A target named by flags or by the config file, which hold the same two keys. */
+function targetOf(settings: { pid?: number; netns?: string }): TargetSpec | undefined {
+  if (settings.pid !== undefined) return { pid: settings.pid };
+  if (settings.netns !== undefined) return { netns: settings.netns };
+  return undefined;
 }
 
 export default class MirrorCommand extends MirrordCommand {
@@ -47,6 +56,10 @@ export default class MirrorCommand extends MirrordCommand {
       summary: 'Also replay connections that were already open when mirroring started.',
       allowNo: true,
     }),
+    json: Flags.boolean({
+      summary:
+        'Print the session’s events (ready, listen, opened, closed, counters) as JSON lines on stdout.',
+    }),
     config: Flags.string({
       summary: `Settings file (default: ./${CONFIG_FILE} when present); flags win over it.`,
     }),
@@ -59,16 +72,7 @@ export default class MirrorCommand extends MirrordCommand {
     const command = separator >= 0 ? this.argv.slice(separator + 1) : [];
     const config = loadMirrorConfig(flags.config);
     const ports = new Map((flags.port ?? config.ports ?? []).map(parsePortMapping));
-    const target =
-      flags.pid !== undefined
-        ? { pid: flags.pid }
-        : flags.netns !== undefined
-          ? { netns: flags.netns }
-          : config.pid !== undefined
-            ? { pid: config.pid }
-            : config.netns !== undefined
-              ? { netns: config.netns }
-              : undefined;
+    const target = targetOf(flags) ?? targetOf(config);
     if (!target)
       this.error('no target: give --pid or --netns (or "pid"/"netns" in mirrord.json)', {
         exit: 2,
@@ -83,14 +87,27 @@ export default class MirrorCommand extends MirrordCommand {
       process.on('SIGINT', resolve);
       process.on('SIGTERM', resolve);
     });
+    const status = new StatusLine();
+    const onEvent = flags.json
+      ? (event: MirrorEvent) => process.stdout.write(`${JSON.stringify(event)}\n`)
+      : (event: MirrorEvent) => {
+          if (event.event === 'counters') status.update(event);
+        };
     process.exitCode = await runMirror({
       target,
       command: command.length ? command : undefined,
       ports,
       ignorePorts: new Set(flags['ignore-port'] ?? config.ignorePorts ?? []),
       midStream: flags['mid-stream'] ?? config.midStream ?? false,
-      log: (line) => this.logToStderr(line),
+      log: (line) => {
+        status.clear();
+        this.logToStderr(line);
+      },
+      onEvent,
       interrupted,
+    }).then((code) => {
+      status.finish();
+      return code;
     });
   }
 }

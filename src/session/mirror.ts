@@ -4,8 +4,9 @@ import type { TargetSpec } from '../agent/target.js';
 import { startLocalAgent, type LocalAgent } from '../platform/local/agent-process.js';
 import { packageRoot } from '../package-root.js';
 import { connectToAgent, type AgentClient } from '../protocol/client.js';
+import type { Counters, Endpoint } from '../protocol/messages.js';
 import { LayerChannel, type AppListener } from './layer-channel.js';
-import { Replay, type ReplayTarget } from './replay.js';
+import { Replay, type ReplayStats, type ReplayTarget } from './replay.js';
 
 export interface MirrorOptions {
   target: TargetSpec;
@@ -16,12 +17,23 @@ export interface MirrorOptions {
   /** Remote ports never mirrored, even when the app listens on them. */
   ignorePorts: Set<number>;
   midStream: boolean;
+  /** Human-readable notes (stderr). */
   log(line: string): void;
+  /** What happens, for --json and the status line. */
+  onEvent?(event: MirrorEvent): void;
   /** Resolves when the user interrupts (Ctrl-C). */
   interrupted: Promise<void>;
 }
 
 export class MirrorError extends Error {}
+
+/** The session's progress, as `mirror --json` prints it (one JSON object a line). */
+export type MirrorEvent =
+  | { event: 'ready'; target: string; interfaces: string[] }
+  | { event: 'listen'; port: number; localPort: number }
+  | { event: 'opened'; id: number; client: Endpoint; server: Endpoint }
+  | { event: 'closed'; id: number; reason: string; bytesReplayed: number; bytesDropped: number }
+  | ({ event: 'counters'; ports: number[] } & Counters & ReplayStats);
 
 const LAYER_PATH = (): string => join(packageRoot(), 'layer', '.output', 'mirrord_layer.so');
 
@@ -46,6 +58,15 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   let client: AgentClient | undefined;
   let channel: LayerChannel | undefined;
   let replay: Replay | undefined;
+  let agentCounters: Counters = {
+    segmentsCopied: 0,
+    bytesCopied: 0,
+    segmentsDroppedKernel: 0,
+    bytesDroppedKernel: 0,
+    connectionsDroppedAgent: 0,
+    bytesDroppedAgent: 0,
+    connectionsOpen: 0,
+  };
   try {
     agent = await startLocalAgent(options.target);
     const session = await connectToAgent(agent.readiness.address, agent.readiness.port, {
@@ -55,6 +76,12 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     const ended = new Promise<void>((resolve) => session.once('end', resolve));
     session.on('error', (error) => log(`mirrord: session failed: ${error.message}`));
     log(`mirrord: mirroring ${agent.readiness.target} (${agent.readiness.interfaces.join(', ')})`);
+    const emit = options.onEvent ?? (() => undefined);
+    emit({
+      event: 'ready',
+      target: agent.readiness.target,
+      interfaces: agent.readiness.interfaces,
+    });
 
     const layer = options.command ? await LayerChannel.open() : undefined;
     channel = layer;
@@ -63,7 +90,28 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       midStream: options.midStream,
       onConnected: (localPort, original) => layer?.announcePeer(localPort, original),
     });
+    const replaying = replay;
+    replay.on('connection', (c) =>
+      emit({ event: 'opened', id: c.id, client: c.client, server: c.server }),
+    );
+    session.on('counters', (counters) => {
+      const { type, ...kernelAndAgent } = counters;
+      agentCounters = kernelAndAgent;
+      emit({
+        event: 'counters',
+        ports: [...routes.keys()],
+        ...agentCounters,
+        ...replaying.stats(),
+      });
+    });
     replay.on('connectionEnd', (end) => {
+      emit({
+        event: 'closed',
+        id: end.id,
+        reason: end.reason,
+        bytesReplayed: end.bytesReplayed,
+        bytesDropped: end.bytesDropped,
+      });
       if (end.reason !== 'fin' && end.reason !== 'rst') {
         log(`mirrord: connection ${end.id} ended: ${end.reason}`);
       }
@@ -73,6 +121,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     layer?.on('listen', (listener) => {
       if (options.ignorePorts.has(listener.port) || options.ports.has(listener.port)) return;
       routes.set(listener.port, localTarget(listener));
+      emit({ event: 'listen', port: listener.port, localPort: listener.localPort });
       log(`mirrord: the app listens on ${listener.port}: mirroring it`);
       session.subscribe(listener.port).catch((error: Error) => log(`mirrord: ${error.message}`));
     });
@@ -108,6 +157,15 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     }
     return outcome.exitCode ?? 1;
   } finally {
+    // The totals, whatever ended the session.
+    if (replay) {
+      options.onEvent?.({
+        event: 'counters',
+        ports: [...routes.keys()],
+        ...agentCounters,
+        ...replay.stats(),
+      });
+    }
     await replay?.close();
     await client?.close();
     await agent?.stop();
