@@ -18,14 +18,7 @@ const CLI = join(ROOT, 'bin', 'run.js');
 const DROP_OBJ = join(ROOT, 'agent-bpf', '.output', 'drop.bpf.o');
 const PORT = 7000;
 
-/** Reads each connection to its end, then answers with the byte count. */
-const SINK_SERVER = `
-require('net').createServer((s) => {
-  let n = 0;
-  s.on('data', (d) => { n += d.length; });
-  s.on('end', () => s.end(String(n)));
-  s.on('error', () => {});
-}).listen(${PORT}, () => console.log('listening'));`;
+const SINK_SERVER = sinkServer(PORT);
 
 /** N concurrent connections, each sending its own random bytes; prints their digests. */
 const CONCURRENT_CLIENT = `
@@ -64,6 +57,7 @@ s.shutdown(socket.SHUT_WR)
 s.recv(64)
 print(json.dumps({"port": s.getsockname()[1], "sha256": digest.hexdigest(), "bytes": mib << 20}))
 `;
+import { sinkServer } from './support/sink-server.js';
 
 interface Sent {
   port: number;

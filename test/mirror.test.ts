@@ -101,6 +101,18 @@ describe('mirrord mirror', () => {
     sandbox.destroy();
   });
 
+  /** A service already running on this machine, not started by mirrord. */
+  async function startLocalService(port: number): Promise<{ seen(): string }> {
+    const local = spawn(process.execPath, ['-e', localApp(port, 100)], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    locals.push(local);
+    let seen = '';
+    local.stdout!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
+    await listening(port);
+    return { seen: () => seen };
+  }
+
   const curl = (path: string, body: string): Promise<string> =>
     sandbox.runAsync(sandbox.client, 'curl', [
       '-s',
@@ -157,20 +169,14 @@ describe('mirrord mirror', () => {
 
   test('--port REMOTE:LOCAL replays into a service already running, until Ctrl-C', async () => {
     const localPort = PORT + 1000;
-    const local = spawn(process.execPath, ['-e', localApp(localPort, 100)], {
-      stdio: ['ignore', 'pipe', 'ignore'],
-    });
-    locals.push(local);
-    let seen = '';
-    local.stdout!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
-    await listening(localPort);
+    const local = await startLocalService(localPort);
     const run = mirrord(['--netns', sandbox.target, '--port', `${PORT}:${localPort}`]);
     runs.push(run);
     await until(() => run.output().includes('mirroring'), 'the session');
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect(await curl('/mapped', 'x=1')).toBe('staging');
     await until(
-      () => seen.includes('got POST /mapped x=1 from ::ffff:127.0.0.2'),
+      () => local.seen().includes('got POST /mapped x=1 from ::ffff:127.0.0.2'),
       'the replayed request',
     );
     run.child.kill('SIGINT');
@@ -184,13 +190,7 @@ describe('mirrord mirror', () => {
 
   test('mirrord.json in the working directory holds the settings', async () => {
     const localPort = PORT + 2000;
-    const local = spawn(process.execPath, ['-e', localApp(localPort, 100)], {
-      stdio: ['ignore', 'pipe', 'ignore'],
-    });
-    locals.push(local);
-    let seen = '';
-    local.stdout!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
-    await listening(localPort);
+    const local = await startLocalService(localPort);
     const dir = mkdtempSync(join(tmpdir(), 'mirrord-config-'));
     try {
       writeFileSync(
@@ -206,7 +206,7 @@ describe('mirrord mirror', () => {
       await until(() => run.output().includes('mirroring'), 'the session');
       await new Promise((resolve) => setTimeout(resolve, 200));
       expect(await curl('/configured', 'y=2')).toBe('staging');
-      await until(() => seen.includes('got POST /configured y=2'), 'the replayed request');
+      await until(() => local.seen().includes('got POST /configured y=2'), 'the replayed request');
       run.child.kill('SIGINT');
       expect(await run.exited).toBe(0);
     } finally {

@@ -18,14 +18,7 @@ const PORT = 7000;
 const APP_PORT = 34_517;
 const LOCAL = '127.0.0.1';
 
-/** The target's service: reads each connection to its end, then answers with the byte count. */
-const SINK_SERVER = `
-require('net').createServer((s) => {
-  let n = 0;
-  s.on('data', (d) => { n += d.length; });
-  s.on('end', () => s.end(String(n)));
-  s.on('error', () => {});
-}).listen(${PORT});`;
+const SINK_SERVER = sinkServer(PORT);
 
 /** Connections one after the other, each sending three pipelined HTTP requests of its own. */
 const HTTP_CLIENT = `
@@ -94,6 +87,7 @@ s.shutdown(socket.SHUT_WR)
 while s.recv(65536): pass
 s.close()
 `;
+import { sinkServer } from './support/sink-server.js';
 
 /** A connection that sends each line of its stdin, and closes when stdin ends. */
 const STDIN_CLIENT = `
