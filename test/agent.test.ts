@@ -11,6 +11,7 @@ import { waitForTcp } from '../src/platform/local/netns.js';
 import { FrameDecoder } from '../src/protocol/framing.js';
 import { parseAgentMessage, type AgentMessage } from '../src/protocol/messages.js';
 import { MirrorSession } from './support/mirror-session.js';
+import { pythonClient, sinkServer, stdinClient } from './support/programs.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -57,7 +58,6 @@ s.shutdown(socket.SHUT_WR)
 s.recv(64)
 print(json.dumps({"port": s.getsockname()[1], "sha256": digest.hexdigest(), "bytes": mib << 20}))
 `;
-import { sinkServer } from './support/sink-server.js';
 
 interface Sent {
   port: number;
@@ -89,13 +89,7 @@ async function startSink(sandbox: Sandbox): Promise<void> {
 
 /** Runs UPLOAD_CLIENT in the client netns and returns what it sent. */
 async function upload(sandbox: Sandbox, mib: number): Promise<Sent> {
-  const out = await sandbox.runAsync(sandbox.client, 'python3', [
-    '-c',
-    UPLOAD_CLIENT,
-    sandbox.targetAddress,
-    String(PORT),
-    String(mib),
-  ]);
+  const out = await pythonClient(sandbox, UPLOAD_CLIENT, PORT, String(mib));
   return JSON.parse(out) as Sent;
 }
 
@@ -142,15 +136,7 @@ describe('mirrord agent', () => {
 
   test('mirrors 500 concurrent connections byte-exact, with their original addresses', async () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
-    const sent = JSON.parse(
-      await sandbox.runAsync(sandbox.client, 'python3', [
-        '-c',
-        CONCURRENT_CLIENT,
-        sandbox.targetAddress,
-        String(PORT),
-        '500',
-      ]),
-    ) as Sent[];
+    const sent = JSON.parse(await pythonClient(sandbox, CONCURRENT_CLIENT, PORT, '500')) as Sent[];
     const current = session;
     await current.until(() => current.closedConnections().length >= 500, '500 closed connections');
     expectMirrored(current, sent);
@@ -199,17 +185,7 @@ describe('mirrord agent', () => {
   });
 
   test('a connection opened before the subscription is flagged mid-stream', async () => {
-    const client = sandbox.spawn(
-      sandbox.client,
-      process.execPath,
-      [
-        '-e',
-        `const s = require('net').connect(${PORT}, '${sandbox.targetAddress}');
-       process.stdin.on('data', (d) => s.write(d));
-       process.stdin.on('end', () => s.end());`,
-      ],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
-    );
+    const client = stdinClient(sandbox, PORT);
     client.stdin!.write('sent before mirroring\n');
     await new Promise((resolve) => setTimeout(resolve, 300));
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);

@@ -12,6 +12,7 @@ import { waitForTcp } from '../src/platform/local/netns.js';
 import type { Endpoint } from '../src/protocol/messages.js';
 import { Replay, type ReplayEndInfo, type ReplayOptions } from '../src/session/replay.js';
 import { MirrorSession } from './support/mirror-session.js';
+import { pythonClient, sinkServer, stdinClient } from './support/programs.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
 const PORT = 7000;
@@ -87,14 +88,6 @@ s.shutdown(socket.SHUT_WR)
 while s.recv(65536): pass
 s.close()
 `;
-import { sinkServer } from './support/sink-server.js';
-
-/** A connection that sends each line of its stdin, and closes when stdin ends. */
-const STDIN_CLIENT = `
-const s = require('net').connect(${PORT}, process.argv[1]);
-s.on('error', () => {});
-process.stdin.on('data', (d) => s.write(d));
-process.stdin.on('end', () => s.end());`;
 
 /** The local app as its own process, so that it can be killed: one JSON line per event. */
 const APP_PROCESS = `
@@ -224,15 +217,10 @@ describe('replay into a local app', () => {
     const replay = startReplay(current, {
       onConnected: (localPort, original) => peers.set(localPort, original),
     });
-    const sent = JSON.parse(
-      await sandbox.runAsync(sandbox.client, 'python3', [
-        '-c',
-        HTTP_CLIENT,
-        sandbox.targetAddress,
-        String(PORT),
-        '4',
-      ]),
-    ) as { port: number; sent: string }[];
+    const sent = JSON.parse(await pythonClient(sandbox, HTTP_CLIENT, PORT, '4')) as {
+      port: number;
+      sent: string;
+    }[];
     await until(
       () => replay.stats().completed === 4 && app.connections.filter((c) => c.ended).length === 4,
       'four replayed connections to end',
@@ -264,12 +252,7 @@ describe('replay into a local app', () => {
     const current = await startSession();
     const replay = startReplay(current);
     const ends = endsOf(replay);
-    await sandbox.runAsync(sandbox.client, 'python3', [
-      '-c',
-      FIN_RST_CLIENT,
-      sandbox.targetAddress,
-      String(PORT),
-    ]);
+    await pythonClient(sandbox, FIN_RST_CLIENT, PORT);
     await until(() => ends.length === 2, 'both connections to end');
     await until(
       () => app.connections.filter((c) => c.ended || c.errorCode).length === 2,
@@ -287,12 +270,7 @@ describe('replay into a local app', () => {
   test('connections joined mid-stream are skipped unless asked for', async () => {
     const app = await listen(net.createServer());
     cleanups.push(() => app.close());
-    const client = sandbox.spawn(
-      sandbox.client,
-      process.execPath,
-      ['-e', STDIN_CLIENT, sandbox.targetAddress],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
-    );
+    const client = stdinClient(sandbox, PORT);
     client.stdin!.write('sent before mirroring\n');
     await new Promise((resolve) => setTimeout(resolve, 300));
     const current = await startSession();
@@ -328,14 +306,10 @@ describe('replay into a local app', () => {
       const current = await startSession();
       const replay = startReplay(current, bounds);
       const ends = endsOf(replay);
-      const fast = JSON.parse(
-        await sandbox.runAsync(sandbox.client, 'python3', [
-          '-c',
-          SLOW_AND_FAST_CLIENT,
-          sandbox.targetAddress,
-          String(PORT),
-        ]),
-      ) as { sha256: string; bytes: number };
+      const fast = JSON.parse(await pythonClient(sandbox, SLOW_AND_FAST_CLIENT, PORT)) as {
+        sha256: string;
+        bytes: number;
+      };
       await until(() => ends.length === 2, 'both connections to end');
       // The agent's closed messages come after all their data.
       await current.until(() => current.closedConnections().length === 2, 'both to be closed');
@@ -378,12 +352,7 @@ describe('replay into a local app', () => {
     const current = await startSession();
     const replay = startReplay(current);
     const ends = endsOf(replay);
-    const longLived = sandbox.spawn(
-      sandbox.client,
-      process.execPath,
-      ['-e', STDIN_CLIENT, sandbox.targetAddress],
-      { stdio: ['pipe', 'pipe', 'pipe'] },
-    );
+    const longLived = stdinClient(sandbox, PORT);
     longLived.stdin!.write('before the crash\n');
     await until(() => received.length === 1, 'the app to receive the first bytes');
     first.kill('SIGKILL');
@@ -392,24 +361,12 @@ describe('replay into a local app', () => {
     await until(() => ends.length === 1, 'the connection to the killed app to end');
     expect(ends[0]).toMatchObject({ reason: 'appGone' });
 
-    await sandbox.runAsync(sandbox.client, 'python3', [
-      '-c',
-      ONE_SHOT_CLIENT,
-      sandbox.targetAddress,
-      String(PORT),
-      'while the app is down',
-    ]);
+    await pythonClient(sandbox, ONE_SHOT_CLIENT, PORT, 'while the app is down');
     await until(() => ends.length === 2, 'the connection made while the app was down to end');
     expect(ends[1]).toMatchObject({ reason: 'refused' });
 
     await startApp();
-    await sandbox.runAsync(sandbox.client, 'python3', [
-      '-c',
-      ONE_SHOT_CLIENT,
-      sandbox.targetAddress,
-      String(PORT),
-      'after the restart',
-    ]);
+    await pythonClient(sandbox, ONE_SHOT_CLIENT, PORT, 'after the restart');
     await until(() => ends.length === 3, 'the connection to the restarted app to end');
     expect(ends[2]).toMatchObject({ reason: 'fin' });
     await until(() => received.length === 2, 'the restarted app to receive');

@@ -53,7 +53,7 @@ const SWEEP_INTERVAL_MS = 1_000;
  * streams go to the session. The agent ends with its session, or when none arrives in time.
  */
 export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
-  const spec = options.target;
+  const targetName = describeTarget(options.target);
   const maxBacklogBytes = options.maxBacklogBytes ?? 4 * 1024 * 1024;
   let session: AgentSession | undefined;
   let now = Date.now();
@@ -86,7 +86,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   );
 
   const tap = Tap.open(
-    resolveTarget(spec),
+    resolveTarget(options.target),
     {
       onSegment: (segment) => reassembler.push(segment, now),
       onBatchEnd: () => {
@@ -98,6 +98,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     },
     options.tap,
   );
+  const interfaceNames = tap.interfaces.map((i) => i.name);
 
   const counters = (): Counters => {
     const kernel = tap.counters();
@@ -148,8 +149,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     clearTimeout(idleTimer);
     AgentSession.accept(socket, {
       agent: AGENT_NAME,
-      target: describeTarget(spec),
-      interfaces: tap.interfaces.map((i) => i.name),
+      target: targetName,
+      interfaces: interfaceNames,
     }).then(
       (accepted) => {
         session = accepted;
@@ -184,8 +185,8 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       ready: true,
       address: address.address,
       port: address.port,
-      target: describeTarget(spec),
-      interfaces: tap.interfaces.map((i) => i.name),
+      target: targetName,
+      interfaces: interfaceNames,
       attachMode: tap.attachMode,
     },
     done,

@@ -17,7 +17,9 @@ import {
  * Test hosts: a "target" netns (where the service runs and the tap attaches) joined by a veth
  * pair to a "client" netns (where real clients run). Names start with `mirrord-test-` and carry
  * the test process's pid, so a killed run's leftovers are found and removed at the next start;
- * addresses come from 10.213.0.0/16, the range tests may use.
+ * addresses come from 10.213.0.0/16, the range tests may use. Programs are started with
+ * node's spawn rather than createHosts' execa: execa's exit hooks, installed anew in every test
+ * file's sandboxed `process`, overflow jest's global protection after a few files.
  */
 const execFileAsync = promisify(execFile);
 
