@@ -2,6 +2,7 @@ import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import type { TargetSpec } from '../agent/target.js';
 import { runMirror, type MirrorEvent } from '../session/mirror.js';
+import { placeLocalAgent } from '../platform/local/agent-process.js';
 import { StatusLine } from '../cli/status-line.js';
 import { CONFIG_FILE, loadMirrorConfig } from '../cli/config.js';
 
@@ -94,7 +95,7 @@ export default class MirrorCommand extends MirrordCommand {
           if (event.event === 'counters') status.update(event);
         };
     process.exitCode = await runMirror({
-      target,
+      placeAgent: placeLocalAgent(target),
       command: command.length ? command : undefined,
       ports,
       ignorePorts: new Set(flags['ignore-port'] ?? config.ignorePorts ?? []),

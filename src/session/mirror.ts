@@ -1,15 +1,15 @@
 import { execa } from 'execa';
 import { join } from 'node:path';
-import type { TargetSpec } from '../agent/target.js';
-import { startLocalAgent, type LocalAgent } from '../platform/local/agent-process.js';
+import type { AgentPlacer, PlacedAgent } from '../platform/placed-agent.js';
 import { packageRoot } from '../package-root.js';
-import { connectToAgent, type AgentClient } from '../protocol/client.js';
+import { AgentClient } from '../protocol/client.js';
 import type { Counters, Endpoint } from '../protocol/messages.js';
 import { LayerChannel, type AppListener } from './layer-channel.js';
 import { Replay, type ReplayStats, type ReplayTarget } from './replay.js';
 
 export interface MirrorOptions {
-  target: TargetSpec;
+  /** Brings the agent next to the target (see src/platform/). */
+  placeAgent: AgentPlacer;
   /** The local app and its arguments; without one, only `ports` are replayed. */
   command?: string[];
   /** Remote port → local port, given by the user; they win over what the layer reports. */
@@ -54,7 +54,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   for (const [remote, local] of options.ports)
     routes.set(remote, { host: '127.0.0.1', port: local });
 
-  let agent: LocalAgent | undefined;
+  let agent: PlacedAgent | undefined;
   let client: AgentClient | undefined;
   let channel: LayerChannel | undefined;
   let replay: Replay | undefined;
@@ -68,20 +68,17 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     connectionsOpen: 0,
   };
   try {
-    agent = await startLocalAgent(options.target);
-    const session = await connectToAgent(agent.readiness.address, agent.readiness.port, {
+    agent = await options.placeAgent((note) => log(`mirrord: ${note}`));
+    const session = await AgentClient.start(await agent.connect(), {
       clientName: 'mirrord mirror',
     });
     client = session;
     const ended = new Promise<void>((resolve) => session.once('end', resolve));
     session.on('error', (error) => log(`mirrord: session failed: ${error.message}`));
-    log(`mirrord: mirroring ${agent.readiness.target} (${agent.readiness.interfaces.join(', ')})`);
+    const { interfaces } = session.agent;
+    log(`mirrord: mirroring ${agent.target} (${interfaces.join(', ')})`);
     const emit = options.onEvent ?? (() => undefined);
-    emit({
-      event: 'ready',
-      target: agent.readiness.target,
-      interfaces: agent.readiness.interfaces,
-    });
+    emit({ event: 'ready', target: agent.target, interfaces });
 
     const layer = options.command ? await LayerChannel.open() : undefined;
     channel = layer;

@@ -1,8 +1,10 @@
 import { execa, type ResultPromise } from 'execa';
+import { connect, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { packageRoot } from '../../package-root.js';
 import type { TargetSpec } from '../../agent/target.js';
+import type { AgentPlacer } from '../placed-agent.js';
 import type { AgentReadiness } from '../../agent/server.js';
 
 export interface LocalAgent {
@@ -100,4 +102,34 @@ export async function startLocalAgent(
       return exited;
     },
   };
+}
+
+/** The local platform's placer: an agent child process, reached over loopback TCP. */
+export function placeLocalAgent(target: TargetSpec, options: LocalAgentOptions = {}): AgentPlacer {
+  // A local agent is ready in well under a second: no progress to report.
+  return async () => {
+    const agent = await startLocalAgent(target, options);
+    return {
+      target: agent.readiness.target,
+      connect: () => openTcp(agent.readiness.address, agent.readiness.port),
+      async stop() {
+        await agent.stop();
+      },
+    };
+  };
+}
+
+function openTcp(host: string, port: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host, port });
+    socket.once('error', (error) =>
+      reject(
+        new LocalAgentError(`cannot connect to the agent at ${host}:${port}: ${error.message}`),
+      ),
+    );
+    socket.once('connect', () => {
+      socket.removeAllListeners('error');
+      resolve(socket);
+    });
+  });
 }
