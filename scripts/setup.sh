@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # clang/llvm/libbpf/bpftool build the tap; iproute2 makes the namespaces; tcpdump, wrk, curl
-# and python3 are the real programs the tests and benchmarks drive.
+# python3, redis-server and redis-tools are the real programs the tests and benchmarks drive;
+# openssl makes the test API server's certificate.
 packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-format make g++
-  pkg-config tcpdump wrk curl python3 procps)
+  pkg-config tcpdump wrk curl python3 procps redis-server redis-tools openssl)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
