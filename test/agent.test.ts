@@ -3,6 +3,7 @@
  * sending real traffic, and a session (the protocol client the CLI uses) checking what arrives.
  */
 import { execFileSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -65,21 +66,28 @@ interface Sent {
   bytes: number;
 }
 
-/** TCX links of the tap's program anywhere on the machine (bpftool 7.1 shows them as type 11). */
-function tapLinks(): string[] {
+/**
+ * The BPF links a process holds, by id, from its fdinfo (bpftool 7.1 cannot list TCX links by
+ * interface or netns); other tests' agents may run at the same time, so the checks look only at
+ * the links of the agent under test.
+ */
+function linksHeldBy(pid: number): number[] {
+  const ids: number[] = [];
+  for (const fd of readdirSync(`/proc/${pid}/fdinfo`)) {
+    const match = /^link_id:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+    if (match) ids.push(Number(match[1]));
+  }
+  return ids;
+}
+
+/** Which of these links still exist anywhere on the machine. */
+function linksAlive(ids: number[]): number[] {
   const links = JSON.parse(
     execFileSync('bpftool', ['-j', 'link', 'show'], { encoding: 'utf8' }),
   ) as {
-    prog_id: number;
-  }[];
-  const programs = JSON.parse(
-    execFileSync('bpftool', ['-j', 'prog', 'show'], { encoding: 'utf8' }),
-  ) as {
     id: number;
-    name?: string;
   }[];
-  const tapPrograms = new Set(programs.filter((p) => p.name?.startsWith('tap_')).map((p) => p.id));
-  return links.filter((l) => tapPrograms.has(l.prog_id)).map((l) => JSON.stringify(l));
+  return links.map((l) => l.id).filter((id) => ids.includes(id));
 }
 
 async function startSink(sandbox: Sandbox): Promise<void> {
@@ -200,6 +208,8 @@ describe('mirrord agent', () => {
 
   test('a hostile frame is refused with an error, and the agent leaves cleanly', async () => {
     const agent = await startLocalAgent({ netns: sandbox.target });
+    const links = linksHeldBy(agent.pid);
+    expect(links).toHaveLength(2); // eth0 and lo
     const socket = net.connect(agent.readiness.port, agent.readiness.address);
     const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
     const received: AgentMessage[] = [];
@@ -209,34 +219,39 @@ describe('mirrord agent', () => {
     await new Promise((resolve) => socket.once('close', resolve));
     expect(received).toEqual([expect.objectContaining({ type: 'error', code: 'protocol' })]);
     expect(await agent.exited).toBe(1);
-    expect(tapLinks()).toEqual([]);
+    expect(linksAlive(links)).toEqual([]);
   });
 
   test('a SIGKILLed agent leaves nothing attached', async () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
-    expect(tapLinks()).toHaveLength(2); // eth0 and lo
+    const links = linksHeldBy(session.agent.pid);
+    expect(links).toHaveLength(2); // eth0 and lo
     process.kill(session.agent.pid, 'SIGKILL');
     await session.agent.exited;
     session = undefined;
-    expect(tapLinks()).toEqual([]);
+    expect(linksAlive(links)).toEqual([]);
     expect(sandbox.run(sandbox.target, 'bpftool', ['net', 'show'])).not.toMatch(/tap/);
   });
 
   test('SIGTERM detaches everything and ends the session cleanly', async () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
     const current = session;
+    const links = linksHeldBy(current.agent.pid);
+    expect(links).toHaveLength(2);
     const ended = new Promise<void>((resolve) => current.client.once('end', resolve));
     process.kill(current.agent.pid, 'SIGTERM');
     expect(await current.agent.exited).toBe(0);
     await ended;
     session = undefined;
-    expect(tapLinks()).toEqual([]);
+    expect(linksAlive(links)).toEqual([]);
   });
 
   test('with no session the agent exits by itself after its idle timeout', async () => {
     const agent = await startLocalAgent({ netns: sandbox.target }, { idleTimeoutSeconds: 1 });
+    const links = linksHeldBy(agent.pid);
+    expect(links).toHaveLength(2);
     expect(await agent.exited).toBe(1);
-    expect(tapLinks()).toEqual([]);
+    expect(linksAlive(links)).toEqual([]);
   });
 
   test('bad targets give one clear line and a non-zero exit', () => {

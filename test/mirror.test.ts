@@ -154,12 +154,17 @@ describe('mirrord mirror', () => {
     });
     const closed = events.filter((e) => e.event === 'closed');
     expect(closed.map((e) => e.reason)).toEqual(['fin', 'fin', 'fin']);
-    expect(events.at(-1)).toMatchObject({
+    const totals = events.at(-1)!;
+    expect(totals).toMatchObject({
       event: 'counters',
+      target: `netns ${sandbox.target}`,
       replayed: 3,
       completed: 3,
       bytesDropped: 0,
     });
+    // Lag: the tap's stamp to the hand-over to the app, on the agent's clock mapped onto ours.
+    expect(totals.lagP50Ms).toBeGreaterThan(0);
+    expect(totals.lagP99Ms).toBeGreaterThanOrEqual(totals.lagP50Ms as number);
     for (const i of [1, 2, 3]) {
       expect(run.output()).toContain(
         `got POST /order/${i} item=${i} from ::ffff:${sandbox.clientAddress}`,
@@ -184,7 +189,10 @@ describe('mirrord mirror', () => {
     expect(agentsOf(sandbox.target)).toEqual([]);
     // Not a terminal: no live status, one line of totals at the end.
     expect(run.output()).toMatch(
-      new RegExp(`mirrord: ports ${PORT} · 1 connections \\(0 open\\) · `),
+      new RegExp(
+        `mirrord: netns ${sandbox.target} · ports ${PORT} · 1 connections \\(0 open\\) · ` +
+          `[0-9.]+ MB replayed · lag p50/p99 [0-9.]+/[0-9.]+ ms · dropped: `,
+      ),
     );
   });
 

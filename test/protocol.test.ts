@@ -1,5 +1,6 @@
 import { once } from 'node:events';
 import net from 'node:net';
+import { AgentClock, monotonicMicros } from '../src/protocol/clock.js';
 import { AgentClient, AgentClientError, connectToAgent } from '../src/protocol/client.js';
 import {
   FrameDecoder,
@@ -117,6 +118,7 @@ const agentSamples: AgentMessage[] = [
     agent: 'mirrord-agent test',
     target: 'pid 42',
     interfaces: ['eth0', 'lo'],
+    clockMicros: 86_400_000_000 * 400,
   },
   { type: 'refused', version: 7, reason: 'too old' },
   { type: 'subscribed', port: 1 },
@@ -140,9 +142,9 @@ const agentSamples: AgentMessage[] = [
     interface: 'lo',
     midStream: true,
   },
-  { type: 'data', id: 0, bytes: Buffer.from('GET / HTTP/1.1\r\n\r\n') },
-  { type: 'data', id: 2 ** 33, bytes: Buffer.alloc(0) },
-  { type: 'data', id: 1, bytes: randomBytes(prng(1), 70_000) },
+  { type: 'data', id: 0, bytes: Buffer.from('GET / HTTP/1.1\r\n\r\n'), tapMicros: 7 },
+  { type: 'data', id: 2 ** 33, bytes: Buffer.alloc(0), tapMicros: 7 },
+  { type: 'data', id: 1, bytes: randomBytes(prng(1), 70_000), tapMicros: 7 },
   { type: 'closed', id: 0, reason: 'fin', gapBytes: 0 },
   { type: 'closed', id: 1, reason: 'rst', gapBytes: 0 },
   { type: 'closed', id: 2, reason: 'expired', gapBytes: 0 },
@@ -159,7 +161,7 @@ const agentSamples: AgentMessage[] = [
   },
   { type: 'error', code: 'tap', message: 'interface lo went away', fatal: false },
   { type: 'error', code: 'target-gone', message: 'the target exited', fatal: true },
-  { type: 'pong', nonce: 0 },
+  { type: 'pong', nonce: 0, clockMicros: 2 ** 45 },
 ];
 
 /** The agent samples as a stream of several frames of different sizes. */
@@ -190,10 +192,10 @@ describe('round trip', () => {
 
   test('payloads travel as msgpack bin and decode as views of the frame', () => {
     const frame = encodeFrame([
-      agentMessageToWire({ type: 'data', id: 5, bytes: Buffer.from('xyz') }),
+      agentMessageToWire({ type: 'data', id: 5, bytes: Buffer.from('xyz'), tapMicros: 7 }),
     ]);
-    // [ [0x16, 5, bin8(3) 'xyz'] ]
-    expect(frame.subarray(4).toString('hex')).toBe('9193' + '16' + '05' + 'c403' + '78797a');
+    // [ [0x16, 5, bin8(3) 'xyz', 7] ]
+    expect(frame.subarray(4).toString('hex')).toBe('9194' + '16' + '05' + 'c403' + '78797a' + '07');
     const [message] = agentDecoder().push(frame) as [DataMessage];
     expect(message.bytes.buffer).toBe(frame.buffer);
   });
@@ -257,13 +259,14 @@ describe('incremental decoding', () => {
     expect(frames.flatMap((f) => decoder.push(f))).toHaveLength(MAX_MESSAGES_PER_FRAME * 2 + 1);
 
     const small = new FrameEncoder(agentMessageToWire, { maxFrameSize: 64 * 1024 });
-    for (let i = 0; i < 10; i++) small.push({ type: 'data', id: i, bytes: Buffer.alloc(20_000) });
+    for (let i = 0; i < 10; i++)
+      small.push({ type: 'data', id: i, bytes: Buffer.alloc(20_000), tapMicros: 7 });
     const cut = small.takeFrames();
     expect(cut.length).toBeGreaterThanOrEqual(4);
     for (const f of cut) expect(f.length - 4).toBeLessThanOrEqual(64 * 1024);
-    expect(() => small.push({ type: 'data', id: 0, bytes: Buffer.alloc(64 * 1024) })).toThrow(
-      RangeError,
-    );
+    expect(() =>
+      small.push({ type: 'data', id: 0, bytes: Buffer.alloc(64 * 1024), tapMicros: 7 }),
+    ).toThrow(RangeError);
   });
 });
 
@@ -354,12 +357,13 @@ describe('hostile input', () => {
       [[0x02, 80], /subscribe \(code 2\) is not sent by the agent/],
       [['data', 1, Buffer.alloc(1)], /type code: expected an integer, got string/],
       [[], /expected a message/],
-      [[0x16, -1, Buffer.alloc(1)], /data\.id: expected a non-negative integer, got number -1/],
-      [[0x16, 1.5, Buffer.alloc(1)], /data\.id/],
-      [[0x16, 1, 'abc'], /data\.bytes: expected binary, got string "abc"/],
-      [[0x16, 1, [1, 2, 3]], /data\.bytes: expected binary, got array/],
-      [[0x16, 1], /data: expected 2 fields, got 1/],
-      [[0x16, 1, Buffer.alloc(1), 0], /data: expected 2 fields, got 3/],
+      [[0x16, -1, Buffer.alloc(1), 0], /data\.id: expected a non-negative integer, got number -1/],
+      [[0x16, 1.5, Buffer.alloc(1), 0], /data\.id/],
+      [[0x16, 1, 'abc', 0], /data\.bytes: expected binary, got string "abc"/],
+      [[0x16, 1, [1, 2, 3], 0], /data\.bytes: expected binary, got array/],
+      [[0x16, 1, Buffer.alloc(1), -3], /data\.tapMicros: expected a non-negative integer/],
+      [[0x16, 1], /data: expected 3 fields, got 1/],
+      [[0x16, 1, Buffer.alloc(1), 0, 0], /data: expected 3 fields, got 4/],
       [[0x12, '80'], /subscribed\.port: expected a port number/],
       [[0x12, 0], /subscribed\.port/],
       [[0x12, 65536], /subscribed\.port/],
@@ -369,9 +373,11 @@ describe('hostile input', () => {
       [[0x17, 1, 'bogus', 0], /closed\.reason: expected fin\|rst\|expired\|broken/],
       [[0x18, 1, 2, 3, 4, 5, 6, 0.5], /counters\.connectionsOpen/],
       [[0x19, 'x', 'y', 'true'], /error\.fatal: expected a boolean/],
-      [[0x10, 1, 'ipv6', 'a', 't', []], /hello\.capabilities: expected an array of strings/],
-      [[0x10, 1, [1], 'a', 't', []], /hello\.capabilities/],
-      [[0x1a, null], /pong\.nonce: expected a non-negative integer, got nil/],
+      [[0x10, 1, 'ipv6', 'a', 't', [], 0], /hello\.capabilities: expected an array of strings/],
+      [[0x10, 1, [1], 'a', 't', [], 0], /hello\.capabilities/],
+      [[0x10, 1, [], 'a', 't', []], /hello: expected at least 6 fields, got 5/],
+      [[0x1a, null, 0], /pong\.nonce: expected a non-negative integer, got nil/],
+      [[0x1a, 1], /pong: expected 2 fields, got 1/],
     ];
     for (const [wire, pattern] of agentCases) {
       expect(decodeError(agentDecoder(), wireFrame(wire)).message).toMatch(pattern);
@@ -459,7 +465,7 @@ test('throughput of data messages through encoder and decoder (sanity, reported)
     while (performance.now() - started < 500) {
       // One batch ≈ what the agent flushes per tap batch (~256 KiB).
       for (let i = 0; i < (256 * 1024) / size; i++)
-        encoder.push({ type: 'data', id: i, bytes: payload });
+        encoder.push({ type: 'data', id: i, bytes: payload, tapMicros: 7 });
       for (const frame of encoder.takeFrames()) {
         for (const m of decoder.push(frame)) bytes += (m as DataMessage).bytes.length;
       }
@@ -592,8 +598,8 @@ describe('sessions', () => {
       const connection = withoutType(opened);
       session.sendOpened(connection);
       const big = randomBytes(prng(9), 3 * 1024 * 1024 + 5); // split into 1 MiB data messages
-      session.sendData(0, Buffer.from('hello'));
-      session.sendData(0, big);
+      session.sendData(0, Buffer.from('hello'), 1);
+      session.sendData(0, big, 1);
       session.sendClosed(0, 'fin');
       session.sendCounters(withoutType(agentSamples[14] as CountersMessage));
       session.sendWarning('tap', 'lo is gone');
@@ -631,7 +637,12 @@ describe('sessions', () => {
       const { socket } = await rawClient(agent.port);
       socket.write(
         encodeFrame([
-          clientMessageToWire({ type: 'hello', version: 1, capabilities: [], client: 'raw' }),
+          clientMessageToWire({
+            type: 'hello',
+            version: PROTOCOL_VERSION,
+            capabilities: [],
+            client: 'raw',
+          }),
           clientMessageToWire({ type: 'subscribe', port: 80 }),
         ]),
       );
@@ -715,7 +726,9 @@ describe('sessions', () => {
       socket.once('data', () => {
         socket.write(agentHelloFrame);
         socket.write(
-          encodeFrame([agentMessageToWire({ type: 'data', id: 7, bytes: Buffer.from('x') })]),
+          encodeFrame([
+            agentMessageToWire({ type: 'data', id: 7, bytes: Buffer.from('x'), tapMicros: 7 }),
+          ]),
         );
       }),
     );
@@ -752,7 +765,7 @@ describe('sessions', () => {
       for (let i = 0; i < 100; i++) {
         const b = Buffer.alloc(4);
         b.writeUInt32BE(i);
-        session.sendData(0, b);
+        session.sendData(0, b, 1);
       }
       session.flush();
       await until(() => ids.length === 10);
@@ -785,7 +798,7 @@ describe('sessions', () => {
       const chunk = Buffer.alloc(64 * 1024);
       let sent = 0;
       for (let i = 0; i < 10_000; i++) {
-        session.sendData(0, chunk);
+        session.sendData(0, chunk, 1);
         sent += chunk.length;
         if (!session.flush()) break;
         // Let the socket move bytes to the kernel, as the agent's event loop would.
@@ -851,6 +864,51 @@ describe('sessions', () => {
       expect(error).toMatchObject({ code: 'idle-timeout' });
       const messages = agentDecoder().push(await received);
       expect(messages.at(-1)).toMatchObject({ type: 'error', code: 'idle-timeout', fatal: true });
+    } finally {
+      await agent.close();
+    }
+  });
+});
+
+describe('clock', () => {
+  test("the agent's clock is mapped onto ours within half the best round trip", () => {
+    const clock = new AgentClock();
+    const agentAhead = 5_000_000_000; // another machine's clock: 5 000 s ahead
+    const random = prng(3);
+    let now = 1_000_000;
+    let bestHalfRoundTrip = Infinity;
+    for (let i = 0; i < 50; i++) {
+      // Answers come back after 0.2–20 ms, the agent read its clock anywhere in between.
+      const roundTrip = 200 + Math.floor(random() * 20_000);
+      const agentReadAt = now + Math.floor(random() * roundTrip);
+      clock.sample(now, agentReadAt + agentAhead, now + roundTrip);
+      bestHalfRoundTrip = Math.min(bestHalfRoundTrip, roundTrip / 2);
+      now += 5_000_000;
+    }
+    const error = Math.abs(clock.toLocal(now + agentAhead) - now);
+    expect(error).toBeLessThanOrEqual(bestHalfRoundTrip * 1.5 + 100);
+    expect(error).toBeLessThan(20_000 / 2);
+  });
+
+  test('a drifting clock is followed: samples are renewed even when slower', () => {
+    const clock = new AgentClock();
+    clock.sample(0, 1_000, 100); // a quick first sample: offset 950
+    // 61 s later the agent's clock ran 6 ms ahead, and round trips are now 10 ms.
+    clock.sample(61_000_000, 61_000_000 + 950 + 6_000 + 5_000, 61_010_000);
+    expect(Math.abs(clock.toLocal(62_000_000 + 950 + 6_000) - 62_000_000)).toBeLessThanOrEqual(
+      5_000,
+    );
+  });
+
+  test('on one machine, lag from a just-taken stamp is about zero', async () => {
+    const agent = await startAgent();
+    try {
+      const client = await connectToAgent('127.0.0.1', agent.port);
+      const lag = client.lagMicros(monotonicMicros());
+      expect(lag).toBeGreaterThan(-5_000);
+      expect(lag).toBeLessThan(5_000);
+      expect(client.lagMicros(monotonicMicros() - 250_000)).toBeGreaterThanOrEqual(245_000);
+      await client.close();
     } finally {
       await agent.close();
     }

@@ -61,7 +61,14 @@ function segment(
   payload: Buffer = Buffer.alloc(0),
 ): TapSegment {
   const n = Number(key.replace(/\D/g, '')) || 0;
-  return { flowKey: key, seq: seq >>> 0, flags, payload, endpoints: () => endpointsFor(n) };
+  return {
+    flowKey: key,
+    seq: seq >>> 0,
+    flags,
+    payload,
+    tapMicros: 0,
+    endpoints: () => endpointsFor(n),
+  };
 }
 
 /** A client's view of one connection: builds its segments by stream offset. */

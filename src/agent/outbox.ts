@@ -2,10 +2,16 @@ import type { CloseReason } from './reassembly.js';
 
 /** The part of a session the outbox writes to. */
 export interface OutboxSession {
-  sendData(id: number, bytes: Buffer): void;
+  sendData(id: number, bytes: Buffer, tapMicros: number): void;
   sendClosed(id: number, reason: CloseReason, gapBytes: number): void;
   /** Bytes written and not yet taken by the client. */
   readonly backlogBytes: number;
+}
+
+/** A connection's bytes gathered in one batch; the stamp is the earliest, the lag's start. */
+interface Pending {
+  chunks: Buffer[];
+  tapMicros: number;
 }
 
 /** Below this average chunk size, joining a connection's chunks beats one message per chunk. */
@@ -19,7 +25,7 @@ const JOIN_BELOW_BYTES = 4096;
  * as broken, rather than unbounded memory or corrupted streams.
  */
 export class Outbox {
-  readonly #pending = new Map<number, Buffer[]>();
+  readonly #pending = new Map<number, Pending>();
   readonly #dropped = new Set<number>();
   readonly #maxBacklogBytes: number;
   /** Connections the agent gave up on, and the bytes it could not send of them. */
@@ -29,15 +35,18 @@ export class Outbox {
     this.#maxBacklogBytes = maxBacklogBytes;
   }
 
-  /** `bytes` may be a view into the tap's batch: it is sent (copied) by the batch's flush(). */
-  data(id: number, bytes: Buffer): void {
+  /**
+   * `bytes` may be a view into the tap's batch: it is sent (copied) by the batch's flush().
+   * `tapMicros`: when the tap saw the segment that completed them.
+   */
+  data(id: number, bytes: Buffer, tapMicros: number): void {
     if (this.#dropped.has(id)) {
       this.drops.bytes += bytes.length;
       return;
     }
-    const chunks = this.#pending.get(id);
-    if (chunks) chunks.push(bytes);
-    else this.#pending.set(id, [bytes]);
+    const pending = this.#pending.get(id);
+    if (pending) pending.chunks.push(bytes);
+    else this.#pending.set(id, { chunks: [bytes], tapMicros });
   }
 
   closed(session: OutboxSession, id: number, reason: CloseReason, gapBytes: number): void {
@@ -62,9 +71,10 @@ export class Outbox {
   }
 
   #send(session: OutboxSession, id: number): void {
-    const chunks = this.#pending.get(id);
-    if (!chunks) return;
+    const pending = this.#pending.get(id);
+    if (!pending) return;
     this.#pending.delete(id);
+    const { chunks, tapMicros } = pending;
     let total = 0;
     for (const chunk of chunks) total += chunk.length;
     if (session.backlogBytes > this.#maxBacklogBytes) {
@@ -75,9 +85,10 @@ export class Outbox {
       return;
     }
     if (chunks.length > 1 && total / chunks.length < JOIN_BELOW_BYTES) {
-      session.sendData(id, Buffer.concat(chunks, total));
+      session.sendData(id, Buffer.concat(chunks, total), tapMicros);
     } else {
-      for (const chunk of chunks) session.sendData(id, chunk);
+      // The oldest stamp for all: the lag is the first byte's.
+      for (const chunk of chunks) session.sendData(id, chunk, tapMicros);
     }
   }
 }

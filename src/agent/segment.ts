@@ -30,5 +30,10 @@ export interface TapSegment {
   flags: number;
   /** Valid until the end of the tap batch it came in (see TapHandlers): copy it to keep it. */
   payload: Buffer;
+  /**
+   * When the tap saw it (CLOCK_MONOTONIC, µs; see src/protocol/clock.ts). A record joined from
+   * several segments carries the first one's.
+   */
+  tapMicros: number;
   endpoints(): FlowEndpoints;
 }

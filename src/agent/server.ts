@@ -58,6 +58,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   let session: AgentSession | undefined;
   let now = Date.now();
   const outbox = new Outbox(maxBacklogBytes);
+  let segmentTapMicros = 0;
 
   // Called only for segments, so after `tap` below is assigned.
   const interfaceName = (ifindex: number): string =>
@@ -76,7 +77,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
         });
       },
       data(id, bytes) {
-        if (session) outbox.data(id, bytes);
+        if (session) outbox.data(id, bytes, segmentTapMicros);
       },
       closed(id: number, reason: CloseReason, gapBytes: number) {
         if (session) outbox.closed(session, id, reason, gapBytes);
@@ -88,7 +89,12 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const tap = Tap.open(
     resolveTarget(options.target),
     {
-      onSegment: (segment) => reassembler.push(segment, now),
+      onSegment: (segment) => {
+        // The reassembler delivers bytes only while it takes a segment: they are stamped with
+        // that segment's time, the moment the target itself could have read them in order.
+        segmentTapMicros = segment.tapMicros;
+        reassembler.push(segment, now);
+      },
       onBatchEnd: () => {
         now = Date.now();
         if (!session) return;

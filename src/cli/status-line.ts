@@ -6,8 +6,16 @@ function megabytes(bytes: number): string {
   return `${(bytes / 1e6).toFixed(1)} MB`;
 }
 
-/** One line: ports, connections, bytes and what was dropped where. */
-export function formatStatus(c: CountersEvent): string {
+function milliseconds(ms: number | null): string {
+  if (ms === null) return '–';
+  return ms < 10 ? ms.toFixed(1) : ms.toFixed(0);
+}
+
+/**
+ * One line: target, ports, connections, bytes, what was dropped where, and the mirror lag
+ * (p50/p99: of the last second while running, of the whole session at the end).
+ */
+export function formatStatus(c: CountersEvent, final = false): string {
   const ports = c.ports.length ? c.ports.join(',') : 'none yet';
   const open =
     c.replayed -
@@ -17,9 +25,11 @@ export function formatStatus(c: CountersEvent): string {
     c.droppedSlow -
     c.droppedAppGone -
     c.droppedSessionEnded;
+  const [p50, p99] = final ? [c.lagP50Ms, c.lagP99Ms] : [c.recentLagP50Ms, c.recentLagP99Ms];
   return (
-    `mirrord: ports ${ports} · ${c.replayed} connections (${open} open) · ` +
-    `${megabytes(c.bytesReplayed)} replayed · dropped: ${megabytes(c.bytesDroppedKernel)} in the kernel, ` +
+    `mirrord: ${c.target} · ports ${ports} · ${c.replayed} connections (${open} open) · ` +
+    `${megabytes(c.bytesReplayed)} replayed · lag p50/p99 ${milliseconds(p50)}/${milliseconds(p99)} ms · ` +
+    `dropped: ${megabytes(c.bytesDroppedKernel)} in the kernel, ` +
     `${megabytes(c.bytesDroppedAgent)} in the agent, ${megabytes(c.bytesDropped)} locally`
   );
 }
@@ -46,7 +56,7 @@ export class StatusLine {
   /** At the end: the last status, for good. */
   finish(): void {
     if (!this.#last) return;
-    this.stream.write(`${this.stream.isTTY ? '\r\x1b[2K' : ''}${formatStatus(this.#last)}\n`);
+    this.stream.write(`${this.stream.isTTY ? '\r\x1b[2K' : ''}${formatStatus(this.#last, true)}\n`);
     this.#last = undefined;
   }
 }

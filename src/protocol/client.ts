@@ -20,6 +20,7 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import { AgentClock, monotonicMicros } from './clock.js';
 import { FrameDecoder, FrameWriter, type FrameLimits } from './framing.js';
 import {
   CAPABILITIES,
@@ -137,6 +138,9 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   #keepAlive: NodeJS.Timeout | undefined;
   #watchdog: NodeJS.Timeout | undefined;
   #nonce = 0;
+  /** When the hello, then the latest ping, was sent: for clock samples. */
+  #askedMicros = 0;
+  readonly #agentClock = new AgentClock();
   #paused = false;
   /** Decoded messages not yet dispatched: those after a pause(), or after the hello. */
   #queue: AgentMessage[] = [];
@@ -188,6 +192,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
         this.#fail(new AgentClientError('handshake-timeout', 'the agent did not answer the hello')),
       options.handshakeTimeoutMs ?? 10_000,
     );
+    this.#askedMicros = monotonicMicros();
     this.#send({
       type: 'hello',
       version: PROTOCOL_VERSION,
@@ -201,6 +206,14 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   /** The agent's hello: its version, capabilities, target and interfaces. */
   get agent(): AgentHelloMessage {
     return this.#agent as AgentHelloMessage; // set before start() resolves
+  }
+
+  /**
+   * How long ago, in microseconds on our clock, the tap saw what `tapMicros` stamps (a data
+   * message's): the mirror lag of bytes delivered now.
+   */
+  lagMicros(tapMicros: number): number {
+    return monotonicMicros() - this.#agentClock.toLocal(tapMicros);
   }
 
   get paused(): boolean {
@@ -358,11 +371,12 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     }
     clearTimeout(this.#handshakeTimer);
     this.#agent = first;
+    this.#agentClock.sample(this.#askedMicros, first.clockMicros, monotonicMicros());
     this.#phase = 'open';
-    this.#keepAlive = setInterval(
-      () => this.#send({ type: 'ping', nonce: ++this.#nonce }),
-      this.#keepAliveIntervalMs,
-    );
+    this.#keepAlive = setInterval(() => {
+      this.#askedMicros = monotonicMicros();
+      this.#send({ type: 'ping', nonce: ++this.#nonce });
+    }, this.#keepAliveIntervalMs);
     this.#keepAlive.unref();
     this.#handshake.resolve();
     // Messages that came with the hello wait until the caller, resumed by the handshake promise,
@@ -442,7 +456,11 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
         this.#settle(`unsubscribe:${message.port}`);
         return;
       case 'pong':
-        return; // any byte received already proved the agent alive
+        // Any byte received already proved the agent alive; a pong is also a clock sample.
+        if (message.nonce === this.#nonce) {
+          this.#agentClock.sample(this.#askedMicros, message.clockMicros, monotonicMicros());
+        }
+        return;
       case 'hello':
       case 'refused':
         throw new ProtocolError(`unexpected ${message.type} after the handshake`);

@@ -4,7 +4,7 @@
  *
  * On the wire a message is a msgpack array `[typeCode, ...fields]`, not a map: the data path
  * carries ≥ 250 MB/s of small `data` messages, and positional arrays skip writing, reading and
- * hashing a key string per field (and keep a `data` header at 4–8 bytes). The price is that
+ * hashing a key string per field (and keep a `data` message's overhead under 25 bytes). The price is that
  * fields are identified by position, so every layout below is fixed for a protocol version and
  * only `hello` may grow (see {@link PROTOCOL_VERSION}).
  */
@@ -16,7 +16,7 @@ import { isIP } from 'node:net';
  * `hello` messages never changes, and `hello` tolerates trailing fields, so that a newer peer
  * is told "wrong version" instead of "malformed message".
  */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 
 /**
  * What this build supports. Informational: a peer must tolerate names it does not know.
@@ -88,6 +88,8 @@ export interface AgentHelloMessage {
   target: string;
   /** Interfaces of the target's network namespace the tap is attached to. */
   interfaces: string[];
+  /** The agent's clock (see clock.ts) when it sent this: the client's first clock sample. */
+  clockMicros: number;
 }
 
 /** Rejects the client's hello; the agent closes the session right after. */
@@ -143,6 +145,11 @@ export interface DataMessage {
    * (at most one frame, ≤ 16 MiB; usually one socket read). Copy it if you keep it for long.
    */
   bytes: Buffer;
+  /**
+   * When the tap saw the first of these bytes arrive at the target, on the agent's clock (see
+   * clock.ts): the start of the mirror lag.
+   */
+  tapMicros: number;
 }
 
 /**
@@ -201,6 +208,8 @@ export interface ErrorMessage {
 export interface PongMessage {
   type: 'pong';
   nonce: number;
+  /** The agent's clock when it answered: with the ping's round trip, a clock sample. */
+  clockMicros: number;
 }
 
 export type AgentMessage =
@@ -265,9 +274,17 @@ export function clientMessageToWire(m: ClientMessage): WireMessage {
 export function agentMessageToWire(m: AgentMessage): WireMessage {
   switch (m.type) {
     case 'data':
-      return [C.data, m.id, m.bytes];
+      return [C.data, m.id, m.bytes, m.tapMicros];
     case 'hello':
-      return [C.agentHello, m.version, m.capabilities, m.agent, m.target, m.interfaces];
+      return [
+        C.agentHello,
+        m.version,
+        m.capabilities,
+        m.agent,
+        m.target,
+        m.interfaces,
+        m.clockMicros,
+      ];
     case 'refused':
       return [C.refused, m.version, m.reason];
     case 'subscribed':
@@ -304,7 +321,7 @@ export function agentMessageToWire(m: AgentMessage): WireMessage {
     case 'error':
       return [C.error, m.code, m.message, m.fatal];
     case 'pong':
-      return [C.pong, m.nonce];
+      return [C.pong, m.nonce, m.clockMicros];
   }
 }
 
@@ -432,7 +449,7 @@ export function parseAgentMessage(value: unknown): AgentMessage {
   const w = messageCode(value);
   switch (w[0]) {
     case C.data: {
-      arity(w, 'data', 2);
+      arity(w, 'data', 3);
       const id = uint(w, 1, 'data', 'id');
       const bytes = w[2];
       if (!(bytes instanceof Uint8Array)) return fail('data', 'bytes', 'binary', bytes);
@@ -442,10 +459,11 @@ export function parseAgentMessage(value: unknown): AgentMessage {
         bytes: Buffer.isBuffer(bytes)
           ? bytes
           : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+        tapMicros: uint(w, 3, 'data', 'tapMicros'),
       };
     }
     case C.agentHello:
-      arity(w, 'hello', 5, false);
+      arity(w, 'hello', 6, false);
       return {
         type: 'hello',
         version: uint(w, 1, 'hello', 'version'),
@@ -453,6 +471,7 @@ export function parseAgentMessage(value: unknown): AgentMessage {
         agent: str(w, 3, 'hello', 'agent'),
         target: str(w, 4, 'hello', 'target'),
         interfaces: strings(w, 5, 'hello', 'interfaces'),
+        clockMicros: uint(w, 6, 'hello', 'clockMicros'),
       };
     case C.refused:
       arity(w, 'refused', 2);
@@ -528,8 +547,12 @@ export function parseAgentMessage(value: unknown): AgentMessage {
         fatal: bool(w, 3, 'error', 'fatal'),
       };
     case C.pong:
-      arity(w, 'pong', 1);
-      return { type: 'pong', nonce: uint(w, 1, 'pong', 'nonce') };
+      arity(w, 'pong', 2);
+      return {
+        type: 'pong',
+        nonce: uint(w, 1, 'pong', 'nonce'),
+        clockMicros: uint(w, 2, 'pong', 'clockMicros'),
+      };
     default:
       return wrongDirection(w[0], 'agent');
   }

@@ -16,6 +16,7 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import { monotonicMicros } from './clock.js';
 import { FrameDecoder, FrameWriter, type FrameLimits } from './framing.js';
 import {
   CAPABILITIES,
@@ -188,13 +189,14 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
    * `bytes` is referenced, not copied, until the next flush() copies it into a frame: call
    * flush() before its memory is reused (e.g. before handing a ring-buffer batch back).
    */
-  sendData(id: number, bytes: Buffer): void {
+  sendData(id: number, bytes: Buffer, tapMicros: number): void {
     for (let offset = 0; offset < bytes.length; offset += MAX_DATA_MESSAGE_BYTES) {
       const end = Math.min(bytes.length, offset + MAX_DATA_MESSAGE_BYTES);
       this.#send({
         type: 'data',
         id,
         bytes: offset === 0 && end === bytes.length ? bytes : bytes.subarray(offset, end),
+        tapMicros,
       });
     }
   }
@@ -334,6 +336,7 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
       agent: this.#options.agent,
       target: this.#options.target,
       interfaces: [...this.#options.interfaces],
+      clockMicros: monotonicMicros(),
     });
     clearTimeout(this.#watchdog);
     const idleMs = this.#options.idleTimeoutMs ?? 30_000;
@@ -365,7 +368,7 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
           // While the stream is backed up the client is not reading anyway, and skipping the
           // pong keeps a ping flood from growing the backlog.
           if (!this.#stream.writableNeedDrain)
-            this.#sendNow({ type: 'pong', nonce: message.nonce });
+            this.#sendNow({ type: 'pong', nonce: message.nonce, clockMicros: monotonicMicros() });
           this.emit('ping', message.nonce);
           break;
         case 'bye':

@@ -33,7 +33,15 @@ export type MirrorEvent =
   | { event: 'listen'; port: number; localPort: number }
   | { event: 'opened'; id: number; client: Endpoint; server: Endpoint }
   | { event: 'closed'; id: number; reason: string; bytesReplayed: number; bytesDropped: number }
-  | ({ event: 'counters'; ports: number[] } & Counters & ReplayStats);
+  | ({
+      event: 'counters';
+      target: string;
+      ports: number[];
+      /** Mirror lag percentiles since the previous counters event (null: nothing replayed). */
+      recentLagP50Ms: number | null;
+      recentLagP99Ms: number | null;
+    } & Counters &
+      ReplayStats);
 
 const LAYER_PATH = (): string => join(packageRoot(), 'layer', '.output', 'mirrord_layer.so');
 
@@ -58,6 +66,18 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   let client: AgentClient | undefined;
   let channel: LayerChannel | undefined;
   let replay: Replay | undefined;
+  const countersEvent = (from: Replay): MirrorEvent => {
+    const recent = from.takeRecentLag();
+    return {
+      event: 'counters',
+      target: agent?.target ?? '',
+      ports: [...routes.keys()],
+      recentLagP50Ms: recent.lagP50Ms,
+      recentLagP99Ms: recent.lagP99Ms,
+      ...agentCounters,
+      ...from.stats(),
+    };
+  };
   let agentCounters: Counters = {
     segmentsCopied: 0,
     bytesCopied: 0,
@@ -94,12 +114,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     session.on('counters', (counters) => {
       const { type, ...kernelAndAgent } = counters;
       agentCounters = kernelAndAgent;
-      emit({
-        event: 'counters',
-        ports: [...routes.keys()],
-        ...agentCounters,
-        ...replaying.stats(),
-      });
+      emit(countersEvent(replaying));
     });
     replay.on('connectionEnd', (end) => {
       emit({
@@ -156,12 +171,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   } finally {
     // The totals, whatever ended the session.
     if (replay) {
-      options.onEvent?.({
-        event: 'counters',
-        ports: [...routes.keys()],
-        ...agentCounters,
-        ...replay.stats(),
-      });
+      options.onEvent?.(countersEvent(replay));
     }
     await replay?.close();
     await client?.close();

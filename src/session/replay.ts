@@ -18,6 +18,7 @@ import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import type { AgentClient } from '../protocol/client.js';
 import type { ClosedMessage, DataMessage, Endpoint, OpenedMessage } from '../protocol/messages.js';
+import { LagHistogram } from './lag-histogram.js';
 
 /** Where the app really listens. */
 export interface ReplayTarget {
@@ -80,6 +81,18 @@ export interface ReplayStats {
   bytesDropped: number;
   /** Bytes of skipped connections. */
   bytesSkipped: number;
+  /**
+   * Mirror lag over the session, ms: from the tap seeing bytes arrive at the target to their
+   * hand-over to the app's connection. null before any byte was replayed.
+   */
+  lagP50Ms: number | null;
+  lagP99Ms: number | null;
+}
+
+/** The lag percentiles since the previous call of {@link Replay.takeRecentLag}. */
+export interface RecentLag {
+  lagP50Ms: number | null;
+  lagP99Ms: number | null;
 }
 
 export interface ReplayConnectionInfo {
@@ -155,7 +168,9 @@ export class Replay extends EventEmitter<ReplayEvents> {
   readonly #sockets = new Set<net.Socket>();
   #buffered = 0;
   #closing = false;
-  readonly #stats: ReplayStats = {
+  readonly #sessionLag = new LagHistogram();
+  readonly #recentLag = new LagHistogram();
+  readonly #stats: Omit<ReplayStats, 'lagP50Ms' | 'lagP99Ms'> = {
     opened: 0,
     replayed: 0,
     skippedMidStream: 0,
@@ -191,7 +206,20 @@ export class Replay extends EventEmitter<ReplayEvents> {
   }
 
   stats(): ReplayStats {
-    return { ...this.#stats };
+    return {
+      ...this.#stats,
+      lagP50Ms: this.#sessionLag.quantileMs(0.5) ?? null,
+      lagP99Ms: this.#sessionLag.quantileMs(0.99) ?? null,
+    };
+  }
+
+  takeRecentLag(): RecentLag {
+    const recent = {
+      lagP50Ms: this.#recentLag.quantileMs(0.5) ?? null,
+      lagP99Ms: this.#recentLag.quantileMs(0.99) ?? null,
+    };
+    this.#recentLag.reset();
+    return recent;
   }
 
   /** Bytes waiting for local apps right now, over all connections. */
@@ -306,7 +334,7 @@ export class Replay extends EventEmitter<ReplayEvents> {
     this.emit('skipped', info);
   }
 
-  #onData({ id, bytes }: DataMessage): void {
+  #onData({ id, bytes, tapMicros }: DataMessage): void {
     const connection = this.#byId.get(id);
     if (connection === undefined) {
       if (this.#skipped.has(id)) this.#stats.bytesSkipped += bytes.length;
@@ -342,6 +370,10 @@ export class Replay extends EventEmitter<ReplayEvents> {
       if (!error && connection.end === undefined) {
         connection.bytesReplayed += chunk.length;
         this.#stats.bytesReplayed += chunk.length;
+        // Written to the app's socket: the bytes have arrived locally.
+        const lag = this.#client.lagMicros(tapMicros);
+        this.#sessionLag.record(lag);
+        this.#recentLag.record(lag);
       }
       this.#account(connection);
       this.#resetIfFlushed(connection);
