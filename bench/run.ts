@@ -4,6 +4,7 @@
  */
 const benches: Record<string, () => Promise<Record<string, unknown>>> = {
   tap: async () => (await import('./tap.js')).benchTap(),
+  mirror: async () => (await import('./mirror.js')).benchMirror(),
 };
 
 const name = process.argv[2] ?? '';
