@@ -244,6 +244,29 @@ describe('replay into a local app', () => {
       bytesDropped: 0,
       bytesReplayed: sent.reduce((n, s) => n + s.sent.length / 2, 0),
     });
+    // Every byte's lag was measured, from the tap's stamp to the hand-over to the app.
+    const { lagP50Ms, lagP99Ms } = replay.stats();
+    expect(lagP50Ms).toBeGreaterThan(0);
+    expect(lagP99Ms).toBeGreaterThanOrEqual(lagP50Ms as number);
+  });
+
+  test('when the agent dies, open replayed connections are reset, not ended as if complete', async () => {
+    const app = await listen(net.createServer());
+    cleanups.push(() => app.close());
+    const current = await startSession();
+    const replay = startReplay(current);
+    const ends = endsOf(replay);
+    const client = stdinClient(sandbox, PORT);
+    cleanups.push(() => void client.kill('SIGKILL'));
+    client.stdin!.write('half of a request');
+    await until(() => app.connections[0]?.chunks.length === 1, 'the first bytes to arrive');
+    process.kill(current.agent.pid, 'SIGKILL');
+    await until(() => ends.length === 1, 'the replayed connection to end');
+    expect(ends[0]).toMatchObject({ reason: 'sessionEnded', bytesReplayed: 17 });
+    await until(() => app.connections[0]?.errorCode !== undefined, 'the app to see the reset');
+    expect(app.connections[0]).toMatchObject({ errorCode: 'ECONNRESET', ended: false });
+    expect(replay.stats()).toMatchObject({ replayed: 1, droppedSessionEnded: 1 });
+    session = undefined;
   });
 
   test("the client's FIN is replayed as a FIN and its RST as an RST", async () => {
