@@ -196,6 +196,59 @@ describe('mirrord mirror', () => {
     );
   });
 
+  test('--ignore-port leaves a port out, --port maps a remote port onto another local one', async () => {
+    const [ignored, mapped, appPort] = [PORT, PORT + 5, PORT + 7];
+    sandbox.spawn(sandbox.target, process.execPath, [
+      '-e',
+      `require('http').createServer((q, r) => { q.resume(); q.on('end', () => r.end('staging')); }).listen(${mapped})`,
+    ]);
+    await waitForTcp(sandbox.client, sandbox.targetAddress, mapped);
+    const app = `
+for (const port of [${ignored}, ${appPort}]) {
+  require('http').createServer((req, res) => {
+    req.resume();
+    req.on('end', () => { console.log('app ' + port + ' got ' + req.url); res.end('local'); });
+  }).listen(port);
+}`;
+    const run = mirrord([
+      '--netns',
+      sandbox.target,
+      '--ignore-port',
+      String(ignored),
+      '--port',
+      `${mapped}:${appPort}`,
+      '--json',
+      '--',
+      process.execPath,
+      '-e',
+      app,
+    ]);
+    runs.push(run);
+    await until(() => run.output().includes(`"localPort":${appPort}`), 'the app to listen');
+    expect(await curl('/to-the-ignored-port', 'a=1')).toBe('staging');
+    const toMapped = await sandbox.runAsync(sandbox.client, 'curl', [
+      '-s',
+      '--max-time',
+      '5',
+      `http://${sandbox.targetAddress}:${mapped}/to-the-mapped-port`,
+    ]);
+    expect(toMapped).toBe('staging');
+    await until(
+      () => run.output().includes(`app ${appPort} got /to-the-mapped-port`),
+      'the mapped request',
+    );
+    run.child.kill('SIGINT');
+    await run.exited;
+    expect(run.output()).not.toContain('/to-the-ignored-port');
+    const listens = run
+      .output()
+      .split('\n')
+      .filter((line) => line.startsWith('{"event":"listen"'))
+      .map((line) => (JSON.parse(line) as { port: number }).port);
+    expect(listens).not.toContain(ignored);
+    expect(agentsOf(sandbox.target)).toEqual([]);
+  });
+
   test('mirrord.json in the working directory holds the settings', async () => {
     const localPort = PORT + 2000;
     const local = await startLocalService(localPort);
