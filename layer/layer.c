@@ -3,7 +3,8 @@
 // Hooks bind/listen/accept/accept4/getsockname/getpeername/close/dup/dup2/dup3 for TCP
 // sockets (AF_INET, AF_INET6) so that:
 //  1. the session learns which ports the app listens on: one JSON line per event on a unix
-//     stream socket named by MIRRORD_LAYER_SOCKET (one connection per process);
+//     stream socket named by MIRRORD_LAYER_SOCKET (one connection per process, opened with a
+//     hello carrying MIRRORD_LAYER_TOKEN);
 //  2. a bind to a taken (EADDRINUSE) or privileged (EACCES) port still works: it binds the same
 //     address with port 0 and getsockname reports the requested port;
 //  3. accept/getpeername report the original remote client that the session announces with
@@ -36,8 +37,11 @@
 // Fixed tables: fds at or above FD_MAX are not tracked (they behave as if unhooked).
 #define FD_MAX 65536
 #define OBJ_MAX 1024
-#define PEER_MAX 256
-#define PEER_WAIT_MS 50
+// How long accept waits for the session's word on a replayed connection's original client. The
+// session sends it as soon as its connect completes, so this is only reached when the CLI is
+// starved of CPU (a thousand connections opened at once on a busy machine); a miss then costs
+// the app the real client's address, so the bound is generous.
+#define PEER_WAIT_MS 1000
 #define PEER_TTL_MS 30000
 #define LINE_MAX_LEN 512
 
@@ -122,14 +126,20 @@ struct obj {
 static int16_t fd_map[FD_MAX]; // object index + 1, 0 = untracked
 static struct obj objs[OBJ_MAX];
 
+// The original client of a replayed connection, by the session's source port: one slot per
+// port, so however many connections wait to be accepted, none is forgotten. 2 MiB of bss that is
+// only paged in where used; a slot is valid only in the generation it was written in, so a lost
+// session forgets them all without touching the table.
 struct peer_entry {
-    int used;
-    uint16_t local_port;
+    uint32_t generation;
+    uint8_t family; // AF_INET or AF_INET6
+    uint16_t port;  // network order
+    uint8_t addr[16];
     uint64_t at_ms;
-    struct sockaddr_storage addr; // AF_INET or AF_INET6 with the original client's address/port
 };
-static struct peer_entry peers[PEER_MAX];
-static unsigned peer_next;
+static struct peer_entry peers[65536];
+static uint32_t peer_generation = 1;
+static char layer_token[128]; // MIRRORD_LAYER_TOKEN: proves to the session that we are its app
 
 static void dbg(const char *fmt, ...) {
     if (!debug_on)
@@ -172,12 +182,15 @@ static void atfork_child(void) {
     __atomic_store_n(&conn_up, 0, __ATOMIC_RELEASE);
     for (int i = 0; i < OBJ_MAX; i++)
         objs[i].reported = 0;
-    memset(peers, 0, sizeof peers);
+    peer_generation++;
 }
 
 static void do_init(void) {
     const char *p = getenv("MIRRORD_LAYER_SOCKET");
     layer_path = (p && *p) ? p : NULL;
+    const char *t = getenv("MIRRORD_LAYER_TOKEN");
+    if (t && strlen(t) < sizeof layer_token && !strpbrk(t, "\"\\"))
+        strcpy(layer_token, t);
     const char *d = getenv("MIRRORD_LAYER_DEBUG");
     debug_on = d && strcmp(d, "1") == 0;
     pthread_condattr_t ca;
@@ -387,6 +400,16 @@ static int ensure_connected(void) {
         CALL_REAL(close, fd);
         return -1;
     }
+    // The socket is reachable by other users (an app may drop privileges), so the session
+    // listens only to connections that first show the token it gave the app.
+    char hello[LINE_MAX_LEN];
+    int n = snprintf(hello, sizeof hello, "{\"event\":\"hello\",\"pid\":%d,\"token\":\"%s\"}\n",
+                     (int)getpid(), layer_token);
+    if (n <= 0 || (size_t)n >= sizeof hello || send(fd, hello, (size_t)n, MSG_NOSIGNAL) != n) {
+        dbg("cannot greet the session: %s", strerror(errno));
+        shutdown(fd, SHUT_RDWR); // the reader thread sees it and closes the fd
+        return -1;
+    }
     conn_fd = fd;
     __atomic_store_n(&conn_up, 1, __ATOMIC_RELEASE);
     dbg("connected to session at %s", layer_path);
@@ -500,22 +523,20 @@ static void handle_line(char *line) {
         return;
     }
     pthread_mutex_lock(&mu);
-    // Replace an entry for the same local port, else the oldest slot (ring).
-    int slot = -1;
-    for (int i = 0; i < PEER_MAX; i++) {
-        if (peers[i].used && peers[i].local_port == (uint16_t)local_port) {
-            slot = i;
-            break;
-        }
+    struct peer_entry *e = &peers[(uint16_t)local_port];
+    e->generation = peer_generation;
+    e->at_ms = now_ms();
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+        e->family = AF_INET;
+        e->port = s4->sin_port;
+        memcpy(e->addr, &s4->sin_addr, 4);
+    } else {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+        e->family = AF_INET6;
+        e->port = s6->sin6_port;
+        memcpy(e->addr, &s6->sin6_addr, 16);
     }
-    if (slot < 0) {
-        slot = (int)(peer_next % PEER_MAX);
-        peer_next++;
-    }
-    peers[slot].used = 1;
-    peers[slot].local_port = (uint16_t)local_port;
-    peers[slot].at_ms = now_ms();
-    peers[slot].addr = ss;
     pthread_cond_broadcast(&peer_cv);
     pthread_mutex_unlock(&mu);
     dbg("peer for local port %ld: %s:%ld", local_port, addr, port);
@@ -523,17 +544,25 @@ static void handle_line(char *line) {
 
 // Call with mu held. Takes (removes) the mapping for local_port into out.
 static int peer_take(uint16_t local_port, struct sockaddr_storage *out) {
-    uint64_t now = now_ms();
-    for (int i = 0; i < PEER_MAX; i++) {
-        if (!peers[i].used || peers[i].local_port != local_port)
-            continue;
-        peers[i].used = 0;
-        if (now - peers[i].at_ms > PEER_TTL_MS)
-            return 0;
-        *out = peers[i].addr;
-        return 1;
+    struct peer_entry *e = &peers[local_port];
+    if (e->generation != peer_generation)
+        return 0;
+    e->generation = 0;
+    if (now_ms() - e->at_ms > PEER_TTL_MS)
+        return 0;
+    memset(out, 0, sizeof *out);
+    if (e->family == AF_INET) {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)out;
+        s4->sin_family = AF_INET;
+        s4->sin_port = e->port;
+        memcpy(&s4->sin_addr, e->addr, 4);
+    } else {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)out;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = e->port;
+        memcpy(&s6->sin6_addr, e->addr, 16);
     }
-    return 0;
+    return 1;
 }
 
 // Converts the original client address to the accepted socket's family (IPv4 into AF_INET6 as

@@ -55,11 +55,21 @@ describe('layer channel', () => {
     await channel.close();
   });
 
-  function startApp(): ChildProcess {
-    const child = spawn(process.execPath, ['-e', APP], {
-      env: { ...process.env, LD_PRELOAD: LAYER, MIRRORD_LAYER_SOCKET: channel.path },
-      stdio: 'ignore',
-    });
+  function startApp(token = channel.token, user?: number): ChildProcess {
+    const env = {
+      ...process.env,
+      LD_PRELOAD: LAYER,
+      MIRRORD_LAYER_SOCKET: channel.path,
+      MIRRORD_LAYER_TOKEN: token,
+    };
+    const child =
+      user === undefined
+        ? spawn(process.execPath, ['-e', APP], { env, stdio: 'ignore' })
+        : spawn(
+            'setpriv',
+            [`--reuid=${user}`, `--regid=${user}`, '--clear-groups', process.execPath, '-e', APP],
+            { env, stdio: 'ignore' },
+          );
     children.push(child);
     return child;
   }
@@ -101,6 +111,20 @@ describe('layer channel', () => {
       }),
     );
     expect(seen).toBe('10.213.9.10:40001');
+  });
+
+  test('an app that dropped privileges still reaches the session; a wrong token is not heard', async () => {
+    const heard: AppListener[] = [];
+    channel.on('listen', (listener) => heard.push(listener));
+    const impostor = startApp('0'.repeat(32));
+    await once(impostor, 'spawn');
+    const listening = once(channel, 'listen') as Promise<[AppListener]>;
+    const nobody = startApp(channel.token, 65534);
+    const [listener] = await listening;
+    expect(listener).toMatchObject({ pid: nobody.pid, port: PORT });
+    // The impostor listens too (on another port: ours is taken), but was never heard.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(heard.map((l) => l.pid)).toEqual([nobody.pid]);
   });
 
   test('close removes the socket', async () => {

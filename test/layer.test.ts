@@ -20,12 +20,14 @@ interface LayerEvent {
   local_port?: number;
   family?: number;
   address?: string;
+  token?: string;
   conn: number; // which unix connection it came on
 }
 
 /** Stand-in for the session's side of the layer socket. */
 class FakeSession {
   readonly events: LayerEvent[] = [];
+  readonly hellos: LayerEvent[] = [];
   readonly conns: net.Socket[] = [];
   readonly ended = new Set<number>();
   private waiters: (() => void)[] = [];
@@ -52,7 +54,10 @@ class FakeSession {
       buf += d;
       let nl: number;
       while ((nl = buf.indexOf('\n')) >= 0) {
-        this.events.push({ ...JSON.parse(buf.slice(0, nl)), conn: id });
+        const event = { ...JSON.parse(buf.slice(0, nl)), conn: id } as LayerEvent;
+        // Every connection opens with a hello; the events under test are what follows it.
+        if (event.event === 'hello') this.hellos.push(event);
+        else this.events.push(event);
         buf = buf.slice(nl + 1);
       }
       this.wake();
@@ -121,6 +126,7 @@ interface App {
   exited: Promise<number | null>;
 }
 
+const TOKEN = 'f00dfeed';
 const running = new Set<ChildProcess>();
 let dir: string;
 let session: FakeSession;
@@ -170,7 +176,12 @@ function start(argv: string[], env: Record<string, string | undefined>): App {
 }
 
 function layered(argv: string[], extra: Record<string, string | undefined> = {}): App {
-  return start(argv, { LD_PRELOAD: LAYER, MIRRORD_LAYER_SOCKET: session.path, ...extra });
+  return start(argv, {
+    LD_PRELOAD: LAYER,
+    MIRRORD_LAYER_SOCKET: session.path,
+    MIRRORD_LAYER_TOKEN: TOKEN,
+    ...extra,
+  });
 }
 
 function httpGet(port: number): Promise<string> {
@@ -251,6 +262,11 @@ describe('listen and close events', () => {
     const ev = await session.listenEvent(port);
     expect(ev).toMatchObject({ pid: app.child.pid, port, local_port: port, family: 4 });
     expect(ev.address).toBe('127.0.0.1');
+    // The connection opened with the token from the app's environment.
+    expect(session.hellos.find((h) => h.conn === ev.conn)).toMatchObject({
+      pid: app.child.pid,
+      token: TOKEN,
+    });
     expect(await httpGet(port)).toMatch(/127\.0\.0\.1:\d+ local \d+$/);
 
     app.child.stdin!.write('close\n');

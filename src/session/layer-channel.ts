@@ -1,5 +1,6 @@
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -26,6 +27,8 @@ const MAX_LINE = 4096;
 
 interface LayerConnection {
   socket: net.Socket;
+  /** It showed the token: until then its lines are ignored and it is told nothing. */
+  greeted: boolean;
   /** Ports this process announced and has not closed. */
   ports: Map<number, AppListener>;
 }
@@ -34,14 +37,20 @@ interface LayerConnection {
  * The CLI's end of the layer's unix socket (see layer/layer.c): each process of the local app
  * connects on its own and reports, one JSON line each, the ports it starts and stops listening
  * on; the CLI answers on the same connection with the original peer of each replayed
- * connection, which the app's accept() then reports. The socket lives in a private directory
- * (mode 0700 by mkdtemp), so only this user's processes reach it.
+ * connection, which the app's accept() then reports.
+ *
+ * An app may drop privileges (a server started as root that becomes `nobody` to bind port 80),
+ * so the socket is open to every user, in a directory they may enter but not list. What keeps
+ * other users out is the token in the app's environment (MIRRORD_LAYER_TOKEN, readable only by
+ * the app's own user): a connection's first line must carry it, or it is dropped unheard.
  */
 export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   readonly #server = net.createServer();
   readonly #connections = new Set<LayerConnection>();
   readonly #dir: string;
   readonly path: string;
+  /** Give it to the app as MIRRORD_LAYER_TOKEN. */
+  readonly token = randomBytes(16).toString('hex');
 
   private constructor() {
     super();
@@ -56,6 +65,8 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       channel.#server.once('error', reject);
       channel.#server.listen(channel.path, resolve);
     });
+    chmodSync(channel.#dir, 0o711);
+    chmodSync(channel.path, 0o666);
     return channel;
   }
 
@@ -74,7 +85,7 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
     const peer = { local_port: sourcePort, address: original.address, port: original.port };
     const line = `${JSON.stringify({ peer })}\n`;
     for (const connection of this.#connections) {
-      if (connection.ports.size > 0) connection.socket.write(line);
+      if (connection.greeted && connection.ports.size > 0) connection.socket.write(line);
     }
   }
 
@@ -85,7 +96,7 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   }
 
   #accept(socket: net.Socket): void {
-    const connection: LayerConnection = { socket, ports: new Map() };
+    const connection: LayerConnection = { socket, greeted: false, ports: new Map() };
     this.#connections.add(connection);
     let pending = '';
     socket.setEncoding('utf8');
@@ -114,6 +125,20 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
     try {
       event = JSON.parse(line) as Record<string, unknown>;
     } catch {
+      return;
+    }
+    if (!connection.greeted) {
+      const token = Buffer.from(typeof event.token === 'string' ? event.token : '');
+      const expected = Buffer.from(this.token);
+      if (
+        event.event !== 'hello' ||
+        token.length !== expected.length ||
+        !timingSafeEqual(token, expected)
+      ) {
+        connection.socket.destroy();
+        return;
+      }
+      connection.greeted = true;
       return;
     }
     const { pid, port } = event;

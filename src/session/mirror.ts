@@ -152,7 +152,11 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     const app = execa(file, args, {
       stdio: 'inherit',
       reject: false,
-      env: { LD_PRELOAD: preload, MIRRORD_LAYER_SOCKET: layer.path },
+      env: {
+        LD_PRELOAD: preload,
+        MIRRORD_LAYER_SOCKET: layer.path,
+        MIRRORD_LAYER_TOKEN: layer.token,
+      },
     });
     const outcome = await Promise.race([app, options.interrupted.then(() => undefined)]);
     if (!outcome) {
