@@ -46,6 +46,8 @@ export interface RunningAgent {
 
 const AGENT_NAME = `mirrord-agent on ${hostname()}`;
 const SWEEP_INTERVAL_MS = 1_000;
+/** Session backlog above which the tap is paused until the backlog is written. */
+const PAUSE_TAP_ABOVE_BYTES = 1024 * 1024;
 
 /**
  * Attaches the tap to the target, then serves exactly one session: the session's subscriptions
@@ -59,6 +61,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   let now = Date.now();
   const outbox = new Outbox(maxBacklogBytes);
   let segmentTapMicros = 0;
+  let tapPaused = false;
 
   // Called only for segments, so after `tap` below is assigned.
   const interfaceName = (ifindex: number): string =>
@@ -100,6 +103,16 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
         if (!session) return;
         outbox.flush(session);
         session.flush();
+        // The CLI is behind: rather than drop connections, let the ring buffer (16 MiB by
+        // default) absorb the burst until the session has written its backlog.
+        if (session.backlogBytes > PAUSE_TAP_ABOVE_BYTES && !tapPaused) {
+          tapPaused = true;
+          tap.pause();
+          session.once('drain', () => {
+            tapPaused = false;
+            tap.resume();
+          });
+        }
       },
     },
     options.tap,

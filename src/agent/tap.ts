@@ -177,6 +177,9 @@ function closeAllOnExit(): void {
  */
 export class Tap {
   private closed = false;
+  private paused = false;
+  /** Batches (slot, length) that arrived while paused, in order. */
+  private readonly held: [number, number][] = [];
   private finalCounters: TapCounters | undefined;
   private readonly native: NativeHandle;
   /** The buffers the addon fills with batches, each given back once its batch is processed. */
@@ -230,6 +233,24 @@ export class Tap {
     }
   }
 
+  /**
+   * Stops handing batches to the handlers. They wait in their pool slots, so once the slots are
+   * full the addon stops draining, the ring buffer takes what follows, and only when that is
+   * full too does the kernel count segments it could not copy.
+   */
+  pause(): void {
+    this.paused = true;
+  }
+
+  /** Hands over the batches held while paused, then goes on as they come. */
+  resume(): void {
+    this.paused = false;
+    while (!this.paused && !this.closed && this.held.length > 0) {
+      const [slot, length] = this.held.shift()!;
+      this.onBatch(slot, length);
+    }
+  }
+
   /** After close(), the values at the time of closing. */
   counters(): TapCounters {
     if (this.finalCounters) return this.finalCounters;
@@ -247,6 +268,10 @@ export class Tap {
   }
 
   private onBatch(slot: number, length: number): void {
+    if (this.paused || this.held.length > 0) {
+      this.held.push([slot, length]);
+      return;
+    }
     try {
       this.deliver(this.pool[slot]!.subarray(0, length));
     } catch (error) {
