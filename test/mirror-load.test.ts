@@ -1,0 +1,341 @@
+/**
+ * `mirrord mirror` under load and under failure, with the real CLI, a target in a sandbox netns,
+ * real clients and a real local app: many connections at once, one large upload, and apps that
+ * die in the middle of a session.
+ */
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { join } from 'node:path';
+import { isStale, waitForTcp } from '../src/platform/local/netns.js';
+import {
+  FIXTURES,
+  agentsOf,
+  connectionsOn,
+  killMatching,
+  killRun,
+  logLines,
+  mirrord,
+  netnsList,
+  processesMatching,
+  tempDir,
+  untilCountOrStuck,
+  untilMirroring,
+  untilWhileRunning,
+  type MirrorRun,
+} from './support/mirror-cli.js';
+import { createSandbox, type Sandbox } from './support/sandbox.js';
+
+/** Below the ephemeral range, so that no outgoing connection holds it. */
+const randomPort = (): number => 20_000 + Math.floor(Math.random() * 10_000);
+
+/** Enough open files for a thousand connections in every process on the way. */
+const NOFILE = 8192;
+const DIGEST_SERVER = join(FIXTURES, 'digest-server.mjs');
+
+/** What digest-clients.mjs reports for one connection. */
+interface ClientConnection {
+  port: number;
+  bytes: number;
+  sha: string;
+  answer: string;
+  error?: string;
+}
+
+describe('mirrord mirror under load and failure', () => {
+  let sandbox: Sandbox;
+  let dir: ReturnType<typeof tempDir>;
+  const runs: MirrorRun[] = [];
+
+  beforeEach(() => {
+    sandbox = createSandbox('load');
+    dir = tempDir('load');
+  });
+
+  afterEach(async () => {
+    for (const run of runs.splice(0)) await killRun(run);
+    // A local app whose mirror was killed: found by its log directory in its arguments.
+    killMatching(dir.path);
+    sandbox.destroy();
+    dir.remove();
+  });
+
+  /** A digest-server.mjs in the target netns on these ports. */
+  async function startTarget(ports: number[]): Promise<void> {
+    sandbox.spawn(sandbox.target, 'prlimit', [
+      `--nofile=${NOFILE}:${NOFILE}`,
+      '--',
+      process.execPath,
+      DIGEST_SERVER,
+      ...ports.flatMap((port) => ['--port', String(port)]),
+      '--log',
+      join(dir.path, 'target.log'),
+    ]);
+    for (const port of ports) await waitForTcp(sandbox.client, sandbox.targetAddress, port);
+  }
+
+  /** digest-clients.mjs in the client netns: COUNT connections at once. */
+  async function clients(
+    port: number,
+    count: number,
+    bytes: [number, number],
+    pacing: [number, number] = [1, 0],
+  ): Promise<ClientConnection[]> {
+    const stdout = await sandbox.runAsync(sandbox.client, 'prlimit', [
+      `--nofile=${NOFILE}:${NOFILE}`,
+      '--',
+      process.execPath,
+      join(FIXTURES, 'digest-clients.mjs'),
+      sandbox.targetAddress,
+      String(port),
+      String(count),
+      ...[...bytes, ...pacing].map(String),
+    ]);
+    return (JSON.parse(stdout) as { connections: ClientConnection[] }).connections;
+  }
+
+  /** Connections whose answer from the target is not the digest of what they sent. */
+  const wronglyAnswered = (connections: ClientConnection[]): ClientConnection[] =>
+    connections.filter((c) => c.error !== undefined || c.answer !== c.sha);
+
+  /**
+   * What the local app logged (digest-server lines) against what the clients sent: one line per
+   * connection, under the original client's address and port, with the same size and digest.
+   * The differences (the first few, and how many), and which peers the app saw how often.
+   */
+  function mirrorDifferences(
+    logFile: string,
+    sent: ClientConnection[],
+  ): { differences: string[]; peers: Record<string, number>; streamsNotReceived: number } {
+    const seen = new Map<number, string>();
+    const peers: Record<string, number> = {};
+    const digests = new Set<string>();
+    for (const line of logLines(logFile)) {
+      const [address = '', port, , bytes, sha = ''] = line.split(' ');
+      if (bytes === '0') continue; // an empty probe connection (untilMirroring)
+      peers[address] = (peers[address] ?? 0) + 1;
+      seen.set(Number(port), `${bytes} ${sha}`);
+      digests.add(sha);
+    }
+    const differences: string[] = [];
+    for (const connection of sent) {
+      const got = seen.get(connection.port);
+      if (got !== `${connection.bytes} ${connection.sha}`) {
+        differences.push(
+          `client port ${connection.port}: sent ${connection.bytes}, app got ${got}`,
+        );
+      }
+    }
+    if (differences.length > 10) {
+      differences.splice(10, Infinity, `… ${differences.length} differences in all`);
+    }
+    // Apart from the peer it was reported under: streams whose bytes never arrived whole.
+    const streamsNotReceived = sent.filter((c) => !digests.has(c.sha)).length;
+    return { differences, peers, streamsNotReceived };
+  }
+
+  const linesWithBytes = (logFile: string): number =>
+    logLines(logFile).filter((line) => line.split(' ')[3] !== '0').length;
+
+  /** How the run's connections to `port` ended, counted by reason. */
+  function closedReasons(run: MirrorRun, port: number): Record<string, number> {
+    const reasons: Record<string, number> = {};
+    for (const { reason } of connectionsOn(run, port).closed) {
+      reasons[reason as string] = (reasons[reason as string] ?? 0) + 1;
+    }
+    return reasons;
+  }
+
+  /**
+   * Nothing of the session is left: no agent, no app process, and no netns made since
+   * `netnsBefore` whose maker is gone (other test files may be making their own meanwhile).
+   */
+  function expectNothingLeft(netnsBefore: string[], appMarker: string): void {
+    expect(agentsOf(sandbox.target)).toEqual([]);
+    expect(processesMatching(appMarker)).toEqual([]);
+    expect(netnsList().filter((name) => !netnsBefore.includes(name) && isStale(name))).toEqual([]);
+  }
+
+  test('1,000 concurrent connections, each mirrored exactly under its original client port', async () => {
+    const port = randomPort();
+    const localLog = join(dir.path, 'local.log');
+    await startTarget([port]);
+    const run = mirrord(
+      [
+        '--netns',
+        sandbox.target,
+        '--json',
+        '--',
+        process.execPath,
+        DIGEST_SERVER,
+        '--port',
+        String(port),
+        '--log',
+        localLog,
+      ],
+      { nofile: NOFILE },
+    );
+    runs.push(run);
+    await untilMirroring(run, sandbox, port);
+    const probes = connectionsOn(run, port).opened.length;
+
+    // All 1,000 are opened at once and stay open together while each sends its payload in
+    // eight pieces, a quarter of a second apart (about 17 MB/s in all).
+    const sent = await clients(port, 1000, [4 * 1024, 64 * 1024], [8, 250]);
+    expect(sent).toHaveLength(1000);
+    expect(new Set(sent.map((c) => c.port)).size).toBe(1000);
+    expect(wronglyAnswered(sent)).toEqual([]);
+
+    await untilCountOrStuck(() => connectionsOn(run, port).closed.length, probes + 1000);
+    await untilCountOrStuck(() => linesWithBytes(localLog), 1000);
+    expect({
+      closed: closedReasons(run, port),
+      ...mirrorDifferences(localLog, sent),
+    }).toEqual({
+      closed: { fin: probes + 1000 },
+      differences: [],
+      peers: { [`::ffff:${sandbox.clientAddress}`]: 1000 },
+      streamsNotReceived: 0,
+    });
+    run.child.kill('SIGINT');
+    await run.exited;
+    expect(run.events().at(-1)).toMatchObject({ event: 'counters', bytesDropped: 0 });
+    expect(agentsOf(sandbox.target)).toEqual([]);
+  });
+
+  test('a 200 MB upload (curl) is mirrored exactly', async () => {
+    const port = randomPort();
+    const server = join(FIXTURES, 'http-log-server.mjs');
+    const targetLog = join(dir.path, 'target.log');
+    const localLog = join(dir.path, 'local.log');
+    const upload = join(dir.path, 'upload.bin');
+    execFileSync('bash', ['-c', `head -c ${200 * 1024 * 1024} /dev/urandom > ${upload}`]);
+    const digest = createHash('sha256');
+    for await (const chunk of createReadStream(upload)) digest.update(chunk as Buffer);
+    const sha = digest.digest('hex');
+
+    sandbox.spawn(sandbox.target, process.execPath, [server, String(port), targetLog]);
+    await waitForTcp(sandbox.client, sandbox.targetAddress, port);
+    const run = mirrord([
+      '--netns',
+      sandbox.target,
+      '--json',
+      '--',
+      process.execPath,
+      server,
+      String(port),
+      localLog,
+    ]);
+    runs.push(run);
+    await untilMirroring(run, sandbox, port);
+    const probes = connectionsOn(run, port).opened.length;
+
+    // At the speed of a 1 Gbit/s link (100 MB/s), about two seconds.
+    const answer = await sandbox.runAsync(sandbox.client, 'curl', [
+      '-sS',
+      '--limit-rate',
+      '100M',
+      '-T',
+      upload,
+      `http://${sandbox.targetAddress}:${port}/upload`,
+    ]);
+    expect(answer).toBe(sha);
+    await untilCountOrStuck(() => connectionsOn(run, port).closed.length, probes + 1);
+    const { closed } = connectionsOn(run, port);
+    // With the agent's and the kernel's drop counters, to tell where bytes were lost.
+    const counters = run.events().findLast((e) => e.event === 'counters');
+    expect({ closed: closed.at(-1), counters }).toMatchObject({
+      closed: { reason: 'fin', bytesDropped: 0 },
+      counters: { bytesDroppedKernel: 0, bytesDroppedAgent: 0 },
+    });
+    expect(closed.at(-1)!.bytesReplayed).toBeGreaterThan(200 * 1024 * 1024);
+    await untilCountOrStuck(() => logLines(localLog).length, 1);
+    expect(logLines(targetLog)).toHaveLength(1);
+    expect(logLines(localLog)).toEqual(logLines(targetLog));
+    run.child.kill('SIGINT');
+    await run.exited;
+    expect(agentsOf(sandbox.target)).toEqual([]);
+  });
+
+  test('a child process of the app that dies mid-session costs only its own connections', async () => {
+    const portA = randomPort();
+    const portB = portA + 1;
+    const netnsBefore = netnsList();
+    await startTarget([portA, portB]);
+    const waveA = 20;
+    const lateA = 10;
+    const run = mirrord([
+      '--netns',
+      sandbox.target,
+      '--json',
+      '--',
+      process.execPath,
+      join(FIXTURES, 'forking-app.mjs'),
+      String(portA),
+      String(portB),
+      dir.path,
+      String(waveA + lateA),
+      '5',
+    ]);
+    runs.push(run);
+    await untilMirroring(run, sandbox, portA);
+    await untilMirroring(run, sandbox, portB);
+
+    // Paced over two seconds: the child dies at the first bytes of its fifth connection, with
+    // every connection to A and B still sending.
+    const [sentA, sentB] = await Promise.all([
+      clients(portA, waveA, [8 * 1024, 64 * 1024], [20, 100]),
+      clients(portB, 20, [8 * 1024, 64 * 1024], [20, 100]),
+    ]);
+    expect(wronglyAnswered([...sentA, ...sentB])).toEqual([]);
+    await untilWhileRunning(
+      run,
+      () => run.stdout().includes('child exited with code 7'),
+      'the child to die',
+    );
+
+    // The session goes on: later connections to A are mirrored too.
+    const sentLate = await clients(portA, lateA, [1024, 32 * 1024]);
+    expect(wronglyAnswered(sentLate)).toEqual([]);
+    // The main process exits with 5 once it has all of A's connections.
+    expect(await run.exited).toBe(5);
+    expect(mirrorDifferences(join(dir.path, 'main.log'), [...sentA, ...sentLate])).toEqual({
+      differences: [],
+      peers: { [`::ffff:${sandbox.clientAddress}`]: waveA + lateA },
+      streamsNotReceived: 0,
+    });
+    const closedA = connectionsOn(run, portA).closed.filter((e) => (e.bytesReplayed as number) > 0);
+    expect(closedA).toHaveLength(waveA + lateA);
+    expect(closedA.filter((e) => e.reason !== 'fin' || e.bytesDropped !== 0)).toEqual([]);
+    expectNothingLeft(netnsBefore, `forking-app.mjs ${portA}`);
+  });
+
+  test('an app that exits mid-traffic ends mirror with its exit code; the target’s clients never notice', async () => {
+    const port = randomPort();
+    const netnsBefore = netnsList();
+    await startTarget([port]);
+    const run = mirrord([
+      '--netns',
+      sandbox.target,
+      '--json',
+      '--',
+      process.execPath,
+      DIGEST_SERVER,
+      '--port',
+      String(port),
+      '--log',
+      join(dir.path, 'local.log'),
+      '--exit-after-seen',
+      '10:9',
+    ]);
+    runs.push(run);
+    await untilMirroring(run, sandbox, port);
+
+    const traffic = clients(port, 30, [8 * 1024, 64 * 1024], [20, 100]);
+    expect(await run.exited).toBe(9);
+    expect(wronglyAnswered(await traffic)).toEqual([]);
+    expectNothingLeft(netnsBefore, `--log ${join(dir.path, 'local.log')}`);
+    // The target goes on as before, without a tap.
+    expect(wronglyAnswered(await clients(port, 30, [1024, 8 * 1024]))).toEqual([]);
+  });
+});
