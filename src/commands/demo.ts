@@ -6,11 +6,11 @@ export default class DemoCommand extends MirrordCommand {
   static override summary =
     'Mirror a sandbox "staging" service on this machine: no cluster needed.';
   static override description =
-    'Creates a network namespace with a small HTTP service and a traffic generator, taps it with a local agent, and prints every mirrored request. Removes everything when it ends or on Ctrl-C. Needs root.';
+    'Creates a network namespace with a small HTTP service and a traffic generator, and mirrors it into the example app examples/orders-app/server.js, which prints each request it gets next to the ones staging answered. Removes everything when it ends or on Ctrl-C. Needs root.';
 
   static override flags = {
     duration: Flags.integer({
-      summary: 'Seconds to run (0: until Ctrl-C).',
+      summary: 'Seconds of traffic to mirror (0: until Ctrl-C).',
       default: 20,
       min: 0,
     }),

@@ -1,13 +1,37 @@
+import { execa, type ResultPromise } from 'execa';
+import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { createHosts, waitForTcp } from '../platform/local/netns.js';
 
 export const SERVICE_PORT = 8080;
 
+/** A request staging answered, as its client saw it. */
+export interface Answer {
+  method: string;
+  path: string;
+  body: string;
+  /** The client's address:port. */
+  from: string;
+  status: number;
+}
+
+/** Staging's users, sending requests until stopped. */
+export interface Traffic {
+  /**
+   * Stops sending; resolves, once every request sent has been answered and the generator has
+   * exited, with the number of connections it opened (0 if it did not say).
+   */
+  stop(): Promise<number>;
+}
+
 /** A sandbox "staging": a service in its own netns, and a client netns sending it traffic. */
 export interface Staging {
   netns: string;
+  serviceAddress: string;
+  clientAddress: string;
   serviceUrl: string;
-  startTraffic(): void;
+  /** Starts the users; `onAnswer` hears of each request staging answered. */
+  startTraffic(onAnswer: (answer: Answer) => void): Traffic;
   destroy(): void;
 }
 
@@ -36,11 +60,51 @@ export async function createStaging(): Promise<Staging> {
     hosts.destroy();
     throw error;
   }
+  const generators: ResultPromise[] = [];
   return {
     netns: hosts.server,
+    serviceAddress: hosts.serverAddress,
+    clientAddress: hosts.clientAddress,
     serviceUrl,
-    startTraffic: () =>
-      void hosts.spawn(hosts.client, process.execPath, [script('traffic'), serviceUrl]),
-    destroy: () => hosts.destroy(),
+    startTraffic(onAnswer) {
+      // Not hosts.spawn: that buffers all output, and the generator prints for as long as the
+      // demo runs.
+      const generator = execa(
+        'ip',
+        ['netns', 'exec', hosts.client, process.execPath, script('traffic'), serviceUrl],
+        {
+          reject: false,
+          stdin: 'ignore',
+          stdout: 'pipe',
+          stderr: 'inherit',
+          buffer: false,
+          forceKillAfterDelay: 3000,
+        },
+      );
+      generators.push(generator);
+      let connections = 0;
+      createInterface({ input: generator.stdout! }).on('line', (line) => {
+        let said: Answer | { connections: number };
+        try {
+          said = JSON.parse(line) as typeof said;
+        } catch {
+          return; // not one of its reports (a warning of node's, say)
+        }
+        if ('connections' in said) connections = said.connections;
+        else onAnswer(said);
+      });
+      let stopped: Promise<number> | undefined;
+      return {
+        stop() {
+          generator.kill('SIGTERM');
+          stopped ??= generator.then(() => connections);
+          return stopped;
+        },
+      };
+    },
+    destroy() {
+      for (const generator of generators) generator.kill('SIGKILL');
+      hosts.destroy();
+    },
   };
 }
