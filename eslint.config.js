@@ -3,7 +3,16 @@ import tseslint from 'typescript-eslint';
 import prettier from 'eslint-config-prettier';
 
 export default tseslint.config(
-  { ignores: ['dist/', 'build/', '.bench-out/', '.test-out/', 'node_modules/', 'oclif.manifest.json'] },
+  {
+    ignores: [
+      'dist/',
+      'build/',
+      '.bench-out/',
+      '.test-out/',
+      'node_modules/',
+      'oclif.manifest.json',
+    ],
+  },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   prettier,
