@@ -133,9 +133,15 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     layer?.on('listen', (listener) => {
       if (options.ignorePorts.has(listener.port) || options.ports.has(listener.port)) return;
       routes.set(listener.port, localTarget(listener));
-      emit({ event: 'listen', port: listener.port, localPort: listener.localPort });
-      log(`mirrord: the app listens on ${listener.port}: mirroring it`);
-      session.subscribe(listener.port).catch((error: Error) => log(`mirrord: ${error.message}`));
+      // Announced once the tap copies the port, so that whoever waits for it (the demo starts
+      // its traffic then) loses nothing.
+      session.subscribe(listener.port).then(
+        () => {
+          emit({ event: 'listen', port: listener.port, localPort: listener.localPort });
+          log(`mirrord: the app listens on ${listener.port}: mirroring it`);
+        },
+        (error: Error) => log(`mirrord: ${error.message}`),
+      );
     });
     layer?.on('close', ({ port }) => {
       if (!routes.has(port) || options.ports.has(port)) return;

@@ -1,0 +1,167 @@
+import type { V1Job, V1SecurityContext } from '@kubernetes/client-node';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { packageRoot } from '../../package-root.js';
+
+/** The agent serves its session here inside its own pod's netns, so a fixed port never collides. */
+export const AGENT_PORT = 61337;
+export const AGENT_CONTAINER = 'mirrord-agent';
+
+export const LABELS = {
+  name: 'app.kubernetes.io/name',
+  managedBy: 'app.kubernetes.io/managed-by',
+  session: 'mirrord.dev/session',
+} as const;
+/** Selects every Job and pod this CLI made, in any session. */
+export const MANAGED_SELECTOR = `${LABELS.managedBy}=mirrord`;
+
+export const ANNOTATIONS = {
+  /** What the session mirrors, for people reading `kubectl get jobs -o yaml`. */
+  target: 'mirrord.dev/target',
+  /** `HOST/PID` of the CLI that made the Job: `mirrord cleanup` on that host can tell it is gone. */
+  cli: 'mirrord.dev/cli',
+} as const;
+
+/** What the agent needs instead of privileged: BPF and tc in the target's netns, /proc of other pids. */
+export const AGENT_CAPABILITIES = [
+  'BPF',
+  'NET_ADMIN',
+  'SYS_ADMIN',
+  'SYS_PTRACE',
+  'SYS_RESOURCE',
+  'PERFMON',
+];
+
+export const PULL_POLICIES = ['Always', 'IfNotPresent', 'Never'] as const;
+export type PullPolicy = (typeof PULL_POLICIES)[number];
+
+export interface AgentJobOptions {
+  sessionId: string;
+  namespace: string;
+  /** The target pod's node: the agent must run there to tap it. */
+  node: string;
+  /** The target container's ID as the runtime reports it (`containerd://…`). */
+  containerId: string;
+  /** What is mirrored, as the user reads it (an annotation). */
+  target: string;
+  image: string;
+  pullPolicy?: PullPolicy;
+  pullSecrets: string[];
+  /** Just the capabilities the agent needs instead of a privileged container. */
+  capabilities: boolean;
+  /** Seconds after the Job finished before Kubernetes deletes it (and its pod). */
+  ttlSeconds: number;
+  /** Seconds the agent waits for a session before it exits by itself. */
+  idleTimeoutSeconds: number;
+  /** Who made it, for `mirrord cleanup`. */
+  cli: { host: string; pid: number };
+}
+
+export function defaultAgentImage(): string {
+  const { version } = JSON.parse(readFileSync(join(packageRoot(), 'package.json'), 'utf8')) as {
+    version: string;
+  };
+  return `ghcr.io/mirrord-dev/mirrord-agent:${version}`;
+}
+
+export function agentJobName(sessionId: string): string {
+  return `mirrord-agent-${sessionId}`;
+}
+
+/**
+ * The agent's Job, as a pure function of the options: what `--dry-run` prints is exactly what
+ * would be created.
+ */
+export function agentJobManifest(options: AgentJobOptions): V1Job {
+  const labels = {
+    [LABELS.name]: 'mirrord-agent',
+    [LABELS.managedBy]: 'mirrord',
+    [LABELS.session]: options.sessionId,
+  };
+  // Meshes inject a proxy into new pods unless told not to; a sidecar would keep the Job from
+  // completing and sit between the port-forward and the agent. Istio and Kuma read labels or
+  // annotations depending on their version, so both are set.
+  const noMeshLabels = {
+    'sidecar.istio.io/inject': 'false',
+    'kuma.io/sidecar-injection': 'disabled',
+  };
+  const noMeshAnnotations = {
+    'sidecar.istio.io/inject': 'false',
+    'linkerd.io/inject': 'disabled',
+    'kuma.io/sidecar-injection': 'disabled',
+  };
+  const securityContext: V1SecurityContext = options.capabilities
+    ? { privileged: false, capabilities: { add: [...AGENT_CAPABILITIES] } }
+    : { privileged: true };
+  return {
+    apiVersion: 'batch/v1',
+    kind: 'Job',
+    metadata: {
+      name: agentJobName(options.sessionId),
+      namespace: options.namespace,
+      labels,
+      annotations: {
+        [ANNOTATIONS.target]: options.target,
+        [ANNOTATIONS.cli]: `${options.cli.host}/${options.cli.pid}`,
+      },
+    },
+    spec: {
+      // One attempt: a failing agent is reported to the user, not retried behind their back.
+      backoffLimit: 0,
+      ttlSecondsAfterFinished: options.ttlSeconds,
+      template: {
+        metadata: {
+          labels: { ...labels, ...noMeshLabels },
+          annotations: noMeshAnnotations,
+        },
+        spec: {
+          restartPolicy: 'Never',
+          // The agent finds the target's PID from its container ID in /proc/*/cgroup.
+          hostPID: true,
+          automountServiceAccountToken: false,
+          terminationGracePeriodSeconds: 5,
+          // Pinned the way the DaemonSet controller pins pods, so the scheduler still runs and
+          // an agent that cannot fit on the node is reported as Unschedulable.
+          affinity: {
+            nodeAffinity: {
+              requiredDuringSchedulingIgnoredDuringExecution: {
+                nodeSelectorTerms: [
+                  {
+                    matchFields: [{ key: 'metadata.name', operator: 'In', values: [options.node] }],
+                  },
+                ],
+              },
+            },
+          },
+          // The target's node may be tainted (dedicated pools, control plane): go there anyway.
+          tolerations: [{ operator: 'Exists' }],
+          ...(options.pullSecrets.length > 0
+            ? { imagePullSecrets: options.pullSecrets.map((name) => ({ name })) }
+            : {}),
+          containers: [
+            {
+              name: AGENT_CONTAINER,
+              image: options.image,
+              ...(options.pullPolicy ? { imagePullPolicy: options.pullPolicy } : {}),
+              command: [
+                'mirrord',
+                'agent',
+                '--container-id',
+                options.containerId,
+                '--listen',
+                `127.0.0.1:${AGENT_PORT}`,
+                '--idle-timeout',
+                String(options.idleTimeoutSeconds),
+              ],
+              securityContext,
+              resources: {
+                requests: { cpu: '50m', memory: '64Mi' },
+                limits: { memory: '256Mi' },
+              },
+            },
+          ],
+        },
+      },
+    },
+  };
+}
