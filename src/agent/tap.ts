@@ -247,7 +247,7 @@ export class Tap {
     this.paused = false;
     while (!this.paused && !this.closed && this.held.length > 0) {
       const [slot, length] = this.held.shift()!;
-      this.onBatch(slot, length);
+      this.process(slot, length);
     }
   }
 
@@ -268,10 +268,11 @@ export class Tap {
   }
 
   private onBatch(slot: number, length: number): void {
-    if (this.paused || this.held.length > 0) {
-      this.held.push([slot, length]);
-      return;
-    }
+    if (this.paused || this.held.length > 0) this.held.push([slot, length]);
+    else this.process(slot, length);
+  }
+
+  private process(slot: number, length: number): void {
     try {
       this.deliver(this.pool[slot]!.subarray(0, length));
     } catch (error) {
