@@ -1,5 +1,6 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
+import { clusterFlags, namespaceFlags } from '../cli/cluster-flags.js';
 import { loadKubeAccess } from '../platform/kube/kubeconfig.js';
 import { cleanupLeftovers, formatCleanup, type CleanupResult } from '../platform/kube/cleanup.js';
 
@@ -16,25 +17,11 @@ export default class CleanupCommand extends MirrordCommand {
   static override enableJsonFlag = true;
 
   static override flags = {
-    namespace: Flags.string({
-      char: 'n',
-      summary: "The namespace to clean (default: the context's, else default).",
-      exclusive: ['all-namespaces'],
-    }),
-    'all-namespaces': Flags.boolean({ char: 'A', summary: 'Clean every namespace.' }),
+    ...namespaceFlags('clean'),
     all: Flags.boolean({
       summary: 'Remove every mirrord Job, also those of sessions that may still be running.',
     }),
-    context: Flags.string({
-      summary: 'The kubeconfig context to use (default: its current context).',
-    }),
-    kubeconfig: Flags.string({
-      summary: 'The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).',
-    }),
-    'request-timeout': Flags.integer({
-      summary: 'Seconds to wait for one answer of the API server (default: 20).',
-      min: 1,
-    }),
+    ...clusterFlags(),
   };
 
   async run(): Promise<CleanupResult> {

@@ -1,5 +1,5 @@
-import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
+import { clusterFlags, namespaceFlags } from '../cli/cluster-flags.js';
 import { loadKubeAccess } from '../platform/kube/kubeconfig.js';
 import { formatTargets, listTargets, type ListedTarget } from '../platform/kube/list-targets.js';
 
@@ -16,22 +16,8 @@ export default class LsCommand extends MirrordCommand {
   static override enableJsonFlag = true;
 
   static override flags = {
-    namespace: Flags.string({
-      char: 'n',
-      summary: "The namespace to list (default: the context's, else default).",
-      exclusive: ['all-namespaces'],
-    }),
-    'all-namespaces': Flags.boolean({ char: 'A', summary: 'List every namespace.' }),
-    context: Flags.string({
-      summary: 'The kubeconfig context to use (default: its current context).',
-    }),
-    kubeconfig: Flags.string({
-      summary: 'The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).',
-    }),
-    'request-timeout': Flags.integer({
-      summary: 'Seconds to wait for one answer of the API server (default: 20).',
-      min: 1,
-    }),
+    ...namespaceFlags('list'),
+    ...clusterFlags(),
   };
 
   async run(): Promise<{ targets: ListedTarget[] }> {

@@ -1,5 +1,6 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
+import { clusterFlags } from '../cli/cluster-flags.js';
 import { runMirror, type MirrorEvent } from '../session/mirror.js';
 import { placeLocalAgent } from '../platform/local/agent-process.js';
 import type { AgentPlacer } from '../platform/placed-agent.js';
@@ -70,19 +71,7 @@ export default class MirrorCommand extends MirrordCommand {
       summary: "The target's namespace (default: the context's, else default).",
       helpGroup: KUBE,
     }),
-    context: Flags.string({
-      summary: 'The kubeconfig context to use (default: its current context).',
-      helpGroup: KUBE,
-    }),
-    kubeconfig: Flags.string({
-      summary: 'The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).',
-      helpGroup: KUBE,
-    }),
-    'request-timeout': Flags.integer({
-      summary: 'Seconds to wait for one answer of the API server (default: 20).',
-      min: 1,
-      helpGroup: KUBE,
-    }),
+    ...clusterFlags(KUBE),
     'dry-run': Flags.boolean({
       summary: 'Print the agent Job that would be created (YAML) and create nothing.',
       helpGroup: KUBE,

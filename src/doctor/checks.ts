@@ -1,16 +1,9 @@
 import { execFile } from 'node:child_process';
 import { accessSync, constants, existsSync, readFileSync, statSync } from 'node:fs';
-import { homedir, release } from 'node:os';
+import { release } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
-import {
-  KubeConfig,
-  Observable,
-  VersionApi,
-  type ObservableMiddleware,
-  type RequestContext,
-  type ResponseContext,
-} from '@kubernetes/client-node';
 import { packageRoot } from '../package-root.js';
+import { KubeError, loadKubeAccess, type KubeAccess } from '../platform/kube/kubeconfig.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
@@ -41,6 +34,8 @@ const RINGBUF_KERNEL: [number, number] = [5, 8];
 const TCX_KERNEL: [number, number] = [6, 6];
 
 /** How long the API server may take to answer GET /version. */
+const KUBECONFIG_FIX =
+  "point KUBECONFIG or --kubeconfig at your cluster's config, and --context at one of its contexts";
 const API_TIMEOUT_MS = 3000;
 
 const CAP_NET_ADMIN = 12n;
@@ -294,40 +289,6 @@ export async function checkLayer(
   return { ...base, status: 'ok', detail: `${path} preloads into a real program` };
 }
 
-/** The files kubectl would read: --kubeconfig, else the existing files of KUBECONFIG, else ~/.kube/config. */
-function kubeconfigFiles(flag: string | undefined): { files: string[]; missing: string } {
-  if (flag !== undefined) return { files: existsSync(flag) ? [flag] : [], missing: flag };
-  const fromEnv = (process.env.KUBECONFIG ?? '').split(delimiter).filter(Boolean);
-  if (fromEnv.length) {
-    return { files: fromEnv.filter((file) => existsSync(file)), missing: fromEnv.join(delimiter) };
-  }
-  const home = join(homedir(), '.kube', 'config');
-  return { files: existsSync(home) ? [home] : [], missing: home };
-}
-
-/** kubectl's merge of KUBECONFIG's files: the first file to set a name (or the context) wins. */
-function mergeFirstWins(config: KubeConfig, more: KubeConfig): void {
-  if (!config.getCurrentContext()) config.setCurrentContext(more.getCurrentContext());
-  for (const cluster of more.getClusters()) {
-    if (!config.getCluster(cluster.name)) config.addCluster(cluster);
-  }
-  for (const user of more.getUsers()) if (!config.getUser(user.name)) config.addUser(user);
-  for (const context of more.getContexts()) {
-    if (!config.getContextObject(context.name)) config.addContext(context);
-  }
-}
-
-/** Aborts GET /version after `ms`: an unanswered connection would otherwise keep the CLI alive. */
-function timeoutMiddleware(ms: number): ObservableMiddleware {
-  return {
-    pre: (context: RequestContext) => {
-      context.setSignal(AbortSignal.timeout(ms));
-      return new Observable(Promise.resolve(context));
-    },
-    post: (response: ResponseContext) => new Observable(Promise.resolve(response)),
-  };
-}
-
 function apiProblem(error: unknown): string {
   const { name, code, message } = (error ?? {}) as {
     name?: string;
@@ -344,56 +305,20 @@ function apiProblem(error: unknown): string {
 export async function checkKubeconfig(options: DoctorOptions = {}): Promise<CheckResult> {
   const base = { id: 'kubeconfig', title: 'kubeconfig' } as const;
   const only = 'only --pod/--deployment/--statefulset need it';
-  const { files, missing } = kubeconfigFiles(options.kubeconfig);
-  if (files.length === 0) {
-    return {
-      ...base,
-      status: 'warn',
-      detail: `no kubeconfig (${missing} not found)`,
-      fix: `${only}: set KUBECONFIG or --kubeconfig to your cluster's config`,
-    };
-  }
-  const config = new KubeConfig();
+  // Loaded exactly as `mirror --pod` loads it, so what doctor says is what mirror will meet.
+  let access: KubeAccess;
   try {
-    config.loadFromFile(files[0]!);
-    for (const file of files.slice(1)) {
-      const more = new KubeConfig();
-      more.loadFromFile(file);
-      mergeFirstWins(config, more);
-    }
+    access = loadKubeAccess({
+      kubeconfig: options.kubeconfig,
+      context: options.context,
+      requestTimeoutMs: API_TIMEOUT_MS,
+    });
   } catch (error) {
-    return {
-      ...base,
-      status: 'warn',
-      detail: `cannot read ${files.join(delimiter)}: ${firstLine((error as Error).message)}`,
-      fix: `${only}: fix the file (kubectl config view shows what is wrong)`,
-    };
+    if (!(error instanceof KubeError)) throw error;
+    return { ...base, status: 'warn', detail: error.message, fix: `${only}: ${KUBECONFIG_FIX}` };
   }
-  if (options.context !== undefined) {
-    if (!config.getContextObject(options.context)) {
-      return {
-        ...base,
-        status: 'warn',
-        detail: `no context "${options.context}" in ${files.join(delimiter)}`,
-        fix: `${only}: pick one of kubectl config get-contexts`,
-      };
-    }
-    config.setCurrentContext(options.context);
-  }
-  const context = config.getCurrentContext();
-  const cluster = config.getCurrentCluster();
-  if (!context || !cluster) {
-    return {
-      ...base,
-      status: 'warn',
-      detail: context
-        ? `context "${context}" names no cluster in ${files.join(delimiter)}`
-        : `no current context in ${files.join(delimiter)}`,
-      fix: `${only}: kubectl config use-context NAME, or --context NAME`,
-    };
-  }
-  const where = `context "${context}", server ${cluster.server}`;
-  if (cluster.server.startsWith('http://') && !cluster.skipTLSVerify) {
+  const where = `context "${access.context}", server ${access.server}`;
+  if (access.server.startsWith('http://') && !access.config.getCurrentCluster()?.skipTLSVerify) {
     // client-node refuses such a server before it sends anything.
     return {
       ...base,
@@ -403,12 +328,7 @@ export async function checkKubeconfig(options: DoctorOptions = {}): Promise<Chec
     };
   }
   try {
-    const version = await config
-      .makeApiClient(VersionApi)
-      .getCode(
-        {},
-        { middleware: [timeoutMiddleware(API_TIMEOUT_MS)], middlewareMergeStrategy: 'append' },
-      );
+    const version = await access.version.getCode();
     return { ...base, status: 'ok', detail: `${where}: Kubernetes ${version.gitVersion}` };
   } catch (error) {
     return {

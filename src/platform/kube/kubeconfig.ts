@@ -4,6 +4,7 @@ import {
   CoreV1Api,
   KubeConfig,
   ServerConfiguration,
+  VersionApi,
   createConfiguration,
   type Cluster,
   type Middleware,
@@ -40,6 +41,7 @@ export interface KubeAccess {
   core: CoreV1Api;
   apps: AppsV1Api;
   batch: BatchV1Api;
+  version: VersionApi;
 }
 
 export const DEFAULT_REQUEST_TIMEOUT_MS = 20_000;
@@ -170,5 +172,6 @@ export function loadKubeAccess(options: KubeAccessOptions = {}): KubeAccess {
     core: new CoreV1Api(api),
     apps: new AppsV1Api(api),
     batch: new BatchV1Api(api),
+    version: new VersionApi(api),
   };
 }

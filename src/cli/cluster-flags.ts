@@ -1,0 +1,36 @@
+import { Flags } from '@oclif/core';
+
+/**
+ * The flags that say how to reach the cluster, shared by every command that talks to it, so
+ * that they read and default the same everywhere (as kubectl's do).
+ */
+export const clusterFlags = (helpGroup?: string) => ({
+  context: Flags.string({
+    summary: 'The kubeconfig context to use (default: its current context).',
+    helpValue: 'NAME',
+    helpGroup,
+  }),
+  kubeconfig: Flags.string({
+    summary: 'The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).',
+    helpValue: 'FILE',
+    helpGroup,
+  }),
+  'request-timeout': Flags.integer({
+    summary: 'Seconds to wait for one answer of the API server (default: 20).',
+    min: 1,
+    helpGroup,
+  }),
+});
+
+/** `-n NS` or `-A`, for commands that look at a namespace or at all of them. */
+export const namespaceFlags = (verb: string) => ({
+  namespace: Flags.string({
+    char: 'n',
+    summary: `The namespace to ${verb} (default: the context's, else default).`,
+    exclusive: ['all-namespaces'],
+  }),
+  'all-namespaces': Flags.boolean({
+    char: 'A',
+    summary: `${verb[0]!.toUpperCase()}${verb.slice(1)} every namespace.`,
+  }),
+});
