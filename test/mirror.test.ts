@@ -2,16 +2,14 @@
  * `mirrord mirror` as a user runs it: the real CLI, a target in a sandbox netns with real
  * clients, and a real local app under the layer.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { waitForTcp } from '../src/platform/local/netns.js';
+import { agentsOf, listening, mirrord, until, type MirrorRun } from './support/mirror-cli.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
-const CLI = join(dirname(fileURLToPath(import.meta.url)), '..', 'bin', 'run.js');
 const PORT = 37200 + Math.floor(Math.random() * 700);
 
 /** Prints each request it gets, with the peer it sees; exits with 3 after `count` requests. */
@@ -27,60 +25,9 @@ require('http').createServer((req, res) => {
   });
 }).listen(${port});`;
 
-interface Run {
-  child: ChildProcess;
-  output(): string;
-  exited: Promise<number | null>;
-}
-
-function mirrord(args: string[], cwd?: string): Run {
-  const child = spawn(process.execPath, [CLI, 'mirror', ...args], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    cwd,
-  });
-  let out = '';
-  child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
-  child.stderr!.on('data', (chunk: Buffer) => (out += chunk.toString()));
-  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  return { child, output: () => out, exited };
-}
-
-async function until(check: () => boolean, what: string, ms = 20_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-}
-
-/** Resolves once something accepts connections on 127.0.0.1:port. */
-async function listening(port: number): Promise<void> {
-  for (let attempt = 0; ; attempt += 1) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const socket = net.connect(port, '127.0.0.1', () => resolve(true));
-      socket.on('error', () => resolve(false));
-      socket.on('connect', () => socket.destroy());
-    });
-    if (ok) return;
-    if (attempt > 200) throw new Error(`nothing listens on 127.0.0.1:${port}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-}
-
-/** Agents still running for this sandbox's target: there must be none once mirror exits. */
-function agentsOf(target: string): string[] {
-  try {
-    return execFileSync('pgrep', ['-f', `agent --netns ${target}`], { encoding: 'utf8' })
-      .split('\n')
-      .filter(Boolean);
-  } catch {
-    return [];
-  }
-}
-
 describe('mirrord mirror', () => {
   let sandbox: Sandbox;
-  const runs: Run[] = [];
+  const runs: MirrorRun[] = [];
   const locals: ChildProcess[] = [];
 
   beforeEach(async () => {
@@ -262,7 +209,7 @@ for (const port of [${ignored}, ${appPort}]) {
           midStream: false,
         }),
       );
-      const run = mirrord([], dir);
+      const run = mirrord([], { cwd: dir });
       runs.push(run);
       await until(() => run.output().includes('mirroring'), 'the session');
       await new Promise((resolve) => setTimeout(resolve, 200));
