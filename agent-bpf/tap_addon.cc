@@ -54,11 +54,11 @@ constexpr __u32 kTcPriority = 0x6d72;   // "mr"
 
 // A slot must hold the largest record (64 KiB of payload and its header) with room to spare.
 constexpr size_t kMinSlotBytes = 128 * 1024;
-// How long the consumer pauses between drains while records flow: 1 ms per 1,000 records/s,
-// within these bounds (see Consumer::run).
+// How long the consumer pauses between drains while records flow: (rate / 4,000 records/s)²
+// ms, within these bounds (see Consumer::run).
 constexpr int kMinPauseMillis = 1;
 constexpr int kMaxPauseMillis = 100;
-constexpr double kRecordsPerSecondPerPauseMilli = 1000;
+constexpr double kRecordsPerSecondForOneMilli = 4000;
 constexpr int kIdleCheckMillis = 100;
 // The record rate that sets the pause is averaged over about this long: clients send in bursts
 // (a load generator's 32 connections at once), and a rate taken from one drain would read a
@@ -214,9 +214,10 @@ class Consumer {
     }
 
     // Drains on a schedule while records flow and sleeps until woken when they stop. The pause
-    // between drains grows with the record rate: at a few thousand records a second it keeps the
-    // mirror's lag to a few milliseconds, and under full load it keeps wakeups (each of which
-    // preempts the target) to a few dozen a second.
+    // between drains grows with the square of the record rate: while the target has CPU to
+    // spare (up to ten thousand records a second or so) it keeps the mirror's lag to a few
+    // milliseconds, and when the target is busy, when each wakeup preempts it, it keeps wakeups
+    // to about ten a second.
     void run() {
         pthread_setname_np(pthread_self(), "mirrord-tap");
         epoll_event events[2];
@@ -248,9 +249,9 @@ class Consumer {
             seconds = std::max(seconds, 1e-4);
             double weight = 1 - std::exp(-seconds / kRateAverageSeconds);
             recordsPerSecond += weight * (records / seconds - recordsPerSecond);
+            double load = recordsPerSecond / kRecordsPerSecondForOneMilli;
             pauseMillis =
-                std::clamp(static_cast<int>(recordsPerSecond / kRecordsPerSecondPerPauseMilli),
-                           kMinPauseMillis, kMaxPauseMillis);
+                std::clamp(static_cast<int>(load * load), kMinPauseMillis, kMaxPauseMillis);
         }
     }
 
