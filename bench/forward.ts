@@ -4,13 +4,14 @@
  *
  * The sender is a process in a pod of the stand-in cluster (test/kube/) that writes STREAM_MIB
  * MiB to each connection as fast as it is taken, then closes. Forward: the stand-in API server
- * on loopback, its relay process in the pod's netns, TLS and WebSocket v4.channel.k8s.io to a
- * reader running openPortForward. Direct: a reader in the cluster's client netns connected to
- * the pod IP. Each reader is a child process running this file (so the reader never shares a
- * thread with the API server) and measures from its first byte to the end: connection set-up
- * (the relay process starting) is not charged to the stream. Rounds alternate the two paths so
- * that drift on a noisy machine hits both alike; the figures are medians. The reader's own CPU
- * time per GiB is reported too: the client's cost, apart from the stand-in's.
+ * on loopback, which copies between its connection to the pod (made inside the pod's netns, as
+ * a kubelet makes it) and TLS and WebSocket v4.channel.k8s.io to a reader running
+ * openPortForward. Direct: a reader in the cluster's client netns connected to the pod IP. Each
+ * reader is a child process running this file (so the reader never shares a thread with the API
+ * server) and measures from its first byte to the end: connection set-up (the stand-in's dialer
+ * process starting in the pod's netns) is not charged to the stream. Rounds alternate the two
+ * paths so that drift on a noisy machine hits both alike; the figures are medians. The reader's
+ * own CPU time per GiB is reported too: the client's cost, apart from the stand-in's.
  */
 import { KubeConfig } from '@kubernetes/client-node';
 import { execFile } from 'node:child_process';
@@ -150,7 +151,7 @@ export async function benchForward(): Promise<Record<string, unknown>> {
         ]),
     };
     const results: Record<keyof typeof paths, ReaderResult[]> = { forward: [], direct: [] };
-    // One unmeasured pass each: the relay's and the readers' code warm in the page cache.
+    // One unmeasured pass each: the dialer's and the readers' code warm in the page cache.
     await paths.forward();
     await paths.direct();
     for (let round = 0; round < ROUNDS; round += 1) {

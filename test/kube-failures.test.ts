@@ -296,9 +296,7 @@ describe('mirrord mirror on Kubernetes: failures (stand-in cluster)', () => {
     const failure = await mirror(['--pod', 'api']).done;
     expectOneLine(
       failure,
-      // The server's own RBAC message until PortForwardError carries the HTTP status, which
-      // place-kube-agent turns into the line the other denials give.
-      /not allowed to create pods\/portforward in namespace default .*: ask your cluster admin for RBAC permission|is forbidden: User "stand-in-user" cannot create resource "pods\/portforward" in API group "" in the namespace "default"/,
+      /not allowed to create pods\/portforward in namespace default \(as stand-in-user\): ask your cluster admin for RBAC permission/,
     );
     expect(failure.progress.some((line) => line.includes('connecting to the agent'))).toBe(true);
     const deletes = cluster.requests

@@ -1,8 +1,9 @@
 /**
  * The port-forward client against the stand-in API server: real TLS with the kubeconfig's CA
- * and token, the real v4.channel.k8s.io WebSocket protocol, a relay process in the pod's netns
- * and a real server process in the pod. Byte counts come from the pod's own server, read over a
- * second forward.
+ * and token, the real v4.channel.k8s.io WebSocket protocol, a real TCP connection made inside
+ * the pod's netns (by a dialer process there, which hands it to the API server) and a real
+ * server process in the pod. Byte counts come from the pod's own server, read over a second
+ * forward.
  */
 import { KubeConfig } from '@kubernetes/client-node';
 import { execFileSync } from 'node:child_process';
@@ -244,8 +245,11 @@ describe('port-forward over the stand-in API server', () => {
     await readAll(control);
   }
 
-  /** The relays the stand-in's kubelet runs in a pod's netns, one for each forward. */
-  function relayPids(netns = pod.netns): number[] {
+  /**
+   * The dialers the stand-in's kubelet runs in a pod's netns, one for each forward's connection:
+   * each made its connection there and stays until it ends; killing one cuts it.
+   */
+  function dialerPids(netns = pod.netns): number[] {
     const inPod = execFileSync('ip', ['netns', 'pids', netns], { encoding: 'utf8' })
       .split('\n')
       .filter(Boolean)
@@ -255,15 +259,15 @@ describe('port-forward over the stand-in API server', () => {
   }
 
   /**
-   * The relay of the forward opened while `opening` ran (others may linger a moment). A relay is
-   * only sure to be in the pod's netns once bytes went through it.
+   * The dialer of the forward opened while `opening` ran (others may linger a moment). A dialer
+   * is only sure to be in the pod's netns once bytes went through its connection.
    */
-  async function relayOf<T>(netns: string, opening: () => Promise<T>): Promise<[T, number]> {
-    const before = new Set(relayPids(netns));
+  async function dialerOf<T>(netns: string, opening: () => Promise<T>): Promise<[T, number]> {
+    const before = new Set(dialerPids(netns));
     const result = await opening();
-    const relays = relayPids(netns).filter((pid) => !before.has(pid));
-    expect(relays).toHaveLength(1);
-    return [result, relays[0]!];
+    const dialers = dialerPids(netns).filter((pid) => !before.has(pid));
+    expect(dialers).toHaveLength(1);
+    return [result, dialers[0]!];
   }
 
   /** A forward from which the pod streams 256 MiB, once the first MiB arrived. */
@@ -410,17 +414,20 @@ describe('port-forward over the stand-in API server', () => {
       ],
     ] as const;
     const messages: Record<string, string> = {};
-    for (const [what, opening] of failures) {
-      const error = await failureOf(opening);
+    const statusCodes: Record<string, number | undefined> = {};
+    const note = (what: string, error: Error): void => {
       expect(error).toBeInstanceOf(PortForwardError);
       messages[what] = error.message;
-    }
+      statusCodes[what] = (error as PortForwardError).statusCode;
+    };
+    for (const [what, opening] of failures) note(what, await failureOf(opening));
 
     const closed = net.createServer().listen(0, '127.0.0.1');
     await once(closed, 'listening');
     const freePort = (closed.address() as net.AddressInfo).port;
     await new Promise((resolve) => closed.close(resolve));
-    messages['no API server'] = (
+    note(
+      'no API server',
       await failureOf(
         openPortForward(
           kubeConfigOf(cluster, { server: `https://127.0.0.1:${freePort}` }),
@@ -428,14 +435,12 @@ describe('port-forward over the stand-in API server', () => {
           pod.name,
           1,
         ),
-      )
-    ).message;
+      ),
+    );
 
     cluster.faults.deny('create', 'pods/portforward');
     try {
-      messages.RBAC = (
-        await failureOf(openPortForward(kubeConfig, 'default', pod.name, 1))
-      ).message;
+      note('RBAC', await failureOf(openPortForward(kubeConfig, 'default', pod.name, 1)));
     } finally {
       cluster.faults.clear();
     }
@@ -453,15 +458,25 @@ describe('port-forward over the stand-in API server', () => {
       ),
     });
     for (const message of Object.values(messages)) expect(message).not.toContain('\n');
+    // The refusals that came with an HTTP status carry it (place-kube-agent reads a 403).
+    expect(statusCodes).toEqual({
+      'missing pod': 404,
+      'bad token': 401,
+      'untrusted certificate': undefined,
+      'no API server': undefined,
+      RBAC: 403,
+    });
   });
 
-  test('the relay to the pod killed mid-stream: the stream fails with the kubelet error', async () => {
-    const [{ stream, received }, relay] = await relayOf(pod.netns, () => streamingForward());
+  test('the dialer of the connection killed mid-stream: the stream fails with the kubelet error', async () => {
+    const [{ stream, received }, dialer] = await dialerOf(pod.netns, () => streamingForward());
     const failed = once(stream, 'error');
-    process.kill(relay, 'SIGKILL');
+    process.kill(dialer, 'SIGKILL');
     const [error] = (await failed) as [Error];
     expect(error).toBeInstanceOf(PortForwardError);
-    expect(error.message).toMatch(/^port-forward to pod default\/peer port 7001 failed: .+/);
+    expect(error.message).toMatch(
+      /^port-forward to pod default\/peer port 7001 failed: error forwarding port 7001 to pod peer, uid [0-9a-f-]+: read tcp4 127\.0\.0\.1:\d+->127\.0\.0\.1:7001: use of closed network connection$/,
+    );
     expect(error.message).not.toContain('\n');
     await closed(stream);
     expect(received()).toBeLessThan(256 * MiB);
@@ -470,7 +485,7 @@ describe('port-forward over the stand-in API server', () => {
   test('the connection to the API server broken mid-stream: the stream fails, never hangs', async () => {
     const proxy = await startCuttableProxy(new URL(cluster.url));
     try {
-      const [{ stream }, relay] = await relayOf(pod.netns, () =>
+      const [{ stream }, dialer] = await dialerOf(pod.netns, () =>
         streamingForward(kubeConfigOf(cluster, { server: proxy.url })),
       );
       const failed = once(stream, 'error');
@@ -480,8 +495,8 @@ describe('port-forward over the stand-in API server', () => {
         /^port-forward to pod default\/peer port 7001 failed: the connection to the API server (broke|closed abnormally)/,
       );
       await closed(stream);
-      // The API server noticed too: the pod's connection ended and its relay is gone.
-      await until('the relay to exit', () => !relayPids().includes(relay));
+      // The API server noticed too: the pod's connection ended and its dialer is gone.
+      await until('the dialer to exit', () => !dialerPids().includes(dialer));
     } finally {
       await proxy.close();
     }
@@ -514,7 +529,7 @@ describe('port-forward over the stand-in API server', () => {
     async function startSession(agent: PodHandle): Promise<[AgentClient, number]> {
       return until('the agent to answer through the forward', async () => {
         try {
-          return await relayOf(agent.netns, async () => {
+          return await dialerOf(agent.netns, async () => {
             const stream = await forward(AGENT_PORT, kubeConfig, agent.name);
             return AgentClient.start(stream, { clientName: 'port-forward test' });
           });
@@ -543,20 +558,20 @@ describe('port-forward over the stand-in API server', () => {
 
     test('the forward broken: the session ends with an error, and the agent exits', async () => {
       const agent = await startAgentPod('agent-broken');
-      const [client, relay] = await startSession(agent);
+      const [client, dialer] = await startSession(agent);
       await client.subscribe(DATA_PORT);
       const errors: Error[] = [];
       client.on('error', (error) => errors.push(error));
       // Not events.once(): it rejects on the 'error' that comes first.
       const ended = new Promise<void>((resolve) => client.once('end', resolve));
-      process.kill(relay, 'SIGKILL');
+      process.kill(dialer, 'SIGKILL');
       await ended;
       expect(errors.map((e) => e.message)).toEqual([
         expect.stringMatching(
           /^connection to the agent failed: port-forward to pod default\/agent-broken port 61337 failed: /,
         ),
       ]);
-      // Its end of the session broke with the relay: the agent exits by itself.
+      // Its end of the session broke with the connection: the agent exits by itself.
       await until('the agent to exit', () => firstExitCode(agent) !== undefined);
     });
   });

@@ -99,10 +99,6 @@ const RESTART_BACKOFF_MS = 1_000;
 const PROBE_INTERVAL_MS = 100;
 const KILL_WAIT_MS = 10_000;
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
 /** Waits for `promise`, at most `ms`; the timer does not outlive the wait. */
 async function atMost(promise: Promise<unknown>, ms: number): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
@@ -376,28 +372,29 @@ export class Kubelet {
       log.note(error.message);
       if (child.pid === undefined) onClosed();
     });
-    if (!instance.ready) void this.#probe(runtime, container, instance);
+    if (!instance.ready) this.#probe(runtime, container, instance);
   }
 
-  async #probe(
-    runtime: PodRuntime,
-    container: ContainerRuntime,
-    instance: ContainerInstance,
-  ): Promise<void> {
+  /**
+   * Probes the container's ports until they all answer. The wait between probes is one of the
+   * pod's timers, so that it ends with the pod (and with close()).
+   */
+  #probe(runtime: PodRuntime, container: ContainerRuntime, instance: ContainerInstance): void {
     const sandbox = runtime.sandbox;
-    if (!sandbox) return;
+    const gone = (): boolean => instance.isClosed || runtime.terminating || runtime.forgotten;
+    if (!sandbox || gone()) return;
     const ports = (container.spec.ports ?? []).map((p) => p.containerPort);
-    while (!instance.isClosed && !runtime.terminating && !runtime.forgotten) {
-      const answers = await Promise.all(
-        ports.map((port) => acceptsTcp(sandbox.netns, sandbox.ip, port)),
-      );
-      if (answers.every(Boolean) && !instance.isClosed) {
-        instance.ready = true;
-        this.#publish(runtime);
-        return;
-      }
-      await sleep(PROBE_INTERVAL_MS);
-    }
+    void Promise.all(ports.map((port) => acceptsTcp(sandbox.netns, sandbox.ip, port))).then(
+      (answers) => {
+        if (gone()) return;
+        if (answers.every(Boolean)) {
+          instance.ready = true;
+          this.#publish(runtime);
+          return;
+        }
+        this.#later(runtime, PROBE_INTERVAL_MS, () => this.#probe(runtime, container, instance));
+      },
+    );
   }
 
   #containerExited(

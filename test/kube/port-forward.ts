@@ -1,16 +1,21 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { IncomingMessage } from 'node:http';
+import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 
 /**
  * `pods/NAME/portforward` over WebSocket, as the kubelet serves it: subprotocol
  * `v4.channel.k8s.io` (or none), two channels per requested port (2i data, 2i+1 error), each
- * opened by the server with the port as 2 bytes little-endian. For every port a small relay
- * process runs inside the pod's netns (what kubelet does with nsenter and socat) and connects to
- * 127.0.0.1:PORT there; bytes flow both ways with backpressure: a slow client pauses the relay,
- * a slow target pauses the WebSocket. When the target closes its side the WebSocket is closed
- * (as the kubelet closes the stream); when the client goes, the target sees EOF.
+ * opened by the server with the port as 2 bytes little-endian. As containerd does for the
+ * kubelet, the connection to 127.0.0.1:PORT is made inside the pod's netns and the bytes are
+ * copied in the server itself: a small dialer process started in the netns (nsenter) connects
+ * and hands the connected socket over (file descriptors do not belong to a netns), so no
+ * process stands between the WebSocket and the pod. The dialer then waits, idle, for the
+ * connection to end: killing it cuts the forward's connection, as a kubelet losing it would.
+ * Bytes flow both ways with backpressure: a slow client pauses the pod's socket, a slow target
+ * pauses the WebSocket. When the target closes its side the WebSocket is closed (as the kubelet
+ * closes the stream); when the client goes, the target sees EOF.
  */
 
 export const PORT_FORWARD_PROTOCOL = 'v4.channel.k8s.io';
@@ -22,22 +27,222 @@ export interface PortForwardTarget {
   ports: number[];
 }
 
-/** Runs in the pod's netns: a TCP connection to the port, spliced onto stdin/stdout. */
-const RELAY = `
+/**
+ * Runs in the pod's netns: connects to the port and sends the connected socket to the API
+ * server over the IPC channel, without reading a byte of it; then stays until disconnected.
+ */
+const DIALER = `
 const socket = require('net').connect({ host: '127.0.0.1', port: Number(process.argv[1]) });
-socket.once('connect', () => {
-  process.stdin.pipe(socket);
-  socket.pipe(process.stdout);
-});
+socket.pause();
+socket.once('connect', () => process.send({ connected: true }, socket));
 socket.once('error', (error) => {
-  process.stderr.write(error.code === 'ECONNREFUSED' ? 'connect: connection refused' : error.message);
-  process.exit(1);
+  const reason = error.code === 'ECONNREFUSED' ? 'connect: connection refused' : error.message;
+  process.send({ error: reason }, () => process.exit(1));
 });
+process.once('disconnect', () => process.exit(0));
 `;
 
-/** Above this many bytes waiting in the WebSocket, the relay stops being read. */
+type DialAnswer = { connected: true } | { error: string };
+
+/** Above this many bytes waiting in the WebSocket, the pod's socket stops being read. */
 const HIGH_WATER = 1024 * 1024;
-const RELAY_LINGER_MS = 2_000;
+/** How long a connection whose client is gone may still pass on what is in flight. */
+const LINGER_MS = 2_000;
+
+/** Go's wording for a failed read, as the kubelet's error channel carries it. */
+function readFailure(localPort: number, port: number, error?: Error & { code?: string }): string {
+  const what = `read tcp4 127.0.0.1:${localPort}->127.0.0.1:${port}: `;
+  if (!error) return `${what}use of closed network connection`;
+  if (error.code === 'ECONNRESET') return `${what}read: connection reset by peer`;
+  return `${what}${error.message}`;
+}
+
+/** The dialers and pod connections that close() ends. */
+interface Resources {
+  dialers: Set<ChildProcess>;
+  sockets: Set<Socket>;
+}
+
+/** One port of one forward: its connection inside the pod's netns, and both directions of it. */
+class ForwardedPort {
+  readonly #ws: WebSocket;
+  readonly #target: PortForwardTarget;
+  readonly #port: number;
+  readonly #dataChannel: number;
+  readonly #resources: Resources;
+  readonly #onDone: () => void;
+  readonly #dialer: ChildProcess;
+  #socket: Socket | undefined;
+  /** Client bytes that arrived while the connection was being made. */
+  #queued: Buffer[] = [];
+  /** Called once the pod's socket takes writes again. */
+  #onWritable: (() => void) | undefined;
+  #failure: string | undefined;
+  #clientGone = false;
+  #done = false;
+  #dialerOutput = '';
+
+  constructor(
+    ws: WebSocket,
+    target: PortForwardTarget,
+    index: number,
+    resources: Resources,
+    onDone: () => void,
+  ) {
+    this.#ws = ws;
+    this.#target = target;
+    this.#port = target.ports[index] ?? 0;
+    this.#dataChannel = index * 2;
+    this.#resources = resources;
+    this.#onDone = onDone;
+    const portBytes = [this.#port & 0xff, this.#port >> 8];
+    ws.send(Buffer.from([this.#dataChannel, ...portBytes]));
+    ws.send(Buffer.from([this.#dataChannel + 1, ...portBytes]));
+
+    this.#dialer = spawn(
+      'nsenter',
+      [
+        `--net=/run/netns/${target.netns}`,
+        '--',
+        process.execPath,
+        '-e',
+        DIALER,
+        String(this.#port),
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe', 'ipc'] },
+    );
+    resources.dialers.add(this.#dialer);
+    this.#dialer.stderr!.on('data', (chunk: Buffer) => (this.#dialerOutput += chunk.toString()));
+    this.#dialer.on('message', (answer: DialAnswer, handle?: Socket) =>
+      this.#onDialed(answer, handle),
+    );
+    this.#dialer.on('error', () => undefined);
+    this.#dialer.once('close', () => this.#onDialerGone());
+  }
+
+  /** Passes client bytes to the pod; false: wait for {@link onceWritable}. */
+  write(data: Buffer): boolean {
+    if (this.#done || this.#clientGone) return true;
+    const socket = this.#socket;
+    if (!socket) {
+      this.#queued.push(data);
+      return false;
+    }
+    // The pod closed the connection: what the client still sends goes nowhere, as with a kubelet.
+    return socket.writable ? socket.write(data) : true;
+  }
+
+  onceWritable(callback: () => void): void {
+    if (this.#done) callback();
+    else this.#onWritable = callback;
+  }
+
+  /** The client went away: the pod sees EOF once what is in flight got through. */
+  clientGone(): void {
+    this.#clientGone = true;
+    this.#queued = [];
+    const socket = this.#socket;
+    if (!socket) {
+      this.#dialer.kill('SIGKILL');
+      return;
+    }
+    if (socket.destroyed) return;
+    socket.end();
+    const timer = setTimeout(() => socket.destroy(), LINGER_MS).unref();
+    socket.once('close', () => clearTimeout(timer));
+  }
+
+  #onDialed(answer: DialAnswer, handle: Socket | undefined): void {
+    if ('error' in answer || !handle) {
+      this.#fail(this.#dialFailure('error' in answer ? answer.error : 'no connection'));
+      return;
+    }
+    if (this.#clientGone || this.#done) {
+      handle.destroy();
+      this.#disconnectDialer();
+      return;
+    }
+    const socket = handle;
+    const localPort = socket.localPort ?? 0;
+    this.#socket = socket;
+    this.#resources.sockets.add(socket);
+    // As Go dials for the kubelet: what the client sends is not held back by Nagle.
+    socket.setNoDelay(true);
+    socket.on('data', this.#toClient);
+    socket.on('drain', this.#writable);
+    socket.on('error', (error) => (this.#failure ??= readFailure(localPort, this.#port, error)));
+    socket.once('close', () => {
+      this.#resources.sockets.delete(socket);
+      this.#disconnectDialer();
+      this.#finish(this.#failure);
+    });
+    const queued = this.#queued;
+    this.#queued = [];
+    let writable = true;
+    for (const data of queued) writable = socket.write(data);
+    if (writable) this.#writable();
+  }
+
+  readonly #toClient = (chunk: Buffer): void => {
+    const ws = this.#ws;
+    if (ws.readyState !== ws.OPEN) return;
+    const message = Buffer.allocUnsafe(1 + chunk.length);
+    message[0] = this.#dataChannel;
+    chunk.copy(message, 1);
+    ws.send(message, this.#sent);
+    if (ws.bufferedAmount >= HIGH_WATER) this.#socket?.pause();
+  };
+
+  readonly #sent = (): void => {
+    const socket = this.#socket;
+    if (socket?.isPaused() && this.#ws.bufferedAmount < HIGH_WATER / 2) socket.resume();
+  };
+
+  readonly #writable = (): void => {
+    const callback = this.#onWritable;
+    this.#onWritable = undefined;
+    callback?.();
+  };
+
+  #onDialerGone(): void {
+    this.#resources.dialers.delete(this.#dialer);
+    const socket = this.#socket;
+    if (!socket) {
+      const said = this.#dialerOutput.trim();
+      this.#fail(this.#dialFailure(said || 'the dialer in the pod network namespace died'));
+    } else if (!socket.destroyed) {
+      // Like a kubelet that lost the connection under the copy.
+      this.#failure ??= readFailure(socket.localPort ?? 0, this.#port);
+      socket.destroy();
+    }
+  }
+
+  #disconnectDialer(): void {
+    if (this.#dialer.connected) this.#dialer.disconnect();
+  }
+
+  #dialFailure(reason: string): string {
+    return `failed to connect to localhost:${this.#port} inside namespace "${this.#target.netns}": dial tcp4 127.0.0.1:${this.#port}: ${reason}`;
+  }
+
+  #fail(reason: string): void {
+    this.#disconnectDialer();
+    this.#finish(reason);
+  }
+
+  #finish(failure: string | undefined): void {
+    if (this.#done) return;
+    this.#done = true;
+    const ws = this.#ws;
+    if (failure && !this.#clientGone && ws.readyState === ws.OPEN) {
+      const { podName, uid } = this.#target;
+      const message = `error forwarding port ${this.#port} to pod ${podName}, uid ${uid}: ${failure}`;
+      ws.send(Buffer.concat([Buffer.from([this.#dataChannel + 1]), Buffer.from(message)]));
+    }
+    this.#writable();
+    this.#onDone();
+  }
+}
 
 export class PortForwarder {
   readonly #server = new WebSocketServer({
@@ -46,7 +251,7 @@ export class PortForwarder {
     handleProtocols: (protocols) =>
       protocols.has(PORT_FORWARD_PROTOCOL) ? PORT_FORWARD_PROTOCOL : false,
   });
-  readonly #relays = new Set<ChildProcess>();
+  readonly #resources: Resources = { dialers: new Set(), sockets: new Set() };
 
   /** Whether the client offers a subprotocol this endpoint speaks (or none at all). */
   static acceptsProtocols(req: IncomingMessage): boolean {
@@ -66,74 +271,37 @@ export class PortForwarder {
 
   close(): void {
     for (const client of this.#server.clients) client.terminate();
-    for (const relay of this.#relays) relay.kill('SIGKILL');
+    for (const socket of this.#resources.sockets) socket.destroy();
+    for (const dialer of this.#resources.dialers) dialer.kill('SIGKILL');
     this.#server.close();
   }
 
   #forward(ws: WebSocket, target: PortForwardTarget): void {
     let open = target.ports.length;
-    const relays: ChildProcess[] = [];
+    // Like the kubelet: the stream is closed once forwarding ended on every port.
+    const portDone = (): void => {
+      open -= 1;
+      if (open === 0 && ws.readyState === ws.OPEN) ws.close(1000);
+    };
+    const ports = target.ports.map(
+      (_, index) => new ForwardedPort(ws, target, index, this.#resources, portDone),
+    );
     const blocked = new Set<number>();
-
-    target.ports.forEach((port, index) => {
-      const dataChannel = index * 2;
-      const errorChannel = dataChannel + 1;
-      const portBytes = Buffer.from([port & 0xff, port >> 8]);
-      ws.send(Buffer.concat([Buffer.from([dataChannel]), portBytes]));
-      ws.send(Buffer.concat([Buffer.from([errorChannel]), portBytes]));
-
-      const relay = spawn(
-        'nsenter',
-        [`--net=/run/netns/${target.netns}`, '--', process.execPath, '-e', RELAY, String(port)],
-        { stdio: ['pipe', 'pipe', 'pipe'] },
-      );
-      relays[index] = relay;
-      this.#relays.add(relay);
-      let stderr = '';
-      relay.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-      relay.stdin!.on('error', () => undefined);
-      relay.stdout!.on('data', (chunk: Buffer) => {
-        if (ws.readyState !== ws.OPEN) return;
-        ws.send(Buffer.concat([Buffer.from([dataChannel]), chunk]), () => {
-          if (relay.stdout!.isPaused() && ws.bufferedAmount < HIGH_WATER / 2)
-            relay.stdout!.resume();
-        });
-        if (ws.bufferedAmount >= HIGH_WATER) relay.stdout!.pause();
-      });
-      relay.once('close', (code) => {
-        this.#relays.delete(relay);
-        if (code !== 0 && ws.readyState === ws.OPEN) {
-          const reason = stderr.trim() || 'lost connection to the pod';
-          const message = `error forwarding port ${port} to pod ${target.podName}, uid ${target.uid}: failed to connect to localhost:${port} inside namespace "${target.netns}": dial tcp4 127.0.0.1:${port}: ${reason}`;
-          ws.send(Buffer.concat([Buffer.from([errorChannel]), Buffer.from(message)]));
-        }
-        open -= 1;
-        // Like the kubelet: the stream is closed once forwarding ended on every port.
-        if (open === 0 && ws.readyState === ws.OPEN) ws.close(1000);
-      });
-    });
 
     ws.on('message', (data: Buffer) => {
       const channel = data[0];
-      if (channel === undefined || channel % 2 !== 0) return;
-      const relay = relays[channel / 2];
-      if (!relay || data.length === 1 || !relay.stdin!.writable) return;
-      if (!relay.stdin!.write(data.subarray(1))) {
-        blocked.add(channel);
-        ws.pause();
-        relay.stdin!.once('drain', () => {
-          blocked.delete(channel);
-          if (blocked.size === 0) ws.resume();
-        });
-      }
+      if (channel === undefined || channel % 2 !== 0 || data.length === 1) return;
+      const port = ports[channel / 2];
+      if (!port || port.write(data.subarray(1))) return;
+      blocked.add(channel);
+      ws.pause();
+      port.onceWritable(() => {
+        blocked.delete(channel);
+        if (blocked.size === 0) ws.resume();
+      });
     });
     ws.once('close', () => {
-      // The client is gone: the target sees EOF, and the relay gets a moment to pass on what
-      // is still in flight before it is killed.
-      for (const relay of relays) {
-        relay.stdin!.end();
-        setTimeout(() => relay.kill('SIGKILL'), RELAY_LINGER_MS).unref();
-      }
+      for (const port of ports) port.clientGone();
     });
     ws.on('error', () => ws.terminate());
   }

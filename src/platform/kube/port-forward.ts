@@ -36,8 +36,24 @@ const UNREACHABLE_CODES = new Set([
   'ETIMEDOUT',
 ]);
 
+export interface PortForwardErrorOptions extends ErrorOptions {
+  /** The HTTP status the API server refused the upgrade with. */
+  statusCode?: number;
+  /** The body it sent with that status (a `Status` object, from an API server). */
+  body?: string;
+}
+
 export class PortForwardError extends Error {
   override name = 'PortForwardError';
+  /** Set when the API server refused the upgrade with an HTTP status (403: RBAC). */
+  readonly statusCode?: number;
+  readonly body?: string;
+
+  constructor(message: string, { statusCode, body, ...options }: PortForwardErrorOptions = {}) {
+    super(message, options);
+    this.statusCode = statusCode;
+    this.body = body;
+  }
 }
 
 /** What a Status object (the API server's error body) says, or the start of whatever it was. */
@@ -143,9 +159,11 @@ export async function openPortForward(
         size += chunk.length;
       });
       const fail = (): void => {
-        const body = describeErrorBody(Buffer.concat(chunks).toString('utf8'));
-        const reason = body || response.statusMessage || 'no reason given';
-        settle(new PortForwardError(`${prefix}: ${reason} (HTTP ${code})`));
+        const body = Buffer.concat(chunks).toString('utf8');
+        const reason = describeErrorBody(body) || response.statusMessage || 'no reason given';
+        settle(
+          new PortForwardError(`${prefix}: ${reason} (HTTP ${code})`, { statusCode: code, body }),
+        );
       };
       response.once('end', fail);
       response.once('error', fail);
