@@ -20,3 +20,8 @@ export function packageRoot(): string {
   root = dir;
   return root;
 }
+
+/** The layer that `mirror` preloads into the local app (built by `make -C layer`). */
+export function layerPath(): string {
+  return join(packageRoot(), 'layer', '.output', 'mirrord_layer.so');
+}

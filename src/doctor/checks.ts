@@ -2,7 +2,7 @@ import { execFile } from 'node:child_process';
 import { accessSync, constants, existsSync, readFileSync, statSync } from 'node:fs';
 import { release } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
-import { packageRoot } from '../package-root.js';
+import { layerPath, packageRoot } from '../package-root.js';
 import { KubeError, loadKubeAccess, type KubeAccess } from '../platform/kube/kubeconfig.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
@@ -261,9 +261,7 @@ function unreadableByOthers(path: string): string | undefined {
  * Preloaded into cat reading its own memory map: the layer is loaded if the map names it, and
  * ld.so says on stderr why when it cannot preload it.
  */
-export async function checkLayer(
-  path = join(packageRoot(), 'layer', '.output', 'mirrord_layer.so'),
-): Promise<CheckResult> {
+export async function checkLayer(path = layerPath()): Promise<CheckResult> {
   const base = { id: 'layer', title: 'layer' } as const;
   const fix = 'run npm run build';
   if (!existsSync(path)) return { ...base, status: 'fail', detail: `${path} is missing`, fix };

@@ -1,7 +1,6 @@
 import { execa } from 'execa';
-import { join } from 'node:path';
 import type { AgentPlacer, PlacedAgent } from '../platform/placed-agent.js';
-import { packageRoot } from '../package-root.js';
+import { layerPath } from '../package-root.js';
 import { AgentClient } from '../protocol/client.js';
 import type { Counters, Endpoint } from '../protocol/messages.js';
 import { LayerChannel, type AppListener } from './layer-channel.js';
@@ -42,8 +41,6 @@ export type MirrorEvent =
       recentLagP99Ms: number | null;
     } & Counters &
       ReplayStats);
-
-const LAYER_PATH = (): string => join(packageRoot(), 'layer', '.output', 'mirrord_layer.so');
 
 /** Where to reach an app's listener from this machine: a wildcard bind is reached on loopback. */
 function localTarget(listener: AppListener): ReplayTarget {
@@ -154,7 +151,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       return 0;
     }
     const [file = '', ...args] = options.command;
-    const preload = [LAYER_PATH(), process.env.LD_PRELOAD].filter(Boolean).join(':');
+    const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
     const app = execa(file, args, {
       stdio: 'inherit',
       reject: false,
