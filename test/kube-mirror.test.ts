@@ -5,17 +5,17 @@
  * byte for byte in a local app. Afterwards no Job, pod or process is left; when the CLI is
  * killed, the agent ends by itself and the Job's TTL removes it.
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { agentJobManifest } from '../src/platform/kube/agent-job.js';
 import { startStandInCluster, type PodHandle, type StandInCluster } from './kube/cluster.js';
 import {
-  CLI,
   FIXTURES,
   killRun,
   logLines,
+  mirrord,
   processesMatching,
   tempDir,
   until,
@@ -32,29 +32,7 @@ const CONNECTIONS = 12;
 
 /** `mirrord mirror ARGS` against the stand-in, with its `--json` events. */
 function mirror(cluster: StandInCluster, args: string[]): MirrorRun {
-  const child = spawn(
-    process.execPath,
-    [CLI, 'mirror', '--kubeconfig', cluster.kubeconfigPath, '--json', ...args],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let stdout = '';
-  let all = '';
-  child.stdout!.on('data', (chunk: Buffer) => {
-    stdout += chunk.toString();
-    all += chunk.toString();
-  });
-  child.stderr!.on('data', (chunk: Buffer) => (all += chunk.toString()));
-  return {
-    child,
-    stdout: () => stdout,
-    output: () => all,
-    events: () =>
-      stdout
-        .split('\n')
-        .filter((line) => line.startsWith('{"event"'))
-        .map((line) => JSON.parse(line) as { event: string; [key: string]: unknown }),
-    exited: new Promise((resolve) => child.on('exit', (code) => resolve(code))),
-  };
+  return mirrord(['--kubeconfig', cluster.kubeconfigPath, '--json', ...args]);
 }
 
 /** Runs a program in the stand-in's client netns (where pod IPs are reachable); its stdout. */

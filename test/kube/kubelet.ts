@@ -1,5 +1,6 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
 import { constants } from 'node:os';
 import { join } from 'node:path';
 import { packageRoot } from '../../src/package-root.js';
@@ -331,6 +332,14 @@ export class Kubelet {
         stdio: ['ignore', 'pipe', 'pipe'],
       },
     );
+    // The shell puts itself in the cgroup too, but only once it runs: written here as well, the
+    // container's process is in its cgroup before the pod is published as Running (a process
+    // gone already cannot be moved, and needs not be).
+    try {
+      if (child.pid !== undefined) writeFileSync(join(cgroup, 'cgroup.procs'), String(child.pid));
+    } catch {
+      // Exited at once: its exit is recorded below.
+    }
     const log = new ContainerLog();
     log.attach(child.stdout!);
     log.attach(child.stderr!);
