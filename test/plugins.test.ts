@@ -6,6 +6,7 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { stripVTControlCharacters } from 'node:util';
 import { CLI, FIXTURES } from './support/mirror-cli.js';
 
 describe('oclif plugins', () => {
@@ -26,7 +27,8 @@ describe('oclif plugins', () => {
       env: { ...process.env, HOME: home, XDG_DATA_HOME: join(home, 'data') },
       timeout: 60_000,
     });
-    return { status: result.status, stdout: result.stdout };
+    // Colours (CI turns them on) are not what is checked.
+    return { status: result.status, stdout: stripVTControlCharacters(result.stdout) };
   }
 
   test('a linked plugin adds its command, and unlinking removes it', () => {
