@@ -122,6 +122,19 @@ describe('mirrord mirror on Kubernetes targets (stand-in cluster)', () => {
   ];
 
   /** The pod a session mirrors, from its ready event (`pod default/NAME …`). */
+  /** The DELETEs of `job` the stand-in received since request number `since`. */
+  function jobDeletes(job: { metadata?: { name?: string } }, since: number) {
+    return cluster.requests
+      .slice(since)
+      .filter((r) => r.method === 'DELETE' && r.path === `${JOBS_PATH}/${job.metadata!.name}`);
+  }
+
+  /** After a session: no mirrord Job or pod, and no agent process. */
+  async function untilNothingLeft(): Promise<void> {
+    await until(() => mirrordObjects(cluster).length === 0, 'the Job and its pod to go', 60_000);
+    await until(() => agentProcesses().length === 0, 'the agent process to go', 60_000);
+  }
+
   function mirroredPod(run: MirrorRun, candidates: PodHandle[]): PodHandle {
     const ready = run.events().find((e) => e.event === 'ready');
     const name = /^pod default\/(\S+)/.exec(String(ready?.target))?.[1];
@@ -238,13 +251,10 @@ describe('mirrord mirror on Kubernetes targets (stand-in cluster)', () => {
 
       // Teardown: the CLI deleted the Job with propagation Background; its pod and the agent
       // process go with it.
-      const deletes = cluster.requests
-        .slice(requestsBefore)
-        .filter((r) => r.method === 'DELETE' && r.path === `${JOBS_PATH}/${job.metadata!.name}`);
+      const deletes = jobDeletes(job, requestsBefore);
       expect(deletes.length).toBeGreaterThanOrEqual(1);
       expect(deletes[0]!.query.propagationPolicy).toBe('Background');
-      await until(() => mirrordObjects(cluster).length === 0, 'the Job and its pod to go', 60_000);
-      await until(() => agentProcesses().length === 0, 'the agent process to go', 60_000);
+      await untilNothingLeft();
     },
   );
 
@@ -266,12 +276,9 @@ describe('mirrord mirror on Kubernetes targets (stand-in cluster)', () => {
     const job = createdJob(requestsBefore);
     run.child.kill('SIGINT');
     expect(await run.exited).toBe(0);
-    const deletes = cluster.requests
-      .slice(requestsBefore)
-      .filter((r) => r.method === 'DELETE' && r.path === `${JOBS_PATH}/${job.metadata!.name}`);
+    const deletes = jobDeletes(job, requestsBefore);
     expect(deletes.map((r) => r.query.propagationPolicy)).toEqual(['Background']);
-    await until(() => mirrordObjects(cluster).length === 0, 'the Job and its pod to go', 60_000);
-    await until(() => agentProcesses().length === 0, 'the agent process to go', 60_000);
+    await untilNothingLeft();
   });
 
   test('kill -9 of the CLI: the agent ends with its session, the TTL removes the Job', async () => {

@@ -251,6 +251,21 @@ describe('stand-in Kubernetes API server', () => {
     }
   }
 
+  /** The pod's PodScheduled condition, once the scheduler has set it. */
+  async function podScheduled(name: string) {
+    return (await readPod(name))?.status?.conditions?.find((c) => c.type === 'PodScheduled');
+  }
+
+  async function deleteJobs(...names: string[]): Promise<void> {
+    for (const name of names) {
+      await batch.deleteNamespacedJob({
+        name,
+        namespace: 'default',
+        propagationPolicy: 'Background',
+      });
+    }
+  }
+
   async function podOfJob(jobName: string): Promise<V1Pod> {
     return until(`the pod of job ${jobName}`, async () => {
       const list = await core.listNamespacedPod({
@@ -805,13 +820,7 @@ describe('stand-in Kubernetes API server', () => {
           : undefined;
       });
       expect(pulled.message).toContain('docker.io/library/busybox:1.36');
-      for (const name of ['broken-image', 'unknown-image']) {
-        await batch.deleteNamespacedJob({
-          name,
-          namespace: 'default',
-          propagationPolicy: 'Background',
-        });
-      }
+      await deleteJobs('broken-image', 'unknown-image');
     });
 
     test('unschedulable: Pending with PodScheduled False until the node takes pods again; affinity to another node never fits', async () => {
@@ -821,10 +830,8 @@ describe('stand-in Kubernetes API server', () => {
         body: localJob('waits', ['sleep', '300']),
       });
       const pod = await podOfJob('waits');
-      const scheduled = await until('the scheduler to give up', async () =>
-        (await readPod(pod.metadata!.name!))?.status?.conditions?.find(
-          (c) => c.type === 'PodScheduled',
-        ),
+      const scheduled = await until('the scheduler to give up', () =>
+        podScheduled(pod.metadata!.name!),
       );
       expect(scheduled).toMatchObject({ status: 'False', reason: 'Unschedulable' });
       expect(scheduled.message).toMatch(/^0\/1 nodes are available/);
@@ -840,10 +847,8 @@ describe('stand-in Kubernetes API server', () => {
         body: agentJob('elsewhere', 'another-node', 'containerd://0123456789ab'),
       });
       const pinned = await podOfJob('elsewhere');
-      const refused = await until('the scheduler to refuse', async () =>
-        (await readPod(pinned.metadata!.name!))?.status?.conditions?.find(
-          (c) => c.type === 'PodScheduled',
-        ),
+      const refused = await until('the scheduler to refuse', () =>
+        podScheduled(pinned.metadata!.name!),
       );
       expect(refused).toMatchObject({
         status: 'False',
@@ -852,13 +857,7 @@ describe('stand-in Kubernetes API server', () => {
           "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.",
         ),
       });
-      for (const name of ['waits', 'elsewhere']) {
-        await batch.deleteNamespacedJob({
-          name,
-          namespace: 'default',
-          propagationPolicy: 'Background',
-        });
-      }
+      await deleteJobs('waits', 'elsewhere');
     });
 
     test('holdContainerCreating: scheduled but ContainerCreating, no log, no port-forward, until released', async () => {

@@ -15,7 +15,7 @@ import {
   killMatching,
   killRun,
   logLines,
-  mirrord,
+  mirrorInto,
   netnsList,
   processesMatching,
   tempDir,
@@ -160,19 +160,9 @@ describe('mirrord mirror under load and failure', () => {
     const port = randomPort();
     const localLog = join(dir.path, 'local.log');
     await startTarget([port]);
-    const run = mirrord(
-      [
-        '--netns',
-        sandbox.target,
-        '--json',
-        '--',
-        process.execPath,
-        DIGEST_SERVER,
-        '--port',
-        String(port),
-        '--log',
-        localLog,
-      ],
+    const run = mirrorInto(
+      sandbox.target,
+      [process.execPath, DIGEST_SERVER, '--port', String(port), '--log', localLog],
       { nofile: NOFILE },
     );
     runs.push(run);
@@ -216,16 +206,7 @@ describe('mirrord mirror under load and failure', () => {
 
     sandbox.spawn(sandbox.target, process.execPath, [server, String(port), targetLog]);
     await waitForTcp(sandbox.client, sandbox.targetAddress, port);
-    const run = mirrord([
-      '--netns',
-      sandbox.target,
-      '--json',
-      '--',
-      process.execPath,
-      server,
-      String(port),
-      localLog,
-    ]);
+    const run = mirrorInto(sandbox.target, [process.execPath, server, String(port), localLog]);
     runs.push(run);
     await untilMirroring(run, sandbox, port);
     const probes = connectionsOn(run, port).opened.length;
@@ -264,11 +245,7 @@ describe('mirrord mirror under load and failure', () => {
     await startTarget([portA, portB]);
     const waveA = 20;
     const lateA = 10;
-    const run = mirrord([
-      '--netns',
-      sandbox.target,
-      '--json',
-      '--',
+    const run = mirrorInto(sandbox.target, [
       process.execPath,
       join(FIXTURES, 'forking-app.mjs'),
       String(portA),
@@ -314,11 +291,7 @@ describe('mirrord mirror under load and failure', () => {
     const port = randomPort();
     const netnsBefore = netnsList();
     await startTarget([port]);
-    const run = mirrord([
-      '--netns',
-      sandbox.target,
-      '--json',
-      '--',
+    const run = mirrorInto(sandbox.target, [
       process.execPath,
       DIGEST_SERVER,
       '--port',

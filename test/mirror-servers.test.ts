@@ -17,7 +17,7 @@ import {
   killMatching,
   killRun,
   logLines,
-  mirrord,
+  mirrorInto,
   sortedRecord,
   tempDir,
   until,
@@ -85,16 +85,7 @@ describe('mirrord mirror into real servers', () => {
     const localLog = join(dir.path, 'local.log');
     sandbox.spawn(sandbox.target, process.execPath, [server, String(port), targetLog]);
     await waitForTcp(sandbox.client, sandbox.targetAddress, port);
-    const run = mirrord([
-      '--netns',
-      sandbox.target,
-      '--json',
-      '--',
-      process.execPath,
-      server,
-      String(port),
-      localLog,
-    ]);
+    const run = mirrorInto(sandbox.target, [process.execPath, server, String(port), localLog]);
     runs.push(run);
     await untilMirroring(run, sandbox, port);
 
@@ -143,16 +134,7 @@ describe('mirrord mirror into real servers', () => {
     const localLog = join(dir.path, 'local.log');
     sandbox.spawn(sandbox.target, 'python3', [server, String(port), targetLog]);
     await waitForTcp(sandbox.client, sandbox.targetAddress, port);
-    const run = mirrord([
-      '--netns',
-      sandbox.target,
-      '--json',
-      '--',
-      'python3',
-      server,
-      String(port),
-      localLog,
-    ]);
+    const run = mirrorInto(sandbox.target, ['python3', server, String(port), localLog]);
     runs.push(run);
     await untilMirroring(run, sandbox, port);
 
@@ -196,14 +178,7 @@ describe('mirrord mirror into real servers', () => {
     const localSocket = join(dir.path, 'local.sock');
     sandbox.spawn(sandbox.target, 'redis-server', redis(targetSocket));
     await waitForTcp(sandbox.client, sandbox.targetAddress, port);
-    const run = mirrord([
-      '--netns',
-      sandbox.target,
-      '--json',
-      '--',
-      'redis-server',
-      ...redis(localSocket),
-    ]);
+    const run = mirrorInto(sandbox.target, ['redis-server', ...redis(localSocket)]);
     runs.push(run);
     await untilMirroring(run, sandbox, port);
 
@@ -268,17 +243,7 @@ const server = require('http').createServer((q, r) => {
     r.end('local');
   });
 }).listen(80, () => console.log('app listening on ' + server.address().port));`;
-    const run = mirrord([
-      '--netns',
-      sandbox.target,
-      '--json',
-      '--',
-      'setpriv',
-      ...NOBODY,
-      process.execPath,
-      '-e',
-      app,
-    ]);
+    const run = mirrorInto(sandbox.target, ['setpriv', ...NOBODY, process.execPath, '-e', app]);
     runs.push(run);
     await untilMirroring(run, sandbox, 80);
     expect(run.stdout()).toContain('app listening on 80');

@@ -1,4 +1,5 @@
 import { Flags } from '@oclif/core';
+import type { KubeAccessOptions } from '../platform/kube/kubeconfig.js';
 
 /**
  * The flags that say how to reach the cluster, shared by every command that talks to it, so
@@ -34,3 +35,19 @@ export const namespaceFlags = (verb: string) => ({
     summary: `${verb[0]!.toUpperCase()}${verb.slice(1)} every namespace.`,
   }),
 });
+
+/** The parsed cluster flags (and `-n`), as loadKubeAccess takes them. */
+export function kubeAccessOptions(flags: {
+  kubeconfig?: string;
+  context?: string;
+  namespace?: string;
+  'request-timeout'?: number;
+}): KubeAccessOptions {
+  const seconds = flags['request-timeout'];
+  return {
+    kubeconfig: flags.kubeconfig,
+    context: flags.context,
+    namespace: flags.namespace,
+    requestTimeoutMs: seconds === undefined ? undefined : seconds * 1000,
+  };
+}

@@ -5,6 +5,7 @@
  */
 import type { TargetSpec } from '../agent/target.js';
 import type { KubeAgentOptions } from '../platform/kube/place-kube-agent.js';
+import { kubeAccessOptions } from './cluster-flags.js';
 import type { MirrorConfig } from './config.js';
 
 /** The Kubernetes flags, as oclif parses them. */
@@ -77,14 +78,13 @@ export function kubeAgentOptions(
   signal: AbortSignal,
 ): KubeAgentOptions {
   const container = flags.container ?? config.container;
-  const requestTimeout = flags['request-timeout'] ?? config.requestTimeout;
   return {
-    kube: {
+    kube: kubeAccessOptions({
       kubeconfig: flags.kubeconfig ?? config.kubeconfig,
       context: flags.context ?? config.context,
       namespace: flags.namespace ?? config.namespace,
-      requestTimeoutMs: requestTimeout === undefined ? undefined : requestTimeout * 1000,
-    },
+      'request-timeout': flags['request-timeout'] ?? config.requestTimeout,
+    }),
     target: { ...target, ...(container ? { container } : {}) },
     agent: {
       image: flags['agent-image'] ?? config.agentImage,

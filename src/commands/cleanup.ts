@@ -1,6 +1,6 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
-import { clusterFlags, namespaceFlags } from '../cli/cluster-flags.js';
+import { clusterFlags, kubeAccessOptions, namespaceFlags } from '../cli/cluster-flags.js';
 import { loadKubeAccess } from '../platform/kube/kubeconfig.js';
 import { cleanupLeftovers, formatCleanup, type CleanupResult } from '../platform/kube/cleanup.js';
 
@@ -26,12 +26,7 @@ export default class CleanupCommand extends MirrordCommand {
 
   async run(): Promise<CleanupResult> {
     const { flags } = await this.parse(CleanupCommand);
-    const access = loadKubeAccess({
-      kubeconfig: flags.kubeconfig,
-      context: flags.context,
-      namespace: flags.namespace,
-      requestTimeoutMs: flags['request-timeout'] && flags['request-timeout'] * 1000,
-    });
+    const access = loadKubeAccess(kubeAccessOptions(flags));
     const allNamespaces = flags['all-namespaces'];
     const result = await cleanupLeftovers(access, { allNamespaces, all: flags.all });
     if (!this.jsonEnabled()) {

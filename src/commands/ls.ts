@@ -1,5 +1,5 @@
 import { MirrordCommand } from '../cli/base-command.js';
-import { clusterFlags, namespaceFlags } from '../cli/cluster-flags.js';
+import { clusterFlags, kubeAccessOptions, namespaceFlags } from '../cli/cluster-flags.js';
 import { loadKubeAccess } from '../platform/kube/kubeconfig.js';
 import { formatTargets, listTargets, type ListedTarget } from '../platform/kube/list-targets.js';
 
@@ -22,12 +22,7 @@ export default class LsCommand extends MirrordCommand {
 
   async run(): Promise<{ targets: ListedTarget[] }> {
     const { flags } = await this.parse(LsCommand);
-    const access = loadKubeAccess({
-      kubeconfig: flags.kubeconfig,
-      context: flags.context,
-      namespace: flags.namespace,
-      requestTimeoutMs: flags['request-timeout'] && flags['request-timeout'] * 1000,
-    });
+    const access = loadKubeAccess(kubeAccessOptions(flags));
     const allNamespaces = flags['all-namespaces'];
     const { targets, notes } = await listTargets(access, { allNamespaces });
     for (const note of notes) this.logToStderr(`mirrord: ${note}`);

@@ -66,6 +66,15 @@ export function mirrord(args: string[], options: MirrorOptions = {}): MirrorRun 
   };
 }
 
+/** `mirrord mirror --netns TARGET --json -- COMMAND…`: a local app mirrored from a sandbox target. */
+export function mirrorInto(
+  target: string,
+  command: string[],
+  options: MirrorOptions = {},
+): MirrorRun {
+  return mirrord(['--netns', target, '--json', '--', ...command], options);
+}
+
 /**
  * Stops a run and waits for it, for clean-up after a failure: SIGINT first, so that mirror stops
  * its app and agent; SIGKILL if it does not exit within 10 s.

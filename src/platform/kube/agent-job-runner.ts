@@ -1,4 +1,5 @@
 import { Watch, type V1Job, type V1Pod } from '@kubernetes/client-node';
+import { agentErrorOf, readinessOf } from '../../agent/output.js';
 import type { AgentReadiness } from '../../agent/server.js';
 import { apiCall, kubeApiError, statusCodeOf } from './api-errors.js';
 import { AGENT_CONTAINER, LABELS } from './agent-job.js';
@@ -69,20 +70,10 @@ function jobRemover(access: KubeAccess, namespace: string, name: string): () => 
 
 /** The agent's own one-line error if it printed one, else its last few lines. */
 function exitReason(lines: string[], fallback: string): string {
-  const own = lines.findLast((line) => line.startsWith('mirrord: '));
-  if (own) return own.slice('mirrord: '.length);
+  const own = agentErrorOf(lines);
+  if (own) return own;
   const last = lines.slice(-3).map((line) => line.trim());
   return last.length > 0 ? `its last log lines: ${last.join(' | ')}` : fallback;
-}
-
-function readinessOf(line: string): AgentReadiness | undefined {
-  if (!line.startsWith('{')) return undefined;
-  try {
-    const parsed = JSON.parse(line) as AgentReadiness;
-    return parsed.ready === true ? parsed : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 const delay = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));

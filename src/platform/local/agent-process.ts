@@ -6,6 +6,7 @@ import { packageRoot } from '../../package-root.js';
 import type { TargetSpec } from '../../agent/target.js';
 import type { AgentPlacer } from '../placed-agent.js';
 import type { AgentReadiness } from '../../agent/server.js';
+import { agentErrorOf, readinessOf } from '../../agent/output.js';
 
 export interface LocalAgent {
   readiness: AgentReadiness;
@@ -26,8 +27,7 @@ export class LocalAgentError extends Error {}
 
 /** The agent's own one-line error if it printed one, else the first line of what it printed. */
 function reasonOf(stderrLines: string[]): string {
-  const own = stderrLines.findLast((line) => line.startsWith('mirrord: '));
-  return own?.slice('mirrord: '.length) ?? stderrLines.find(Boolean) ?? 'it printed nothing';
+  return agentErrorOf(stderrLines) ?? stderrLines.find(Boolean) ?? 'it printed nothing';
 }
 
 function targetArgs(target: TargetSpec): string[] {
@@ -77,14 +77,10 @@ export async function startLocalAgent(
     }, options.startTimeoutMs ?? 15_000);
     const lines = createInterface({ input: child.stdout! });
     lines.on('line', (line) => {
-      try {
-        const parsed = JSON.parse(line) as AgentReadiness;
-        if (parsed.ready) {
-          clearTimeout(timer);
-          resolve(parsed);
-        }
-      } catch {
-        // Not the readiness line.
+      const parsed = readinessOf(line);
+      if (parsed) {
+        clearTimeout(timer);
+        resolve(parsed);
       }
     });
     void exited.then(() => {
