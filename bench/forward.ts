@@ -26,7 +26,7 @@ import { median, progress, round } from './support.js';
 const execFileAsync = promisify(execFile);
 const SENDER_PORT = 9100;
 const STREAM_MIB = 1024;
-const ROUNDS = 5;
+const ROUNDS = 7;
 const MiB = 1024 * 1024;
 
 /** Writes STREAM_MIB MiB of one random 1 MiB buffer to each connection, as fast as it is taken. */

@@ -49,6 +49,31 @@ const HIGH_WATER = 1024 * 1024;
 /** How long a connection whose client is gone may still pass on what is in flight. */
 const LINGER_MS = 2_000;
 
+/**
+ * One unmasked, final, binary WebSocket frame carrying `channel` and then `chunk`, built in one
+ * buffer. Written straight to the connection rather than through ws.send, which would copy the
+ * chunk once to prefix the channel and once more where TLS joins its header and payload; ws
+ * writes its own frames (close, pong) to the same connection synchronously, so order holds.
+ */
+function dataFrame(channel: number, chunk: Buffer): Buffer {
+  const payload = 1 + chunk.length;
+  const header = payload < 126 ? 2 : payload < 0x10000 ? 4 : 10;
+  const frame = Buffer.allocUnsafe(header + payload);
+  frame[0] = 0x82;
+  if (header === 2) {
+    frame[1] = payload;
+  } else if (header === 4) {
+    frame[1] = 126;
+    frame.writeUInt16BE(payload, 2);
+  } else {
+    frame[1] = 127;
+    frame.writeBigUInt64BE(BigInt(payload), 2);
+  }
+  frame[header] = channel;
+  chunk.copy(frame, header + 1);
+  return frame;
+}
+
 /** Go's wording for a failed read, as the kubelet's error channel carries it. */
 function readFailure(localPort: number, port: number, error?: Error & { code?: string }): string {
   const what = `read tcp4 127.0.0.1:${localPort}->127.0.0.1:${port}: `;
@@ -66,6 +91,8 @@ interface Resources {
 /** One port of one forward: its connection inside the pod's netns, and both directions of it. */
 class ForwardedPort {
   readonly #ws: WebSocket;
+  /** The WebSocket's own connection, which data frames are written to directly. */
+  readonly #clientSocket: Duplex;
   readonly #target: PortForwardTarget;
   readonly #port: number;
   readonly #dataChannel: number;
@@ -84,12 +111,14 @@ class ForwardedPort {
 
   constructor(
     ws: WebSocket,
+    clientSocket: Duplex,
     target: PortForwardTarget,
     index: number,
     resources: Resources,
     onDone: () => void,
   ) {
     this.#ws = ws;
+    this.#clientSocket = clientSocket;
     this.#target = target;
     this.#port = target.ports[index] ?? 0;
     this.#dataChannel = index * 2;
@@ -186,16 +215,13 @@ class ForwardedPort {
   readonly #toClient = (chunk: Buffer): void => {
     const ws = this.#ws;
     if (ws.readyState !== ws.OPEN) return;
-    const message = Buffer.allocUnsafe(1 + chunk.length);
-    message[0] = this.#dataChannel;
-    chunk.copy(message, 1);
-    ws.send(message, this.#sent);
-    if (ws.bufferedAmount >= HIGH_WATER) this.#socket?.pause();
+    this.#clientSocket.write(dataFrame(this.#dataChannel, chunk), this.#sent);
+    if (this.#clientSocket.writableLength >= HIGH_WATER) this.#socket?.pause();
   };
 
   readonly #sent = (): void => {
     const socket = this.#socket;
-    if (socket?.isPaused() && this.#ws.bufferedAmount < HIGH_WATER / 2) socket.resume();
+    if (socket?.isPaused() && this.#clientSocket.writableLength < HIGH_WATER / 2) socket.resume();
   };
 
   readonly #writable = (): void => {
@@ -266,7 +292,7 @@ export class PortForwarder {
     head: Buffer,
     target: PortForwardTarget,
   ): void {
-    this.#server.handleUpgrade(req, socket, head, (ws) => this.#forward(ws, target));
+    this.#server.handleUpgrade(req, socket, head, (ws) => this.#forward(ws, socket, target));
   }
 
   close(): void {
@@ -276,7 +302,7 @@ export class PortForwarder {
     this.#server.close();
   }
 
-  #forward(ws: WebSocket, target: PortForwardTarget): void {
+  #forward(ws: WebSocket, socket: Duplex, target: PortForwardTarget): void {
     let open = target.ports.length;
     // Like the kubelet: the stream is closed once forwarding ended on every port.
     const portDone = (): void => {
@@ -284,7 +310,7 @@ export class PortForwarder {
       if (open === 0 && ws.readyState === ws.OPEN) ws.close(1000);
     };
     const ports = target.ports.map(
-      (_, index) => new ForwardedPort(ws, target, index, this.#resources, portDone),
+      (_, index) => new ForwardedPort(ws, socket, target, index, this.#resources, portDone),
     );
     const blocked = new Set<number>();
 
