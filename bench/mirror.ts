@@ -2,9 +2,10 @@
  * `npm run bench -- mirror`: how much of a loaded target's traffic reaches the local app, how
  * late, and what mirroring costs the target.
  *
- * An HTTP target in a netns gets keep-alive load from autocannon (32 connections) at 1k, 5k and
- * 10k requests/s and at the most it can serve, each once without and once with `mirrord mirror`
- * replaying into a local app (the same server program, under the layer). Target and app note
+ * An HTTP target in a netns gets keep-alive load over 32 connections: paced evenly at 1k, 5k and
+ * 10k requests/s (paced-load.ts, which says why not autocannon's `-R`), and from autocannon at
+ * the most it can serve; each once without and once with `mirrord mirror` replaying into a local
+ * app (the same server program, under the layer). Target and app note
  * when each request arrived, keyed by the client's port and the request's position on its
  * connection (the app sees the original port through the layer), on the one clock of this
  * machine: so fraction and lag are measured outside mirrord, not taken from its own counters
@@ -20,6 +21,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import { packageRoot } from '../src/package-root.js';
+import type { PacedLoadResult } from './paced-load.js';
 import { createBenchHosts, progress, round, sampleRss, type BenchHosts } from './support.js';
 
 const PORT = 8080;
@@ -30,6 +32,7 @@ const RATES = [1000, 5000, 10_000];
 const CATCH_UP_MS = 1500;
 
 const STAMPING_SERVER = fileURLToPath(new URL('./stamping-server.js', import.meta.url));
+const PACED_LOAD = fileURLToPath(new URL('./paced-load.js', import.meta.url));
 const AUTOCANNON = createRequire(import.meta.url).resolve('autocannon/autocannon.js');
 const CLI = join(packageRoot(), 'bin', 'run.js');
 
@@ -38,21 +41,22 @@ interface Load {
   p99Ms: number;
 }
 
-/** autocannon from `netns` (or this netns): achieved rate and p99 latency. */
+/**
+ * Load from `netns` (or this netns) for SECONDS: at `rate`, paced evenly (paced-load.ts);
+ * without one, autocannon as fast as the target answers. Achieved rate and p99 latency.
+ */
 async function load(url: string, rate: number | undefined, netns?: string): Promise<Load> {
-  const args = [
-    AUTOCANNON,
-    '--json',
-    '-c',
-    String(CONNECTIONS),
-    '-d',
-    String(SECONDS),
-    ...(rate ? ['-R', String(rate)] : []),
-    url,
-  ];
+  const args = rate
+    ? [PACED_LOAD, url, String(rate), String(CONNECTIONS), String(SECONDS)]
+    : [AUTOCANNON, '--json', '-c', String(CONNECTIONS), '-d', String(SECONDS), url];
   const result = netns
     ? await execa('ip', ['netns', 'exec', netns, process.execPath, ...args], { reject: false })
     : await execa(process.execPath, args, { reject: false });
+  if (rate) {
+    const paced = JSON.parse(result.stdout) as PacedLoadResult;
+    if (paced.errors > 0) throw new Error(`${paced.errors} requests failed at ${rate}/s`);
+    return { requestsPerSecond: paced.requestsPerSecond, p99Ms: paced.p99Ms };
+  }
   const report = JSON.parse(result.stdout) as {
     requests: { total: number };
     latency: { p99: number };
@@ -64,11 +68,24 @@ async function load(url: string, rate: number | undefined, netns?: string): Prom
   };
 }
 
+interface Count {
+  value: number;
+  /** Resolves with the next count printed. */
+  next(): Promise<number>;
+}
+
 /** Follows the `count N` lines a stamping server prints. */
-function counted(child: ResultPromise): { value: number } {
-  const count = { value: 0 };
+function counted(child: ResultPromise): Count {
+  let waiting: ((value: number) => void)[] = [];
+  const count: Count = {
+    value: 0,
+    next: () => new Promise((resolve) => waiting.push(resolve)),
+  };
   child.stdout?.on('data', (chunk: Buffer) => {
     for (const match of chunk.toString().matchAll(/count (\d+)/g)) count.value = Number(match[1]);
+    const resolvers = waiting;
+    waiting = [];
+    for (const resolve of resolvers) resolve(count.value);
   });
   return count;
 }
@@ -88,7 +105,7 @@ function percentile(sorted: number[], q: number): number {
 
 interface Target {
   child: ResultPromise;
-  count: { value: number };
+  count: Count;
   stop(): Promise<void>;
 }
 
@@ -159,7 +176,9 @@ async function runMirrored(
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
     const result = await load(`http://${hosts.serverAddress}:${PORT}/`, rate, hosts.client);
-    // Until the app has every request the target got, or nothing more came for a while.
+    // Until the app has every request the target got, or nothing more came for a while; the
+    // target's count is taken from a line printed after the load ended.
+    await target.count.next();
     let last = -1;
     let still = Date.now();
     while (app.value < target.count.value && Date.now() - still < CATCH_UP_MS) {
@@ -239,8 +258,8 @@ export async function benchMirror(): Promise<Record<string, unknown>> {
           mirrored.cliLagP99Ms === null ? null : round(mirrored.cliLagP99Ms, 2),
         target_rps_without_mirror: round(plain.requestsPerSecond, 0),
         target_rps_with_mirror: round(mirrored.requestsPerSecond, 0),
-        target_p99_ms_without_mirror: plain.p99Ms,
-        target_p99_ms_with_mirror: mirrored.p99Ms,
+        target_p99_ms_without_mirror: round(plain.p99Ms, 2),
+        target_p99_ms_with_mirror: round(mirrored.p99Ms, 2),
       };
       progress(`${label}: ${JSON.stringify(figures[label])}`);
     }

@@ -1,7 +1,8 @@
 /**
  * The HTTP server of `bench -- mirror`, as the target and as the local app: it answers every
  * request with a few bytes and notes when each arrived, keyed by the client's port and the
- * request's position on its connection. Under mirrord the local app sees the original client's
+ * request's position on its connection (warm-up requests of paced-load.ts are answered but not
+ * noted). Under mirrord the local app sees the original client's
  * port (the layer's getpeername), so the two sides' keys meet.
  *
  * `node stamping-server.js HOST PORT STAMPS_FILE`: prints `count N` every 200 ms; on SIGTERM or
@@ -11,6 +12,7 @@
 import { writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { monotonicMicros } from '../src/protocol/clock.js';
+import { WARMUP_PATH } from './paced-load.js';
 
 const [host = '0.0.0.0', port = '8080', stampsFile = '/dev/null'] = process.argv.slice(2);
 const keys: string[] = [];
@@ -18,6 +20,11 @@ const arrivals: number[] = [];
 const requestsOn = new WeakMap<object, number>();
 
 const server = http.createServer((request, response) => {
+  if (request.url === WARMUP_PATH) {
+    request.resume();
+    request.on('end', () => response.end('ok'));
+    return;
+  }
   const socket = request.socket;
   const position = requestsOn.get(socket) ?? 0;
   requestsOn.set(socket, position + 1);
