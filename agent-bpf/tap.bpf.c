@@ -24,10 +24,13 @@
 #define IP_MF 0x2000
 #define IP_OFFMASK 0x1fff
 
+/* Indexed by port (host order), non-zero when subscribed: an array lookup is inlined by the
+ * verifier into a bounds check and an add, where a hash lookup is a call that hashes the key, and
+ * it runs for every TCP segment that enters the target. */
 struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, TAP_MAX_PORTS);
-    __type(key, __u16); /* host order */
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 65536);
+    __type(key, __u32);
     __type(value, __u8);
 } ports SEC(".maps");
 
@@ -63,6 +66,13 @@ struct {
 
 /* Set by the consumer before it waits with nothing to do, cleared by the first record after. */
 volatile __u32 consumer_idle;
+/* Set with the wakeup sent for a filling ring, cleared by the consumer as it drains: until then
+ * records do not wake it again. Each forced wakeup queues an irq_work (an interrupt, and in a VM
+ * an exit), and a ring above the mark would otherwise send one per record until the consumer
+ * runs. */
+volatile __u32 wakeup_sent;
+/* The ring buffer's size, set by the loader: one query fewer per record. */
+const volatile __u64 ring_bytes = 0;
 
 /* A wakeup costs the target a context switch, so records do not wake the consumer, which drains
  * on its own schedule while traffic flows (see Consumer::run in tap_addon.cc). Only the first
@@ -72,20 +82,16 @@ static __always_inline __u64 ringbuf_wakeup(void) {
         consumer_idle = 0;
         return BPF_RB_FORCE_WAKEUP;
     }
-    __u64 filled = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-    __u64 size = bpf_ringbuf_query(&events, BPF_RB_RING_SIZE);
-    return filled > size / 4 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+    if (wakeup_sent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) <= ring_bytes / 4)
+        return BPF_RB_NO_WAKEUP;
+    wakeup_sent = 1;
+    return BPF_RB_FORCE_WAKEUP;
 }
 
 static __always_inline int tap(struct __sk_buff *skb, const __u32 l2_len) {
-    __u32 cpu = bpf_get_smp_processor_id();
-    struct scratch *s = bpf_map_lookup_elem(&scratch, &cpu);
-    __u32 zero = 0;
-    struct tap_counters *c = bpf_map_lookup_elem(&counters, &zero);
-    if (!s || !c)
-        return TC_ACT_UNSPEC;
-    struct tap_record *r = &s->rec;
-
+    /* Addresses are kept here until the port is known to be subscribed. */
+    __u8 family;
+    __u8 saddr[16] = {}, daddr[16] = {};
     __u32 l4_off, l3_end;
     if (skb->protocol == bpf_htons(ETH_P_IP)) {
         struct iphdr ip;
@@ -98,11 +104,9 @@ static __always_inline int tap(struct __sk_buff *skb, const __u32 l2_len) {
         l4_off = l2_len + ip.ihl * 4;
         /* BIG TCP IPv4 skbs over 64 KiB carry tot_len 0. */
         l3_end = ip.tot_len ? l2_len + bpf_ntohs(ip.tot_len) : skb->len;
-        r->family = 4;
-        __builtin_memset(r->saddr, 0, sizeof(r->saddr));
-        __builtin_memset(r->daddr, 0, sizeof(r->daddr));
-        __builtin_memcpy(r->saddr, &ip.saddr, 4);
-        __builtin_memcpy(r->daddr, &ip.daddr, 4);
+        family = 4;
+        __builtin_memcpy(saddr, &ip.saddr, 4);
+        __builtin_memcpy(daddr, &ip.daddr, 4);
     } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr ip6;
         if (bpf_skb_load_bytes(skb, l2_len, &ip6, sizeof(ip6)))
@@ -124,9 +128,9 @@ static __always_inline int tap(struct __sk_buff *skb, const __u32 l2_len) {
         }
         if (next != IPPROTO_TCP)
             return TC_ACT_UNSPEC;
-        r->family = 6;
-        __builtin_memcpy(r->saddr, &ip6.saddr, 16);
-        __builtin_memcpy(r->daddr, &ip6.daddr, 16);
+        family = 6;
+        __builtin_memcpy(saddr, &ip6.saddr, 16);
+        __builtin_memcpy(daddr, &ip6.daddr, 16);
     } else {
         return TC_ACT_UNSPEC;
     }
@@ -134,8 +138,9 @@ static __always_inline int tap(struct __sk_buff *skb, const __u32 l2_len) {
     struct tcphdr th;
     if (bpf_skb_load_bytes(skb, l4_off, &th, sizeof(th)))
         return TC_ACT_UNSPEC;
-    __u16 dport = bpf_ntohs(th.dest);
-    if (!bpf_map_lookup_elem(&ports, &dport))
+    __u32 dport = bpf_ntohs(th.dest);
+    __u8 *subscribed = bpf_map_lookup_elem(&ports, &dport);
+    if (!subscribed || !*subscribed)
         return TC_ACT_UNSPEC;
 
     __u32 payload_off = l4_off + th.doff * 4;
@@ -149,6 +154,16 @@ static __always_inline int tap(struct __sk_buff *skb, const __u32 l2_len) {
     if (remaining == 0 && !(flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
         return TC_ACT_UNSPEC;
 
+    __u32 cpu = bpf_get_smp_processor_id();
+    struct scratch *s = bpf_map_lookup_elem(&scratch, &cpu);
+    __u32 zero = 0;
+    struct tap_counters *c = bpf_map_lookup_elem(&counters, &zero);
+    if (!s || !c)
+        return TC_ACT_UNSPEC;
+    struct tap_record *r = &s->rec;
+    r->family = family;
+    __builtin_memcpy(r->saddr, saddr, 16);
+    __builtin_memcpy(r->daddr, daddr, 16);
     r->timestamp_ns = bpf_ktime_get_ns();
     r->ifindex = skb->ifindex;
     r->sport = bpf_ntohs(th.source);

@@ -12,8 +12,6 @@
 #define TAP_CHUNK 65536u
 /* Records per skb: 8 chunks cover the 512 KiB BIG TCP maximum (GSO_MAX_SIZE). */
 #define TAP_MAX_CHUNKS 8
-/* Distinct ports the agent may subscribe at once. */
-#define TAP_MAX_PORTS 1024
 
 struct tap_record {
     __u64 timestamp_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the tap saw the skb */

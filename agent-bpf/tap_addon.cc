@@ -57,7 +57,7 @@ constexpr size_t kMinSlotBytes = 128 * 1024;
 // How long the consumer pauses between drains while records flow: (rate / 4,000 records/s)²
 // ms, within these bounds (see Consumer::run).
 constexpr int kMinPauseMillis = 1;
-constexpr int kMaxPauseMillis = 100;
+constexpr int kMaxPauseMillis = 200;
 constexpr double kRecordsPerSecondForOneMilli = 4000;
 constexpr int kIdleCheckMillis = 100;
 // The record rate that sets the pause is averaged over about this long: clients send in bursts
@@ -156,10 +156,10 @@ void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batc
 
 class Consumer {
   public:
-    Consumer(int ringFd, volatile __u32 *idleFlag, BatchFn fn, std::vector<uint8_t *> slots,
-             size_t slotBytes)
-        : fn_(fn), idleFlag_(idleFlag), slots_(std::move(slots)), slotBytes_(slotBytes),
-          merger_(slotBytes) {
+    Consumer(int ringFd, volatile __u32 *idleFlag, volatile __u32 *wakeupSentFlag, BatchFn fn,
+             std::vector<uint8_t *> slots, size_t slotBytes)
+        : fn_(fn), idleFlag_(idleFlag), wakeupSentFlag_(wakeupSentFlag), slots_(std::move(slots)),
+          slotBytes_(slotBytes), merger_(slotBytes) {
         for (uint32_t i = 0; i < slots_.size(); i++)
             free_.push_back(i);
         rb_ = ring_buffer__new(ringFd, &Consumer::onRecord, this, nullptr);
@@ -217,7 +217,7 @@ class Consumer {
     // between drains grows with the square of the record rate: while the target has CPU to
     // spare (up to ten thousand records a second or so) it keeps the mirror's lag to a few
     // milliseconds, and when the target is busy, when each wakeup preempts it, it keeps wakeups
-    // to about ten a second.
+    // to about five a second.
     void run() {
         pthread_setname_np(pthread_self(), "mirrord-tap");
         epoll_event events[2];
@@ -236,6 +236,8 @@ class Consumer {
                     return;
             if (n < 0 && errno != EINTR)
                 return;
+            // Before draining: a ring that fills again meanwhile may wake us once more.
+            __atomic_store_n(wakeupSentFlag_, 0, __ATOMIC_SEQ_CST);
             int records = ring_buffer__consume(rb_);
             if (records < 0 || !flush())
                 return;
@@ -294,6 +296,7 @@ class Consumer {
 
     BatchFn fn_;
     volatile __u32 *idleFlag_;
+    volatile __u32 *wakeupSentFlag_;
     ring_buffer *rb_ = nullptr;
     int stopFd_ = -1;
     int epollFd_ = -1;
@@ -458,6 +461,7 @@ class TapState {
             failBpf("opening the tap BPF object", -errno);
         bpf_map__set_max_entries(t->skel_->maps.scratch, static_cast<__u32>(cpus));
         bpf_map__set_max_entries(t->skel_->maps.events, static_cast<__u32>(ringBytes));
+        t->skel_->rodata->ring_bytes = ringBytes;
         int err = onQuietThread([&] { return tap_bpf__load(t->skel_); });
         if (err)
             failBpf("loading the tap BPF program (MIRRORD_TAP_DEBUG=1 prints libbpf's log)", err);
@@ -474,9 +478,9 @@ class TapState {
         // No queue bound here: the pool of slots bounds what can be queued.
         auto fn = BatchFn::New(env, callback, "mirrord-tap", 0, 1);
         try {
-            t->consumer_ = std::make_unique<Consumer>(bpf_map__fd(t->skel_->maps.events),
-                                                      &t->skel_->bss->consumer_idle, fn,
-                                                      std::move(slots), slotBytes);
+            t->consumer_ = std::make_unique<Consumer>(
+                bpf_map__fd(t->skel_->maps.events), &t->skel_->bss->consumer_idle,
+                &t->skel_->bss->wakeup_sent, fn, std::move(slots), slotBytes);
         } catch (...) {
             fn.Abort();
             throw;
@@ -493,11 +497,11 @@ class TapState {
     const std::vector<Interface> &interfaces() const { return ifaces_; }
 
     void setPort(uint16_t port, bool on) {
-        __u8 one = 1;
-        int err = on ? bpf_map__update_elem(skel_->maps.ports, &port, sizeof(port), &one,
-                                            sizeof(one), BPF_ANY)
-                     : bpf_map__delete_elem(skel_->maps.ports, &port, sizeof(port), 0);
-        if (err && !(err == -ENOENT && !on))
+        __u32 key = port;
+        __u8 subscribed = on ? 1 : 0;
+        int err = bpf_map__update_elem(skel_->maps.ports, &key, sizeof(key), &subscribed,
+                                       sizeof(subscribed), BPF_ANY);
+        if (err)
             failBpf(std::string(on ? "subscribing" : "unsubscribing") + " port " +
                         std::to_string(port),
                     err);

@@ -350,8 +350,8 @@ describe('tap', () => {
   });
 
   test('paused, batches wait in the pool and the ring; resumed, they arrive in order, whole', async () => {
-    // 8 MiB: more than the pool's four 1 MiB slots, less than the 16 MiB ring.
-    const data = randomBytes(8 * 1024 * 1024);
+    // 6 MiB: more than the pool's four 1 MiB slots, less than the 8 MiB ring.
+    const data = randomBytes(6 * 1024 * 1024);
     const file = join(scratch, 'paused-upload');
     writeFileSync(file, data);
     const before = theTap().counters();

@@ -103,7 +103,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
         if (!session) return;
         outbox.flush(session);
         session.flush();
-        // The CLI is behind: rather than drop connections, let the ring buffer (16 MiB by
+        // The CLI is behind: rather than drop connections, let the ring buffer (8 MiB by
         // default) absorb the burst until the session has written its backlog.
         if (session.backlogBytes > PAUSE_TAP_ABOVE_BYTES && !tapPaused) {
           tapPaused = true;

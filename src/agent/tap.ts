@@ -7,7 +7,7 @@ import { packageRoot } from '../package-root.js';
 export type TapTarget = { pid: number } | { netns: string };
 
 export interface TapOptions {
-  /** Size of the BPF ring buffer: a power of 2 from 256 KiB to 1 GiB. Default 16 MiB. */
+  /** Size of the BPF ring buffer: a power of 2 from 256 KiB to 1 GiB. Default 8 MiB. */
   ringBufferBytes?: number;
   /**
    * 'tcx' uses TCX links (Linux 6.6+), which vanish with the process; 'tc' uses a legacy clsact
@@ -89,7 +89,7 @@ const OFF_FLAGS = 25;
 const OFF_SADDR = 32;
 const OFF_DADDR = 48;
 
-const DEFAULT_RING_BYTES = 16 * 1024 * 1024;
+const DEFAULT_RING_BYTES = 8 * 1024 * 1024;
 /** Batches in flight between the consumer thread and JavaScript; it waits when all are out. */
 const POOL_SLOTS = 4;
 const SLOT_BYTES = 1024 * 1024;

@@ -35,7 +35,7 @@ export default class AgentCommand extends MirrordCommand {
     }),
     'ring-buffer-mib': Flags.integer({
       summary: 'Size of the kernel ring buffer in MiB (a power of two).',
-      default: 16,
+      default: 8,
       min: 1,
     }),
     'attach-mode': Flags.option({
