@@ -5,10 +5,10 @@
  * An HTTP target in a netns gets keep-alive load over 32 connections: paced evenly at 1k, 5k and
  * 10k requests/s (paced-load.ts, which says why not autocannon's `-R`), and from autocannon at
  * the most it can serve; each once without and once with `mirrord mirror` replaying into a local
- * app (the same server program, under the layer). Target and app note
- * when each request arrived, keyed by the client's port and the request's position on its
- * connection (the app sees the original port through the layer), on the one clock of this
- * machine: so fraction and lag are measured outside mirrord, not taken from its own counters
+ * app (the same server program, under the layer). Target and app note when each request arrived,
+ * keyed by the client's port and the request's position on its connection (the app sees the
+ * original port through the layer), on the one clock of this machine: so fraction and lag are
+ * measured outside mirrord, not taken from its own counters
  * (those are printed beside them). The local app's own capacity is measured first, because
  * "every request reaches the app" can only hold at rates the app itself can serve. The CLI's
  * RSS is sampled throughout.

@@ -2,8 +2,8 @@
  * The HTTP server of `bench -- mirror`, as the target and as the local app: it answers every
  * request with a few bytes and notes when each arrived, keyed by the client's port and the
  * request's position on its connection (warm-up requests of paced-load.ts are answered but not
- * noted). Under mirrord the local app sees the original client's
- * port (the layer's getpeername), so the two sides' keys meet.
+ * noted). Under mirrord the local app sees the original client's port (the layer's getpeername),
+ * so the two sides' keys meet.
  *
  * `node stamping-server.js HOST PORT STAMPS_FILE`: prints `count N` every 200 ms; on SIGTERM or
  * SIGINT writes `key arrivalMicros` lines (CLOCK_MONOTONIC, as in src/protocol/clock.ts) to
