@@ -8,10 +8,9 @@
  * app (the same server program, under the layer). Target and app note when each request arrived,
  * keyed by the client's port and the request's position on its connection (the app sees the
  * original port through the layer), on the one clock of this machine: so fraction and lag are
- * measured outside mirrord, not taken from its own counters
- * (those are printed beside them). The local app's own capacity is measured first, because
- * "every request reaches the app" can only hold at rates the app itself can serve. The CLI's
- * RSS is sampled throughout.
+ * measured outside mirrord, not taken from its own counters (those are printed beside them). The
+ * local app's own capacity is measured first, because "every request reaches the app" can only
+ * hold at rates the app itself can serve. The CLI's RSS is sampled throughout.
  */
 import { execa, type ResultPromise } from 'execa';
 import { readFileSync, rmSync, mkdtempSync } from 'node:fs';
