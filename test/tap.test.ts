@@ -13,6 +13,7 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const CHILD = join(ROOT, 'test', 'support', 'tap-child.mjs');
 const DROP_OBJ = join(ROOT, 'agent-bpf', '.output', 'drop.bpf.o');
 const PORT = 8080;
+const TEST_RING_BYTES = 32 * 1024 * 1024;
 const OTHER_PORT = 8081;
 
 // Reads each connection to the end and answers with the byte count, on every address.
@@ -230,7 +231,10 @@ describe('tap', () => {
     server = sandbox.spawn(sandbox.target, process.execPath, ['-e', SERVER]);
     await waitForTcp(sandbox.target, sandbox.targetAddress, PORT);
     await waitForTcp(sandbox.target, sandbox.targetAddress, OTHER_PORT);
-    tap = Tap.open({ netns: sandbox.target }, collector);
+    // The uploads below arrive at loopback speed, faster than any consumer drains: the ring must
+    // hold what the consumer has not taken yet. 32 MiB holds the 20 MB one; the agent's default
+    // (8 MiB, for its memory budget) plus the pool's 4 MiB would lose the rest, counted.
+    tap = Tap.open({ netns: sandbox.target }, collector, { ringBufferBytes: TEST_RING_BYTES });
     tap.subscribe(PORT);
   });
 
@@ -350,8 +354,8 @@ describe('tap', () => {
   });
 
   test('paused, batches wait in the pool and the ring; resumed, they arrive in order, whole', async () => {
-    // 6 MiB: more than the pool's four 1 MiB slots, less than the 8 MiB ring.
-    const data = randomBytes(6 * 1024 * 1024);
+    // 8 MiB: more than the pool's four 1 MiB slots, less than the test's 32 MiB ring.
+    const data = randomBytes(8 * 1024 * 1024);
     const file = join(scratch, 'paused-upload');
     writeFileSync(file, data);
     const before = theTap().counters();
