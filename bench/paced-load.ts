@@ -17,8 +17,8 @@
  * `{ requestsPerSecond, p99Ms, errors }` of the measured requests.
  */
 import { Pool } from 'undici';
+import { WARMUP_PATH } from './support.js';
 
-export const WARMUP_PATH = '/warmup';
 const WARMUP_SECONDS = 1;
 /** How often due requests are sent: at 10k requests/s, 10 at a time. */
 const TICK_MS = 1;

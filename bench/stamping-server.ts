@@ -12,7 +12,7 @@
 import { writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { monotonicMicros } from '../src/protocol/clock.js';
-import { WARMUP_PATH } from './paced-load.js';
+import { WARMUP_PATH } from './support.js';
 
 const [host = '0.0.0.0', port = '8080', stampsFile = '/dev/null'] = process.argv.slice(2);
 const keys: string[] = [];

@@ -2,6 +2,9 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { createHosts, waitForTcp, type Hosts } from '../src/platform/local/netns.js';
 
+/** Requests paced-load.ts sends before it measures; the stamping server does not note them. */
+export const WARMUP_PATH = '/warmup';
+
 export function progress(line: string): void {
   process.stderr.write(`${line}\n`);
 }

@@ -22,7 +22,7 @@ import {
 } from '@kubernetes/client-node';
 import WebSocket from 'ws';
 import { findContainerPid } from '../src/agent/target.js';
-import { listNetns, ownerOf } from '../src/platform/local/netns.js';
+import { isAlive, listNetns, ownerOf } from '../src/platform/local/netns.js';
 import { AgentClient } from '../src/protocol/client.js';
 import type { OpenedMessage } from '../src/protocol/messages.js';
 import { startStandInCluster, type StandInCluster } from './kube/cluster.js';
@@ -56,15 +56,6 @@ async function until<T>(
     if (value !== undefined && value !== false) return value;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(50);
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 

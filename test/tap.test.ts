@@ -13,8 +13,8 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const CHILD = join(ROOT, 'test', 'support', 'tap-child.mjs');
 const DROP_OBJ = join(ROOT, 'agent-bpf', '.output', 'drop.bpf.o');
 const PORT = 8080;
-const TEST_RING_BYTES = 32 * 1024 * 1024;
 const OTHER_PORT = 8081;
+const TEST_RING_BYTES = 32 * 1024 * 1024;
 
 // Reads each connection to the end and answers with the byte count, on every address.
 const SERVER = `

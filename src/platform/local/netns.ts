@@ -27,7 +27,8 @@ export function ownerOf(name: string): number | undefined {
   return match ? Number(match[1]) : undefined;
 }
 
-function isAlive(pid: number): boolean {
+/** Whether a process `pid` exists (the maker a name carries, or any other). */
+export function isAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
