@@ -151,6 +151,7 @@ export async function benchForward(): Promise<Record<string, unknown>> {
         ]),
     };
     const results: Record<keyof typeof paths, ReaderResult[]> = { forward: [], direct: [] };
+    const serverCpuMsPerGib: number[] = [];
     // One unmeasured pass each: the dialer's and the readers' code warm in the page cache.
     await paths.forward();
     await paths.direct();
@@ -158,11 +159,17 @@ export async function benchForward(): Promise<Record<string, unknown>> {
       const order: (keyof typeof paths)[] =
         round % 2 ? ['direct', 'forward'] : ['forward', 'direct'];
       for (const path of order) {
+        const cpuStart = process.cpuUsage();
         const result = await paths[path]();
+        const cpu = process.cpuUsage(cpuStart);
         results[path].push(result);
-        progress(
-          `  round ${round + 1} ${path}: ${result.mibPerSecond.toFixed(0)} MiB/s, reader ${result.cpuMsPerGib.toFixed(0)} ms CPU/GiB`,
-        );
+        let line = `  round ${round + 1} ${path}: ${result.mibPerSecond.toFixed(0)} MiB/s, reader ${result.cpuMsPerGib.toFixed(0)} ms CPU/GiB`;
+        if (path === 'forward') {
+          const serverMs = (cpu.user + cpu.system) / 1000 / (STREAM_MIB / 1024);
+          serverCpuMsPerGib.push(serverMs);
+          line += `, API server ${serverMs.toFixed(0)} ms CPU/GiB`;
+        }
+        progress(line);
       }
     }
     const forward = median(results.forward.map((r) => r.mibPerSecond));
@@ -175,6 +182,7 @@ export async function benchForward(): Promise<Record<string, unknown>> {
       forward_to_direct_ratio: round(forward / direct),
       forward_reader_cpu_ms_per_gib: round(median(results.forward.map((r) => r.cpuMsPerGib)), 0),
       direct_reader_cpu_ms_per_gib: round(median(results.direct.map((r) => r.cpuMsPerGib)), 0),
+      forward_api_server_cpu_ms_per_gib: round(median(serverCpuMsPerGib), 0),
     };
   } finally {
     process.off('SIGINT', stop);

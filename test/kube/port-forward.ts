@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { IncomingMessage } from 'node:http';
-import type { Socket } from 'node:net';
+import { Socket, type ConnectOpts, type SocketConstructorOpts } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { WebSocketServer, type WebSocket } from 'ws';
 
@@ -11,7 +11,11 @@ import { WebSocketServer, type WebSocket } from 'ws';
  * kubelet, the connection to 127.0.0.1:PORT is made inside the pod's netns and the bytes are
  * copied in the server itself: a small dialer process started in the netns (nsenter) connects
  * and hands the connected socket over (file descriptors do not belong to a netns), so no
- * process stands between the WebSocket and the pod. The dialer then waits, idle, for the
+ * process stands between the WebSocket and the pod. The server reads the pod's bytes into a
+ * few buffers of its own and writes them on from there, as Go's io.Copy does for the kubelet:
+ * a socket's default reads allocate a fresh 64 KiB buffer each, and at loopback speed that
+ * churn made V8 run a full GC after nearly every scavenge ("external memory pressure"), which
+ * halved the throughput of whole runs. The dialer then waits, idle, for the
  * connection to end: killing it cuts the forward's connection, as a kubelet losing it would.
  * Bytes flow both ways with backpressure: a slow client pauses the pod's socket, a slow target
  * pauses the WebSocket. When the target closes its side the WebSocket is closed (as the kubelet
@@ -30,11 +34,16 @@ export interface PortForwardTarget {
 /**
  * Runs in the pod's netns: connects to the port and sends the connected socket to the API
  * server over the IPC channel, without reading a byte of it; then stays until disconnected.
+ * It sends the bare handle rather than the net.Socket, so that the server can wrap it with its
+ * own read buffers (a net.Socket arrives already reading into buffers of Node's); the dialer's
+ * copy of the descriptor is closed once sent, which leaves the connection to the server.
  */
 const DIALER = `
 const socket = require('net').connect({ host: '127.0.0.1', port: Number(process.argv[1]) });
 socket.pause();
-socket.once('connect', () => process.send({ connected: true }, socket));
+socket.once('connect', () =>
+  process.send({ connected: true }, socket._handle, () => socket.destroy()),
+);
 socket.once('error', (error) => {
   const reason = error.code === 'ECONNREFUSED' ? 'connect: connection refused' : error.message;
   process.send({ error: reason }, () => process.exit(1));
@@ -44,34 +53,36 @@ process.once('disconnect', () => process.exit(0));
 
 type DialAnswer = { connected: true } | { error: string };
 
-/** Above this many bytes waiting in the WebSocket, the pod's socket stops being read. */
-const HIGH_WATER = 1024 * 1024;
+/** The size of each buffer the pod's bytes are read into. */
+const READ_BUFFER_BYTES = 64 * 1024;
+/** With this many read buffers waiting in the WebSocket (1 MiB), the pod's socket stops being read. */
+const MAX_BUFFERS_IN_FLIGHT = 16;
 /** How long a connection whose client is gone may still pass on what is in flight. */
 const LINGER_MS = 2_000;
 
 /**
- * One unmasked, final, binary WebSocket frame carrying `channel` and then `chunk`, built in one
- * buffer. Written straight to the connection rather than through ws.send, which would copy the
- * chunk once to prefix the channel and once more where TLS joins its header and payload; ws
- * writes its own frames (close, pong) to the same connection synchronously, so order holds.
+ * The header of one unmasked, final, binary WebSocket frame whose payload is `channel` and then
+ * `length` bytes, ending with the channel byte. The data follows as a write of its own, so the
+ * chunk read from the pod is passed on as it is: building one frame buffer copied every chunk
+ * once more (and allocated as much again, which drove the server's GC). ws writes its own
+ * frames (close, pong) to the same connection synchronously, so order holds.
  */
-function dataFrame(channel: number, chunk: Buffer): Buffer {
-  const payload = 1 + chunk.length;
-  const header = payload < 126 ? 2 : payload < 0x10000 ? 4 : 10;
-  const frame = Buffer.allocUnsafe(header + payload);
-  frame[0] = 0x82;
-  if (header === 2) {
-    frame[1] = payload;
-  } else if (header === 4) {
-    frame[1] = 126;
-    frame.writeUInt16BE(payload, 2);
+function frameHeader(channel: number, length: number): Buffer {
+  const payload = 1 + length;
+  const size = payload < 126 ? 2 : payload < 0x10000 ? 4 : 10;
+  const header = Buffer.allocUnsafe(size + 1);
+  header[0] = 0x82;
+  if (size === 2) {
+    header[1] = payload;
+  } else if (size === 4) {
+    header[1] = 126;
+    header.writeUInt16BE(payload, 2);
   } else {
-    frame[1] = 127;
-    frame.writeBigUInt64BE(BigInt(payload), 2);
+    header[1] = 127;
+    header.writeBigUInt64BE(BigInt(payload), 2);
   }
-  frame[header] = channel;
-  chunk.copy(frame, header + 1);
-  return frame;
+  header[size] = channel;
+  return header;
 }
 
 /** Go's wording for a failed read, as the kubelet's error channel carries it. */
@@ -81,6 +92,9 @@ function readFailure(localPort: number, port: number, error?: Error & { code?: s
   if (error.code === 'ECONNRESET') return `${what}read: connection reset by peer`;
   return `${what}${error.message}`;
 }
+
+/** What `new Socket` takes, besides the documented options, to wrap a handle received over IPC. */
+type HandleSocketOptions = SocketConstructorOpts & ConnectOpts & { handle: unknown };
 
 /** The dialers and pod connections that close() ends. */
 interface Resources {
@@ -108,6 +122,12 @@ class ForwardedPort {
   #clientGone = false;
   #done = false;
   #dialerOutput = '';
+  /** Read buffers whose bytes were written on, ready for the next read. */
+  readonly #freeBuffers: Buffer[] = [];
+  /** Read buffers handed to the socket or waiting in the WebSocket. */
+  #buffersInFlight = 0;
+  /** Whether reading stopped because every buffer was in flight. */
+  #readingStopped = false;
 
   constructor(
     ws: WebSocket,
@@ -142,7 +162,7 @@ class ForwardedPort {
     );
     resources.dialers.add(this.#dialer);
     this.#dialer.stderr!.on('data', (chunk: Buffer) => (this.#dialerOutput += chunk.toString()));
-    this.#dialer.on('message', (answer: DialAnswer, handle?: Socket) =>
+    this.#dialer.on('message', (answer: DialAnswer, handle?: unknown) =>
       this.#onDialed(answer, handle),
     );
     this.#dialer.on('error', () => undefined);
@@ -181,23 +201,28 @@ class ForwardedPort {
     socket.once('close', () => clearTimeout(timer));
   }
 
-  #onDialed(answer: DialAnswer, handle: Socket | undefined): void {
+  #onDialed(answer: DialAnswer, handle: unknown): void {
     if ('error' in answer || !handle) {
       this.#fail(this.#dialFailure('error' in answer ? answer.error : 'no connection'));
       return;
     }
+    const options: HandleSocketOptions = {
+      handle,
+      readable: true,
+      writable: true,
+      onread: { buffer: this.#nextReadBuffer, callback: this.#toClient },
+    };
+    const socket = new Socket(options);
     if (this.#clientGone || this.#done) {
-      handle.destroy();
+      socket.destroy();
       this.#disconnectDialer();
       return;
     }
-    const socket = handle;
     const localPort = socket.localPort ?? 0;
     this.#socket = socket;
     this.#resources.sockets.add(socket);
     // As Go dials for the kubelet: what the client sends is not held back by Nagle.
     socket.setNoDelay(true);
-    socket.on('data', this.#toClient);
     socket.on('drain', this.#writable);
     socket.on('error', (error) => (this.#failure ??= readFailure(localPort, this.#port, error)));
     socket.once('close', () => {
@@ -212,17 +237,32 @@ class ForwardedPort {
     if (writable) this.#writable();
   }
 
-  readonly #toClient = (chunk: Buffer): void => {
-    const ws = this.#ws;
-    if (ws.readyState !== ws.OPEN) return;
-    this.#clientSocket.write(dataFrame(this.#dataChannel, chunk), this.#sent);
-    if (this.#clientSocket.writableLength >= HIGH_WATER) this.#socket?.pause();
+  readonly #nextReadBuffer = (): Buffer => {
+    this.#buffersInFlight += 1;
+    return this.#freeBuffers.pop() ?? Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
   };
 
-  readonly #sent = (): void => {
-    const socket = this.#socket;
-    if (socket?.isPaused() && this.#clientSocket.writableLength < HIGH_WATER / 2) socket.resume();
+  /** Frames what was read into `buffer`; false pauses the pod's socket until buffers come back. */
+  readonly #toClient = (length: number, buffer: Uint8Array): boolean => {
+    const ws = this.#ws;
+    if (ws.readyState !== ws.OPEN) {
+      this.#release(buffer as Buffer);
+      return true;
+    }
+    this.#clientSocket.write(frameHeader(this.#dataChannel, length));
+    this.#clientSocket.write(buffer.subarray(0, length), () => this.#release(buffer as Buffer));
+    this.#readingStopped = this.#buffersInFlight >= MAX_BUFFERS_IN_FLIGHT;
+    return !this.#readingStopped;
   };
+
+  #release(buffer: Buffer): void {
+    this.#buffersInFlight -= 1;
+    this.#freeBuffers.push(buffer);
+    if (this.#readingStopped && this.#buffersInFlight <= MAX_BUFFERS_IN_FLIGHT / 2) {
+      this.#readingStopped = false;
+      this.#socket?.resume();
+    }
+  }
 
   readonly #writable = (): void => {
     const callback = this.#onWritable;
