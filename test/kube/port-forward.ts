@@ -53,36 +53,39 @@ process.once('disconnect', () => process.exit(0));
 
 type DialAnswer = { connected: true } | { error: string };
 
-/** The size of each buffer the pod's bytes are read into. */
-const READ_BUFFER_BYTES = 64 * 1024;
+/** How many bytes of the pod's stream one read takes at most. */
+const READ_BYTES = 64 * 1024;
+/** Room before the read bytes for the longest frame header: 10 bytes and the channel byte. */
+const HEADER_ROOM = 11;
 /** With this many read buffers waiting in the WebSocket (1 MiB), the pod's socket stops being read. */
 const MAX_BUFFERS_IN_FLIGHT = 16;
 /** How long a connection whose client is gone may still pass on what is in flight. */
 const LINGER_MS = 2_000;
 
 /**
- * The header of one unmasked, final, binary WebSocket frame whose payload is `channel` and then
- * `length` bytes, ending with the channel byte. The data follows as a write of its own, so the
- * chunk read from the pod is passed on as it is: building one frame buffer copied every chunk
- * once more (and allocated as much again, which drove the server's GC). ws writes its own
- * frames (close, pong) to the same connection synchronously, so order holds.
+ * Turns the `length` bytes read into `frameBuffer` just after its {@link HEADER_ROOM} into one
+ * unmasked, final, binary WebSocket frame on `channel`, by writing the header into the room in
+ * front of them; returns the frame. So a chunk from the pod is framed without being copied,
+ * and written straight to the connection rather than through ws.send, which would copy it twice
+ * more. ws writes its own frames (close, pong) to the same connection synchronously, so order
+ * holds.
  */
-function frameHeader(channel: number, length: number): Buffer {
+function frameInPlace(frameBuffer: Buffer, channel: number, length: number): Buffer {
   const payload = 1 + length;
-  const size = payload < 126 ? 2 : payload < 0x10000 ? 4 : 10;
-  const header = Buffer.allocUnsafe(size + 1);
-  header[0] = 0x82;
-  if (size === 2) {
-    header[1] = payload;
-  } else if (size === 4) {
-    header[1] = 126;
-    header.writeUInt16BE(payload, 2);
+  const headerSize = payload < 126 ? 2 : payload < 0x10000 ? 4 : 10;
+  const start = HEADER_ROOM - 1 - headerSize;
+  frameBuffer[start] = 0x82;
+  if (headerSize === 2) {
+    frameBuffer[start + 1] = payload;
+  } else if (headerSize === 4) {
+    frameBuffer[start + 1] = 126;
+    frameBuffer.writeUInt16BE(payload, start + 2);
   } else {
-    header[1] = 127;
-    header.writeBigUInt64BE(BigInt(payload), 2);
+    frameBuffer[start + 1] = 127;
+    frameBuffer.writeBigUInt64BE(BigInt(payload), start + 2);
   }
-  header[size] = channel;
-  return header;
+  frameBuffer[HEADER_ROOM - 1] = channel;
+  return frameBuffer.subarray(start, HEADER_ROOM + length);
 }
 
 /** Go's wording for a failed read, as the kubelet's error channel carries it. */
@@ -122,9 +125,11 @@ class ForwardedPort {
   #clientGone = false;
   #done = false;
   #dialerOutput = '';
-  /** Read buffers whose bytes were written on, ready for the next read. */
+  /** Frame buffers whose frames were written, ready for the next read. */
   readonly #freeBuffers: Buffer[] = [];
-  /** Read buffers handed to the socket or waiting in the WebSocket. */
+  /** The frame buffer of each view the socket reads into. */
+  readonly #frameBufferOf = new WeakMap<Uint8Array, Buffer>();
+  /** Frame buffers handed to the socket or waiting in the WebSocket. */
   #buffersInFlight = 0;
   /** Whether reading stopped because every buffer was in flight. */
   #readingStopped = false;
@@ -237,20 +242,25 @@ class ForwardedPort {
     if (writable) this.#writable();
   }
 
-  readonly #nextReadBuffer = (): Buffer => {
+  /** The part of a free frame buffer after its header room, for the socket to read into. */
+  readonly #nextReadBuffer = (): Uint8Array => {
     this.#buffersInFlight += 1;
-    return this.#freeBuffers.pop() ?? Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+    const frameBuffer = this.#freeBuffers.pop() ?? Buffer.allocUnsafeSlow(HEADER_ROOM + READ_BYTES);
+    const readArea = frameBuffer.subarray(HEADER_ROOM);
+    this.#frameBufferOf.set(readArea, frameBuffer);
+    return readArea;
   };
 
-  /** Frames what was read into `buffer`; false pauses the pod's socket until buffers come back. */
-  readonly #toClient = (length: number, buffer: Uint8Array): boolean => {
+  /** Frames what was read; false pauses the pod's socket until frame buffers come back. */
+  readonly #toClient = (length: number, readArea: Uint8Array): boolean => {
+    const frameBuffer = this.#frameBufferOf.get(readArea) as Buffer;
     const ws = this.#ws;
     if (ws.readyState !== ws.OPEN) {
-      this.#release(buffer as Buffer);
+      this.#release(frameBuffer);
       return true;
     }
-    this.#clientSocket.write(frameHeader(this.#dataChannel, length));
-    this.#clientSocket.write(buffer.subarray(0, length), () => this.#release(buffer as Buffer));
+    const frame = frameInPlace(frameBuffer, this.#dataChannel, length);
+    this.#clientSocket.write(frame, () => this.#release(frameBuffer));
     this.#readingStopped = this.#buffersInFlight >= MAX_BUFFERS_IN_FLIGHT;
     return !this.#readingStopped;
   };
