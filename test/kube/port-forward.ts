@@ -11,12 +11,12 @@ import { WebSocketServer, type WebSocket } from 'ws';
  * kubelet, the connection to 127.0.0.1:PORT is made inside the pod's netns and the bytes are
  * copied in the server itself: a small dialer process started in the netns (nsenter) connects
  * and hands the connected socket over (file descriptors do not belong to a netns), so no
- * process stands between the WebSocket and the pod. The server reads the pod's bytes into a
- * few buffers of its own and writes them on from there, as Go's io.Copy does for the kubelet:
- * a socket's default reads allocate a fresh 64 KiB buffer each, and at loopback speed that
- * churn made V8 run a full GC after nearly every scavenge ("external memory pressure"), which
- * halved the throughput of whole runs. The dialer then waits, idle, for the
+ * process stands between the WebSocket and the pod. The dialer then waits, idle, for the
  * connection to end: killing it cuts the forward's connection, as a kubelet losing it would.
+ * The server reads the pod's bytes into a few buffers of its own and writes them on from there,
+ * as Go's io.Copy does for the kubelet: a socket's default reads allocate a fresh 64 KiB buffer
+ * each, and at loopback speed that churn made V8 run a full GC after nearly every scavenge
+ * ("external memory pressure"), which halved the throughput of whole runs.
  * Bytes flow both ways with backpressure: a slow client pauses the pod's socket, a slow target
  * pauses the WebSocket. When the target closes its side the WebSocket is closed (as the kubelet
  * closes the stream); when the client goes, the target sees EOF.
