@@ -10,8 +10,9 @@
  * reader is a child process running this file (so the reader never shares a thread with the API
  * server) and measures from its first byte to the end: connection set-up (the stand-in's dialer
  * process starting in the pod's netns) is not charged to the stream. Rounds alternate the two
- * paths so that drift on a noisy machine hits both alike; the figures are medians. The reader's
- * own CPU time per GiB is reported too: the client's cost, apart from the stand-in's.
+ * paths so that drift on a noisy machine hits both alike; the figures are medians. The CPU time
+ * per GiB of the reader (the client's cost) and of this process during a forward round (the
+ * stand-in API server's cost, which it alone spends then) are reported too.
  */
 import { KubeConfig } from '@kubernetes/client-node';
 import { execFile } from 'node:child_process';
