@@ -126,9 +126,7 @@ class ForwardedPort {
   #done = false;
   #dialerOutput = '';
   /** Frame buffers whose frames were written, ready for the next read. */
-  readonly #freeBuffers: Buffer[] = [];
-  /** The frame buffer of each view the socket reads into. */
-  readonly #frameBufferOf = new WeakMap<Uint8Array, Buffer>();
+  readonly #freeBuffers: ArrayBuffer[] = [];
   /** Frame buffers handed to the socket or waiting in the WebSocket. */
   #buffersInFlight = 0;
   /** Whether reading stopped because every buffer was in flight. */
@@ -245,29 +243,27 @@ class ForwardedPort {
   /** The part of a free frame buffer after its header room, for the socket to read into. */
   readonly #nextReadBuffer = (): Uint8Array => {
     this.#buffersInFlight += 1;
-    const frameBuffer = this.#freeBuffers.pop() ?? Buffer.allocUnsafeSlow(HEADER_ROOM + READ_BYTES);
-    const readArea = frameBuffer.subarray(HEADER_ROOM);
-    this.#frameBufferOf.set(readArea, frameBuffer);
-    return readArea;
+    const frameBuffer = this.#freeBuffers.pop() ?? new ArrayBuffer(HEADER_ROOM + READ_BYTES);
+    return new Uint8Array(frameBuffer, HEADER_ROOM);
   };
 
   /** Frames what was read; false pauses the pod's socket until frame buffers come back. */
   readonly #toClient = (length: number, readArea: Uint8Array): boolean => {
-    const frameBuffer = this.#frameBufferOf.get(readArea) as Buffer;
+    const frameBuffer = readArea.buffer as ArrayBuffer;
     const ws = this.#ws;
     if (ws.readyState !== ws.OPEN) {
       this.#release(frameBuffer);
       return true;
     }
-    const frame = frameInPlace(frameBuffer, this.#dataChannel, length);
+    const frame = frameInPlace(Buffer.from(frameBuffer), this.#dataChannel, length);
     this.#clientSocket.write(frame, () => this.#release(frameBuffer));
     this.#readingStopped = this.#buffersInFlight >= MAX_BUFFERS_IN_FLIGHT;
     return !this.#readingStopped;
   };
 
-  #release(buffer: Buffer): void {
+  #release(frameBuffer: ArrayBuffer): void {
     this.#buffersInFlight -= 1;
-    this.#freeBuffers.push(buffer);
+    this.#freeBuffers.push(frameBuffer);
     if (this.#readingStopped && this.#buffersInFlight <= MAX_BUFFERS_IN_FLIGHT / 2) {
       this.#readingStopped = false;
       this.#socket?.resume();
