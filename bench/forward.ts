@@ -162,10 +162,10 @@ export async function benchForward(): Promise<Record<string, unknown>> {
       for (const path of order) {
         const cpuStart = process.cpuUsage();
         const result = await paths[path]();
-        const cpu = process.cpuUsage(cpuStart);
         results[path].push(result);
         let line = `  round ${round + 1} ${path}: ${result.mibPerSecond.toFixed(0)} MiB/s, reader ${result.cpuMsPerGib.toFixed(0)} ms CPU/GiB`;
         if (path === 'forward') {
+          const cpu = process.cpuUsage(cpuStart);
           const serverMs = (cpu.user + cpu.system) / 1000 / (STREAM_MIB / 1024);
           serverCpuMsPerGib.push(serverMs);
           line += `, API server ${serverMs.toFixed(0)} ms CPU/GiB`;

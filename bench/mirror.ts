@@ -21,7 +21,14 @@ import { fileURLToPath } from 'node:url';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import { packageRoot } from '../src/package-root.js';
 import type { PacedLoadResult } from './paced-load.js';
-import { createBenchHosts, progress, round, sampleRss, type BenchHosts } from './support.js';
+import {
+  createBenchHosts,
+  percentile,
+  progress,
+  round,
+  sampleRss,
+  type BenchHosts,
+} from './support.js';
 
 const PORT = 8080;
 const LOCAL_CAPACITY_PORT = 18080;
@@ -96,10 +103,6 @@ function readStamps(file: string): Map<string, number> {
     if (key && micros) stamps.set(key, Number(micros));
   }
   return stamps;
-}
-
-function percentile(sorted: number[], q: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))] ?? NaN;
 }
 
 interface Target {

@@ -17,7 +17,7 @@
  * `{ requestsPerSecond, p99Ms, errors }` of the measured requests.
  */
 import { Pool } from 'undici';
-import { WARMUP_PATH } from './support.js';
+import { percentile, WARMUP_PATH } from './support.js';
 
 const WARMUP_SECONDS = 1;
 /** How often due requests are sent: at 10k requests/s, 10 at a time. */
@@ -85,7 +85,7 @@ export async function pacedLoad(
   latencies.sort((a, b) => a - b);
   return {
     requestsPerSecond: latencies.length / elapsedSeconds,
-    p99Ms: latencies[Math.max(0, Math.ceil(latencies.length * 0.99) - 1)] ?? NaN,
+    p99Ms: percentile(latencies, 0.99),
     errors,
   };
 }

@@ -72,6 +72,11 @@ export function sampleRss(pid: number, intervalMs = 250): { stop(): number } {
   };
 }
 
+/** The value at quantile `q` of ascending `sorted` (nearest rank); NaN when it is empty. */
+export function percentile(sorted: number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))] ?? NaN;
+}
+
 export function median(values: number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const middle = Math.floor(sorted.length / 2);
