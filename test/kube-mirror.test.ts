@@ -121,7 +121,6 @@ describe('mirrord mirror on Kubernetes targets (stand-in cluster)', () => {
     },
   ];
 
-  /** The pod a session mirrors, from its ready event (`pod default/NAME …`). */
   /** The DELETEs of `job` the stand-in received since request number `since`. */
   function jobDeletes(job: { metadata?: { name?: string } }, since: number) {
     return cluster.requests
@@ -135,6 +134,7 @@ describe('mirrord mirror on Kubernetes targets (stand-in cluster)', () => {
     await until(() => agentProcesses().length === 0, 'the agent process to go', 60_000);
   }
 
+  /** The pod a session mirrors, from its ready event (`pod default/NAME …`). */
   function mirroredPod(run: MirrorRun, candidates: PodHandle[]): PodHandle {
     const ready = run.events().find((e) => e.event === 'ready');
     const name = /^pod default\/(\S+)/.exec(String(ready?.target))?.[1];
