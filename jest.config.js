@@ -10,5 +10,7 @@ export default {
   testMatch: ['<rootDir>/test/**/*.test.ts'],
   maxWorkers: 1,
   setupFilesAfterEnv: ['<rootDir>/test/support/hygiene.ts'],
+  // The first Kubernetes test starts the real test cluster; it stays up for the others.
+  globalTeardown: '<rootDir>/test/cluster/teardown.cjs',
   testTimeout: 120000,
 };

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Stops the test cluster and removes everything it made on this machine: its processes (by the
+# pids its start recorded), the pods' containers and shims, the mounts under the kubelet's root
+# and containerd's state (volumes, root filesystems, pod network namespaces), the pod bridge,
+# the pod cgroups, kube-proxy's iptables chains and the node's address. Also what a killed run
+# left, which is why it runs at every start too. The start writes the names of what to remove
+# into the run directory's layout.env.
+#
+#   bash test/cluster/stop.sh [--if-owner PID]   (only if PID started the cluster: jest's teardown)
+set -uo pipefail
+
+run="${MIRRORD_DEV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mirrord-dev}/cluster"
+[[ -f $run/layout.env ]] || exit 0
+# shellcheck source=/dev/null
+source "$run/layout.env"
+if [[ ${1:-} == --if-owner ]]; then
+  [[ $(cat "$run/owner" 2>/dev/null) == "${2:-}" ]] || exit 0
+fi
+
+say() { echo "cluster: $*" >&2; }
+alive() { kill -0 "$1" 2>/dev/null; }
+
+# SIGTERM, then SIGKILL after 3 s: a test cluster has no state worth a longer graceful drain
+# (the API server would otherwise wait for its clients' requests to finish).
+stop_process() { # name
+  local pid
+  pid=$(cat "$run/pids/$1" 2>/dev/null) || return 0
+  alive "$pid" || return 0
+  kill -TERM "$pid"
+  for _ in $(seq 30); do
+    alive "$pid" || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid"
+}
+
+for name in kube-proxy kubelet kube-scheduler kube-controller-manager kube-apiserver etcd; do
+  stop_process "$name"
+done
+
+ctr=(ctr --address "$CONTAINERD_SOCKET" --namespace k8s.io)
+if "${ctr[@]}" version >/dev/null 2>&1; then
+  # While containerd runs, its own record of the pods' containers goes too.
+  for id in $("${ctr[@]}" containers list --quiet); do
+    "${ctr[@]}" tasks kill --signal SIGKILL "$id" >/dev/null 2>&1
+    "${ctr[@]}" tasks delete --force "$id" >/dev/null 2>&1
+    "${ctr[@]}" containers delete "$id" >/dev/null 2>&1
+  done
+fi
+stop_process containerd
+
+# Every container process lives in the kubelet's kubepods cgroups; shims name our socket.
+pod_cgroups=(/sys/fs/cgroup/*/kubepods)
+for _ in $(seq 50); do
+  mapfile -t pids < <(
+    cat "${pod_cgroups[@]/%//cgroup.procs}" 2>/dev/null
+    find "${pod_cgroups[@]}" -mindepth 1 -name cgroup.procs -exec cat {} + 2>/dev/null
+    pgrep -f -- "-address $CONTAINERD_SOCKET"
+  )
+  ((${#pids[@]})) || break
+  kill -KILL "${pids[@]}" 2>/dev/null
+  sleep 0.1
+done
+
+# Deepest first: volumes inside root filesystems inside the state directory.
+awk -v a="$KUBELET_ROOT" -v b="$CONTAINERD_STATE" \
+  '$5 == a || index($5, a "/") == 1 || $5 == b || index($5, b "/") == 1 { print length($5), $5 }' \
+  /proc/self/mountinfo | sort -rn | cut -d' ' -f2- | while read -r target; do
+  umount --lazy "$target" 2>/dev/null
+done
+
+ip link delete "$BRIDGE" 2>/dev/null
+for cgroup in "${pod_cgroups[@]}"; do
+  [[ -d $cgroup ]] && find "$cgroup" -depth -type d -exec rmdir {} + 2>/dev/null
+done
+[[ -x $BIN/kube-proxy ]] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1
+ip address delete "$NODE_IP/32" dev lo 2>/dev/null
+rm -rf "$run/pids" "$run/owner"
+exit 0
