@@ -21,6 +21,7 @@ import {
 import { readFileSync, readdirSync } from 'node:fs';
 import { ensureCluster } from '../cluster/cluster.js';
 import { AUDIT_LOG } from '../cluster/components.js';
+import { checkRoutedLocally } from '../cluster/host.js';
 import { NODE_NAME } from '../cluster/layout.js';
 import { MANAGED_SELECTOR } from '../../src/platform/kube/agent-job.js';
 import { FIXTURES } from './mirror-cli.js';
@@ -176,7 +177,10 @@ export async function testCluster(name: string): Promise<TestCluster> {
     until(`${count} ready pod(s) ${selector}`, async () => {
       const { items } = await core.listNamespacedPod({ namespace: NAMESPACE, labelSelector: selector });
       const ready = items.filter((pod) => !pod.metadata?.deletionTimestamp).map(podInfo);
-      return ready.length === count && ready.every(Boolean) ? (ready as PodInfo[]) : undefined;
+      if (ready.length !== count || !ready.every(Boolean)) return undefined;
+      // Tests send load to these addresses: they must lead into the pod bridge, nowhere else.
+      for (const pod of ready as PodInfo[]) checkRoutedLocally(pod.ip);
+      return ready as PodInfo[];
     });
 
   return {
