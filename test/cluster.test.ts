@@ -62,7 +62,11 @@ function clusterTraces(): string[] {
   const traces: string[] = [];
   const processes = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' })
     .split('\n')
-    .filter((line) => /mirrord-dev\/(cluster|k8s-)|mirrord-dev\/containerd\.sock/.test(line));
+    .filter((line) =>
+      /^\S*mirrord-dev\/k8s-|^containerd --config \S*mirrord-dev|-address \S*mirrord-dev\/containerd\.sock/.test(
+        line,
+      ),
+    );
   if (processes.length) traces.push(`processes: ${processes.join('; ')}`);
   if (readFileSync('/proc/self/mountinfo', 'utf8').includes('/mirrord-dev/')) traces.push('mounts');
   if (readdirSync('/sys/class/net').includes(BRIDGE)) traces.push(`bridge ${BRIDGE}`);
@@ -71,7 +75,9 @@ function clusterTraces(): string[] {
   );
   if (cgroups.length) traces.push(`kubepods cgroups in ${cgroups.join(', ')}`);
   if (/-j KUBE-/.test(execFileSync('iptables-save', { encoding: 'utf8' }))) traces.push('iptables');
-  if (execFileSync('ip', ['address', 'show', 'dev', 'lo'], { encoding: 'utf8' }).includes(NODE_IP)) {
+  if (
+    execFileSync('ip', ['address', 'show', 'dev', 'lo'], { encoding: 'utf8' }).includes(NODE_IP)
+  ) {
     traces.push(`address ${NODE_IP}`);
   }
   return traces;

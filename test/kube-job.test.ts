@@ -1,10 +1,14 @@
 /**
- * The agent's Job: every field the issue asks for, as a pure function of the options, and as
- * `mirrord mirror --dry-run` prints it (valid YAML of a Job, and nothing created).
+ * The agent's Job: every field the issue asks for, as a pure function of the options; as
+ * `mirrord mirror --dry-run` prints it for a pod of the real test cluster (valid YAML of a Job,
+ * and nothing created); and as the real API server accepts it: the printed YAML, sent as it is
+ * with strict field validation through server-side dry run (every admission step, nothing
+ * stored), comes back unchanged but for the fields the API server defaults.
  */
-import { loadYaml, type V1Job } from '@kubernetes/client-node';
+import { KubeConfig, loadYaml, type V1Job } from '@kubernetes/client-node';
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { request, type RequestOptions } from 'node:https';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -13,7 +17,7 @@ import {
   agentJobManifest,
   type AgentJobOptions,
 } from '../src/platform/kube/agent-job.js';
-import { startStandInCluster, type PodHandle, type StandInCluster } from './kube/cluster.js';
+import { testCluster, type PodInfo, type TestCluster } from './support/kube.js';
 import { tempDir } from './support/mirror-cli.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -21,6 +25,7 @@ const CLI = join(ROOT, 'bin', 'run.js');
 const VERSION = (
   JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }
 ).version;
+const NAMESPACE = 'kube-job';
 
 interface CliResult {
   code: number | null;
@@ -141,55 +146,158 @@ describe('the agent Job manifest', () => {
   });
 });
 
-describe('mirrord mirror --dry-run', () => {
-  let cluster: StandInCluster;
-  let target: PodHandle;
+/** Who the server-side dry runs write as, in the object's managedFields. */
+const FIELD_MANAGER = 'mirrord-test';
+
+/**
+ * What the API server makes of a Job's YAML, sent as it is: a create with server-side dry run
+ * (every admission step runs, nothing is stored) and strict field validation (an unknown or
+ * duplicate field is an error, not silently dropped). Its status and raw JSON answer: the object
+ * as it would be stored, including fields this client library has no model for.
+ */
+async function serverDryRun(
+  kubeconfig: string,
+  yaml: string,
+): Promise<{ status: number; body: Record<string, unknown> }> {
+  const config = new KubeConfig();
+  config.loadFromFile(kubeconfig);
+  const server = new URL(config.getCurrentCluster()!.server);
+  const options: RequestOptions = {
+    method: 'POST',
+    hostname: server.hostname,
+    port: server.port,
+    path: `/apis/batch/v1/namespaces/${NAMESPACE}/jobs?dryRun=All&fieldValidation=Strict&fieldManager=${FIELD_MANAGER}`,
+    headers: { 'content-type': 'application/yaml', accept: 'application/json' },
+  };
+  await config.applyToHTTPSOptions(options);
+  return new Promise((resolve, reject) => {
+    const post = request(options, (response) => {
+      let text = '';
+      response.setEncoding('utf8');
+      response.on('data', (chunk: string) => (text += chunk));
+      response.on('end', () =>
+        resolve({
+          status: response.statusCode ?? 0,
+          body: JSON.parse(text) as Record<string, unknown>,
+        }),
+      );
+      response.on('error', reject);
+    });
+    post.on('error', reject);
+    post.end(yaml);
+  });
+}
+
+/**
+ * The printed Job as the API server stores it: unchanged, plus exactly the fields Kubernetes
+ * 1.34 defaults or adds on create, each only where the Job leaves it out (a field the Job sets
+ * keeps the Job's value, so a server that changed one fails the comparison).
+ */
+function withServerDefaults(printed: V1Job, uid: string): Record<string, unknown> {
+  const job = structuredClone(printed);
+  const spec = job.spec!;
+  // One pod to one completion: what a Job that sets neither count means.
+  spec.completions ??= 1;
+  spec.parallelism ??= 1;
+  spec.completionMode ??= 'NonIndexed';
+  spec.suspend ??= false;
+  // Failed pods are replaced once terminated: the default when there is no podFailurePolicy.
+  spec.podReplacementPolicy ??= 'TerminatingOrFailed';
+  // Without manualSelector the server generates the selector from the Job's uid, and labels
+  // the pod template to match (with the legacy unprefixed labels too).
+  spec.manualSelector ??= false;
+  spec.selector ??= { matchLabels: { 'batch.kubernetes.io/controller-uid': uid } };
+  const name = job.metadata!.name!;
+  spec.template.metadata!.labels = {
+    ...spec.template.metadata!.labels,
+    'batch.kubernetes.io/controller-uid': uid,
+    'batch.kubernetes.io/job-name': name,
+    'controller-uid': uid,
+    'job-name': name,
+  };
+  // Pod defaults.
+  const pod = spec.template.spec!;
+  pod.dnsPolicy ??= 'ClusterFirst';
+  pod.schedulerName ??= 'default-scheduler';
+  pod.securityContext ??= {};
+  for (const container of pod.containers) {
+    // For a tag other than :latest.
+    container.imagePullPolicy ??= 'IfNotPresent';
+    container.terminationMessagePath ??= '/dev/termination-log';
+    container.terminationMessagePolicy ??= 'File';
+  }
+  return {
+    ...job,
+    // Object identity and bookkeeping, set on every create: which client set which fields
+    // (server-side apply's record, here of a plain create) is in managedFields.
+    metadata: {
+      ...job.metadata,
+      uid,
+      creationTimestamp: expect.any(String),
+      generation: 1,
+      managedFields: [
+        {
+          manager: FIELD_MANAGER,
+          operation: 'Update',
+          apiVersion: 'batch/v1',
+          time: expect.any(String),
+          fieldsType: 'FieldsV1',
+          fieldsV1: expect.any(Object),
+        },
+      ],
+    },
+    status: {},
+  };
+}
+
+describe('mirrord mirror --dry-run (real cluster)', () => {
+  let cluster: TestCluster;
+  let target: PodInfo;
   let dir: ReturnType<typeof tempDir>;
 
   beforeAll(async () => {
-    cluster = await startStandInCluster();
+    cluster = await testCluster(NAMESPACE);
     dir = tempDir('kube-job');
     // A mesh sidecar first: the default container must be the app behind it.
-    target = await cluster.addPod({
-      name: 'api',
-      containers: [
-        { name: 'istio-proxy', image: 'stand-in/local', command: ['sleep', '3600'] },
-        {
-          name: 'api',
-          image: 'stand-in/local',
-          command: [
-            process.execPath,
-            '-e',
-            "require('http').createServer((q, r) => r.end('ok')).listen(8080)",
-          ],
-          ports: [{ containerPort: 8080, name: 'http' }],
-        },
-      ],
-    });
-  });
+    target = await cluster.addPod('api', [
+      { name: 'istio-proxy', command: ['node', '-e', 'setInterval(() => {}, 3_600_000)'] },
+      {
+        name: 'api',
+        command: ['node', '-e', "require('http').createServer((q, r) => r.end('ok')).listen(8080)"],
+        port: 8080,
+      },
+    ]);
+  }, 600_000);
 
   afterAll(async () => {
-    await cluster?.close();
+    await cluster?.remove();
     dir?.remove();
-  });
+  }, 300_000);
+
+  const kube = (): string[] => ['--kubeconfig', cluster.kubeconfig, '-n', NAMESPACE];
 
   const containerId = (name: string): string =>
     target.containers.find((container) => container.name === name)!.containerId;
 
-  /** No Job was created, and no request asked for one. */
-  function expectNothingCreated(): void {
-    expect(cluster.requests.filter((request) => request.method !== 'GET')).toEqual([]);
-    expect(cluster.jobs()).toEqual([]);
-    expect(cluster.pods().map((pod) => pod.metadata.name)).toEqual(['api']);
+  /**
+   * No Job was created, and no Job request came since `since` (the audit log's length before),
+   * except this test's own server-side dry runs.
+   */
+  async function expectNothingCreated(since: number): Promise<void> {
+    const requests = cluster.jobRequests(since);
+    expect(requests.filter((event) => !event.requestURI.includes('dryRun=All'))).toEqual([]);
+    expect(await cluster.mirrordObjects()).toEqual([]);
+    const pods = await cluster.core.listNamespacedPod({ namespace: NAMESPACE });
+    expect(pods.items.map((pod) => pod.metadata?.name)).toEqual(['api']);
   }
 
   test('prints the Job with every field, for the default container, and creates nothing', async () => {
+    const since = cluster.jobRequests().length;
     const result = await cli([
       'mirror',
       '--pod',
       'api',
-      '--kubeconfig',
-      cluster.kubeconfigPath,
+      ...kube(),
       '--dry-run',
       '--agent-image',
       'registry.example/team/mirrord-agent:1.2.3',
@@ -213,10 +321,10 @@ describe('mirrord mirror --dry-run', () => {
     const [host = '', pid = ''] = cliAnnotation.split('/');
     expectAgentJob(job, {
       sessionId,
-      namespace: 'default',
+      namespace: NAMESPACE,
       node: cluster.nodeName,
       containerId: containerId('api'),
-      target: 'pod default/api (container api)',
+      target: `pod ${NAMESPACE}/api (container api)`,
       image: 'registry.example/team/mirrord-agent:1.2.3',
       pullPolicy: 'Always',
       pullSecrets: ['regcred', 'mirror-pull'],
@@ -225,10 +333,13 @@ describe('mirrord mirror --dry-run', () => {
       idleTimeoutSeconds: 12,
       cli: { host, pid: Number(pid) },
     });
-    expectNothingCreated();
+    // The kubelet's ID of the container, as the agent looks it up in /proc/*/cgroup.
+    expect(containerId('api')).toMatch(/^containerd:\/\/[0-9a-f]{64}$/);
+    await expectNothingCreated(since);
   });
 
   test('defaults: the agent image of this version, TTL 60 s, idle timeout 30 s; --container and --agent-capabilities', async () => {
+    const since = cluster.jobRequests().length;
     const result = await cli([
       'mirror',
       '--pod',
@@ -236,8 +347,7 @@ describe('mirrord mirror --dry-run', () => {
       '--container',
       'istio-proxy',
       '--agent-capabilities',
-      '--kubeconfig',
-      cluster.kubeconfigPath,
+      ...kube(),
       '--dry-run',
     ]);
     expect(result.stderr).toBe('');
@@ -246,10 +356,10 @@ describe('mirrord mirror --dry-run', () => {
     const [host = '', pid = ''] = (job.metadata?.annotations?.['mirrord.dev/cli'] ?? '').split('/');
     expectAgentJob(job, {
       sessionId: job.metadata?.labels?.['mirrord.dev/session'] ?? '',
-      namespace: 'default',
+      namespace: NAMESPACE,
       node: cluster.nodeName,
       containerId: containerId('istio-proxy'),
-      target: 'pod default/api (container istio-proxy)',
+      target: `pod ${NAMESPACE}/api (container istio-proxy)`,
       image: `ghcr.io/mirrord-dev/mirrord-agent:${VERSION}`,
       pullSecrets: [],
       capabilities: true,
@@ -257,18 +367,53 @@ describe('mirrord mirror --dry-run', () => {
       idleTimeoutSeconds: 30,
       cli: { host, pid: Number(pid) },
     });
-    expectNothingCreated();
+    await expectNothingCreated(since);
+  });
+
+  test('the real API server accepts the printed Job as printed: privileged, and with --agent-capabilities', async () => {
+    const since = cluster.jobRequests().length;
+    const variants: { args: string[]; securityContext: object }[] = [
+      { args: [], securityContext: { privileged: true } },
+      {
+        args: [
+          '--container',
+          'istio-proxy',
+          '--agent-capabilities',
+          '--agent-pull-policy',
+          'Never',
+          '--agent-pull-secret',
+          'regcred',
+        ],
+        securityContext: { privileged: false, capabilities: { add: AGENT_CAPABILITIES } },
+      },
+    ];
+    for (const variant of variants) {
+      const result = await cli(['mirror', '--pod', 'api', ...kube(), '--dry-run', ...variant.args]);
+      expect(result.code).toBe(0);
+      const printed = loadYaml<V1Job>(result.stdout);
+      const stored = await serverDryRun(cluster.kubeconfig, result.stdout);
+      expect({ variant: variant.args, status: stored.status, body: stored.body }).toMatchObject({
+        status: 201,
+      });
+      const uid = (stored.body.metadata as { uid?: string }).uid ?? '';
+      expect(uid).toMatch(/^[0-9a-f-]{36}$/);
+      expect(stored.body).toEqual(withServerDefaults(printed, uid));
+      const spec = (stored.body as unknown as V1Job).spec!.template.spec!;
+      expect(spec.containers[0]?.securityContext).toEqual(variant.securityContext);
+    }
+    await expectNothingCreated(since);
   });
 
   test('mirrord.json holds the same settings (flags win); bad ones give one line', async () => {
+    const since = cluster.jobRequests().length;
     const config = join(dir.path, 'mirrord.json');
     writeFileSync(
       config,
       JSON.stringify({
         pod: 'api',
         container: 'api',
-        namespace: 'default',
-        kubeconfig: cluster.kubeconfigPath,
+        namespace: NAMESPACE,
+        kubeconfig: cluster.kubeconfig,
         agentImage: 'registry.example/mirrord-agent:from-file',
         agentPullPolicy: 'Never',
         agentPullSecrets: ['from-file'],
@@ -285,10 +430,10 @@ describe('mirrord mirror --dry-run', () => {
     const [host = '', pid = ''] = (job.metadata?.annotations?.['mirrord.dev/cli'] ?? '').split('/');
     expectAgentJob(job, {
       sessionId: job.metadata?.labels?.['mirrord.dev/session'] ?? '',
-      namespace: 'default',
+      namespace: NAMESPACE,
       node: cluster.nodeName,
       containerId: containerId('api'),
-      target: 'pod default/api (container api)',
+      target: `pod ${NAMESPACE}/api (container api)`,
       image: 'registry.example/mirrord-agent:from-file',
       pullPolicy: 'Never',
       pullSecrets: ['from-file'],
@@ -297,7 +442,7 @@ describe('mirrord mirror --dry-run', () => {
       idleTimeoutSeconds: 6,
       cli: { host, pid: Number(pid) },
     });
-    expectNothingCreated();
+    await expectNothingCreated(since);
 
     const cases: [object, RegExp][] = [
       [{ pod: 'api', netns: 'staging' }, /give one target, not "pod" and "netns"/],
@@ -322,6 +467,6 @@ describe('mirrord mirror --dry-run', () => {
       expect(lines).toHaveLength(1);
       expect(lines[0]).toMatch(message);
     }
-    expectNothingCreated();
+    await expectNothingCreated(since);
   });
 });

@@ -52,19 +52,34 @@ export async function installAddons(kubeconfig: string): Promise<void> {
     body: {
       metadata: { name: 'system:coredns' },
       rules: [
-        { apiGroups: [''], resources: ['endpoints', 'services', 'pods', 'namespaces'], verbs: ['list', 'watch'] },
-        { apiGroups: ['discovery.k8s.io'], resources: ['endpointslices'], verbs: ['list', 'watch'] },
+        {
+          apiGroups: [''],
+          resources: ['endpoints', 'services', 'pods', 'namespaces'],
+          verbs: ['list', 'watch'],
+        },
+        {
+          apiGroups: ['discovery.k8s.io'],
+          resources: ['endpointslices'],
+          verbs: ['list', 'watch'],
+        },
       ],
     },
   });
   await rbac.createClusterRoleBinding({
     body: {
       metadata: { name: 'system:coredns' },
-      roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: 'system:coredns' },
+      roleRef: {
+        apiGroup: 'rbac.authorization.k8s.io',
+        kind: 'ClusterRole',
+        name: 'system:coredns',
+      },
       subjects: [{ kind: 'ServiceAccount', name: 'coredns', namespace: NAMESPACE }],
     },
   });
-  await core.createNamespacedConfigMap({ namespace: NAMESPACE, body: { metadata, data: { Corefile: COREFILE } } });
+  await core.createNamespacedConfigMap({
+    namespace: NAMESPACE,
+    body: { metadata, data: { Corefile: COREFILE } },
+  });
   await apps.createNamespacedDeployment({
     namespace: NAMESPACE,
     body: {
@@ -120,7 +135,11 @@ export async function installAddons(kubeconfig: string): Promise<void> {
  * Resolves once the node is Ready, CoreDNS is available and the `default` ServiceAccount that
  * pods in `default` need exists; `check` throws when a cluster process died meanwhile.
  */
-export async function waitUntilReady(kubeconfig: string, check: () => void, timeoutMs = 180_000): Promise<void> {
+export async function waitUntilReady(
+  kubeconfig: string,
+  check: () => void,
+  timeoutMs = 180_000,
+): Promise<void> {
   const { core, apps } = clients(kubeconfig);
   const deadline = Date.now() + timeoutMs;
   const conditions: [string, () => Promise<boolean>][] = [
@@ -128,19 +147,25 @@ export async function waitUntilReady(kubeconfig: string, check: () => void, time
       `node ${NODE_NAME} Ready`,
       async () => {
         const node = await core.readNode({ name: NODE_NAME });
-        return node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false;
+        return (
+          node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false
+        );
       },
     ],
     [
       'CoreDNS available',
       async () => {
-        const deployment = await apps.readNamespacedDeployment({ name: 'coredns', namespace: NAMESPACE });
+        const deployment = await apps.readNamespacedDeployment({
+          name: 'coredns',
+          namespace: NAMESPACE,
+        });
         return (deployment.status?.availableReplicas ?? 0) >= 1;
       },
     ],
     [
       'ServiceAccount default/default',
-      async () => Boolean(await core.readNamespacedServiceAccount({ name: 'default', namespace: 'default' })),
+      async () =>
+        Boolean(await core.readNamespacedServiceAccount({ name: 'default', namespace: 'default' })),
     ],
   ];
   for (const [what, ready] of conditions) {

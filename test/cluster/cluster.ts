@@ -1,5 +1,13 @@
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readdirSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { get as httpGet } from 'node:http';
 import { get as httpsGet } from 'node:https';
 import { dirname, join } from 'node:path';
@@ -44,7 +52,9 @@ export const ADMIN_KUBECONFIG = kubeconfigPath(IDENTITIES.admin);
 
 const started = Date.now();
 function progress(message: string): void {
-  process.stderr.write(`cluster: ${message} (${Math.round((Date.now() - started) / 1000)} s so far)\n`);
+  process.stderr.write(
+    `cluster: ${message} (${Math.round((Date.now() - started) / 1000)} s so far)\n`,
+  );
 }
 
 /** The process that started the running cluster, if one runs. */
@@ -76,7 +86,11 @@ function script(name: string, args: string[] = []): string {
 
 function logTail(name: string): string {
   try {
-    return readFileSync(join(LOGS, `${name}.log`), 'utf8').trim().split('\n').slice(-8).join('\n');
+    return readFileSync(join(LOGS, `${name}.log`), 'utf8')
+      .trim()
+      .split('\n')
+      .slice(-8)
+      .join('\n');
   } catch {
     return '(no log)';
   }
@@ -109,12 +123,18 @@ function probe(url: string): Promise<number> {
   });
 }
 
-async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs: number, alive?: () => void): Promise<void> {
+async function waitFor(
+  what: string,
+  check: () => Promise<boolean>,
+  timeoutMs: number,
+  alive?: () => void,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     alive?.();
     if (await check()) return;
-    if (Date.now() > deadline) throw new Error(`${what} was not ready within ${timeoutMs / 1000} s`);
+    if (Date.now() > deadline)
+      throw new Error(`${what} was not ready within ${timeoutMs / 1000} s`);
     await new Promise((resolve) => setTimeout(resolve, 200));
   }
 }
@@ -126,7 +146,10 @@ function startProcess(component: Component, pids: Record<string, number>): numbe
   }
   const log = openSync(join(LOGS, `${component.name}.log`), 'a');
   // Detached: the cluster outlives a test file, and Ctrl-C in a terminal reaches only us.
-  const child = spawn(component.command, component.args, { detached: true, stdio: ['ignore', log, log] });
+  const child = spawn(component.command, component.args, {
+    detached: true,
+    stdio: ['ignore', log, log],
+  });
   child.unref();
   if (!child.pid) throw new Error(`${component.name} did not start (${component.command})`);
   pids[component.name] = child.pid;
@@ -134,14 +157,20 @@ function startProcess(component: Component, pids: Record<string, number>): numbe
   return child.pid;
 }
 
-async function start(component: Component, pids: Record<string, number>, timeoutMs = 60_000): Promise<void> {
+async function start(
+  component: Component,
+  pids: Record<string, number>,
+  timeoutMs = 60_000,
+): Promise<void> {
   progress(`starting ${component.name}`);
   const pid = startProcess(component, pids);
   const alive = (): void => {
-    if (!isAlive(pid)) throw new Error(`${component.name} exited at start:\n${logTail(component.name)}`);
+    if (!isAlive(pid))
+      throw new Error(`${component.name} exited at start:\n${logTail(component.name)}`);
   };
   const health = component.health;
-  if (health) await waitFor(component.name, async () => (await probe(health)) === 200, timeoutMs, alive);
+  if (health)
+    await waitFor(component.name, async () => (await probe(health)) === 200, timeoutMs, alive);
 }
 
 /**
@@ -168,14 +197,14 @@ function writeLayout(bin: string): void {
   writeFileSync(OWNER_FILE, String(process.pid));
 }
 
-
 /**
  * Starts the cluster, owned by this process: builds what is missing (this takes many minutes
  * the first time), clears a previous run's leftovers, and resolves once the node is Ready,
  * CoreDNS answers and the `default` ServiceAccount exists.
  */
 export async function startCluster(): Promise<string> {
-  if (process.getuid?.() !== 0) throw new Error('the test cluster needs root (containers, cgroups, iptables)');
+  if (process.getuid?.() !== 0)
+    throw new Error('the test cluster needs root (containers, cgroups, iptables)');
   progress('building what is missing');
   const bin = binDirectory();
   if (owner()) progress('stopping the cluster of an earlier run');
@@ -248,9 +277,14 @@ export function watchCluster(onExit: (message: string) => void): void {
  */
 export async function ensureCluster(): Promise<string> {
   const started = owner();
-  const running = readdirSync(PIDS, { withFileTypes: true }).length > 0;
-  if (started && isAlive(started) && running && (await probe(apiServer('').health!)) === 200) {
-    return ADMIN_KUBECONFIG;
+  if (!started || !isAlive(started) || !existsSync(PIDS) || readdirSync(PIDS).length === 0) {
+    return startCluster();
   }
-  return startCluster();
+  // Someone's cluster runs: never stop it here. A busy machine may answer slowly, so wait.
+  await waitFor(
+    "the running cluster's API server",
+    async () => (await probe(apiServer('').health!)) === 200,
+    120_000,
+  );
+  return ADMIN_KUBECONFIG;
 }

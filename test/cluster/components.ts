@@ -115,7 +115,11 @@ export function apiServer(bin: string): Component {
         kind: 'Policy',
         omitStages: ['RequestReceived'],
         rules: [
-          { level: 'Request', resources: [{ group: 'batch', resources: ['jobs'] }], verbs: ['create', 'delete'] },
+          {
+            level: 'Request',
+            resources: [{ group: 'batch', resources: ['jobs'] }],
+            verbs: ['create', 'delete'],
+          },
           { level: 'None' },
         ],
       }),

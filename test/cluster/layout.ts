@@ -27,7 +27,9 @@ export const ETCD_CLIENT_PORT = 23790;
 export const ETCD_PEER_PORT = 23800;
 
 /** The cache that build.sh and images.sh fill (binaries, images), kept between runs. */
-export const CACHE = process.env.MIRRORD_DEV_CACHE ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'mirrord-dev');
+export const CACHE =
+  process.env.MIRRORD_DEV_CACHE ??
+  join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'mirrord-dev');
 
 /** A running cluster's files: certificates, configs, logs, etcd's data, the kubelet's root. */
 export const RUN = join(CACHE, 'cluster');

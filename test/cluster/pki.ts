@@ -40,10 +40,15 @@ export const API_SERVER_KEY = join(PKI, 'apiserver.key');
 
 export const certPath = (identity: Identity): string => join(PKI, `${identity.name}.crt`);
 export const keyPath = (identity: Identity): string => join(PKI, `${identity.name}.key`);
-export const kubeconfigPath = (identity: Identity): string => join(PKI, `${identity.name}.kubeconfig`);
+export const kubeconfigPath = (identity: Identity): string =>
+  join(PKI, `${identity.name}.kubeconfig`);
 
 function openssl(args: string[], input?: string): string {
-  return execFileSync('openssl', args, { input, encoding: 'utf8', stdio: ['pipe', 'pipe', 'pipe'] });
+  return execFileSync('openssl', args, {
+    input,
+    encoding: 'utf8',
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
 }
 
 /** An EC P-256 key (fast to make, and every Kubernetes component accepts it). */
@@ -58,8 +63,12 @@ function sign(stem: string, subject: string, extensions: string): void {
   const extensionsFile = join(PKI, `${stem}.ext`);
   writeFileSync(extensionsFile, extensions);
   openssl(
-    ['x509', '-req', '-CA', CA_CERT, '-CAkey', CA_KEY, '-CAcreateserial', '-days', '365']
-      .concat(['-extfile', extensionsFile, '-out', join(PKI, `${stem}.crt`)]),
+    ['x509', '-req', '-CA', CA_CERT, '-CAkey', CA_KEY, '-CAcreateserial', '-days', '365'].concat([
+      '-extfile',
+      extensionsFile,
+      '-out',
+      join(PKI, `${stem}.crt`),
+    ]),
     request,
   );
 }
@@ -107,11 +116,23 @@ export function kubeconfigFor(identity: Identity): string {
 export function createPki(): void {
   mkdirSync(PKI, { recursive: true, mode: 0o700 });
   newKey(CA_KEY);
-  openssl(['req', '-x509', '-new', '-key', CA_KEY, '-subj', '/CN=mirrord-dev-ca', '-days', '3650']
-    .concat(['-addext', 'keyUsage=critical,keyCertSign,cRLSign', '-out', CA_CERT]));
+  openssl(
+    ['req', '-x509', '-new', '-key', CA_KEY, '-subj', '/CN=mirrord-dev-ca', '-days', '3650'].concat(
+      ['-addext', 'keyUsage=critical,keyCertSign,cRLSign', '-out', CA_CERT],
+    ),
+  );
   newKey(SERVICE_ACCOUNT_KEY);
-  writeFileSync(SERVICE_ACCOUNT_PUBLIC_KEY, openssl(['pkey', '-in', SERVICE_ACCOUNT_KEY, '-pubout']));
-  const names = ['kubernetes', 'kubernetes.default', 'kubernetes.default.svc', 'kubernetes.default.svc.cluster.local', 'localhost'];
+  writeFileSync(
+    SERVICE_ACCOUNT_PUBLIC_KEY,
+    openssl(['pkey', '-in', SERVICE_ACCOUNT_KEY, '-pubout']),
+  );
+  const names = [
+    'kubernetes',
+    'kubernetes.default',
+    'kubernetes.default.svc',
+    'kubernetes.default.svc.cluster.local',
+    'localhost',
+  ];
   sign(
     'apiserver',
     '/CN=kube-apiserver',

@@ -2,9 +2,9 @@
 # Stops the test cluster and removes everything it made on this machine: its processes (by the
 # pids its start recorded), the pods' containers and shims, the mounts under the kubelet's root
 # and containerd's state (volumes, root filesystems, pod network namespaces), the pod bridge,
-# the pod cgroups, kube-proxy's iptables chains and the node's address. Also what a killed run
-# left, which is why it runs at every start too. The start writes the names of what to remove
-# into the run directory's layout.env.
+# the pod cgroups, the iptables chains of kube-proxy and the kubelet, and the node's address.
+# Also what a killed run left, which is why it runs at every start too. The start writes the
+# names of what to remove into the run directory's layout.env.
 #
 #   bash test/cluster/stop.sh [--if-owner PID]   (only if PID started the cluster: jest's teardown)
 set -uo pipefail
@@ -73,18 +73,31 @@ ip link delete "$BRIDGE" 2>/dev/null
 for cgroup in "${pod_cgroups[@]}"; do
   [[ -d $cgroup ]] && find "$cgroup" -depth -type d -exec rmdir {} + 2>/dev/null
 done
-[[ -x $BIN/kube-proxy ]] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1
+# kube-proxy's chains and the kubelet's (KUBE-FIREWALL, KUBE-KUBELET-CANARY, …): first the jumps
+# into them from the built-in chains, then the chains themselves.
+for table in filter nat mangle; do
+  iptables-save -t "$table" 2>/dev/null | sed -n 's/^-A \([A-Z]*\) \(.*-j KUBE-.*\)$/\1 \2/p' |
+    while read -r chain rule; do
+      eval "iptables -t $table -D $chain $rule" 2>/dev/null
+    done
+  for chain in $(iptables-save -t "$table" 2>/dev/null | sed -n 's/^:\(KUBE-[^ ]*\) .*/\1/p'); do
+    iptables -t "$table" -F "$chain" 2>/dev/null
+  done
+  for chain in $(iptables-save -t "$table" 2>/dev/null | sed -n 's/^:\(KUBE-[^ ]*\) .*/\1/p'); do
+    iptables -t "$table" -X "$chain" 2>/dev/null
+  done
+done
 ip address delete "$NODE_IP/32" dev lo 2>/dev/null
 rm -rf "$run/pids" "$run/owner"
 
 # What is still there is a bug of this script: say what, and fail.
 left=()
-mapfile -t processes < <(pgrep -f -- "$run/|$CONTAINERD_SOCKET")
+mapfile -t processes < <(pgrep -f -- "^$BIN/|^containerd --config $run/|-address $CONTAINERD_SOCKET")
 ((${#processes[@]})) && left+=("processes ${processes[*]}")
 grep -qF -e " $KUBELET_ROOT" -e " $CONTAINERD_STATE" /proc/self/mountinfo && left+=("mounts")
 [[ -e /sys/class/net/$BRIDGE ]] && left+=("bridge $BRIDGE")
 compgen -G "/sys/fs/cgroup/*/kubepods" >/dev/null && left+=("cgroups kubepods")
-iptables-save 2>/dev/null | grep -q -- '-j KUBE-' && left+=("iptables KUBE-* rules")
+iptables-save 2>/dev/null | grep -q -- '^:KUBE-\|-j KUBE-' && left+=("iptables KUBE-* chains")
 if ((${#left[@]})); then
   say "stopped, but left: ${left[*]}"
   exit 1
