@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Installs what the build, the demo and the tests need and is missing (Debian packages, npm
 # dependencies), then builds everything. Safe to run again: it only installs what is missing.
+# With --cluster (npm test, npm run dev:cluster) also what the real test cluster needs: its
+# Debian packages, and its binaries and images, built once into ~/.cache/mirrord-dev.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+cluster=false
+[[ "${1:-}" == --cluster ]] && cluster=true
 
 # clang/llvm/libbpf/bpftool build the tap; iproute2 makes the namespaces; tcpdump, wrk, curl
 # python3, redis-server and redis-tools are the real programs the tests and benchmarks drive;
 # openssl makes the test API server's certificate.
 packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-format make g++
   pkg-config tcpdump wrk curl python3 procps redis-server redis-tools openssl)
+# The test cluster: the container runtime and pod network, iptables for kube-proxy, and what
+# builds images without a Docker engine or registry (buildah, debootstrap).
+$cluster && packages+=(containerd runc containernetworking-plugins iptables conntrack buildah
+  debootstrap)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
@@ -29,3 +37,12 @@ if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules
 fi
 
 npm run --silent build
+
+if $cluster; then
+  if ! command -v go >/dev/null; then
+    echo "setup: the test cluster is built from Kubernetes' Go modules: install Go 1.24 or newer" >&2
+    exit 1
+  fi
+  bin=$(bash test/cluster/build.sh)
+  bash test/cluster/images.sh --coredns-bin "$bin/coredns" >/dev/null
+fi
