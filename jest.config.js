@@ -11,6 +11,6 @@ export default {
   maxWorkers: 1,
   setupFilesAfterEnv: ['<rootDir>/test/support/hygiene.ts'],
   // The first Kubernetes test starts the real test cluster; it stays up for the others.
-  globalTeardown: '<rootDir>/test/cluster/teardown.cjs',
+  globalTeardown: '<rootDir>/test/cluster/teardown.mjs',
   testTimeout: 120000,
 };

@@ -81,7 +81,10 @@ function podSpec(containers: TargetContainer[], extras: PodExtras = {}): V1PodSp
   return {
     containers: containers.map(container),
     initContainers: extras.initContainers,
-    volumes: [{ name: 'fixtures', hostPath: { path: FIXTURES, type: 'Directory' } }, ...(extras.volumes ?? [])],
+    volumes: [
+      { name: 'fixtures', hostPath: { path: FIXTURES, type: 'Directory' } },
+      ...(extras.volumes ?? []),
+    ],
     // Targets stop at once when a test deletes them.
     terminationGracePeriodSeconds: 1,
   };
@@ -98,7 +101,11 @@ export interface TestCluster {
   rbac: RbacAuthorizationV1Api;
   addPod(name: string, containers: TargetContainer[], extras?: PodExtras): Promise<PodInfo>;
   addDeployment(name: string, containers: TargetContainer[], replicas?: number): Promise<PodInfo[]>;
-  addStatefulSet(name: string, containers: TargetContainer[], replicas?: number): Promise<PodInfo[]>;
+  addStatefulSet(
+    name: string,
+    containers: TargetContainer[],
+    replicas?: number,
+  ): Promise<PodInfo[]>;
   /** mirrord's Jobs and pods in the namespace, as `job/NAME` and `pod/NAME`. */
   mirrordObjects(): Promise<string[]>;
   /** The audit log's Job requests so far; pass a length to get the ones after it. */
@@ -117,12 +124,17 @@ export interface AuditEvent {
   responseStatus?: { code?: number };
 }
 
-async function until<T>(what: string, check: () => Promise<T | undefined>, ms = 120_000): Promise<T> {
+async function until<T>(
+  what: string,
+  check: () => Promise<T | undefined>,
+  ms = 120_000,
+): Promise<T> {
   const deadline = Date.now() + ms;
   for (;;) {
     const value = await check().catch(() => undefined);
     if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms / 1000} s waiting for ${what}`);
+    if (Date.now() > deadline)
+      throw new Error(`timed out after ${ms / 1000} s waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 250));
   }
 }
@@ -175,7 +187,10 @@ export async function testCluster(name: string): Promise<TestCluster> {
 
   const readyPods = (selector: string, count: number): Promise<PodInfo[]> =>
     until(`${count} ready pod(s) ${selector}`, async () => {
-      const { items } = await core.listNamespacedPod({ namespace: NAMESPACE, labelSelector: selector });
+      const { items } = await core.listNamespacedPod({
+        namespace: NAMESPACE,
+        labelSelector: selector,
+      });
       const ready = items.filter((pod) => !pod.metadata?.deletionTimestamp).map(podInfo);
       if (ready.length !== count || !ready.every(Boolean)) return undefined;
       // Tests send load to these addresses: they must lead into the pod bridge, nowhere else.
@@ -204,7 +219,11 @@ export async function testCluster(name: string): Promise<TestCluster> {
         namespace: NAMESPACE,
         body: {
           metadata: { name, labels },
-          spec: { replicas, selector: { matchLabels: labels }, template: { metadata: { labels }, spec: podSpec(containers) } },
+          spec: {
+            replicas,
+            selector: { matchLabels: labels },
+            template: { metadata: { labels }, spec: podSpec(containers) },
+          },
         },
       });
       return readyPods(`app=${name}`, replicas);
@@ -226,8 +245,14 @@ export async function testCluster(name: string): Promise<TestCluster> {
       return readyPods(`app=${name}`, replicas);
     },
     async mirrordObjects() {
-      const jobs = await batch.listNamespacedJob({ namespace: NAMESPACE, labelSelector: MANAGED_SELECTOR });
-      const pods = await core.listNamespacedPod({ namespace: NAMESPACE, labelSelector: MANAGED_SELECTOR });
+      const jobs = await batch.listNamespacedJob({
+        namespace: NAMESPACE,
+        labelSelector: MANAGED_SELECTOR,
+      });
+      const pods = await core.listNamespacedPod({
+        namespace: NAMESPACE,
+        labelSelector: MANAGED_SELECTOR,
+      });
       return [
         ...jobs.items.map((job) => `job/${job.metadata!.name}`),
         ...pods.items.map((pod) => `pod/${pod.metadata!.name}`),
