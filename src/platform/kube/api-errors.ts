@@ -66,6 +66,22 @@ function unreachableReason(error: unknown, timeoutMs: number): string | undefine
 }
 
 /**
+ * The verb and resource an RBAC denial names, in the form a Role takes them (`pods/log`,
+ * `jobs.batch`), from the message of the API server's 403: `… cannot get resource "pods/log" in
+ * API group "" in the namespace "default"`.
+ */
+function deniedPermission(
+  message: string | undefined,
+): { verb: string; resource: string } | undefined {
+  const match = /cannot (\S+) resource "([^"]+)"(?: in API group "([^"]*)")?/.exec(message ?? '');
+  if (!match) return undefined;
+  const [, verb = '', resource = '', group = ''] = match;
+  if (!group) return { verb, resource };
+  const [base, subresource] = resource.split('/');
+  return { verb, resource: `${base}.${group}${subresource ? `/${subresource}` : ''}` };
+}
+
+/**
  * Turns a failed API request into the one line the user reads: which verb on which resource
  * RBAC refused, that the server cannot be reached (naming it), or what the server said.
  */
@@ -87,8 +103,11 @@ export function kubeApiError(
   if (code === 403) {
     const user = /User "([^"]*)"/.exec(said ?? '')?.[1];
     const as = user ? ` (as ${user})` : '';
+    // The verb RBAC checked is the server's to say: a WebSocket port-forward is a GET, so 1.34
+    // checks `get pods/portforward` where the CLI would guess `create` (as for SPDY's POST).
+    const denied = deniedPermission(said) ?? action;
     return new KubeError(
-      `not allowed to ${action.verb} ${action.resource}${where}${as}: ask your cluster admin for RBAC permission`,
+      `not allowed to ${denied.verb} ${denied.resource}${where}${as}: ask your cluster admin for RBAC permission`,
     );
   }
   if (code === 401) {
