@@ -1,20 +1,25 @@
 /**
- * The port-forward client against the stand-in API server: real TLS with the kubeconfig's CA
- * and token, the real v4.channel.k8s.io WebSocket protocol, a real TCP connection made inside
- * the pod's netns (by a dialer process there, which hands it to the API server) and a real
- * server process in the pod. Byte counts come from the pod's own server, read over a second
- * forward.
+ * The port-forward client through the real test cluster: TLS to kube-apiserver, which
+ * authenticates and authorizes (RBAC) the upgrade and proxies it to the kubelet, which proxies
+ * it to containerd's streaming server, which dials the port inside the pod's netns and serves
+ * the v4.channel.k8s.io WebSocket itself. The pod runs a real server; what it sent, received and
+ * saw is read from it over a direct TCP connection to the pod's IP (routed from this machine to
+ * the pod bridge), so the checks do not depend on the path under test.
  */
-import { KubeConfig } from '@kubernetes/client-node';
-import { execFileSync } from 'node:child_process';
+import { KubeConfig, type V1Pod } from '@kubernetes/client-node';
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
+import { readFileSync, readdirSync } from 'node:fs';
 import net from 'node:net';
+import { hostname } from 'node:os';
 import type { Duplex } from 'node:stream';
 import { AgentClient } from '../src/protocol/client.js';
+import { agentJobManifest, defaultAgentImage } from '../src/platform/kube/agent-job.js';
 import { PortForwardError, openPortForward } from '../src/platform/kube/port-forward.js';
-import { startStandInCluster, type PodHandle, type StandInCluster } from './kube/cluster.js';
+import { API_PORT, NODE_IP } from './cluster/layout.js';
+import { testCluster, type PodInfo, type TestCluster } from './support/kube.js';
 
+const NAMESPACE = 'port-forward';
 const MiB = 1024 * 1024;
 const DATA_PORT = 7001;
 const CONTROL_PORT = 7002;
@@ -22,17 +27,17 @@ const AGENT_PORT = 61337;
 
 /**
  * The pod's server. On DATA_PORT each connection starts with a JSON line
- * `{"send": bytes, "receive": bytes, "hold": bool}`: the server sends `send` random bytes as
- * fast as the connection takes them, reads `receive` bytes (only after a "go" on CONTROL_PORT
- * when `hold`), then answers the sha256 of what it sent and of what it received (64 hex digits
- * each) and closes. On CONTROL_PORT, "stats" answers what each connection got so far
- * (`accepted`: bytes the kernel took from the server; `received`; `ended`: EOF seen), and "go"
- * lets held connections read.
+ * `{"id": string, "send": bytes, "receive": bytes, "hold": bool}`: the server sends `send`
+ * random bytes as fast as the connection takes them, reads `receive` bytes (only after a "go" on
+ * CONTROL_PORT when `hold`), then answers the sha256 of what it sent and of what it received (64
+ * hex digits each) and closes. On CONTROL_PORT, "stats" answers what each connection got so far,
+ * by id (`accepted`: bytes the kernel took from the server; `received`; `ended`: EOF seen;
+ * `closed`: the socket is gone, by EOF or by a reset), and "go" lets held connections read.
  */
 const POD_SERVER = `
 const net = require('net');
 const crypto = require('crypto');
-const connections = [];
+const connections = {};
 const held = [];
 net.createServer((socket) => {
   socket.on('error', () => {});
@@ -48,8 +53,9 @@ net.createServer((socket) => {
 }).listen(${DATA_PORT});
 
 function serve(socket, spec, rest) {
-  const stats = { accepted: 0, received: 0, ended: false };
-  connections.push(stats);
+  const stats = { accepted: 0, received: 0, ended: false, closed: false, held: false };
+  Object.defineProperty(stats, 'buffered', { enumerable: true, get: () => socket.readableLength });
+  connections[spec.id] = stats;
   const sentHash = crypto.createHash('sha256');
   const receivedHash = crypto.createHash('sha256');
   let sent = 0;
@@ -66,18 +72,20 @@ function serve(socket, spec, rest) {
     finish();
   };
   socket.on('end', () => (stats.ended = true));
+  socket.on('close', () => (stats.closed = true));
   socket.on('data', onData);
   if (spec.hold) {
     socket.pause();
     held.push(socket);
+    stats.held = true;
   }
   if (rest.length) onData(rest);
   const pump = () => {
-    while (sent < spec.send) {
+    while (sent < spec.send && !socket.destroyed) {
       const chunk = crypto.randomBytes(Math.min(256 * 1024, spec.send - sent));
       sentHash.update(chunk);
       sent += chunk.length;
-      const more = socket.write(chunk, () => (stats.accepted += chunk.length));
+      const more = socket.write(chunk, (error) => { if (!error) stats.accepted += chunk.length; });
       if (!more) return void socket.once('drain', pump);
     }
     doneSending = true;
@@ -89,7 +97,10 @@ function serve(socket, spec, rest) {
 net.createServer((socket) => {
   socket.on('error', () => {});
   socket.once('data', (command) => {
-    if (command.toString().trim() === 'go') for (const s of held.splice(0)) s.resume();
+    if (command.toString().trim() === 'go') {
+      for (const s of held.splice(0)) s.resume();
+      for (const stats of Object.values(connections)) stats.held = false;
+    }
     socket.end(JSON.stringify(connections));
   });
 }).listen(${CONTROL_PORT});
@@ -99,9 +110,12 @@ interface ConnectionStats {
   accepted: number;
   received: number;
   ended: boolean;
+  closed: boolean;
+  /** The server does not read the connection (until "go"). */
+  held: boolean;
+  /** Bytes the server's socket read from the kernel that the server has not taken yet. */
+  buffered: number;
 }
-
-const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 async function until<T>(what: string, probe: () => T | Promise<T>, timeoutMs = 60_000) {
   const deadline = Date.now() + timeoutMs;
@@ -109,7 +123,7 @@ async function until<T>(what: string, probe: () => T | Promise<T>, timeoutMs = 6
     const value = await probe();
     if (value) return value;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
+    await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
 
@@ -137,8 +151,8 @@ async function writeRepeated(stream: Duplex, chunk: Buffer, total: number): Prom
 }
 
 /**
- * The value `sample` settles at: the same over five readings in a row. A sender held back by
- * backpressure settles; one that is not goes on to the end.
+ * The value `sample` settles at: the same over five readings in a row, 300 ms apart. A sender
+ * held back by backpressure settles; one that is not goes on to the end.
  */
 async function settled(sample: () => Promise<number>): Promise<number> {
   let last = -1;
@@ -148,34 +162,8 @@ async function settled(sample: () => Promise<number>): Promise<number> {
     same = value === last ? same + 1 : 0;
     last = value;
     if (same >= 4) return value;
-    await sleep(300);
+    await new Promise((resolve) => setTimeout(resolve, 300));
   }
-}
-
-/** The kubeconfig of the stand-in, or a copy with its server, token or CA replaced. */
-function kubeConfigOf(
-  cluster: StandInCluster,
-  change: { server?: string; token?: string; caData?: string | undefined } = {},
-): KubeConfig {
-  const config = new KubeConfig();
-  config.loadFromFile(cluster.kubeconfigPath);
-  if (Object.keys(change).length === 0) return config;
-  const original = config.getCurrentCluster()!;
-  const changed = new KubeConfig();
-  changed.loadFromOptions({
-    clusters: [
-      {
-        name: original.name,
-        server: change.server ?? original.server,
-        caData: 'caData' in change ? change.caData : original.caData,
-        skipTLSVerify: false,
-      },
-    ],
-    users: [{ name: 'stand-in', token: change.token ?? config.getCurrentUser()!.token }],
-    contexts: [{ name: 'stand-in', cluster: original.name, user: 'stand-in' }],
-    currentContext: 'stand-in',
-  });
-  return changed;
 }
 
 /** The message of a forward's failure, whether it failed to open or failed once open. */
@@ -192,11 +180,15 @@ async function failureOf(opening: Promise<Duplex>): Promise<Error> {
   return error;
 }
 
-/** A TCP relay in front of the API server whose connections the test can cut. */
-async function startCuttableProxy(target: URL) {
+/**
+ * A TCP relay on loopback in front of the API server, whose connections the test can cut. TLS
+ * goes through it end to end: the client verifies the API server's certificate (which names
+ * 127.0.0.1) and authenticates with its own, as without the relay.
+ */
+async function startCuttableRelay() {
   const sockets = new Set<net.Socket>();
   const server = net.createServer((client) => {
-    const upstream = net.connect(Number(target.port), target.hostname);
+    const upstream = net.connect(API_PORT, NODE_IP);
     for (const socket of [client, upstream]) {
       sockets.add(socket);
       socket.on('error', () => undefined);
@@ -207,8 +199,8 @@ async function startCuttableProxy(target: URL) {
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   return {
-    url: `https://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    /** Resets every connection, as a network that breaks does. */
+    server: `https://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    /** Resets every connection both ways, as a network that breaks does. */
     cut() {
       for (const socket of sockets) socket.resetAndDestroy();
     },
@@ -216,84 +208,131 @@ async function startCuttableProxy(target: URL) {
   };
 }
 
-describe('port-forward over the stand-in API server', () => {
-  let cluster: StandInCluster;
+/** Pids of the processes of a container, found as the agent finds them: by its cgroup. */
+function containerPids(containerId: string): number[] {
+  const hex = containerId.replace(/^[a-z]+:\/\//, '');
+  return readdirSync('/proc')
+    .filter((entry) => /^\d+$/.test(entry))
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(hex);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
+}
+
+/**
+ * Bytes the kernel holds unread on the established TCP connections to `port` in the network
+ * namespace of process `pid` (the rx_queue column of /proc/PID/net/tcp and tcp6).
+ */
+function kernelUnread(pid: number, port: number): number {
+  const localPort = `:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  let unread = 0;
+  for (const file of ['tcp', 'tcp6']) {
+    for (const line of readFileSync(`/proc/${pid}/net/${file}`, 'utf8').split('\n').slice(1)) {
+      const [, local, , state, queues] = line.trim().split(/\s+/);
+      if (local?.endsWith(localPort) && state === '01') {
+        unread += parseInt(queues!.split(':')[1]!, 16);
+      }
+    }
+  }
+  return unread;
+}
+
+describe('port-forward through the real API server, kubelet and containerd', () => {
+  let cluster: TestCluster;
   let kubeConfig: KubeConfig;
-  let pod: PodHandle;
+  let pod: PodInfo;
   const open: Duplex[] = [];
+  let connectionCount = 0;
+
+  /** The admin kubeconfig, or a copy with its server, CA or user replaced. */
+  function kubeConfigWith(
+    change: { server?: string; caData?: string | undefined; token?: string } = {},
+  ): KubeConfig {
+    const admin = new KubeConfig();
+    admin.loadFromFile(cluster.kubeconfig);
+    const original = admin.getCurrentCluster()!;
+    const user = admin.getCurrentUser()!;
+    const changed = new KubeConfig();
+    changed.loadFromOptions({
+      clusters: [
+        {
+          name: original.name,
+          server: change.server ?? original.server,
+          caData: 'caData' in change ? change.caData : original.caData,
+          skipTLSVerify: false,
+        },
+      ],
+      users: [change.token === undefined ? user : { name: 'token', token: change.token }],
+      contexts: [
+        {
+          name: 'test',
+          cluster: original.name,
+          user: change.token === undefined ? user.name : 'token',
+        },
+      ],
+      currentContext: 'test',
+    });
+    return changed;
+  }
 
   async function forward(port = DATA_PORT, config = kubeConfig, name = pod.name) {
-    const stream = await openPortForward(config, 'default', name, port);
+    const stream = await openPortForward(config, NAMESPACE, name, port);
     open.push(stream);
     return stream;
   }
 
-  async function podStats(): Promise<ConnectionStats[]> {
-    const control = await forward(CONTROL_PORT);
-    control.write('stats\n');
-    return JSON.parse((await readAll(control)).toString()) as ConnectionStats[];
+  /** Opens a forward to DATA_PORT and sends the server its spec; returns the connection's id. */
+  async function dataForward(
+    spec: { send: number; receive: number; hold?: boolean },
+    config = kubeConfig,
+    target = pod,
+  ): Promise<{ stream: Duplex; id: string }> {
+    const stream = await forward(DATA_PORT, config, target.name);
+    connectionCount += 1;
+    const id = `c${connectionCount}`;
+    stream.write(`${JSON.stringify({ id, ...spec })}\n`);
+    return { stream, id };
   }
 
-  async function lastConnection(): Promise<ConnectionStats> {
-    const stats = await podStats();
-    return stats.at(-1) ?? { accepted: 0, received: 0, ended: false };
+  /** A command to the pod's control port, straight to the pod's IP. */
+  async function control(command: 'stats' | 'go', target = pod): Promise<string> {
+    const socket = net.connect(CONTROL_PORT, target.ip);
+    socket.end(`${command}\n`);
+    const chunks: Buffer[] = [];
+    for await (const chunk of socket) chunks.push(chunk as Buffer);
+    return Buffer.concat(chunks).toString();
   }
 
-  async function letHeldConnectionsRead(): Promise<void> {
-    const control = await forward(CONTROL_PORT);
-    control.write('go\n');
-    await readAll(control);
-  }
-
-  /**
-   * The dialers the stand-in's kubelet runs in a pod's netns, one for each forward's connection:
-   * each made its connection there and stays until it ends; killing one cuts it.
-   */
-  function dialerPids(netns = pod.netns): number[] {
-    const inPod = execFileSync('ip', ['netns', 'pids', netns], { encoding: 'utf8' })
-      .split('\n')
-      .filter(Boolean)
-      .map(Number);
-    const containers = new Set(cluster.processes());
-    return inPod.filter((pid) => !containers.has(pid));
-  }
-
-  /**
-   * The dialer of the forward opened while `opening` ran (others may linger a moment). A dialer
-   * is only sure to be in the pod's netns once bytes went through its connection.
-   */
-  async function dialerOf<T>(netns: string, opening: () => Promise<T>): Promise<[T, number]> {
-    const before = new Set(dialerPids(netns));
-    const result = await opening();
-    const dialers = dialerPids(netns).filter((pid) => !before.has(pid));
-    expect(dialers).toHaveLength(1);
-    return [result, dialers[0]!];
+  async function statsOf(id: string, target = pod): Promise<ConnectionStats> {
+    const all = JSON.parse(await control('stats', target)) as Record<string, ConnectionStats>;
+    return (
+      all[id] ?? { accepted: 0, received: 0, ended: false, closed: false, held: false, buffered: 0 }
+    );
   }
 
   /** A forward from which the pod streams 256 MiB, once the first MiB arrived. */
-  async function streamingForward(config = kubeConfig) {
-    const stream = await forward(DATA_PORT, config);
-    stream.write(`${JSON.stringify({ send: 256 * MiB, receive: 0 })}\n`);
+  async function streamingForward(config = kubeConfig, target = pod) {
+    const { stream, id } = await dataForward({ send: 256 * MiB, receive: 0 }, config, target);
     let received = 0;
     stream.on('data', (chunk: Buffer) => (received += chunk.length));
     await until('bytes to flow', () => received > MiB);
-    return { stream, received: () => received };
+    return { stream, id, received: () => received };
+  }
+
+  function serverPod(name: string): Promise<PodInfo> {
+    return cluster.addPod(name, [
+      { name: 'server', command: ['node', '-e', POD_SERVER], port: DATA_PORT },
+    ]);
   }
 
   beforeAll(async () => {
-    cluster = await startStandInCluster();
-    kubeConfig = kubeConfigOf(cluster);
-    pod = await cluster.addPod({
-      name: 'peer',
-      containers: [
-        {
-          name: 'server',
-          image: 'stand-in/local',
-          command: [process.execPath, '-e', POD_SERVER],
-          ports: [{ containerPort: DATA_PORT }, { containerPort: CONTROL_PORT }],
-        },
-      ],
-    });
+    cluster = await testCluster(NAMESPACE);
+    kubeConfig = kubeConfigWith();
+    pod = await serverPod('peer');
   });
 
   afterEach(() => {
@@ -301,14 +340,13 @@ describe('port-forward over the stand-in API server', () => {
   });
 
   afterAll(async () => {
-    await cluster?.close();
+    await cluster?.remove();
   });
 
   test('carries 64 MiB each way at once, byte for byte; the pod closing ends the stream', async () => {
     const size = 64 * MiB;
-    const stream = await forward();
+    const { stream } = await dataForward({ send: size, receive: size });
     const received = readAll(stream);
-    stream.write(`${JSON.stringify({ send: size, receive: size })}\n`);
     const sentHash = createHash('sha256');
     for (let sent = 0; sent < size; sent += MiB) {
       const chunk = randomBytes(MiB);
@@ -329,12 +367,11 @@ describe('port-forward over the stand-in API server', () => {
 
   test('a reader that falls behind holds the pod back; then every byte arrives', async () => {
     const size = 512 * MiB;
-    const stream = await forward();
+    const { stream, id } = await dataForward({ send: size, receive: 0 });
     stream.pause();
-    stream.write(`${JSON.stringify({ send: size, receive: 0 })}\n`);
     const memoryBefore = process.memoryUsage().arrayBuffers;
     // Nothing is read: what the pod got out settles far below what it wants to send.
-    const stalledAt = await settled(async () => (await lastConnection()).accepted);
+    const stalledAt = await settled(async () => (await statsOf(id)).accepted);
     expect(stalledAt).toBeGreaterThan(0);
     expect(stalledAt).toBeLessThan(size / 4);
     // What waits in this process is bounded: the stream's buffer and the WebSocket's.
@@ -350,9 +387,8 @@ describe('port-forward over the stand-in API server', () => {
 
   test('a pod that does not read holds writes back; then every byte arrives', async () => {
     const size = 512 * MiB;
-    const stream = await forward();
+    const { stream, id } = await dataForward({ send: 0, receive: size, hold: true });
     const answer = readAll(stream);
-    stream.write(`${JSON.stringify({ send: 0, receive: size, hold: true })}\n`);
     // One buffer written over and over: whatever memory grows is what the stream holds.
     const chunk = randomBytes(MiB);
     let accepted = 0;
@@ -367,94 +403,105 @@ describe('port-forward over the stand-in API server', () => {
     expect(stalledAt).toBeGreaterThan(0);
     expect(stalledAt).toBeLessThan(size / 4);
     // The pod read the header, and the rest of that one read, before it stopped.
-    expect((await lastConnection()).received).toBeLessThan(MiB);
+    expect((await statsOf(id)).received).toBeLessThan(MiB);
     expect(process.memoryUsage().arrayBuffers - memoryBefore).toBeLessThan(32 * MiB);
 
-    await letHeldConnectionsRead();
+    await control('go');
     await writing;
     const reply = (await answer).toString();
     expect(reply).toHaveLength(128);
-    expect((await lastConnection()).received).toBe(size);
+    expect((await statsOf(id)).received).toBe(size);
   });
 
   test('end() closes the forward: the pod gets every byte, then EOF', async () => {
-    const stream = await forward();
+    const { stream, id } = await dataForward({ send: 0, receive: 64 * MiB });
     stream.resume();
-    stream.write(`${JSON.stringify({ send: 0, receive: 64 * MiB })}\n`);
     await writeRepeated(stream, randomBytes(MiB), 10 * MiB + 17);
     stream.end();
     await closed(stream);
     const stats = await until('the pod to see EOF', async () => {
-      const last = await lastConnection();
-      return last.ended ? last : undefined;
+      const current = await statsOf(id);
+      return current.ended ? current : undefined;
     });
     expect(stats.received).toBe(10 * MiB + 17);
   });
 
   test('text on the error channel becomes the stream error, on one line', async () => {
-    // Nothing listens on this port in the pod: the kubelet's dial fails and says so.
-    const error = await failureOf(openPortForward(kubeConfig, 'default', pod.name, 7999));
+    // Nothing listens on this port in the pod: containerd's dial there fails and says so.
+    const error = await failureOf(openPortForward(kubeConfig, NAMESPACE, pod.name, 7999));
     expect(error).toBeInstanceOf(PortForwardError);
+    // containerd names the pod by its sandbox's ID and leaves the uid empty; it tries IPv6 too.
     expect(error.message).toMatch(
-      /^port-forward to pod default\/peer port 7999 failed: .*dial tcp4 127\.0\.0\.1:7999: connect: connection refused$/,
+      /^port-forward to pod port-forward\/peer port 7999 failed: error forwarding port 7999 to pod [0-9a-f]{64}, uid : failed to execute portforward in network namespace "[^"]+": failed to connect to localhost:7999 inside namespace "[0-9a-f]{64}", IPv4: dial tcp4 127\.0\.0\.1:7999: connect: connection refused IPv6 .+$/,
     );
     expect(error.message).not.toContain('\n');
   });
 
   test('a missing pod, a bad token, RBAC, no API server and an untrusted certificate: one line each', async () => {
-    const failures = [
-      ['missing pod', openPortForward(kubeConfig, 'default', 'nope', DATA_PORT)],
-      [
-        'bad token',
-        openPortForward(kubeConfigOf(cluster, { token: 'not-the-token' }), 'default', pod.name, 1),
-      ],
-      [
-        'untrusted certificate',
-        openPortForward(kubeConfigOf(cluster, { caData: undefined }), 'default', pod.name, 1),
-      ],
-    ] as const;
-    const messages: Record<string, string> = {};
-    const statusCodes: Record<string, number | undefined> = {};
-    const note = (what: string, error: Error): void => {
-      expect(error).toBeInstanceOf(PortForwardError);
-      messages[what] = error.message;
-      statusCodes[what] = (error as PortForwardError).statusCode;
-    };
-    for (const [what, opening] of failures) note(what, await failureOf(opening));
+    // A ServiceAccount that may read pods but not forward to them, with a token from the
+    // TokenRequest API, as a user's kubeconfig would hold.
+    const account = 'no-forward';
+    await cluster.core.createNamespacedServiceAccount({
+      namespace: NAMESPACE,
+      body: { metadata: { name: account } },
+    });
+    await cluster.rbac.createNamespacedRole({
+      namespace: NAMESPACE,
+      body: {
+        metadata: { name: account },
+        rules: [{ apiGroups: [''], resources: ['pods'], verbs: ['get', 'list', 'watch'] }],
+      },
+    });
+    await cluster.rbac.createNamespacedRoleBinding({
+      namespace: NAMESPACE,
+      body: {
+        metadata: { name: account },
+        roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name: account },
+        subjects: [{ kind: 'ServiceAccount', name: account, namespace: NAMESPACE }],
+      },
+    });
+    const { status } = await cluster.core.createNamespacedServiceAccountToken({
+      name: account,
+      namespace: NAMESPACE,
+      body: { spec: { audiences: [], expirationSeconds: 600 } },
+    });
 
-    const closed = net.createServer().listen(0, '127.0.0.1');
-    await once(closed, 'listening');
-    const freePort = (closed.address() as net.AddressInfo).port;
-    await new Promise((resolve) => closed.close(resolve));
-    note(
-      'no API server',
-      await failureOf(
+    const closedServer = net.createServer().listen(0, '127.0.0.1');
+    await once(closedServer, 'listening');
+    const freePort = (closedServer.address() as net.AddressInfo).port;
+    await new Promise((resolve) => closedServer.close(resolve));
+
+    const failures: Record<string, () => Promise<Duplex>> = {
+      'missing pod': () => openPortForward(kubeConfig, NAMESPACE, 'nope', DATA_PORT),
+      'bad token': () =>
+        openPortForward(kubeConfigWith({ token: 'not-the-token' }), NAMESPACE, pod.name, 1),
+      RBAC: () => openPortForward(kubeConfigWith({ token: status!.token }), NAMESPACE, pod.name, 1),
+      'no API server': () =>
         openPortForward(
-          kubeConfigOf(cluster, { server: `https://127.0.0.1:${freePort}` }),
-          'default',
+          kubeConfigWith({ server: `https://127.0.0.1:${freePort}` }),
+          NAMESPACE,
           pod.name,
           1,
         ),
-      ),
-    );
-
-    cluster.faults.deny('create', 'pods/portforward');
-    try {
-      note('RBAC', await failureOf(openPortForward(kubeConfig, 'default', pod.name, 1)));
-    } finally {
-      cluster.faults.clear();
+      'untrusted certificate': () =>
+        openPortForward(kubeConfigWith({ caData: undefined }), NAMESPACE, pod.name, 1),
+    };
+    const messages: Record<string, string> = {};
+    const statusCodes: Record<string, number | undefined> = {};
+    for (const [what, opening] of Object.entries(failures)) {
+      const error = await failureOf(opening());
+      expect(error).toBeInstanceOf(PortForwardError);
+      messages[what] = error.message;
+      statusCodes[what] = (error as PortForwardError).statusCode;
     }
-
+    const prefix = `port-forward to pod ${NAMESPACE}/peer port 1 failed`;
     expect(messages).toEqual({
-      'missing pod':
-        'port-forward to pod default/nope port 7001 failed: pods "nope" not found (HTTP 404)',
-      'bad token': 'port-forward to pod default/peer port 1 failed: Unauthorized (HTTP 401)',
+      'missing pod': `port-forward to pod ${NAMESPACE}/nope port ${DATA_PORT} failed: pods "nope" not found (HTTP 404)`,
+      'bad token': `${prefix}: Unauthorized (HTTP 401)`,
+      RBAC: `${prefix}: pods "peer" is forbidden: User "system:serviceaccount:${NAMESPACE}:${account}" cannot get resource "pods/portforward" in API group "" in the namespace "${NAMESPACE}" (HTTP 403)`,
+      'no API server': `${prefix}: cannot reach the API server: connect ECONNREFUSED 127.0.0.1:${freePort}`,
       'untrusted certificate': expect.stringMatching(
-        /^port-forward to pod default\/peer port 1 failed: the API server's TLS certificate was rejected: .+$/,
-      ),
-      'no API server': `port-forward to pod default/peer port 1 failed: cannot reach the API server: connect ECONNREFUSED 127.0.0.1:${freePort}`,
-      RBAC: expect.stringMatching(
-        /^port-forward to pod default\/peer port 1 failed: pods "peer" is forbidden: .*portforward.* \(HTTP 403\)$/,
+        new RegExp(`^${prefix}: the API server's TLS certificate was rejected: .+$`),
       ),
     });
     for (const message of Object.values(messages)) expect(message).not.toContain('\n');
@@ -462,117 +509,204 @@ describe('port-forward over the stand-in API server', () => {
     expect(statusCodes).toEqual({
       'missing pod': 404,
       'bad token': 401,
-      'untrusted certificate': undefined,
-      'no API server': undefined,
       RBAC: 403,
+      'no API server': undefined,
+      'untrusted certificate': undefined,
     });
   });
 
-  test('the dialer of the connection killed mid-stream: the stream fails with the kubelet error', async () => {
-    const [{ stream, received }, dialer] = await dialerOf(pod.netns, () => streamingForward());
-    const failed = once(stream, 'error');
-    process.kill(dialer, 'SIGKILL');
-    const [error] = (await failed) as [Error];
-    expect(error).toBeInstanceOf(PortForwardError);
-    expect(error.message).toMatch(
-      /^port-forward to pod default\/peer port 7001 failed: error forwarding port 7001 to pod peer, uid [0-9a-f-]+: read tcp4 127\.0\.0\.1:\d+->127\.0\.0\.1:7001: use of closed network connection$/,
-    );
-    expect(error.message).not.toContain('\n');
-    await closed(stream);
-    expect(received()).toBeLessThan(256 * MiB);
+  describe('the target process killed mid-stream', () => {
+    /** A server pod of its own (a kill restarts its container), and its server's pid. */
+    async function victim(name: string) {
+      const target = await serverPod(name);
+      const pids = containerPids(target.containers[0]!.containerId);
+      expect(pids).toHaveLength(1);
+      return { target, pid: pids[0]! };
+    }
+
+    /** How the stream finished: 'end', or its error's message. */
+    function outcome(stream: Duplex): Promise<string> {
+      return new Promise((resolve) => {
+        stream.once('error', (error) => resolve(error.message));
+        stream.once('end', () => resolve('end'));
+      });
+    }
+
+    test('with nothing unread: the pod closes, and so does the stream, without error', async () => {
+      const { target, pid } = await victim('victim-sending');
+      const { stream, received } = await streamingForward(kubeConfig, target);
+      const finished = outcome(stream);
+      // The kernel closes a dead process's sockets: with nothing unread, a plain FIN, which
+      // containerd passes on as the end of the forward.
+      process.kill(pid, 'SIGKILL');
+      expect(await finished).toBe('end');
+      await closed(stream);
+      expect(received()).toBeLessThan(256 * MiB);
+    });
+
+    test("with bytes unread: the reset comes back as containerd's error text, on one line", async () => {
+      const { target, pid } = await victim('victim-unread');
+      const { stream, id } = await dataForward(
+        { send: 0, receive: 64 * MiB, hold: true },
+        kubeConfig,
+        target,
+      );
+      stream.resume();
+      // Once the server holds the connection, bytes sent stay unread: first in its socket's
+      // buffer, then in the kernel's. They go 16 KiB at a time, each once all before it reached
+      // the pod, until the kernel holds some: nothing is left on the way when containerd closes.
+      await until('the pod to hold the connection', async () => (await statsOf(id, target)).held);
+      let sent = 0;
+      while (kernelUnread(pid, DATA_PORT) === 0) {
+        stream.write(randomBytes(16 * 1024));
+        sent += 16 * 1024;
+        await until(
+          `${sent} bytes to reach the pod`,
+          async () => (await statsOf(id, target)).buffered + kernelUnread(pid, DATA_PORT) === sent,
+        );
+      }
+      const finished = outcome(stream);
+      // Closing a socket with unread bytes resets the connection: containerd's copy fails.
+      process.kill(pid, 'SIGKILL');
+      expect(await finished).toMatch(
+        new RegExp(
+          `^port-forward to pod ${NAMESPACE}/victim-unread port ${DATA_PORT} failed: error forwarding port ${DATA_PORT} to pod [0-9a-f]{64}, uid : failed to execute portforward in network namespace "[^"]+": read tcp4 127\\.0\\.0\\.1:\\d+->127\\.0\\.0\\.1:${DATA_PORT}: read: connection reset by peer$`,
+        ),
+      );
+      await closed(stream);
+    });
+
+    test('while the client writes: the failure says what the servers said, not that a write failed', async () => {
+      const { target, pid } = await victim('victim-writing');
+      const { stream, id } = await dataForward(
+        { send: 0, receive: 512 * MiB, hold: true },
+        kubeConfig,
+        target,
+      );
+      stream.resume();
+      const finished = outcome(stream);
+      const writing = writeRepeated(stream, randomBytes(MiB), 512 * MiB).catch(() => undefined);
+      await until('the pod to hold the connection', async () => (await statsOf(id, target)).held);
+      await until('unread bytes in the pod', () => kernelUnread(pid, DATA_PORT) > 0);
+      process.kill(pid, 'SIGKILL');
+      // containerd writes its error text and closes while this side's bytes still arrive: each
+      // hop closes with bytes unread, which resets the next one and may drop the text on the
+      // way. Either way the stream says so, rather than that a write found the forward closed.
+      expect(await finished).toMatch(
+        new RegExp(
+          `^port-forward to pod ${NAMESPACE}/victim-writing port ${DATA_PORT} failed: (error forwarding port ${DATA_PORT} to pod [0-9a-f]{64}, uid : .*connection reset by peer|the connection to the API server closed abnormally \\(code 1006\\))$`,
+        ),
+      );
+      await writing;
+      await closed(stream);
+    });
   });
 
   test('the connection to the API server broken mid-stream: the stream fails, never hangs', async () => {
-    const proxy = await startCuttableProxy(new URL(cluster.url));
+    const relay = await startCuttableRelay();
     try {
-      const [{ stream }, dialer] = await dialerOf(pod.netns, () =>
-        streamingForward(kubeConfigOf(cluster, { server: proxy.url })),
-      );
+      const { stream, id } = await streamingForward(kubeConfigWith({ server: relay.server }));
       const failed = once(stream, 'error');
-      proxy.cut();
+      relay.cut();
       const [error] = (await failed) as [Error];
       expect(error.message).toMatch(
-        /^port-forward to pod default\/peer port 7001 failed: the connection to the API server (broke|closed abnormally)/,
+        /^port-forward to pod port-forward\/peer port 7001 failed: the connection to the API server closed abnormally \(code 1006\)$/,
       );
       await closed(stream);
-      // The API server noticed too: the pod's connection ended and its dialer is gone.
-      await until('the dialer to exit', () => !dialerPids().includes(dialer));
+      // The API server noticed too: the pod's end of the forwarded connection is gone.
+      await until('the pod connection to close', async () => (await statsOf(id)).closed);
     } finally {
-      await proxy.close();
+      await relay.close();
     }
   });
 
   describe('an agent session over the forward', () => {
-    async function startAgentPod(name: string): Promise<PodHandle> {
-      return cluster.addPod({
-        name,
-        containers: [
-          {
-            name: 'mirrord-agent',
-            image: 'ghcr.io/mirrord-dev/mirrord-agent:0.1.0',
-            command: [
-              'mirrord',
-              'agent',
-              '--container-id',
-              pod.containers[0]!.containerId,
-              '--listen',
-              `127.0.0.1:${AGENT_PORT}`,
-              '--idle-timeout',
-              '60',
-            ],
-          },
-        ],
+    /** An agent pod as the Job's template makes it, tapping `peer`, serving on AGENT_PORT. */
+    async function startAgentPod(name: string): Promise<string> {
+      const job = agentJobManifest({
+        sessionId: name,
+        namespace: NAMESPACE,
+        node: cluster.nodeName,
+        containerId: pod.containers[0]!.containerId,
+        target: `pod/${pod.name}`,
+        image: defaultAgentImage(),
+        pullPolicy: 'Never',
+        pullSecrets: [],
+        capabilities: false,
+        ttlSeconds: 60,
+        idleTimeoutSeconds: 60,
+        cli: { host: hostname(), pid: process.pid },
       });
+      const template = job.spec!.template;
+      await cluster.core.createNamespacedPod({
+        namespace: NAMESPACE,
+        body: { metadata: { name, labels: template.metadata?.labels }, spec: template.spec! },
+      });
+      return name;
+    }
+
+    async function agentPod(name: string): Promise<V1Pod> {
+      return cluster.core.readNamespacedPod({ name, namespace: NAMESPACE });
+    }
+
+    async function exitCode(name: string): Promise<number | undefined> {
+      return (await agentPod(name)).status?.containerStatuses?.[0]?.state?.terminated?.exitCode;
     }
 
     /** A session through a forward, once the agent listens (until then the dial fails). */
-    async function startSession(agent: PodHandle): Promise<[AgentClient, number]> {
-      return until('the agent to answer through the forward', async () => {
-        try {
-          return await dialerOf(agent.netns, async () => {
-            const stream = await forward(AGENT_PORT, kubeConfig, agent.name);
-            return AgentClient.start(stream, { clientName: 'port-forward test' });
-          });
-        } catch (error) {
-          if (!/connection refused/.test((error as Error).message)) throw error;
-          return undefined;
-        }
-      });
-    }
-
-    /** The exit code of the agent's first run (the stand-in's addPod restarts containers). */
-    function firstExitCode(agent: PodHandle): number | undefined {
-      const status = agent.object()?.status.containerStatuses?.[0];
-      return status?.lastState.terminated?.exitCode;
+    async function startSession(agent: string, config = kubeConfig): Promise<AgentClient> {
+      await until(
+        'the agent container to run',
+        async () => (await agentPod(agent)).status?.containerStatuses?.[0]?.state?.running,
+      );
+      return until(
+        'the agent to answer through the forward',
+        async () => {
+          try {
+            const stream = await forward(AGENT_PORT, config, agent);
+            return await AgentClient.start(stream, { clientName: 'port-forward test' });
+          } catch (error) {
+            if (!/connection refused/.test((error as Error).message)) throw error;
+            return undefined;
+          }
+        },
+        120_000,
+      );
     }
 
     test('close() ends the session: the agent exits 0', async () => {
       const agent = await startAgentPod('agent-close');
-      const [client] = await startSession(agent);
+      const client = await startSession(agent);
       expect(client.agent.target).toBe(`container ${pod.containers[0]!.containerId}`);
       await client.subscribe(DATA_PORT);
       await client.close();
-      await until('the agent to exit', () => firstExitCode(agent) !== undefined);
-      expect(firstExitCode(agent)).toBe(0);
+      await until('the agent to exit', async () => (await exitCode(agent)) !== undefined);
+      expect(await exitCode(agent)).toBe(0);
     });
 
     test('the forward broken: the session ends with an error, and the agent exits', async () => {
       const agent = await startAgentPod('agent-broken');
-      const [client, dialer] = await startSession(agent);
-      await client.subscribe(DATA_PORT);
-      const errors: Error[] = [];
-      client.on('error', (error) => errors.push(error));
-      // Not events.once(): it rejects on the 'error' that comes first.
-      const ended = new Promise<void>((resolve) => client.once('end', resolve));
-      process.kill(dialer, 'SIGKILL');
-      await ended;
-      expect(errors.map((e) => e.message)).toEqual([
-        expect.stringMatching(
-          /^connection to the agent failed: port-forward to pod default\/agent-broken port 61337 failed: /,
-        ),
-      ]);
-      // Its end of the session broke with the connection: the agent exits by itself.
-      await until('the agent to exit', () => firstExitCode(agent) !== undefined);
+      const relay = await startCuttableRelay();
+      try {
+        const client = await startSession(agent, kubeConfigWith({ server: relay.server }));
+        await client.subscribe(DATA_PORT);
+        const errors: Error[] = [];
+        client.on('error', (error) => errors.push(error));
+        // Not events.once(): it rejects on the 'error' that comes first.
+        const ended = new Promise<void>((resolve) => client.once('end', resolve));
+        relay.cut();
+        await ended;
+        expect(errors.map((e) => e.message)).toEqual([
+          expect.stringMatching(
+            /^connection to the agent failed: port-forward to pod port-forward\/agent-broken port 61337 failed: the connection to the API server closed abnormally \(code 1006\)$/,
+          ),
+        ]);
+        // Its end of the session broke with the connection: the agent exits by itself, failed.
+        await until('the agent to exit', async () => (await exitCode(agent)) !== undefined);
+        expect(await exitCode(agent)).toBe(1);
+      } finally {
+        await relay.close();
+      }
     });
   });
 });

@@ -190,6 +190,8 @@ class PortForwardStream extends Duplex {
   #failing = false;
   /** The socket's error, reported when the close that follows it arrives. */
   #socketError: Error | undefined;
+  /** The WebSocket's 'close' has been handled: the forward's outcome is known. */
+  #closeHandled = false;
   /** A write waiting for the WebSocket's unsent bytes to fall below the high-water mark. */
   #parkedWrite: ((error?: Error | null) => void) | undefined;
 
@@ -296,8 +298,9 @@ class PortForwardStream extends Duplex {
   }
 
   #onClose(code: number, reason: string): void {
-    this.#releaseParkedWrite();
+    this.#closeHandled = true;
     if (!this.#started) {
+      this.#releaseParkedWrite();
       const error = this.#socketError;
       this.emit(
         'failed',
@@ -309,8 +312,10 @@ class PortForwardStream extends Duplex {
       );
       return;
     }
+    // A failing forward drops its parked write in _destroy: the writer gets the failure.
     if (this.destroyed || this.#failing) return;
     if (CLEAN_CLOSE_CODES.has(code) && !this.#socketError) {
+      this.#releaseParkedWrite();
       this.push(null);
       return;
     }
@@ -347,15 +352,23 @@ class PortForwardStream extends Duplex {
   /** Sends chunks as one data-channel message; the callback waits while the sender is full. */
   #send(chunks: Buffer[], size: number, callback: (error?: Error | null) => void): void {
     if (this.#ws.readyState !== WebSocket.OPEN) {
-      callback(new PortForwardError(`${this.#prefix}: the forward is closed`));
+      const closed = new PortForwardError(`${this.#prefix}: the forward is closed`);
+      // A forward that is failing, or whose connection is going away, reports why on its own
+      // (the server's error text, the close): the write waits for that rather than failing
+      // first with less to say, and fails as before only if the forward ends cleanly. A reset
+      // from the API server (a pod-side failure while the client writes) has ws close its
+      // socket without an 'error' event, 'close' following.
+      if (this.#failing || !this.#closeHandled) this.#parkedWrite = () => callback(closed);
+      else callback(closed);
       return;
     }
     const message = Buffer.allocUnsafe(1 + size);
     message[0] = DATA_CHANNEL;
     let offset = 1;
     for (const chunk of chunks) offset += chunk.copy(message, offset);
-    this.#ws.send(message, { binary: true }, () => {
-      if (this.#ws.bufferedAmount < SEND_HIGH_WATER_MARK) this.#releaseParkedWrite();
+    this.#ws.send(message, { binary: true }, (error) => {
+      // A send that failed is not room for more: the close that follows decides the outcome.
+      if (!error && this.#ws.bufferedAmount < SEND_HIGH_WATER_MARK) this.#releaseParkedWrite();
     });
     if (this.#ws.bufferedAmount < SEND_HIGH_WATER_MARK) callback();
     else this.#parkedWrite = callback;
