@@ -6,11 +6,12 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { packageRoot } from '../../src/package-root.js';
 import type { Sandbox } from './sandbox.js';
 
-const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+// From the package root, not this file: benchmarks run it compiled, from .bench-out.
+const ROOT = packageRoot();
 export const CLI = join(ROOT, 'bin', 'run.js');
 export const FIXTURES = join(ROOT, 'test', 'fixtures');
 export const LAYER = join(ROOT, 'layer', '.output', 'mirrord_layer.so');
