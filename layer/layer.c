@@ -7,9 +7,12 @@
 //     hello carrying MIRRORD_LAYER_TOKEN);
 //  2. a bind to a taken (EADDRINUSE) or privileged (EACCES) port still works: it binds the same
 //     address with port 0 and getsockname reports the requested port;
-//  3. accept/getpeername report the original remote client that the session announces with
-//     {"peer":{...}} lines on the same unix connection, keyed by the source port of the session's
-//     local replay connection.
+//  3. accept/getpeername report the original remote client of each replayed connection, known
+//     by the source port of the session's local replay connection: the session pushes it
+//     ({"peer":{...}} lines) to the processes that listen, for one that listens alone, and any
+//     other asks for it ({"event":"lookup"}): a pre-fork worker that inherited the listener,
+//     one of several processes the session said listen on the port ({"shared":...}), or a
+//     process handed the accepted socket (a Node cluster primary passes it to a worker).
 // Without MIRRORD_LAYER_SOCKET, or when the session cannot be reached, the app runs as if the
 // layer were not there. Nothing is printed unless MIRRORD_LAYER_DEBUG=1.
 
@@ -27,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <time.h>
@@ -118,7 +122,9 @@ struct obj {
     uint8_t family;      // 4 or 6
     uint8_t listening;   // listen() seen
     uint8_t reported;    // this process sent the "listen" event (close must be reported)
+    uint8_t shared;      // other processes accept on this port too (forked, or told so)
     uint8_t has_peer;    // getpeername must report peer
+    uint8_t peer_looked; // the original client was looked for (found or not): never again
     socklen_t peer_len;
     struct sockaddr_storage peer;
 };
@@ -140,6 +146,21 @@ struct peer_entry {
 static struct peer_entry peers[65536];
 static uint32_t peer_generation = 1;
 static char layer_token[128]; // MIRRORD_LAYER_TOKEN: proves to the session that we are its app
+
+// Lookups waiting for the session's answer, one per thread in accept or getpeername. Pushed
+// peers cannot serve a process that did not listen: the session pushes to listeners only, and
+// with several processes accepting, a copy left unused in one of them may be taken for a later
+// connection from the same source port. A lookup names the accepted socket (its inode, the same
+// in every process holding it), and the session answers each socket with the connection it was.
+#define LOOKUP_MAX 64
+struct lookup {
+    int used;
+    int done;
+    uint16_t local_port; // the replay connection's source port
+    unsigned long long socket;
+    struct sockaddr_storage peer;
+};
+static struct lookup lookups[LOOKUP_MAX];
 
 static void dbg(const char *fmt, ...) {
     if (!debug_on)
@@ -172,7 +193,8 @@ static void atfork_parent(void) {
 
 // The child gets a copy of the tables but not the reader thread, and must not share the
 // parent's unix connection: it opens its own on its first event. Inherited listening sockets
-// were announced by the parent, so the child does not report their close.
+// were announced by the parent, so the child does not report their close, and asks for the
+// peers of the connections it accepts on them (a pre-fork worker).
 static void atfork_child(void) {
     pthread_mutex_init(&mu, NULL);
     pthread_mutex_init(&send_mu, NULL);
@@ -180,8 +202,12 @@ static void atfork_child(void) {
         CALL_REAL(close, conn_fd);
     conn_fd = -1;
     __atomic_store_n(&conn_up, 0, __ATOMIC_RELEASE);
-    for (int i = 0; i < OBJ_MAX; i++)
+    for (int i = 0; i < OBJ_MAX; i++) {
         objs[i].reported = 0;
+        if (objs[i].listening)
+            objs[i].shared = 1;
+    }
+    memset(lookups, 0, sizeof lookups); // the parent's other threads' lookups
     peer_generation++;
 }
 
@@ -496,7 +522,27 @@ static int json_str(const char *s, const char *key, char *out, size_t n) {
     return 0;
 }
 
+// {"shared":{"local_port":N}}: other processes listen on N too (Node cluster workers handed one
+// listener, SO_REUSEPORT): peers pushed here may have been for them, so accepts on it ask.
+static void handle_shared(const char *shared) {
+    long local_port = json_int(shared, "local_port");
+    if (local_port <= 0 || local_port > 65535)
+        return;
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < OBJ_MAX; i++) {
+        if (objs[i].used && objs[i].listening && objs[i].local_port == local_port)
+            objs[i].shared = 1;
+    }
+    pthread_mutex_unlock(&mu);
+    dbg("other processes listen on local port %ld too", local_port);
+}
+
 static void handle_line(char *line) {
+    const char *shared = json_value(line, "shared");
+    if (shared && *shared == '{') {
+        handle_shared(shared);
+        return;
+    }
     const char *peer = json_value(line, "peer");
     if (!peer || *peer != '{')
         return; // other lines are ignored (room for later messages)
@@ -520,6 +566,23 @@ static void handle_line(char *line) {
         s6->sin6_port = htons((uint16_t)port);
     } else {
         dbg("bad peer address: %s", addr);
+        return;
+    }
+    char id[24];
+    if (json_str(peer, "socket", id, sizeof id) == 0) {
+        // The answer to a lookup: for the thread that asked about this socket.
+        unsigned long long socket = strtoull(id, NULL, 10);
+        pthread_mutex_lock(&mu);
+        for (int i = 0; i < LOOKUP_MAX; i++) {
+            struct lookup *l = &lookups[i];
+            if (l->used && !l->done && l->local_port == local_port && l->socket == socket) {
+                l->peer = ss;
+                l->done = 1;
+            }
+        }
+        pthread_cond_broadcast(&peer_cv);
+        pthread_mutex_unlock(&mu);
+        dbg("peer of socket %llu: %s:%ld", socket, addr, port);
         return;
     }
     pthread_mutex_lock(&mu);
@@ -563,6 +626,84 @@ static int peer_take(uint16_t local_port, struct sockaddr_storage *out) {
         memcpy(&s6->sin6_addr, e->addr, 16);
     }
     return 1;
+}
+
+static void deadline_in(struct timespec *dl, long ms) {
+    clock_gettime(CLOCK_MONOTONIC, dl);
+    dl->tv_sec += ms / 1000;
+    dl->tv_nsec += (ms % 1000) * 1000000L;
+    if (dl->tv_nsec >= 1000000000L) {
+        dl->tv_sec++;
+        dl->tv_nsec -= 1000000000L;
+    }
+}
+
+// The original client of the replayed connection from source port sport, as pushed to this
+// process (the one that listened). The session sends it right after connecting: waits briefly.
+static int wait_pushed(uint16_t sport, struct sockaddr_storage *out) {
+    if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
+        return 0;
+    struct timespec dl;
+    deadline_in(&dl, PEER_WAIT_MS);
+    int have;
+    pthread_mutex_lock(&mu);
+    while (!(have = peer_take(sport, out))) {
+        if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
+            break;
+        if (pthread_cond_timedwait(&peer_cv, &mu, &dl) == ETIMEDOUT) {
+            have = peer_take(sport, out);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    return have;
+}
+
+// The original client of the replayed connection that socket fd is (source port sport), asked
+// of the session: for a process that did not listen, or did not accept fd itself.
+static int lookup_peer(int fd, uint16_t sport, struct sockaddr_storage *out) {
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return 0;
+    unsigned long long socket = (unsigned long long)st.st_ino;
+    int slot = -1;
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < LOOKUP_MAX && slot < 0; i++) {
+        if (!lookups[i].used) {
+            memset(&lookups[i], 0, sizeof lookups[i]);
+            lookups[i].used = 1;
+            lookups[i].local_port = sport;
+            lookups[i].socket = socket;
+            slot = i;
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    if (slot < 0) {
+        dbg("too many lookups at once");
+        return 0;
+    }
+    char line[LINE_MAX_LEN];
+    int n = snprintf(line, sizeof line,
+                     "{\"event\":\"lookup\",\"pid\":%d,\"local_port\":%u,\"socket\":\"%llu\"}\n",
+                     (int)getpid(), sport, socket);
+    if (n > 0 && (size_t)n < sizeof line)
+        send_line(line, (size_t)n); // connects first when this process has no connection yet
+    struct timespec dl;
+    deadline_in(&dl, PEER_WAIT_MS);
+    pthread_mutex_lock(&mu);
+    struct lookup *l = &lookups[slot];
+    while (!l->done && __atomic_load_n(&conn_up, __ATOMIC_ACQUIRE)) {
+        if (pthread_cond_timedwait(&peer_cv, &mu, &dl) == ETIMEDOUT)
+            break;
+    }
+    int have = l->done;
+    if (have)
+        *out = l->peer;
+    l->used = 0;
+    pthread_mutex_unlock(&mu);
+    if (!have)
+        dbg("no peer for socket %llu (local port %u)", socket, sport);
+    return have;
 }
 
 // Converts the original client address to the accepted socket's family (IPv4 into AF_INET6 as
@@ -720,41 +861,27 @@ static int after_accept(int lfd, int fd, struct sockaddr *addr, socklen_t *addrl
         return fd;
     }
     // Listener state: a fallback-bound listener makes its connections lie about the local port.
+    // Decision: the pushed peer serves a process that listens alone on the port and never forked
+    // with the listener; any other (a pre-fork worker, one of several processes listening on
+    // the port, a process handed the listener) asks.
     pthread_mutex_lock(&mu);
     int li = obj_of(lfd);
     uint16_t req_port = li >= 0 ? objs[li].req_port : 0;
+    int pushed = li >= 0 && objs[li].listening && !objs[li].shared;
     pthread_mutex_unlock(&mu);
 
     struct sockaddr_storage orig;
-    int have = 0;
-    if (__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE)) {
-        struct sockaddr_storage real;
-        socklen_t rl = sizeof real;
-        if (CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl) == 0 &&
-            sa_is_replay_source(&real) && tcp_family(fd)) {
-            // The session sends the mapping right after connecting: wait briefly for it.
-            uint16_t sport = sa_port(&real);
-            struct timespec dl;
-            clock_gettime(CLOCK_MONOTONIC, &dl);
-            dl.tv_nsec += PEER_WAIT_MS * 1000000L;
-            if (dl.tv_nsec >= 1000000000L) {
-                dl.tv_sec++;
-                dl.tv_nsec -= 1000000000L;
-            }
-            pthread_mutex_lock(&mu);
-            while (!(have = peer_take(sport, &orig))) {
-                if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
-                    break;
-                if (pthread_cond_timedwait(&peer_cv, &mu, &dl) == ETIMEDOUT) {
-                    have = peer_take(sport, &orig);
-                    break;
-                }
-            }
-            pthread_mutex_unlock(&mu);
-        }
+    int have = 0, looked = 0;
+    struct sockaddr_storage real;
+    socklen_t rl = sizeof real;
+    if (CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl) == 0 &&
+        sa_is_replay_source(&real) && tcp_family(fd)) {
+        looked = 1;
+        uint16_t sport = sa_port(&real);
+        have = pushed ? wait_pushed(sport, &orig) : lookup_peer(fd, sport, &orig);
     }
 
-    if (have || req_port) {
+    if (have || req_port || looked) {
         struct sockaddr_storage fake;
         socklen_t flen = 0;
         if (have) {
@@ -770,6 +897,7 @@ static int after_accept(int lfd, int fd, struct sockaddr *addr, socklen_t *addrl
         int i = obj_get_or_new(fd);
         if (i >= 0) {
             objs[i].req_port = req_port;
+            objs[i].peer_looked = (uint8_t)looked;
             if (flen) {
                 objs[i].has_peer = 1;
                 objs[i].peer = fake;
@@ -818,31 +946,63 @@ EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *addrlen) {
     return rc;
 }
 
-EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
-    init();
-    if (fd >= 0 && fd < FD_MAX && __atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED) && addr &&
-        addrlen) {
-        struct sockaddr_storage peer;
-        socklen_t plen = 0;
-        pthread_mutex_lock(&mu);
-        int i = obj_of(fd);
-        if (i >= 0 && objs[i].has_peer) {
-            peer = objs[i].peer;
-            plen = objs[i].peer_len;
-        }
-        pthread_mutex_unlock(&mu);
+// The original client of replayed connection fd, which this process did not accept (a Node
+// cluster primary hands its workers the sockets it accepts): asked of the session, and
+// remembered, found or not. Returns its length in *peer, 0 when unknown.
+static socklen_t peer_of_handed(int fd, const struct sockaddr_storage *real,
+                                struct sockaddr_storage *peer) {
+    struct sockaddr_storage orig;
+    socklen_t plen = 0;
+    if (lookup_peer(fd, sa_port(real), &orig))
+        plen = peer_for_family(&orig, real->ss_family, peer);
+    pthread_mutex_lock(&mu);
+    int i = obj_get_or_new(fd);
+    if (i >= 0) {
+        objs[i].peer_looked = 1;
         if (plen) {
-            // Still ask the kernel, so a disconnected socket fails as it should (ENOTCONN).
-            struct sockaddr_storage real;
-            socklen_t rl = sizeof real;
-            int rc = CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl);
-            if (rc != 0)
-                return rc;
-            copy_out(addr, addrlen, &peer, plen);
-            return 0;
+            objs[i].has_peer = 1;
+            objs[i].peer = *peer;
+            objs[i].peer_len = plen;
         }
     }
-    return CALL_REAL(getpeername, fd, addr, addrlen);
+    pthread_mutex_unlock(&mu);
+    return plen;
+}
+
+EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
+    init();
+    if (!layer_path || fd < 0 || fd >= FD_MAX || !addr || !addrlen)
+        return CALL_REAL(getpeername, fd, addr, addrlen);
+    struct sockaddr_storage peer;
+    socklen_t plen = 0;
+    int looked = 0;
+    if (__atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED)) {
+        pthread_mutex_lock(&mu);
+        int i = obj_of(fd);
+        if (i >= 0) {
+            looked = objs[i].peer_looked || objs[i].listening;
+            if (objs[i].has_peer) {
+                peer = objs[i].peer;
+                plen = objs[i].peer_len;
+            }
+        }
+        pthread_mutex_unlock(&mu);
+    }
+    // Always ask the kernel, so a disconnected socket fails as it should (ENOTCONN).
+    struct sockaddr_storage real;
+    socklen_t rl = sizeof real;
+    int rc = CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl);
+    if (rc != 0)
+        return rc;
+    // Decision: a replayed connection this process did not accept is looked up once; everything
+    // else is the kernel's.
+    if (!plen && !looked && sa_is_replay_source(&real) && tcp_family(fd))
+        plen = peer_of_handed(fd, &real, &peer);
+    if (plen)
+        copy_out(addr, addrlen, &peer, plen);
+    else
+        copy_out(addr, addrlen, &real, rl);
+    return 0;
 }
 
 static void before_close(int fd) {

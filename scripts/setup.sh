@@ -10,9 +10,11 @@ cluster=false
 
 # clang/llvm/libbpf/bpftool build the tap; iproute2 makes the namespaces; tcpdump, wrk, curl
 # python3, redis-server and redis-tools are the real programs the tests and benchmarks drive;
-# openssl makes the test API server's certificate.
+# python3-gunicorn is the real pre-fork server (workers forked after listen) the tests mirror
+# into, and whose workers must all end with a killed mirror; openssl makes the test API
+# server's certificate.
 packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-format make g++
-  pkg-config tcpdump wrk curl python3 procps redis-server redis-tools openssl)
+  pkg-config tcpdump wrk curl python3 python3-gunicorn procps redis-server redis-tools openssl)
 # The test cluster: the container runtime and pod network, iptables for kube-proxy, and what
 # builds images without a Docker engine or registry (buildah, debootstrap).
 $cluster && packages+=(containerd runc containernetworking-plugins iptables conntrack buildah

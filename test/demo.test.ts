@@ -3,48 +3,13 @@
  * app under mirrord, and its cleanup.
  */
 import { spawn } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { deleteNetns, listNetns } from '../src/platform/local/netns.js';
+import { descendants, killAll, stillRunning } from './support/processes.js';
 
 const CLI = join(dirname(fileURLToPath(import.meta.url)), '..', 'bin', 'run.js');
 const CLIENT = '10.213.100.2';
-
-/** What a process is running, or undefined once it is gone (a zombie has no command line). */
-function commandLine(pid: number): string | undefined {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ').trim() || undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-/** Every process below `root`, by pid, with its command line. */
-function descendants(root: number): Map<number, string> {
-  const children = new Map<number, number[]>();
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue;
-    try {
-      // The parent pid is the second field after the command name, which may hold spaces.
-      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
-      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      children.set(ppid, [...(children.get(ppid) ?? []), Number(entry)]);
-    } catch {
-      // Gone meanwhile.
-    }
-  }
-  const found = new Map<number, string>();
-  const queue = [root];
-  for (let pid = queue.pop(); pid !== undefined; pid = queue.pop()) {
-    for (const child of children.get(pid) ?? []) {
-      const command = commandLine(child);
-      if (command) found.set(child, command);
-      queue.push(child);
-    }
-  }
-  return found;
-}
 
 interface DemoRun {
   code: number | null;
@@ -63,8 +28,12 @@ afterEach(() => {
   for (const remove of leftovers.splice(0)) remove();
 });
 
-/** Runs `mirrord demo ARGS`; `interruptWhen` sends SIGINT once the output matches it. */
-function runDemo(args: string[], interruptWhen?: RegExp): Promise<DemoRun> {
+/** Runs `mirrord demo ARGS`; `interruptWhen` sends `signal` once the output matches it. */
+function runDemo(
+  args: string[],
+  interruptWhen?: RegExp,
+  signal: NodeJS.Signals = 'SIGINT',
+): Promise<DemoRun> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [CLI, 'demo', ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -78,8 +47,7 @@ function runDemo(args: string[], interruptWhen?: RegExp): Promise<DemoRun> {
       for (const name of ownNetns()) netns.add(name);
     }, 100);
     leftovers.push(() => {
-      for (const [p, command] of processes)
-        if (commandLine(p) === command) process.kill(p, 'SIGKILL');
+      killAll(processes);
       for (const name of ownNetns()) deleteNetns(name);
     });
     const timer = setTimeout(() => child.kill('SIGKILL'), 90_000);
@@ -88,7 +56,7 @@ function runDemo(args: string[], interruptWhen?: RegExp): Promise<DemoRun> {
       out += chunk.toString();
       if (interruptWhen?.test(out)) {
         interruptWhen = undefined;
-        child.kill('SIGINT');
+        child.kill(signal);
       }
     };
     child.stdout.on('data', collect);
@@ -107,16 +75,6 @@ function requests(out: string, who: 'staging' | 'local app'): string[] {
   return [...out.matchAll(line)]
     .filter((match) => match[1] === who)
     .map(([, , method, path, body = '', from]) => `${method} ${path} ${body} from ${from}`);
-}
-
-/** Resolves once none of `processes` runs any more; returns those still running at `ms`. */
-async function stillRunning(processes: Map<number, string>, ms = 10_000): Promise<string[]> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const left = [...processes].filter(([pid, command]) => commandLine(pid) === command);
-    if (left.length === 0 || Date.now() > deadline) return left.map(([, command]) => command);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
 }
 
 /** The demo ran its pieces (so that "none left" means something) and left none of them. */
@@ -149,5 +107,20 @@ describe('mirrord demo', () => {
     const run = await runDemo(['--duration', '0'], /^local app: (GET|POST) /m);
     expect(`exit ${run.code}\n${run.out}`).toMatch(/^exit 0\n[^]*removed the sandbox/);
     await expectNothingLeft(run);
+  });
+
+  test('kill -9 once requests arrive: its app, service, users and agent end with it', async () => {
+    const run = await runDemo(['--duration', '0'], /^local app: (GET|POST) /m, 'SIGKILL');
+    expect(run.code).toBeNull();
+    const commands = [...run.processes.values()];
+    for (const piece of ['examples/orders-app/server.js', 'demo/service.js', 'demo/traffic.js']) {
+      expect({ piece, seen: commands.some((c) => c.includes(piece)) }).toEqual({
+        piece,
+        seen: true,
+      });
+    }
+    expect(commands.some((c) => / agent --netns mirrord-demo-staging-/.test(c))).toBe(true);
+    expect(await stillRunning(run.processes)).toEqual([]);
+    // Its namespaces are left: the next demo removes those of a killed one (here, afterEach).
   });
 });

@@ -4,20 +4,18 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LayerChannel, type AppListener } from '../src/session/layer-channel.js';
 import { REPLAY_SOURCE } from '../src/session/replay.js';
 
-const LAYER = join(
-  dirname(fileURLToPath(import.meta.url)),
-  '..',
-  'layer',
-  '.output',
-  'mirrord_layer.so',
-);
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
+const LAYER = join(ROOT, 'layer', '.output', 'mirrord_layer.so');
+const FIXTURES = join(ROOT, 'test', 'fixtures');
+const PYTHON = '/usr/bin/python3';
 const PORT = 36000 + Math.floor(Math.random() * 900);
 
 /** Answers every request with the peer address the app itself sees. */
@@ -26,12 +24,18 @@ require('http')
   .createServer((req, res) => res.end(req.socket.remoteAddress + ':' + req.socket.remotePort))
   .listen(${PORT}, '127.0.0.1');`;
 
-function request(port: number, onConnect: (socket: net.Socket) => void): Promise<string> {
+function request(
+  port: number,
+  onConnect: (socket: net.Socket) => void | Promise<void>,
+  { path = '/', localPort }: { path?: string; localPort?: number } = {},
+): Promise<string> {
   return new Promise((resolve, reject) => {
     // From the replay's source address, as the session connects.
-    const socket = net.connect({ port, host: '127.0.0.1', localAddress: REPLAY_SOURCE }, () => {
-      onConnect(socket);
-      socket.end('GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n');
+    const options = { port, host: '127.0.0.1', localAddress: REPLAY_SOURCE, localPort };
+    const socket = net.connect(options, () => {
+      void Promise.resolve(onConnect(socket)).then(() =>
+        socket.end(`GET ${path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n`),
+      );
     });
     let answer = '';
     socket.on('data', (chunk: Buffer) => (answer += chunk.toString()));
@@ -50,7 +54,13 @@ describe('layer channel', () => {
   });
 
   afterEach(async () => {
-    for (const child of children.splice(0)) child.kill('SIGKILL');
+    for (const child of children.splice(0)) {
+      try {
+        process.kill(-child.pid!, 'SIGKILL');
+      } catch {
+        child.kill('SIGKILL'); // not a group leader (started without detached)
+      }
+    }
     for (const server of servers.splice(0)) server.close();
     await channel.close();
   });
@@ -126,6 +136,151 @@ describe('layer channel', () => {
     await new Promise((resolve) => setTimeout(resolve, 300));
     expect(heard.map((l) => l.pid)).toEqual([nobody.pid]);
   });
+
+  /** Starts `command args` under the layer, reporting to this channel; its stdout so far. */
+  function startLayered(
+    command: string,
+    args: string[],
+    extraEnv: Record<string, string> = {},
+  ): { child: ChildProcess; out(): string } {
+    const env = {
+      ...process.env,
+      ...extraEnv,
+      LD_PRELOAD: LAYER,
+      MIRRORD_LAYER_SOCKET: channel.path,
+      MIRRORD_LAYER_TOKEN: channel.token,
+    };
+    // Its own process group, so that afterEach's SIGKILL reaches the workers too.
+    const child = spawn(command, args, {
+      env,
+      stdio: ['ignore', 'pipe', 'inherit'],
+      detached: true,
+    });
+    children.push(child);
+    let out = '';
+    child.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    return { child, out: () => out };
+  }
+
+  /** Resolves once `check` holds; fails after 10 s. */
+  async function until(check: () => boolean, what: string): Promise<void> {
+    const deadline = Date.now() + 10_000;
+    while (!check()) {
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+
+  test('pre-fork workers see the original client of what they accept, also from a reused source port', async () => {
+    const listening = once(channel, 'listen') as Promise<[AppListener]>;
+    const app = startLayered(PYTHON, [join(FIXTURES, 'prefork_server.py'), String(PORT), '4']);
+    const [listener] = await listening;
+    // The parent listened; its workers, forked after, accept.
+    expect(listener).toMatchObject({ pid: app.child.pid, port: PORT });
+    await until(() => app.out().split('worker').length > 4, 'four workers');
+
+    const answers = await Promise.all(
+      Array.from({ length: 40 }, (_, i) =>
+        request(listener.localPort, (socket) =>
+          channel.announcePeer(socket.localPort!, {
+            address: `10.213.9.${i + 1}`,
+            port: 40000 + i,
+          }),
+        ),
+      ),
+    );
+    answers.forEach((answer, i) =>
+      expect(answer).toMatch(new RegExp(`^10\\.213\\.9\\.${i + 1}:${40000 + i} worker=\\d+$`)),
+    );
+    const workers = new Set(answers.map((answer) => answer.split('worker=')[1]));
+    expect(workers.size).toBeGreaterThan(1);
+
+    // The same source port again, announced late (as a busy session may): the worker asks
+    // first, and must wait for this connection's client rather than take the earlier one's.
+    const localPort = 30000 + Math.floor(Math.random() * 2000);
+    const first = await request(
+      listener.localPort,
+      (socket) => channel.announcePeer(socket.localPort!, { address: '10.213.8.1', port: 41000 }),
+      { localPort },
+    );
+    expect(first).toMatch(/^10\.213\.8\.1:41000 /);
+    const second = await request(
+      listener.localPort,
+      async (socket) => {
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        channel.announcePeer(socket.localPort!, { address: '10.213.8.2', port: 41001 });
+      },
+      { localPort },
+    );
+    expect(second).toMatch(/^10\.213\.8\.2:41001 /);
+  });
+
+  // rr (Node's default): the primary accepts and hands the socket over; none: the workers accept
+  // on the listener the primary handed them.
+  test.each(['rr', 'none'])(
+    'Node cluster workers see the original client (scheduling %s)',
+    async (policy) => {
+      const dir = mkdtempSync(join(tmpdir(), 'mirrord-cluster-'));
+      try {
+        const log = join(dir, 'requests.log');
+        const listening = once(channel, 'listen') as Promise<[AppListener]>;
+        const app = startLayered(
+          process.execPath,
+          [join(FIXTURES, 'http-log-cluster.mjs'), String(PORT), '3', log],
+          { NODE_CLUSTER_SCHED_POLICY: policy },
+        );
+        // rr: the primary listens; none: each worker calls listen() on the socket it was handed.
+        const [listener] = await listening;
+        expect(listener.port).toBe(PORT);
+        await until(() => app.out().split('listening').length > 3, 'three workers');
+
+        const count = 30;
+        await Promise.all(
+          Array.from({ length: count }, (_, i) =>
+            request(
+              listener.localPort,
+              (socket) =>
+                channel.announcePeer(socket.localPort!, {
+                  address: `10.213.7.${i + 1}`,
+                  port: 42000 + i,
+                }),
+              { path: `/r${i}` },
+            ),
+          ),
+        );
+        // Then one source port for several connections in turn, each announced late: a worker
+        // must not take what was announced for an earlier connection from that port.
+        const localPort = 32000 + Math.floor(Math.random() * 2000);
+        for (let i = count; i < count + 6; i += 1) {
+          await request(
+            listener.localPort,
+            async (socket) => {
+              await new Promise((resolve) => setTimeout(resolve, 200));
+              channel.announcePeer(socket.localPort!, {
+                address: `10.213.7.${i + 1}`,
+                port: 42000 + i,
+              });
+            },
+            { path: `/r${i}`, localPort },
+          );
+        }
+        const lines = readFileSync(log, 'utf8').trim().split('\n');
+        expect(lines).toHaveLength(count + 6);
+        for (const line of lines) {
+          const [client, , path] = line.split(' ');
+          const i = Number(path!.slice(2));
+          expect(`${path} from ${client}`).toBe(
+            `/r${i} from ::ffff:10.213.7.${i + 1}:${42000 + i}`,
+          );
+        }
+        const workers = new Set(lines.map((line) => line.split(' ')[4]));
+        expect(workers.size).toBeGreaterThan(1);
+        expect(workers).not.toContain(String(app.child.pid));
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    },
+  );
 
   test('close removes the socket', async () => {
     const { path } = channel;

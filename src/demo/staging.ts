@@ -1,6 +1,7 @@
-import { execa, type ResultPromise } from 'execa';
+import type { ResultPromise } from 'execa';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { execaGuarded } from '../platform/local/guarded.js';
 import { createHosts, waitForTcp } from '../platform/local/netns.js';
 
 export const SERVICE_PORT = 8080;
@@ -69,11 +70,11 @@ export async function createStaging(): Promise<Staging> {
     startTraffic(onAnswer) {
       // Not hosts.spawn: that buffers all output, and the generator prints for as long as the
       // demo runs.
-      const generator = execa(
+      // Guarded, as the service is (see createHosts).
+      const generator = execaGuarded(
         'ip',
         ['netns', 'exec', hosts.client, process.execPath, script('traffic'), serviceUrl],
         {
-          reject: false,
           stdin: 'ignore',
           stdout: 'pipe',
           stderr: 'inherit',

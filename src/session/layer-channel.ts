@@ -25,12 +25,35 @@ export interface LayerChannelEvents {
 /** Lines longer than this are not the layer's: the connection is dropped. */
 const MAX_LINE = 4096;
 
+/**
+ * How long a lookup waits for its connection to be announced (the layer itself waits 1 s): the
+ * app may accept a replayed connection before the replay has seen its own connect complete.
+ */
+const LOOKUP_WAIT_MS = 2000;
+/** Lookups one process may have waiting at once (the layer has 64 slots a process). */
+const MAX_LOOKUPS = 256;
+
+interface Peer {
+  address: string;
+  port: number;
+  /** The app's socket (its inode) that a lookup named for this connection, once one did. */
+  socket?: string;
+}
+
+interface Lookup {
+  connection: LayerConnection;
+  socket: string;
+  timer: NodeJS.Timeout;
+}
+
 interface LayerConnection {
   socket: net.Socket;
   /** It showed the token: until then its lines are ignored and it is told nothing. */
   greeted: boolean;
   /** Ports this process announced and has not closed. */
   ports: Map<number, AppListener>;
+  /** Its lookups waiting for their connection to be announced. */
+  lookups: number;
 }
 
 /**
@@ -38,6 +61,13 @@ interface LayerConnection {
  * connects on its own and reports, one JSON line each, the ports it starts and stops listening
  * on; the CLI answers on the same connection with the original peer of each replayed
  * connection, which the app's accept() then reports.
+ *
+ * The peer reaches the app two ways (see layer/layer.c): pushed to every process that listens,
+ * for the process that listened and accepts alone; and asked for, by source port and the app's
+ * socket, by any other process: pre-fork workers that inherited the listener, a process handed
+ * an accepted socket. A source port is reused once its connection is gone, so an entry answers
+ * only the first socket that asks for it: another socket asking is a later connection from the
+ * same port, and waits for that one's announcement.
  *
  * An app may drop privileges (a server started as root that becomes `nobody` to bind port 80),
  * so the socket is open to every user, in a directory they may enter but not list. What keeps
@@ -47,6 +77,13 @@ interface LayerConnection {
 export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   readonly #server = net.createServer();
   readonly #connections = new Set<LayerConnection>();
+  /**
+   * Replayed connections by source port, the latest of each: at most one per port, so bounded,
+   * and kept while the app may still ask (a worker reads its peer whenever it likes).
+   */
+  readonly #peers = new Map<number, Peer>();
+  /** Lookups that came before their connection's announcement, by source port. */
+  readonly #lookups = new Map<number, Lookup[]>();
   readonly #dir: string;
   readonly path: string;
   /** Give it to the app as MIRRORD_LAYER_TOKEN. */
@@ -78,25 +115,38 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   /**
    * Tells the app who the original client of the replayed connection from local port
    * `sourcePort` is. Call it right after connecting (Replay's onConnected): the layer waits for
-   * it only briefly. Every listening process is told, since only the one that accepts the
-   * connection looks the port up; the layer keeps a small table that forgets old entries.
+   * it only briefly. Every listening process is told at once (the layer keeps a small table that
+   * forgets old entries); a process that did not listen asks for it, and is answered as soon as
+   * it is known.
    */
   announcePeer(sourcePort: number, original: { address: string; port: number }): void {
+    const entry: Peer = { address: original.address, port: original.port };
+    this.#peers.set(sourcePort, entry);
     const peer = { local_port: sourcePort, address: original.address, port: original.port };
     const line = `${JSON.stringify({ peer })}\n`;
     for (const connection of this.#connections) {
       if (connection.greeted && connection.ports.size > 0) connection.socket.write(line);
     }
+    const waiting = this.#lookups.get(sourcePort);
+    const first = waiting?.shift();
+    if (!first) return;
+    if (waiting!.length === 0) this.#lookups.delete(sourcePort);
+    clearTimeout(first.timer);
+    first.connection.lookups -= 1;
+    this.#answer(first.connection, sourcePort, first.socket, entry);
   }
 
   async close(): Promise<void> {
     for (const connection of this.#connections) connection.socket.destroy();
+    for (const lookups of this.#lookups.values())
+      for (const { timer } of lookups) clearTimeout(timer);
+    this.#lookups.clear();
     await new Promise<void>((resolve) => this.#server.close(() => resolve()));
     rmSync(this.#dir, { recursive: true, force: true });
   }
 
   #accept(socket: net.Socket): void {
-    const connection: LayerConnection = { socket, greeted: false, ports: new Map() };
+    const connection: LayerConnection = { socket, greeted: false, ports: new Map(), lookups: 0 };
     this.#connections.add(connection);
     let pending = '';
     socket.setEncoding('utf8');
@@ -141,6 +191,13 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       connection.greeted = true;
       return;
     }
+    if (event.event === 'lookup') {
+      const { local_port: sourcePort, socket } = event;
+      if (typeof sourcePort === 'number' && typeof socket === 'string') {
+        this.#lookup(connection, sourcePort, socket);
+      }
+      return;
+    }
     const { pid, port } = event;
     if (typeof pid !== 'number' || typeof port !== 'number') return;
     if (event.event === 'listen') {
@@ -152,9 +209,54 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
         address: typeof event.address === 'string' ? event.address : '127.0.0.1',
       };
       connection.ports.set(port, listener);
+      this.#tellIfShared(listener.localPort);
       this.emit('listen', listener);
     } else if (event.event === 'close' && connection.ports.delete(port)) {
       this.emit('close', { pid, port });
     }
+  }
+
+  /**
+   * Several processes listening on one local port (Node cluster workers handed one listener,
+   * SO_REUSEPORT listeners) each get every peer pushed, and may take a copy another accepted
+   * for a later connection from the same source port: each is told to ask instead.
+   */
+  #tellIfShared(localPort: number): void {
+    const holders = [...this.#connections].filter((c) =>
+      [...c.ports.values()].some((listener) => listener.localPort === localPort),
+    );
+    if (holders.length < 2) return;
+    const line = `${JSON.stringify({ shared: { local_port: localPort } })}\n`;
+    for (const holder of holders) holder.socket.write(line);
+  }
+
+  /** A process asks who the original client of the app's `socket` (from `sourcePort`) is. */
+  #lookup(connection: LayerConnection, sourcePort: number, socket: string): void {
+    const entry = this.#peers.get(sourcePort);
+    if (entry && (entry.socket === undefined || entry.socket === socket)) {
+      this.#answer(connection, sourcePort, socket, entry);
+      return;
+    }
+    // Not announced yet, or the entry is an earlier connection's: wait for the announcement.
+    if (connection.lookups >= MAX_LOOKUPS) return;
+    connection.lookups += 1;
+    const lookup: Lookup = {
+      connection,
+      socket,
+      timer: setTimeout(() => {
+        const waiting = this.#lookups.get(sourcePort) ?? [];
+        const left = waiting.filter((other) => other !== lookup);
+        if (left.length) this.#lookups.set(sourcePort, left);
+        else this.#lookups.delete(sourcePort);
+        connection.lookups -= 1;
+      }, LOOKUP_WAIT_MS),
+    };
+    this.#lookups.set(sourcePort, [...(this.#lookups.get(sourcePort) ?? []), lookup]);
+  }
+
+  #answer(connection: LayerConnection, sourcePort: number, socket: string, entry: Peer): void {
+    entry.socket = socket;
+    const peer = { local_port: sourcePort, address: entry.address, port: entry.port, socket };
+    if (!connection.socket.destroyed) connection.socket.write(`${JSON.stringify({ peer })}\n`);
   }
 }

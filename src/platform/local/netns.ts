@@ -1,6 +1,7 @@
-import { execa, type ResultPromise } from 'execa';
+import type { ResultPromise } from 'execa';
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
+import { execaGuarded } from './guarded.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -166,9 +167,11 @@ export function createHosts(
   return {
     ...pair,
     spawn(netns, command, args) {
-      const child = execa('ip', ['netns', 'exec', netns, command, ...args], {
-        reject: false,
+      // Guarded: a killed CLI (the demo's) must not leave them running until the next start.
+      const child = execaGuarded('ip', ['netns', 'exec', netns, command, ...args], {
         stdin: 'ignore',
+        stdout: 'pipe',
+        stderr: 'pipe',
       });
       children.push(child);
       return child;

@@ -1,0 +1,62 @@
+/** The processes a run started, from /proc: to see that none outlives it. */
+import { readFileSync, readdirSync } from 'node:fs';
+
+/** What a process is running, or undefined once it is gone (a zombie has no command line). */
+export function commandLine(pid: number): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ').trim() || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Every process below `root`, by pid, with its command line. */
+export function descendants(root: number): Map<number, string> {
+  const children = new Map<number, number[]>();
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      // The parent pid is the second field after the command name, which may hold spaces.
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      children.set(ppid, [...(children.get(ppid) ?? []), Number(entry)]);
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+  const found = new Map<number, string>();
+  const queue = [root];
+  for (let pid = queue.pop(); pid !== undefined; pid = queue.pop()) {
+    for (const child of children.get(pid) ?? []) {
+      const command = commandLine(child);
+      if (command) found.set(child, command);
+      queue.push(child);
+    }
+  }
+  return found;
+}
+
+/**
+ * Resolves once none of `processes` runs any more (a pid that now runs another command is
+ * another process); returns the command lines of those still running at `ms`.
+ */
+export async function stillRunning(processes: Map<number, string>, ms = 10_000): Promise<string[]> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const left = [...processes].filter(([pid, command]) => commandLine(pid) === command);
+    if (left.length === 0 || Date.now() > deadline) return left.map(([, command]) => command);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/** SIGKILLs those of `processes` still running: clean-up after a failed test. */
+export function killAll(processes: Map<number, string>): void {
+  for (const [pid, command] of processes) {
+    if (commandLine(pid) !== command) continue;
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+}
