@@ -127,6 +127,22 @@ function expectMirrored(session: MirrorSession, sent: Sent[]): void {
   }
 }
 
+/**
+ * Once everything sent was mirrored and nothing is in flight, the agent's counters account for
+ * every byte the tap copied: sent to the session (what the session got), ignored, or dropped.
+ */
+async function expectAgentAccounted(session: MirrorSession): Promise<void> {
+  let received = 0;
+  for (const connection of session.connections.values()) received += connection.bytes;
+  let counters = await session.nextCounters();
+  // The kernel's count may include segments the agent takes in its next batch.
+  while (counters.bytesInAgent > 0) counters = await session.nextCounters();
+  expect({
+    mirrored: counters.bytesMirrored,
+    copied: counters.bytesMirrored + counters.bytesIgnored + counters.bytesDroppedAgent,
+  }).toEqual({ mirrored: received, copied: counters.bytesCopied });
+}
+
 describe('mirrord agent', () => {
   let sandbox: Sandbox;
   let session: MirrorSession | undefined;
@@ -148,6 +164,7 @@ describe('mirrord agent', () => {
     const current = session;
     await current.until(() => current.closedConnections().length >= 500, '500 closed connections');
     expectMirrored(current, sent);
+    await expectAgentAccounted(current);
     for (const connection of current.connections.values()) {
       expect(connection.opened).toMatchObject({
         family: 4,
@@ -173,6 +190,7 @@ describe('mirrord agent', () => {
       bytesDroppedAgent: 0,
       connectionsOpen: 0,
     });
+    await expectAgentAccounted(current);
   });
 
   test('segments lost on the way and retransmitted still reassemble exactly', async () => {
@@ -190,6 +208,7 @@ describe('mirrord agent', () => {
     await current.until(() => current.closedConnections().length === 1, 'the upload to close');
     expect(retransmits() - before).toBeGreaterThan(10);
     expectMirrored(current, [sent]);
+    await expectAgentAccounted(current);
   });
 
   test('a connection opened before the subscription is flagged mid-stream', async () => {

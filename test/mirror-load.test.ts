@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { join } from 'node:path';
 import { isStale, waitForTcp } from '../src/platform/local/netns.js';
+import { expectAccounted, untilAtRest } from './support/accounting.js';
 import {
   FIXTURES,
   agentsOf,
@@ -32,6 +33,7 @@ const randomPort = (): number => 20_000 + Math.floor(Math.random() * 10_000);
 /** Enough open files for a thousand connections in every process on the way. */
 const NOFILE = 8192;
 const DIGEST_SERVER = join(FIXTURES, 'digest-server.mjs');
+const PREFORK_SERVER = join(FIXTURES, 'prefork-http-server.mjs');
 
 /** What digest-clients.mjs reports for one connection. */
 interface ClientConnection {
@@ -146,6 +148,36 @@ describe('mirrord mirror under load and failure', () => {
     return reasons;
   }
 
+  /** A prefork-http-server.mjs (two workers) in the target netns, logging to `log`. */
+  async function startPreforkTarget(port: number, log: string): Promise<void> {
+    sandbox.spawn(sandbox.target, 'prlimit', [
+      `--nofile=${NOFILE}:${NOFILE}`,
+      '--',
+      process.execPath,
+      PREFORK_SERVER,
+      '--port',
+      String(port),
+      '--log',
+      log,
+    ]);
+    await waitForTcp(sandbox.client, sandbox.targetAddress, port);
+  }
+
+  /**
+   * What a prefork-http-server.mjs log says was served: connections that carried requests (a
+   * line each, written when the connection closed), requests, and request bytes read.
+   */
+  function served(log: string): { connections: number; requests: number; bytes: number } {
+    const lines = logLines(log)
+      .map((line) => line.split(' ').map(Number))
+      .filter(([, , requests]) => requests! > 0);
+    return {
+      connections: lines.length,
+      requests: lines.reduce((n, [, , requests]) => n + requests!, 0),
+      bytes: lines.reduce((n, [, , , bytes]) => n + bytes!, 0),
+    };
+  }
+
   /**
    * Nothing of the session is left: no agent, no app process, and no netns made since
    * `netnsBefore` whose maker is gone (other test files may be making their own meanwhile).
@@ -187,10 +219,110 @@ describe('mirrord mirror under load and failure', () => {
       peers: { [`::ffff:${sandbox.clientAddress}`]: 1000 },
       streamsNotReceived: 0,
     });
+    await untilAtRest(run);
     run.child.kill('SIGINT');
     await run.exited;
-    expect(run.events().at(-1)).toMatchObject({ event: 'counters', bytesDropped: 0 });
+    expect(expectAccounted(run.events(), { atRest: true })).toMatchObject({ bytesDropped: 0 });
     expect(agentsOf(sandbox.target)).toEqual([]);
+  });
+
+  // A reset, not a FIN, is how load generators end their connections, and an app seconds behind
+  // still has the last requests of a connection unread when the reset comes. Replayed at once,
+  // the reset discarded them: in our socket, and in the app's, which a server closes on the
+  // failed answer. The session said "rst, nothing dropped".
+  test('a pre-fork app seconds behind gets every request of connections their clients reset', async () => {
+    const port = randomPort();
+    const targetLog = join(dir.path, 'target.log');
+    const localLog = join(dir.path, 'local.log');
+    await startPreforkTarget(port, targetLog);
+    // Each worker of the app is busy for 2 s at its first request: it reads its connections
+    // long after their clients reset them.
+    const run = mirrorInto(
+      sandbox.target,
+      [
+        ...[process.execPath, PREFORK_SERVER, '--port', String(port), '--log', localLog],
+        ...['--stall-first-ms', '2000'],
+      ],
+      { nofile: NOFILE },
+    );
+    runs.push(run);
+    await untilMirroring(run, sandbox, port);
+    const probes = connectionsOn(run, port).opened.length;
+
+    // 8 connections of 3,000 pipelined requests (130 kB each, twice what an app's socket takes
+    // unread), each reset once the target answered them all.
+    const clients = JSON.parse(
+      await sandbox.runAsync(sandbox.client, process.execPath, [
+        join(FIXTURES, 'pipelined-reset-clients.mjs'),
+        sandbox.targetAddress,
+        String(port),
+        '8',
+        '3000',
+      ]),
+    ) as { answered: number; bytesSent: number; ports: number[] };
+    expect(clients.answered).toBe(8 * 3000);
+    await untilCountOrStuck(() => served(targetLog).connections, 8);
+    expect(served(targetLog)).toEqual({
+      connections: 8,
+      requests: 8 * 3000,
+      bytes: clients.bytesSent,
+    });
+    await untilCountOrStuck(() => connectionsOn(run, port).closed.length, probes + 8);
+    await untilCountOrStuck(() => served(localLog).connections, 8);
+    // What the app served is what the target served, and the session says so.
+    expect({
+      app: served(localLog),
+      closed: closedReasons(run, port),
+    }).toEqual({
+      app: served(targetLog),
+      closed: { fin: probes, rst: 8 },
+    });
+    await untilAtRest(run);
+    run.child.kill('SIGINT');
+    await run.exited;
+    expect(expectAccounted(run.events(), { atRest: true })).toMatchObject({
+      bytesReplayed: clients.bytesSent,
+      bytesDropped: 0,
+    });
+  });
+
+  // The issue's load: a load generator at the target's full speed over 256 keep-alive
+  // connections for 5 s, a pre-fork server as target and as local app.
+  test('under full load from wrk, a pre-fork app gets what the target served, or the session reports the difference', async () => {
+    const port = randomPort();
+    const targetLog = join(dir.path, 'target.log');
+    const localLog = join(dir.path, 'local.log');
+    await startPreforkTarget(port, targetLog);
+    const run = mirrorInto(
+      sandbox.target,
+      [process.execPath, PREFORK_SERVER, '--port', String(port), '--log', localLog],
+      { nofile: NOFILE },
+    );
+    runs.push(run);
+    await untilMirroring(run, sandbox, port);
+    const wrk = await sandbox.runAsync(sandbox.client, 'wrk', [
+      ...['-t', '2', '-c', '256', '-d', '5s'],
+      `http://${sandbox.targetAddress}:${port}/`,
+    ]);
+    expect(wrk).toMatch(/\d+ requests in/);
+    await untilCountOrStuck(() => served(targetLog).connections, 256);
+    const target = served(targetLog);
+    expect(target.connections).toBe(256);
+    await untilCountOrStuck(() => served(localLog).connections, 256);
+    await untilAtRest(run);
+    run.child.kill('SIGINT');
+    await run.exited;
+    const totals = expectAccounted(run.events(), { atRest: true });
+    const app = served(localLog);
+    // Every byte the target read was mirrored; what the app did not get is counted as dropped,
+    // and where nothing was, the app served every request the target served.
+    expect({
+      mirrored: totals.bytesMirrored,
+      dropped: totals.bytesDroppedKernel + totals.bytesDroppedAgent,
+      appGotOrDropped: app.bytes + totals.bytesDropped >= target.bytes,
+      appGotReplayed: app.bytes >= totals.bytesReplayed,
+    }).toEqual({ mirrored: target.bytes, dropped: 0, appGotOrDropped: true, appGotReplayed: true });
+    if (totals.bytesDropped === 0) expect(app).toEqual(target);
   });
 
   test('a 200 MB upload (curl) is mirrored exactly', async () => {
@@ -233,8 +365,10 @@ describe('mirrord mirror under load and failure', () => {
     await untilCountOrStuck(() => logLines(localLog).length, 1);
     expect(logLines(targetLog)).toHaveLength(1);
     expect(logLines(localLog)).toEqual(logLines(targetLog));
+    await untilAtRest(run);
     run.child.kill('SIGINT');
     await run.exited;
+    expectAccounted(run.events(), { atRest: true });
     expect(agentsOf(sandbox.target)).toEqual([]);
   });
 
@@ -284,6 +418,8 @@ describe('mirrord mirror under load and failure', () => {
     const closedA = connectionsOn(run, portA).closed.filter((e) => (e.bytesReplayed as number) > 0);
     expect(closedA).toHaveLength(waveA + lateA);
     expect(closedA.filter((e) => e.reason !== 'fin' || e.bytesDropped !== 0)).toEqual([]);
+    // The session ended with the app, possibly with bytes of B still on their way.
+    expectAccounted(run.events(), { atRest: false });
     expectNothingLeft(netnsBefore, `forking-app.mjs ${portA}`);
   });
 
@@ -307,6 +443,7 @@ describe('mirrord mirror under load and failure', () => {
     const traffic = clients(port, 30, [8 * 1024, 64 * 1024], [20, 100]);
     expect(await run.exited).toBe(9);
     expect(wronglyAnswered(await traffic)).toEqual([]);
+    expectAccounted(run.events(), { atRest: false });
     expectNothingLeft(netnsBefore, `--log ${join(dir.path, 'local.log')}`);
     // The target goes on as before, without a tap.
     expect(wronglyAnswered(await clients(port, 30, [1024, 8 * 1024]))).toEqual([]);

@@ -8,6 +8,7 @@
  */
 import { join } from 'node:path';
 import { waitForTcp } from '../src/platform/local/netns.js';
+import { expectAccounted, untilAtRest } from './support/accounting.js';
 import {
   FIXTURES,
   agentsOf,
@@ -102,11 +103,16 @@ describe('mirrord mirror into pre-fork servers', () => {
     return new Set(logLines(localLog).map((line) => line.split(' ').at(-1)));
   }
 
-  /** Ends the session as a user does (Ctrl-C) and checks that no agent is left. */
+  /**
+   * Ends the session as a user does (Ctrl-C) once nothing is in flight, and checks that no
+   * agent is left and that every byte copied is accounted for, nothing dropped.
+   */
   async function interrupt(run: MirrorRun): Promise<void> {
+    await untilAtRest(run);
     run.child.kill('SIGINT');
     expect(typeof (await run.exited)).toBe('number');
     expect(agentsOf(sandbox.target)).toEqual([]);
+    expect(expectAccounted(run.events(), { atRest: true })).toMatchObject({ bytesDropped: 0 });
   }
 
   test('Node cluster: its workers log every request with the original client', async () => {

@@ -147,12 +147,38 @@ class RecordingSink implements ReassemblySink {
   }
 }
 
+/**
+ * Every Reassembler of these tests, with its sink: after each test, each must have counted every
+ * byte pushed into it once, as delivered (what the sink got), ignored, dropped, or still held.
+ */
+const created: { reassembler: Reassembler; sink: ReassemblySink }[] = [];
+
+class CountedReassembler extends Reassembler {
+  constructor(sink: ReassemblySink, limits?: Partial<ReassemblyLimits>) {
+    super(sink, limits);
+    created.push({ reassembler: this, sink });
+  }
+}
+
+afterEach(() => {
+  for (const { reassembler: r, sink } of created.splice(0)) {
+    expect(r.pushedBytes).toBe(
+      r.deliveredBytes + r.ignoredBytes + r.droppedBytes + r.bufferedBytes,
+    );
+    if (sink instanceof RecordingSink) {
+      let delivered = 0;
+      for (const id of sink.order) delivered += sink.bytes(id).length;
+      expect(r.deliveredBytes).toBe(delivered);
+    }
+  }
+});
+
 function run(
   segments: TapSegment[],
   limits?: Partial<ReassemblyLimits>,
 ): { sink: RecordingSink; reassembler: Reassembler } {
   const sink = new RecordingSink();
-  const reassembler = new Reassembler(sink, limits);
+  const reassembler = new CountedReassembler(sink, limits);
   segments.forEach((s, i) => reassembler.push(s, i));
   return { sink, reassembler };
 }
@@ -180,7 +206,7 @@ describe('Reassembler: orderings', () => {
   test('in-order bytes are passed through without copying; held bytes are copies', () => {
     const batch = Buffer.alloc(1 << 20, 7);
     const delivered: Buffer[] = [];
-    const reassembler = new Reassembler({
+    const reassembler = new CountedReassembler({
       opened: () => undefined,
       data: (_id, bytes) => delivered.push(bytes),
       closed: () => undefined,
@@ -252,7 +278,7 @@ describe('Reassembler: orderings', () => {
   test('the FIN arriving before the data closes only once all bytes are delivered', () => {
     const client = new Client('c', 7, Buffer.from('abcdefghij'));
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink);
+    const reassembler = new CountedReassembler(sink);
     for (const s of [client.syn(), client.fin(), client.data(5, 10), client.data(0, 2)]) {
       reassembler.push(s, 0);
     }
@@ -348,12 +374,19 @@ describe('Reassembler: RST, reuse and closed keys', () => {
     expect(record.closed).toEqual({ reason: 'rst', gapBytes: 0 });
     expect(reassembler.bufferedBytes).toBe(0);
     expect(reassembler.connectionCount).toBe(0);
+    // 'ijkl' waited behind the hole: stream bytes the reset cost. What came after the reset
+    // ('efgh', the whole stream again) the target threw away too: no stream data.
+    expect({
+      delivered: reassembler.deliveredBytes,
+      dropped: reassembler.droppedBytes,
+      ignored: reassembler.ignoredBytes,
+    }).toEqual({ delivered: 4, dropped: 4, ignored: 4 + 12 });
   });
 
   test('a late retransmit after FIN opens nothing, until the key has been quiet a minute', () => {
     const client = new Client('c', 10, Buffer.from('abcdef'));
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink);
+    const reassembler = new CountedReassembler(sink);
     for (const s of [client.syn(), client.data(0, 6), client.fin()]) reassembler.push(s, 0);
     reassembler.push(client.data(2, 6), 1000);
     reassembler.push(client.fin(), 30_000);
@@ -448,7 +481,7 @@ describe('Reassembler: bounded memory', () => {
     const rng = prng(7);
     const client = new Client('c', SEQ_MOD - 100, randomBytes(rng, 10_000));
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink, { maxBufferedPerConnection: 3000 });
+    const reassembler = new CountedReassembler(sink, { maxBufferedPerConnection: 3000 });
     for (const s of [
       client.syn(),
       client.data(0, 1000),
@@ -467,6 +500,13 @@ describe('Reassembler: bounded memory', () => {
     for (const s of [client.data(1000, 10_000), client.fin()]) reassembler.push(s, 0);
     expect(sink.bytes(1).equals(client.stream.subarray(0, 1000))).toBe(true);
     expect(sink.order).toEqual([1]);
+    // Given up on: what was held (2500), what did not fit (1000), what its client sent after
+    // (9000) are stream bytes dropped; the copies among them (1500 + 100 held twice) are not.
+    expect({
+      delivered: reassembler.deliveredBytes,
+      dropped: reassembler.droppedBytes,
+      ignored: reassembler.ignoredBytes,
+    }).toEqual({ delivered: 1000, dropped: 2500 + 1000 + 9000, ignored: 1000 + 100 });
   });
 
   test('duplicates of held bytes are not counted twice toward the limit', () => {
@@ -497,7 +537,7 @@ describe('Reassembler: bounded memory', () => {
     const a = new Client('a1', 0, Buffer.alloc(5000, 1));
     const b = new Client('b2', 77, Buffer.alloc(5000, 2));
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink, {
+    const reassembler = new CountedReassembler(sink, {
       maxBufferedPerConnection: 4000,
       maxBufferedTotal: 6000,
     });
@@ -516,9 +556,9 @@ describe('Reassembler: bounded memory', () => {
 
   test('limits must be positive', () => {
     const sink = new RecordingSink();
-    expect(() => new Reassembler(sink, { maxBufferedTotal: 0 })).toThrow(RangeError);
-    expect(() => new Reassembler(sink, { idleTimeoutMs: Number.NaN })).toThrow(RangeError);
-    expect(() => new Reassembler(sink, { idleTimeoutMs: undefined })).not.toThrow();
+    expect(() => new CountedReassembler(sink, { maxBufferedTotal: 0 })).toThrow(RangeError);
+    expect(() => new CountedReassembler(sink, { idleTimeoutMs: Number.NaN })).toThrow(RangeError);
+    expect(() => new CountedReassembler(sink, { idleTimeoutMs: undefined })).not.toThrow();
   });
 });
 
@@ -526,7 +566,7 @@ describe('Reassembler: timeouts', () => {
   test('a hole not filled within the hole timeout breaks the connection', () => {
     const client = new Client('c', 100, Buffer.from('abcdefghij'));
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink, { holeTimeoutMs: 5000 });
+    const reassembler = new CountedReassembler(sink, { holeTimeoutMs: 5000 });
     reassembler.push(client.syn(), 0);
     reassembler.push(client.data(0, 2), 0);
     reassembler.push(client.data(6, 8), 1000);
@@ -547,7 +587,7 @@ describe('Reassembler: timeouts', () => {
   test('a FIN waiting behind a hole is subject to the hole timeout', () => {
     const client = new Client('c', 100, Buffer.from('abcdefghij'));
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink, { holeTimeoutMs: 5000 });
+    const reassembler = new CountedReassembler(sink, { holeTimeoutMs: 5000 });
     for (const s of [client.syn(), client.data(0, 4), client.fin()]) reassembler.push(s, 0);
     reassembler.sweep(5000);
     expect(sink.only().closed).toEqual({ reason: 'broken', gapBytes: 6 });
@@ -556,7 +596,7 @@ describe('Reassembler: timeouts', () => {
   test('filling the hole in time clears it', () => {
     const client = new Client('c', 100, Buffer.from('abcdefghij'));
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink, { holeTimeoutMs: 5000 });
+    const reassembler = new CountedReassembler(sink, { holeTimeoutMs: 5000 });
     for (const s of [client.syn(), client.data(5, 10), client.data(0, 5)]) reassembler.push(s, 0);
     reassembler.sweep(60_000);
     expect(sink.only().closed).toBeUndefined();
@@ -565,7 +605,7 @@ describe('Reassembler: timeouts', () => {
 
   test('idle connections expire; active ones do not', () => {
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink, { idleTimeoutMs: 10_000 });
+    const reassembler = new CountedReassembler(sink, { idleTimeoutMs: 10_000 });
     const a = new Client('a1', 1, Buffer.alloc(100, 1));
     const b = new Client('b2', 2, Buffer.alloc(100, 2));
     reassembler.push(a.syn(), 0);
@@ -585,7 +625,7 @@ describe('Reassembler: timeouts', () => {
 
   test('past maxConnections the least recently seen connection is expired', () => {
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink, { maxConnections: 3 });
+    const reassembler = new CountedReassembler(sink, { maxConnections: 3 });
     const clients = [1, 2, 3, 4].map((n) => new Client(`k${n}`, n * 1000, Buffer.from('xy')));
     clients.slice(0, 3).forEach((c, t) => reassembler.push(c.syn(), t));
     reassembler.push(clients[0]!.data(0, 1), 3);
@@ -613,7 +653,7 @@ describe('Reassembler: many connections', () => {
   test('600 interleaved connections with reordering and retransmissions', () => {
     const rng = prng(42);
     const sink = new RecordingSink();
-    const reassembler = new Reassembler(sink);
+    const reassembler = new CountedReassembler(sink);
     const queues: TapSegment[][] = [];
     const clients: Client[] = [];
     for (let n = 0; n < 600; n++) {

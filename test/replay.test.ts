@@ -10,7 +10,13 @@ import net from 'node:net';
 import { createInterface } from 'node:readline';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import type { Endpoint } from '../src/protocol/messages.js';
-import { Replay, type ReplayEndInfo, type ReplayOptions } from '../src/session/replay.js';
+import {
+  Replay,
+  type ReplayAccount,
+  type ReplayEndInfo,
+  type ReplayOptions,
+} from '../src/session/replay.js';
+import { expectReplayAccounted } from './support/accounting.js';
 import { MirrorSession } from './support/mirror-session.js';
 import { pythonClient, sinkServer, stdinClient } from './support/programs.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
@@ -55,6 +61,22 @@ b.sendall(b"closed with rst")
 time.sleep(0.3)
 b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 b.close()
+`;
+
+/**
+ * Sends SIZE random bytes, waits until the target acknowledged them all (nothing left in its
+ * socket), then resets the connection; prints their sha256.
+ */
+const SEND_THEN_RESET_CLIENT = `
+import fcntl, hashlib, os, socket, struct, sys, termios, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+data = os.urandom(int(sys.argv[3]))
+s.sendall(data)
+while struct.unpack("i", fcntl.ioctl(s, termios.TIOCOUTQ, b"\\0" * 4))[0] > 0:
+    time.sleep(0.01)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print(hashlib.sha256(data).hexdigest())
 `;
 
 /**
@@ -165,6 +187,8 @@ describe('replay into a local app', () => {
   let sandbox: Sandbox;
   let session: MirrorSession | undefined;
   const cleanups: (() => Promise<void> | void)[] = [];
+  /** Every replay of the test with its final counts, checked once it is closed. */
+  const replays: { replay: Replay; accounts: ReplayAccount[] }[] = [];
 
   beforeEach(async () => {
     sandbox = createSandbox('replay');
@@ -173,12 +197,19 @@ describe('replay into a local app', () => {
   });
 
   afterEach(async () => {
-    for (const cleanup of cleanups.splice(0).reverse()) {
-      await Promise.resolve(cleanup()).catch(() => undefined);
+    try {
+      for (const { replay, accounts } of replays.splice(0)) {
+        await replay.close();
+        expectReplayAccounted(replay.stats(), accounts);
+      }
+    } finally {
+      for (const cleanup of cleanups.splice(0).reverse()) {
+        await Promise.resolve(cleanup()).catch(() => undefined);
+      }
+      await session?.stop().catch(() => undefined);
+      session = undefined;
+      sandbox.destroy();
     }
-    await session?.stop().catch(() => undefined);
-    session = undefined;
-    sandbox.destroy();
   });
 
   async function startSession(): Promise<MirrorSession> {
@@ -192,6 +223,9 @@ describe('replay into a local app', () => {
       ...options,
     });
     cleanups.push(() => replay.close());
+    const accounts: ReplayAccount[] = [];
+    replay.on('accounted', (account) => accounts.push(account));
+    replays.push({ replay, accounts });
     return replay;
   }
 
@@ -288,6 +322,48 @@ describe('replay into a local app', () => {
     expect(rst).toMatchObject({ ended: false, errorCode: 'ECONNRESET' });
     expect(ends.map((e) => e.reason)).toEqual(['fin', 'rst']);
     expect(replay.stats()).toMatchObject({ completed: 2, bytesDropped: 0 });
+  });
+
+  // A client's RST replayed at once discarded what the app had not read yet (in our socket and
+  // in its own), and the connection was reported 'rst' with nothing dropped.
+  test("a client's RST reaches the app after it read every byte before it; bytes it never reads are counted", async () => {
+    // The app reads nothing of a connection until the test resumes it (not even into Node's
+    // buffers, which would count as taken: the kernel no longer holds those bytes).
+    const paused: net.Socket[] = [];
+    const server = net.createServer({ pauseOnConnect: true });
+    server.on('connection', (socket: net.Socket) => paused.push(socket));
+    const app = await listen(server);
+    cleanups.push(() => app.close());
+    const current = await startSession();
+    const replay = startReplay(current, { lingerMs: 3000 });
+    const ends = endsOf(replay);
+    const size = 512 * 1024; // several times what the app's socket holds unread
+    const first = await pythonClient(sandbox, SEND_THEN_RESET_CLIENT, PORT, String(size));
+    await until(() => paused.length === 1, 'the app to accept the first connection');
+    await pythonClient(sandbox, SEND_THEN_RESET_CLIENT, PORT, String(size));
+    await current.until(() => current.closedConnections().length === 2, 'both resets');
+    expect(current.closedConnections().map((c) => c.closed?.reason)).toEqual(['rst', 'rst']);
+    // The replay holds both resets while the app has not read.
+    expect(ends).toEqual([]);
+
+    paused[0]!.resume();
+    await until(() => ends.length === 1, 'the first reset to be replayed');
+    expect(ends[0]).toMatchObject({ reason: 'rst', bytesReplayed: size, bytesDropped: 0 });
+    await until(() => app.connections[0]?.errorCode !== undefined, 'the app to see the reset');
+    const got = bytesOf(app.connections[0] as AppConnection);
+    expect(createHash('sha256').update(got).digest('hex')).toBe(first.trim());
+    expect(app.connections[0]).toMatchObject({ errorCode: 'ECONNRESET', ended: false });
+
+    // The other is never read: given up after lingerMs, and what the app did not take counted.
+    await until(() => ends.length === 2, 'the unread connection to be given up', 15_000);
+    expect(ends[1]).toMatchObject({ reason: 'slow', bytesReplayed: 0, bytesDropped: size });
+    expect(bytesOf(app.connections[1] as AppConnection)).toHaveLength(0);
+    expect(replay.stats()).toMatchObject({
+      completed: 1,
+      droppedSlow: 1,
+      bytesReplayed: size,
+      bytesDropped: size,
+    });
   });
 
   test('connections joined mid-stream are skipped unless asked for', async () => {

@@ -28,11 +28,26 @@ export class Outbox {
   readonly #pending = new Map<number, Pending>();
   readonly #dropped = new Set<number>();
   readonly #maxBacklogBytes: number;
-  /** Connections the agent gave up on, and the bytes it could not send of them. */
+  /**
+   * Connections the agent gave up on, and the bytes it was given and could not send. Every
+   * byte given to data() is sent (`sentBytes`), dropped, or pending (`pendingBytes`).
+   */
   readonly drops = { connections: 0, bytes: 0 };
+  #sent = 0;
+  #pendingBytes = 0;
 
   constructor(maxBacklogBytes: number) {
     this.#maxBacklogBytes = maxBacklogBytes;
+  }
+
+  /** Bytes sent in data messages. */
+  get sentBytes(): number {
+    return this.#sent;
+  }
+
+  /** Bytes gathered for the end of the batch. */
+  get pendingBytes(): number {
+    return this.#pendingBytes;
   }
 
   /**
@@ -44,6 +59,7 @@ export class Outbox {
       this.drops.bytes += bytes.length;
       return;
     }
+    this.#pendingBytes += bytes.length;
     const pending = this.#pending.get(id);
     if (pending) pending.chunks.push(bytes);
     else this.#pending.set(id, { chunks: [bytes], tapMicros });
@@ -52,10 +68,8 @@ export class Outbox {
   closed(session: OutboxSession, id: number, reason: CloseReason, gapBytes: number): void {
     this.#send(session, id);
     if (this.#dropped.delete(id)) return;
-    if (reason === 'broken') {
-      this.drops.connections += 1;
-      this.drops.bytes += gapBytes;
-    }
+    // The gap's bytes were never copied: they are no drop of the agent's (see Counters).
+    if (reason === 'broken') this.drops.connections += 1;
     session.sendClosed(id, reason, gapBytes);
   }
 
@@ -64,10 +78,17 @@ export class Outbox {
     for (const id of this.#pending.keys()) this.#send(session, id);
   }
 
-  /** Forgets everything: the session is gone. */
+  /** Forgets everything: the session is gone, and with it what was gathered for it. */
   clear(): void {
+    this.drops.bytes += this.#pendingBytes;
+    this.#pendingBytes = 0;
     this.#pending.clear();
     this.#dropped.clear();
+  }
+
+  /** Bytes of a stream that no session is there to take. */
+  discard(bytes: number): void {
+    this.drops.bytes += bytes;
   }
 
   #send(session: OutboxSession, id: number): void {
@@ -77,6 +98,7 @@ export class Outbox {
     const { chunks, tapMicros } = pending;
     let total = 0;
     for (const chunk of chunks) total += chunk.length;
+    this.#pendingBytes -= total;
     if (session.backlogBytes > this.#maxBacklogBytes) {
       this.#dropped.add(id);
       this.drops.connections += 1;
@@ -84,6 +106,7 @@ export class Outbox {
       session.sendClosed(id, 'broken', total);
       return;
     }
+    this.#sent += total;
     if (chunks.length > 1 && total / chunks.length < JOIN_BELOW_BYTES) {
       session.sendData(id, Buffer.concat(chunks, total), tapMicros);
     } else {

@@ -97,6 +97,11 @@ class Connection {
 interface ClosedKey {
   at: number;
   isn: number | undefined;
+  /**
+   * Closed by the agent (broken, expired), not by the client: what the client still sends on it
+   * is stream data the agent drops, not late copies of what it already took.
+   */
+  gaveUp: boolean;
 }
 
 /** Turns client→server tap segments into one ordered byte stream per connection. */
@@ -119,6 +124,14 @@ export class Reassembler {
   private nextId = 1;
   private heldTotal = 0;
   private now = 0;
+  /**
+   * Every payload byte pushed is counted once: `pushedBytes = deliveredBytes + ignoredBytes +
+   * droppedBytes + bufferedBytes` at any moment (see Counters for what each means).
+   */
+  private pushed = 0;
+  private delivered = 0;
+  private ignored = 0;
+  private dropped = 0;
 
   constructor(
     private readonly sink: ReassemblySink,
@@ -141,8 +154,29 @@ export class Reassembler {
     return this.connections.size;
   }
 
+  /** Payload bytes of every segment pushed. */
+  get pushedBytes(): number {
+    return this.pushed;
+  }
+
+  /** Bytes handed to the sink as stream data. */
+  get deliveredBytes(): number {
+    return this.delivered;
+  }
+
+  /** Bytes that are no part of any stream: copies of bytes already taken, past a FIN, RST text. */
+  get ignoredBytes(): number {
+    return this.ignored;
+  }
+
+  /** Stream bytes thrown away: held behind a hole when their connection was given up or reset. */
+  get droppedBytes(): number {
+    return this.dropped;
+  }
+
   push(segment: TapSegment, nowMs: number): void {
     this.now = nowMs;
+    this.pushed += segment.payload.length;
     const conn = this.connections.get(segment.flowKey);
     if (conn !== undefined && (segment.flags & CONTROL) === 0) {
       this.touch(conn, nowMs);
@@ -189,6 +223,7 @@ export class Reassembler {
     if ((flags & TcpFlag.RST) !== 0) {
       // RST payload is diagnostic text, never stream data. An RST for an unknown key has
       // nothing to close.
+      this.ignored += payload.length;
       if (conn !== undefined) this.close(conn, 'rst', 0, true);
       else this.refreshClosed(flowKey);
       return;
@@ -200,6 +235,7 @@ export class Reassembler {
         const closed = this.closedKeys.get(flowKey);
         if (closed !== undefined && closed.isn === seq) {
           this.refreshClosed(flowKey);
+          this.ignored += payload.length; // a retransmitted SYN of a connection already over
           return;
         }
         this.closedKeys.delete(flowKey);
@@ -215,7 +251,13 @@ export class Reassembler {
     } else if (conn === undefined) {
       // A late retransmit of a closed connection must not start a bogus mid-stream one, and a
       // bare FIN carries nothing worth opening a connection for.
-      if (this.refreshClosed(flowKey) || payload.length === 0) return;
+      const closed = this.refreshClosed(flowKey);
+      if (closed !== undefined) {
+        if (closed.gaveUp) this.dropped += payload.length;
+        else this.ignored += payload.length;
+        return;
+      }
+      if (payload.length === 0) return;
       conn = this.open(segment, seq, undefined, nowMs);
     }
     this.touch(conn, nowMs);
@@ -244,14 +286,24 @@ export class Reassembler {
     let rel = (seq - conn.nextSeq) | 0;
     let bytes = payload;
     if (rel < 0) {
-      if (-rel >= bytes.length) return;
+      if (-rel >= bytes.length) {
+        this.ignored += bytes.length;
+        return;
+      }
+      this.ignored += -rel;
       bytes = bytes.subarray(-rel);
       rel = 0;
     }
     const off = conn.delivered + rel;
     const room = conn.finOffset - off;
-    if (room <= 0 || bytes.length === 0) return;
-    if (bytes.length > room) bytes = bytes.subarray(0, room);
+    if (room <= 0 || bytes.length === 0) {
+      this.ignored += bytes.length;
+      return;
+    }
+    if (bytes.length > room) {
+      this.ignored += bytes.length - room;
+      bytes = bytes.subarray(0, room);
+    }
     if (rel !== 0) {
       this.hold(conn, off, bytes);
       return;
@@ -263,6 +315,7 @@ export class Reassembler {
   private deliver(conn: Connection, bytes: Buffer): void {
     conn.nextSeq = (conn.nextSeq + bytes.length) >>> 0;
     conn.delivered += bytes.length;
+    this.delivered += bytes.length;
     this.sink.data(conn.id, bytes);
   }
 
@@ -274,6 +327,8 @@ export class Reassembler {
       if (h.off > conn.delivered) break;
       const skip = conn.delivered - h.off;
       if (skip < h.bytes.length) this.deliver(conn, skip === 0 ? h.bytes : h.bytes.subarray(skip));
+      // What a later segment already delivered.
+      this.ignored += Math.min(skip, h.bytes.length);
       conn.heldBytes -= h.bytes.length;
       this.heldTotal -= h.bytes.length;
       used++;
@@ -321,12 +376,15 @@ export class Reassembler {
       if (h === undefined) break;
       cur = Math.max(cur, h.off + h.bytes.length);
     }
+    // Parts already held: copies.
+    this.ignored += bytes.length - added;
     if (added === 0) return;
     if (
       conn.heldBytes + added > this.limits.maxBufferedPerConnection ||
       this.heldTotal + added > this.limits.maxBufferedTotal
     ) {
       const gap = Math.min(conn.firstPending(), off) - conn.delivered;
+      this.dropped += added;
       this.close(conn, 'broken', gap, true);
       return;
     }
@@ -352,9 +410,11 @@ export class Reassembler {
     const { held } = conn;
     let keep = held.length;
     while (keep > 0 && held[keep - 1]!.off >= conn.finOffset) keep--;
+    // Bytes held past the FIN are no part of the stream.
     for (const h of held.splice(keep)) {
       conn.heldBytes -= h.bytes.length;
       this.heldTotal -= h.bytes.length;
+      this.ignored += h.bytes.length;
     }
     const last = held[keep - 1];
     if (last !== undefined && last.off + last.bytes.length > conn.finOffset) {
@@ -362,6 +422,7 @@ export class Reassembler {
       held[keep - 1] = new Held(last.off, last.bytes.subarray(0, last.bytes.length - cut));
       conn.heldBytes -= cut;
       this.heldTotal -= cut;
+      this.ignored += cut;
     }
     this.markHole(conn);
   }
@@ -388,12 +449,15 @@ export class Reassembler {
     this.connections.delete(conn.key);
     this.unlink(conn);
     if (conn.holeSince !== undefined) this.holey.delete(conn);
+    // Bytes waiting behind a hole are stream bytes the session will never get.
+    this.dropped += conn.heldBytes;
     this.heldTotal -= conn.heldBytes;
     conn.heldBytes = 0;
     conn.held = [];
     if (remember) {
       this.closedKeys.delete(conn.key);
-      this.closedKeys.set(conn.key, { at: this.now, isn: conn.isn });
+      const gaveUp = reason === 'broken' || reason === 'expired';
+      this.closedKeys.set(conn.key, { at: this.now, isn: conn.isn, gaveUp });
       if (this.closedKeys.size > this.limits.maxConnections) {
         const oldestKey = this.closedKeys.keys().next().value;
         if (oldestKey !== undefined) this.closedKeys.delete(oldestKey);
@@ -407,13 +471,13 @@ export class Reassembler {
    * silent while its client keeps sending, rather than reappearing as a mid-stream join after
    * CLOSED_MEMORY_MS.
    */
-  private refreshClosed(key: string): boolean {
+  private refreshClosed(key: string): ClosedKey | undefined {
     const closed = this.closedKeys.get(key);
-    if (closed === undefined) return false;
+    if (closed === undefined) return undefined;
     this.closedKeys.delete(key);
     closed.at = this.now;
     this.closedKeys.set(key, closed);
-    return true;
+    return closed;
   }
 
   private touch(conn: Connection, nowMs: number): void {

@@ -81,6 +81,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       },
       data(id, bytes) {
         if (session) outbox.data(id, bytes, segmentTapMicros);
+        else outbox.discard(bytes.length);
       },
       closed(id: number, reason: CloseReason, gapBytes: number) {
         if (session) outbox.closed(session, id, reason, gapBytes);
@@ -127,8 +128,17 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       segmentsDroppedKernel: kernel.segmentsDropped,
       bytesDroppedKernel: kernel.bytesDropped,
       connectionsDroppedAgent: outbox.drops.connections,
-      bytesDroppedAgent: outbox.drops.bytes,
+      bytesDroppedAgent: outbox.drops.bytes + reassembler.droppedBytes,
       connectionsOpen: reassembler.connectionCount,
+      bytesMirrored: outbox.sentBytes,
+      bytesIgnored: reassembler.ignoredBytes,
+      // Counted apart from the three above: it is 0 only when every byte the kernel copied was
+      // taken from the ring buffer and went somewhere (see Counters).
+      bytesInAgent:
+        kernel.bytesCopied -
+        reassembler.pushedBytes +
+        reassembler.bufferedBytes +
+        outbox.pendingBytes,
     };
   };
 

@@ -16,7 +16,7 @@ import { isIP } from 'node:net';
  * `hello` messages never changes, and `hello` tolerates trailing fields, so that a newer peer
  * is told "wrong version" instead of "malformed message".
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /**
  * What this build supports. Informational: a peer must tolerate names it does not know.
@@ -174,7 +174,14 @@ export interface ClosedMessage {
   gapBytes: number;
 }
 
-/** Cumulative since the session started; sent periodically by the agent. */
+/**
+ * Cumulative since the session started (but for the levels); sent periodically by the agent.
+ *
+ * Every payload byte the tap copied is counted once, so that at any moment
+ * `bytesCopied = bytesMirrored + bytesIgnored + bytesDroppedAgent + bytesInAgent`; when nothing
+ * is in flight `bytesInAgent` is 0 and each copied byte is accounted for. (Bytes the tap could
+ * not copy are `bytesDroppedKernel`, not part of `bytesCopied`.)
+ */
 export interface Counters {
   /** Segments (and their payload bytes) the tap copied to the agent. */
   segmentsCopied: number;
@@ -182,11 +189,30 @@ export interface Counters {
   /** Segments the tap saw but could not copy (ring buffer full). */
   segmentsDroppedKernel: number;
   bytesDroppedKernel: number;
-  /** Connections (and bytes) the agent copied but could not mirror (memory limits, gaps). */
+  /** Connections the agent gave up on (`closed` with `broken`: memory limits, gaps). */
   connectionsDroppedAgent: number;
+  /**
+   * Copied bytes of client streams the agent could not send: bytes behind a gap or over a
+   * memory limit when it gave up on their connection, bytes its clients sent after that, bytes
+   * waiting when the session fell behind or ended. (The gaps themselves were never copied:
+   * `gapBytes` of each `closed` tells their size.)
+   */
   bytesDroppedAgent: number;
   /** Connections mirrored right now (a level, not a total). */
   connectionsOpen: number;
+  /** Bytes of client streams sent to the session in `data` messages. */
+  bytesMirrored: number;
+  /**
+   * Copied bytes that are no part of any client stream as the target read it: retransmitted or
+   * overlapping copies of bytes already taken, bytes past a FIN, bytes of a connection after its
+   * FIN or RST (late retransmits), an RST's payload.
+   */
+  bytesIgnored: number;
+  /**
+   * Copied bytes not yet sent nor dropped nor ignored (a level): in the ring buffer or a batch,
+   * waiting behind a hole in their stream, or gathered for the end of the tap's batch.
+   */
+  bytesInAgent: number;
 }
 
 export interface CountersMessage extends Counters {
@@ -317,6 +343,9 @@ export function agentMessageToWire(m: AgentMessage): WireMessage {
         m.connectionsDroppedAgent,
         m.bytesDroppedAgent,
         m.connectionsOpen,
+        m.bytesMirrored,
+        m.bytesIgnored,
+        m.bytesInAgent,
       ];
     case 'error':
       return [C.error, m.code, m.message, m.fatal];
@@ -527,7 +556,7 @@ export function parseAgentMessage(value: unknown): AgentMessage {
       };
     }
     case C.counters:
-      arity(w, 'counters', 7);
+      arity(w, 'counters', 10);
       return {
         type: 'counters',
         segmentsCopied: uint(w, 1, 'counters', 'segmentsCopied'),
@@ -537,6 +566,9 @@ export function parseAgentMessage(value: unknown): AgentMessage {
         connectionsDroppedAgent: uint(w, 5, 'counters', 'connectionsDroppedAgent'),
         bytesDroppedAgent: uint(w, 6, 'counters', 'bytesDroppedAgent'),
         connectionsOpen: uint(w, 7, 'counters', 'connectionsOpen'),
+        bytesMirrored: uint(w, 8, 'counters', 'bytesMirrored'),
+        bytesIgnored: uint(w, 9, 'counters', 'bytesIgnored'),
+        bytesInAgent: uint(w, 10, 'counters', 'bytesInAgent'),
       };
     case C.error:
       arity(w, 'error', 3);

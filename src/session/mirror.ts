@@ -1,4 +1,5 @@
-import { execa } from 'execa';
+import type { ResultPromise } from 'execa';
+import { KILL_ALL, execaGuarded, startFailure } from '../platform/local/guarded.js';
 import type { AgentPlacer, PlacedAgent } from '../platform/placed-agent.js';
 import { layerPath } from '../package-root.js';
 import { AgentClient } from '../protocol/client.js';
@@ -31,7 +32,35 @@ export type MirrorEvent =
   | { event: 'ready'; target: string; interfaces: string[] }
   | { event: 'listen'; port: number; localPort: number }
   | { event: 'opened'; id: number; client: Endpoint; server: Endpoint }
-  | { event: 'closed'; id: number; reason: string; bytesReplayed: number; bytesDropped: number }
+  /**
+   * A replayed connection's final count, once the agent and the replay are both done with it:
+   * `bytesMirrored` (its bytes the agent sent) = `bytesReplayed` + `bytesDropped`.
+   */
+  | {
+      event: 'closed';
+      id: number;
+      reason: string;
+      bytesMirrored: number;
+      bytesReplayed: number;
+      bytesDropped: number;
+    }
+  /** The same for a connection not replayed (joined mid-stream, or to an unrouted port). */
+  | {
+      event: 'skipped';
+      id: number;
+      client: Endpoint;
+      server: Endpoint;
+      reason: string;
+      bytesSkipped: number;
+    }
+  /**
+   * Every byte the tap copied is counted once: in the agent (see Counters) as mirrored, ignored
+   * (not stream data), dropped in the agent, or still in the agent; and each mirrored byte, once
+   * received, in the replay (see ReplayStats) as replayed, dropped, skipped or pending. So when
+   * nothing is in flight (`bytesInAgent` and `bytesPending` 0, `bytesMirrored` =
+   * `bytesReceived`): bytesCopied = bytesReplayed + (bytesDropped + bytesDroppedAgent) +
+   * (bytesSkipped + bytesIgnored).
+   */
   | ({
       event: 'counters';
       target: string;
@@ -41,6 +70,11 @@ export type MirrorEvent =
       recentLagP99Ms: number | null;
     } & Counters &
       ReplayStats);
+
+/** How long the app has to exit after SIGTERM before it and every process it started are killed. */
+const STOP_GRACE_MS = 5000;
+/** An app still running this long after SIGTERM is said to be waited for. */
+const STOP_NOTICE_MS = 1000;
 
 /** Where to reach an app's listener from this machine: a wildcard bind is reached on loopback. */
 function localTarget(listener: AppListener): ReplayTarget {
@@ -83,6 +117,9 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     connectionsDroppedAgent: 0,
     bytesDroppedAgent: 0,
     connectionsOpen: 0,
+    bytesMirrored: 0,
+    bytesIgnored: 0,
+    bytesInAgent: 0,
   };
   try {
     agent = await options.placeAgent((note) => log(`mirrord: ${note}`));
@@ -114,20 +151,30 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       emit(countersEvent(replaying));
     });
     replay.on('connectionEnd', (end) => {
-      emit({
-        event: 'closed',
-        id: end.id,
-        reason: end.reason,
-        bytesReplayed: end.bytesReplayed,
-        bytesDropped: end.bytesDropped,
-      });
       if (end.reason !== 'fin' && end.reason !== 'rst') {
         log(`mirrord: connection ${end.id} ended: ${end.reason}`);
       }
     });
+    replay.on('accounted', (account) => {
+      const { id, reason, client, server } = account;
+      emit(
+        account.replayed
+          ? {
+              event: 'closed',
+              id,
+              reason,
+              bytesMirrored: account.bytesMirrored,
+              bytesReplayed: account.bytesReplayed,
+              bytesDropped: account.bytesDropped,
+            }
+          : { event: 'skipped', id, client, server, reason, bytesSkipped: account.bytesSkipped },
+      );
+    });
     for (const remote of routes.keys()) await session.subscribe(remote);
 
+    let listened = false;
     layer?.on('listen', (listener) => {
+      listened = true;
       if (options.ignorePorts.has(listener.port) || options.ports.has(listener.port)) return;
       routes.set(listener.port, localTarget(listener));
       // Announced once the tap copies the port, so that whoever waits for it (the demo starts
@@ -152,9 +199,11 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     }
     const [file = '', ...args] = options.command;
     const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
-    const app = execa(file, args, {
-      stdio: 'inherit',
-      reject: false,
+    // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
+    const app = execaGuarded(file, args, {
+      stdin: 'inherit',
+      stdout: 'inherit',
+      stderr: 'inherit',
       env: {
         LD_PRELOAD: preload,
         MIRRORD_LAYER_SOCKET: layer.path,
@@ -162,27 +211,63 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       },
     });
     const outcome = await Promise.race([app, options.interrupted.then(() => undefined)]);
-    if (!outcome) {
-      app.kill('SIGTERM');
-      return (await app).exitCode ?? 130;
-    }
-    if (outcome.failed && outcome.exitCode === undefined) {
-      const missing = (outcome as { code?: string }).code === 'ENOENT';
+    if (!outcome) return await stopApp(app, file, log);
+    const failure = startFailure(outcome);
+    if (failure) {
       throw new MirrorError(
-        missing
+        failure.code === 'ENOENT'
           ? `command not found: ${file} (check the name, or give its full path)`
-          : `could not start ${file}: ${outcome.shortMessage}`,
+          : `could not start ${file}: ${failure.message}`,
       );
+    }
+    if (!listened) {
+      // Otherwise the session would end with only its totals, all zero, and no reason.
+      log(`mirrord: ${file} ${endOf(outcome)} and never listened on a port: nothing was mirrored`);
     }
     return outcome.exitCode ?? 1;
   } finally {
-    // The totals, whatever ended the session.
+    // The totals, whatever ended the session: after the replay closed, so that they include
+    // what closing it dropped.
+    await replay?.close();
     if (replay) {
       options.onEvent?.(countersEvent(replay));
     }
-    await replay?.close();
     await client?.close();
     await agent?.stop();
     await channel?.close();
   }
+}
+
+/** How an app ended, for a sentence: "exited with code 0", "was killed by SIGSEGV". */
+function endOf(result: { exitCode?: number; signal?: string }): string {
+  return result.signal ? `was killed by ${result.signal}` : `exited with code ${result.exitCode}`;
+}
+
+/**
+ * Stops the app after an interrupt, as a user expects of Ctrl-C: SIGTERM, and its own shutdown
+ * is waited for; an app that ignores it is said to be waited for, then killed with every
+ * process it started. Resolves with the app's exit code (130 when a signal ended it).
+ */
+async function stopApp(app: ResultPromise, file: string, log: (line: string) => void) {
+  let timer: NodeJS.Timeout | undefined;
+  const within = (ms: number) =>
+    Promise.race([
+      app,
+      new Promise<undefined>((resolve) => (timer = setTimeout(resolve, ms, undefined))),
+    ]).finally(() => clearTimeout(timer));
+  app.kill('SIGTERM');
+  let result = await within(STOP_NOTICE_MS);
+  if (!result) {
+    const left = (STOP_GRACE_MS - STOP_NOTICE_MS) / 1000;
+    log(`mirrord: waiting for ${file} to exit after SIGTERM (it is killed in ${left} s)`);
+    result = await within(STOP_GRACE_MS - STOP_NOTICE_MS);
+  }
+  if (!result) {
+    app.kill(KILL_ALL);
+    result = await app;
+    log(
+      `mirrord: ${file} did not exit within ${STOP_GRACE_MS / 1000} s of SIGTERM: killed it and every process it started (SIGKILL)`,
+    );
+  }
+  return result.exitCode ?? 130;
 }
