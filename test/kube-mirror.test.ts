@@ -1,16 +1,35 @@
 /**
- * `mirrord mirror --pod/--deployment/--statefulset` end to end through the stand-in cluster:
- * the real CLI creates the agent Job, the stand-in's kubelet runs the real agent next to the
- * target pod, real clients in the cluster network talk to the pod, and every connection arrives
- * byte for byte in a local app. Afterwards no Job, pod or process is left; when the CLI is
- * killed, the agent ends by itself and the Job's TTL removes it.
+ * `mirrord mirror --pod/--deployment/--statefulset` end to end on the real test cluster: the
+ * real CLI creates the agent Job through the API server, the kubelet runs the agent from its
+ * image next to the target pod, clients on this machine talk to the pod's IP (routed to the pod
+ * bridge), and every connection arrives byte for byte in a local app, through a real
+ * port-forward. The API server's audit log shows the Job the CLI created and how it deleted it.
+ * Afterwards no Job, pod or agent process is left; when the CLI is killed, the agent ends by
+ * itself and the TTL-after-finished controller removes the Job.
  */
+import type { V1Container, V1Job, V1Pod } from '@kubernetes/client-node';
 import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import net from 'node:net';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { agentJobManifest } from '../src/platform/kube/agent-job.js';
-import { startStandInCluster, type PodHandle, type StandInCluster } from './kube/cluster.js';
+import {
+  AGENT_CONTAINER,
+  LABELS,
+  agentJobManifest,
+  defaultAgentImage,
+} from '../src/platform/kube/agent-job.js';
+import {
+  agentProcesses,
+  fixture,
+  requestedJob,
+  testCluster,
+  type AuditEvent,
+  type PodInfo,
+  type TargetContainer,
+  type TestCluster,
+} from './support/kube.js';
 import {
   FIXTURES,
   killRun,
@@ -24,47 +43,28 @@ import {
 } from './support/mirror-cli.js';
 
 const execFileAsync = promisify(execFile);
-const PORT = 38100 + Math.floor(Math.random() * 800);
+const NAMESPACE = 'kube-mirror';
+/**
+ * The targets' ports (pods have network namespaces of their own). The local app listens on the
+ * same port, as a developer's would: that is what the session subscribes. The layer lets it bind
+ * even where something on this machine holds the port.
+ */
+const POD_PORT = 8080;
+const OTHER_POD_PORT = 9090;
 const DIGEST_SERVER = join(FIXTURES, 'digest-server.mjs');
 const DIGEST_CLIENTS = join(FIXTURES, 'digest-clients.mjs');
-const JOBS_PATH = '/apis/batch/v1/namespaces/default/jobs';
-const CONNECTIONS = 12;
+const CONNECTIONS = 40;
+const MiB = 1024 * 1024;
+const UPLOAD_BYTES = 64 * MiB;
+/** Who the TTL-after-finished controller deletes as (each controller has its ServiceAccount). */
+const TTL_CONTROLLER = 'system:serviceaccount:kube-system:ttl-after-finished-controller';
+/** A loaded two-core machine starts containers slowly: generous, as a deadline, not a pause. */
+const SLOW = 180_000;
+/** The agent's TTL and idle timeout when no flag sets them. */
+const AGENT_DEFAULTS = { ttlSeconds: 60, idleTimeoutSeconds: 30 };
 
-/** `mirrord mirror ARGS` against the stand-in, with its `--json` events. */
-function mirror(cluster: StandInCluster, args: string[]): MirrorRun {
-  return mirrord(['--kubeconfig', cluster.kubeconfigPath, '--json', ...args]);
-}
-
-/** Runs a program in the stand-in's client netns (where pod IPs are reachable); its stdout. */
-async function inCluster(cluster: StandInCluster, args: string[]): Promise<string> {
-  const { stdout } = await execFileAsync('ip', ['netns', 'exec', cluster.clientNetns, ...args], {
-    maxBuffer: 16 * 1024 * 1024,
-  });
-  return stdout;
-}
-
-/**
- * Waits until connections to the pod's port are mirrored: after the app's listen event, empty
- * probe connections until one shows up as `opened` (the tap copies a port only once the agent
- * acknowledged the subscription).
- */
-async function untilMirroring(cluster: StandInCluster, run: MirrorRun, ip: string): Promise<void> {
-  await untilWhileRunning(
-    run,
-    () => run.events().some((e) => e.event === 'listen' && e.port === PORT),
-    'the app to listen',
-    90_000,
-  );
-  const opened = (): boolean => run.events().some((e) => e.event === 'opened');
-  const deadline = Date.now() + 30_000;
-  while (!opened()) {
-    if (Date.now() > deadline) throw new Error('no probe connection was mirrored');
-    await inCluster(cluster, ['bash', '-c', `exec 3<>/dev/tcp/${ip}/${PORT}`]);
-    await untilWhileRunning(run, opened, 'the probe', 1_000).catch((error: Error) => {
-      if (!error.message.startsWith('timed out')) throw error;
-    });
-  }
-}
+/** An audit event with the user who made the request. */
+type Received = AuditEvent & { user?: { username?: string } };
 
 interface ClientResult {
   port: number;
@@ -74,82 +74,325 @@ interface ClientResult {
   error?: string;
 }
 
-/** The agent pods and Jobs of mirrord in the stand-in. */
-function mirrordObjects(cluster: StandInCluster): string[] {
-  const managed = (labels?: Record<string, string>) =>
-    labels?.['app.kubernetes.io/managed-by'] === 'mirrord';
-  return [
-    ...cluster.jobs().map((job) => `job/${job.metadata.name}`),
-    ...cluster
-      .pods()
-      .filter((pod) => managed(pod.metadata.labels))
-      .map((pod) => `pod/${pod.metadata.name}`),
-  ];
+/** A connection as `BYTES SHA256`, to compare what went in with what came out. */
+const digestOf = (c: { bytes: number | string; sha: string }): string => `${c.bytes} ${c.sha}`;
+/** The same with the client's port first: the layer reports the original client to the app. */
+const connectionOf = (c: { port: number | string; bytes: number | string; sha: string }): string =>
+  `${c.port} ${digestOf(c)}`;
+
+/**
+ * Real clients on this machine, to the pod's IP: each sends its own random payload and gets the
+ * sha256 of what the pod's app read.
+ */
+async function digestClients(
+  ip: string,
+  port: number,
+  args: { count: number; minBytes: number; maxBytes: number; chunks: number; intervalMs: number },
+): Promise<ClientResult[]> {
+  const { stdout } = await execFileAsync(
+    process.execPath,
+    [
+      DIGEST_CLIENTS,
+      ip,
+      String(port),
+      String(args.count),
+      String(args.minBytes),
+      String(args.maxBytes),
+      String(args.chunks),
+      String(args.intervalMs),
+    ],
+    { maxBuffer: 16 * MiB },
+  );
+  const { connections } = JSON.parse(stdout) as { connections: ClientResult[] };
+  // The pod's app read exactly what each client sent.
+  expect(connections.filter((c) => c.error || c.answer !== c.sha)).toEqual([]);
+  return connections;
 }
 
-describe('mirrord mirror on Kubernetes targets (stand-in cluster)', () => {
-  let cluster: StandInCluster;
+/** Opens and closes an empty connection (no bytes, so the local app logs nothing of it). */
+function probe(ip: string, port: number): Promise<void> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host: ip, port }, () => socket.end());
+    // Reads the app's answer: a paused socket would never see its end, nor close.
+    socket.resume();
+    socket.setTimeout(10_000, () => socket.destroy());
+    socket.on('error', () => resolve());
+    socket.on('close', () => resolve());
+  });
+}
+
+/**
+ * Waits until connections to the pod are mirrored: after the app's listen event, empty probe
+ * connections to `ip:port` until one shows up as `opened` on `mirroredPort` (the tap copies a
+ * port only once the agent acknowledged the subscription).
+ */
+async function untilMirroring(
+  run: MirrorRun,
+  ip: string,
+  port: number,
+  mirroredPort = port,
+): Promise<void> {
+  await untilWhileRunning(
+    run,
+    () => run.events().some((e) => e.event === 'listen' && e.port === mirroredPort),
+    'the app to listen',
+    SLOW,
+  );
+  const opened = (): boolean =>
+    run
+      .events()
+      .some((e) => e.event === 'opened' && (e.server as { port: number }).port === mirroredPort);
+  const deadline = Date.now() + 60_000;
+  while (!opened()) {
+    if (Date.now() > deadline) throw new Error('no probe connection was mirrored');
+    await probe(ip, port);
+    await untilWhileRunning(run, opened, 'the probe', 1_000).catch((error: Error) => {
+      if (!error.message.startsWith('timed out')) throw error;
+    });
+  }
+}
+
+/**
+ * The connections that carried bytes in a digest-server log: the client's address as the app saw
+ * it, and the connection as `connectionOf` and `digestOf` write it.
+ */
+function logged(file: string): { address: string; connection: string; digest: string }[] {
+  return logLines(file)
+    .map((line) => line.split(' '))
+    .filter(([, , , bytes]) => Number(bytes) > 0)
+    .map(([address, port, , bytes, sha]) => ({
+      address: address!.replace(/^::ffff:/, ''),
+      connection: connectionOf({ port: port!, bytes: bytes!, sha: sha! }),
+      digest: digestOf({ bytes: bytes!, sha: sha! }),
+    }));
+}
+
+/**
+ * mirror's exit code, once its app exited after its last connection; if that does not happen in
+ * time, fails with what the session reported (connections closed uncleanly or with drops, the
+ * last counters) instead of a bare timeout.
+ */
+async function exitCode(run: MirrorRun, ms = SLOW): Promise<number | null> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const events = run.events();
+      const lossy = events.filter(
+        (e) =>
+          e.event === 'closed' &&
+          (e.bytesDropped !== 0 || !['fin', 'rst'].includes(String(e.reason))),
+      );
+      const counters = events.findLast((e) => e.event === 'counters');
+      reject(
+        new Error(
+          `mirror still runs after ${ms / 1000} s; lossy closes: ${JSON.stringify(lossy)}; last counters: ${JSON.stringify(counters)}`,
+        ),
+      );
+    }, ms);
+  });
+  try {
+    return await Promise.race([run.exited, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * The Job as the API server's defaulting makes it of `job`: the audit log records the request
+ * body after decoding, which fills in what the Job left unset. Only unset fields are filled, so
+ * every field the CLI sent is still compared as sent.
+ */
+function withServerDefaults(job: V1Job): V1Job {
+  const pullPolicy = (image: string): string =>
+    /:latest$/.test(image) || !/:[^/]+$/.test(image) ? 'Always' : 'IfNotPresent';
+  const container = (c: V1Container): V1Container => ({
+    terminationMessagePath: '/dev/termination-log',
+    terminationMessagePolicy: 'File',
+    imagePullPolicy: pullPolicy(c.image ?? ''),
+    resources: {},
+    ...c,
+  });
+  const template = job.spec!.template;
+  return {
+    ...job,
+    spec: {
+      parallelism: 1,
+      completions: 1,
+      manualSelector: false,
+      completionMode: 'NonIndexed',
+      suspend: false,
+      podReplacementPolicy: 'TerminatingOrFailed',
+      ...job.spec!,
+      template: {
+        ...template,
+        spec: {
+          terminationGracePeriodSeconds: 30,
+          dnsPolicy: 'ClusterFirst',
+          securityContext: {},
+          schedulerName: 'default-scheduler',
+          ...template.spec!,
+          containers: template.spec!.containers.map(container),
+        },
+      },
+    },
+    status: {},
+  };
+}
+
+describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
+  let kube: TestCluster;
   let logs: ReturnType<typeof tempDir>;
   const runs: MirrorRun[] = [];
-  /** Container processes of the stand-in other than the targets': the agents. */
-  let targetPids = new Set<number>();
-  const agentProcesses = (): number[] => cluster.processes().filter((pid) => !targetPids.has(pid));
+  /** This file's target containers: other files' agents run on the same machine. */
+  const targetContainerIds = new Set<string>();
 
   beforeAll(async () => {
-    cluster = await startStandInCluster();
+    kube = await testCluster(NAMESPACE);
     logs = tempDir('kube-mirror');
-  });
+  }, 600_000);
 
   afterEach(async () => {
     for (const run of runs.splice(0)) await killRun(run);
-    // A killed CLI leaves its app behind: the app's command line names this test's log dir.
+    // A killed CLI leaves its app behind: the app's command line names this file's log dir.
     for (const pid of processesMatching(logs.path)) process.kill(Number(pid), 'SIGKILL');
-    cluster.faults.clear();
   });
 
   afterAll(async () => {
-    await cluster?.close();
+    await kube?.remove();
     logs?.remove();
+  }, SLOW);
+
+  /** Remembers the pods' containers, whose agents this file then tells apart from others'. */
+  function track(pods: PodInfo[]): PodInfo[] {
+    for (const pod of pods) for (const c of pod.containers) targetContainerIds.add(c.containerId);
+    return pods;
+  }
+
+  /** Agent processes (on this machine: hostPID containers) tapping this file's targets. */
+  function ownAgents(): number[] {
+    return agentProcesses().filter((pid) => {
+      try {
+        const args = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+        return args.some((arg) => targetContainerIds.has(arg));
+      } catch {
+        return false;
+      }
+    });
+  }
+
+  const digestServer = (name: string, port = POD_PORT): TargetContainer => ({
+    name,
+    command: fixture('digest-server.mjs', ['--port', String(port)]),
+    port,
   });
 
-  const targetContainers = (name: string) => [
-    {
-      name,
-      image: 'stand-in/local',
-      command: [process.execPath, DIGEST_SERVER, '--port', String(PORT)],
-      ports: [{ containerPort: PORT, name: 'digest' }],
-    },
+  /** `mirrord mirror ARGS` on the test cluster, in this file's namespace, with `--json` events. */
+  function mirror(args: string[]): MirrorRun {
+    const run = mirrord([
+      '--kubeconfig',
+      kube.kubeconfig,
+      '-n',
+      NAMESPACE,
+      '--json',
+      '--agent-startup-timeout',
+      String(SLOW / 1000),
+      ...args,
+    ]);
+    runs.push(run);
+    return run;
+  }
+
+  /** The local digest-server as mirror's COMMAND, on the pod's `port`, logging to `log`. */
+  const localDigestServer = (log: string, extra: string[] = [], port = POD_PORT): string[] => [
+    '--',
+    process.execPath,
+    DIGEST_SERVER,
+    '--port',
+    String(port),
+    '--log',
+    log,
+    ...extra,
   ];
 
-  /** The DELETEs of `job` the stand-in received since request number `since`. */
-  function jobDeletes(job: { metadata?: { name?: string } }, since: number) {
-    return cluster.requests
-      .slice(since)
-      .filter((r) => r.method === 'DELETE' && r.path === `${JOBS_PATH}/${job.metadata!.name}`);
+  /** The one Job create of this session in the audit log, with the Job's body. */
+  function createdJob(since: number): { event: Received; job: V1Job } {
+    const creates = kube.jobRequests(since).filter((e) => e.verb === 'create');
+    expect(creates).toHaveLength(1);
+    expect(creates[0]!.responseStatus?.code).toBe(201);
+    return { event: creates[0]!, job: requestedJob(creates[0]!) };
+  }
+
+  /** The audit log's DELETEs of `job` since request number `since`. */
+  function jobDeletes(job: V1Job, since: number): Received[] {
+    return kube
+      .jobRequests(since)
+      .filter((e) => e.verb === 'delete' && e.objectRef?.name === job.metadata!.name);
   }
 
   /** After a session: no mirrord Job or pod, and no agent process. */
   async function untilNothingLeft(): Promise<void> {
-    await until(() => mirrordObjects(cluster).length === 0, 'the Job and its pod to go', 60_000);
-    await until(() => agentProcesses().length === 0, 'the agent process to go', 60_000);
+    let objects: string[] = [];
+    await untilAsync(async () => {
+      objects = await kube.mirrordObjects();
+      return objects.length === 0;
+    }, 'the Job and its pod to go').catch((error: Error) => {
+      throw new Error(`${error.message}; still there: ${objects.join(', ')}`);
+    });
+    await until(() => ownAgents().length === 0, 'the agent process to go', SLOW);
   }
 
-  /** The pod a session mirrors, from its ready event (`pod default/NAME …`). */
-  function mirroredPod(run: MirrorRun, candidates: PodHandle[]): PodHandle {
+  /** The pod a session mirrors, from its ready event (`pod NAMESPACE/NAME …`). */
+  function mirroredPod(run: MirrorRun, candidates: PodInfo[]): PodInfo {
     const ready = run.events().find((e) => e.event === 'ready');
-    const name = /^pod default\/(\S+)/.exec(String(ready?.target))?.[1];
+    const name = new RegExp(`^pod ${NAMESPACE}/(\\S+)`).exec(String(ready?.target))?.[1];
     const pod = candidates.find((candidate) => candidate.name === name);
     if (!pod) throw new Error(`mirrored an unexpected pod: ${String(ready?.target)}`);
     return pod;
   }
 
-  /** The Job body the CLI sent (the one create of this session). */
-  function createdJob(since: number) {
-    const creates = cluster.requests
-      .slice(since)
-      .filter((request) => request.method === 'POST' && request.path === JOBS_PATH);
-    expect(creates).toHaveLength(1);
-    return creates[0]!.body as ReturnType<typeof agentJobManifest>;
+  /** The Job the CLI would make for `run` (see agentJobManifest), for comparison. */
+  function expectedJob(
+    run: MirrorRun,
+    received: V1Job,
+    target: { pod: PodInfo; container: string; of?: string },
+    agent: { ttlSeconds: number; idleTimeoutSeconds: number },
+  ): V1Job {
+    return agentJobManifest({
+      sessionId: received.metadata!.labels![LABELS.session]!,
+      namespace: NAMESPACE,
+      node: kube.nodeName,
+      containerId: target.pod.containers.find((c) => c.name === target.container)!.containerId,
+      target: `pod ${NAMESPACE}/${target.pod.name}${target.of ? ` of ${target.of}` : ''} (container ${target.container})`,
+      image: defaultAgentImage(),
+      pullSecrets: [],
+      capabilities: false,
+      ...agent,
+      cli: { host: hostname(), pid: run.child.pid! },
+    });
+  }
+
+  /**
+   * How the agent of a session ended: its exit code and log, read while its finished pod is
+   * still there (the tests give the Job a TTL long enough for that).
+   */
+  async function agentEnding(job: V1Job): Promise<{ exitCode?: number; log: string }> {
+    const selector = `${LABELS.session}=${job.metadata!.labels![LABELS.session]}`;
+    let ended: V1Pod | undefined;
+    await untilAsync(async () => {
+      const { items } = await kube.core.listNamespacedPod({
+        namespace: NAMESPACE,
+        labelSelector: selector,
+      });
+      ended = items.find((pod) => ['Succeeded', 'Failed'].includes(pod.status?.phase ?? ''));
+      return ended !== undefined;
+    }, 'the agent pod to end');
+    const status = ended!.status?.containerStatuses?.find((s) => s.name === AGENT_CONTAINER);
+    const log = await kube.core.readNamespacedPodLog({
+      name: ended!.metadata!.name!,
+      namespace: NAMESPACE,
+      container: AGENT_CONTAINER,
+    });
+    return { exitCode: status?.state?.terminated?.exitCode, log };
   }
 
   test.each([
@@ -157,211 +400,341 @@ describe('mirrord mirror on Kubernetes targets (stand-in cluster)', () => {
     ['deployment', 'web'],
     ['statefulset', 'db'],
   ])(
-    '--%s %s: real traffic arrives byte-exact in the local app; nothing is left afterwards',
+    '--%s %s: many connections arrive byte-exact in the local app; the Job is the manifest; nothing is left afterwards',
     async (kind, name) => {
-      const pods =
+      const containers = [digestServer('app')];
+      const pods = track(
         kind === 'pod'
-          ? [await cluster.addPod({ name, containers: targetContainers('app') })]
+          ? [await kube.addPod(name, containers)]
           : kind === 'deployment'
-            ? (
-                await cluster.addDeployment({
-                  name,
-                  replicas: 2,
-                  containers: targetContainers('app'),
-                })
-              ).pods
-            : (await cluster.addStatefulSet({ name, containers: targetContainers('app') })).pods;
-      targetPids = new Set(cluster.processes());
-      const requestsBefore = cluster.requests.length;
+            ? await kube.addDeployment(name, containers, 2)
+            : await kube.addStatefulSet(name, containers),
+      );
+      const since = kube.jobRequests().length;
       const log = join(logs.path, `${kind}.log`);
-      const run = mirror(cluster, [
+      const run = mirror([
         `--${kind}`,
         name,
-        '--agent-image',
-        'registry.example/mirrord-agent:test',
         '--agent-idle-timeout',
         '20',
-        '--',
-        process.execPath,
-        DIGEST_SERVER,
-        '--port',
-        String(PORT),
-        '--log',
-        log,
-        '--exit-after-completed',
-        `${CONNECTIONS}:0`,
+        ...localDigestServer(log, ['--exit-after-completed', `${CONNECTIONS}:0`]),
       ]);
-      runs.push(run);
       await untilWhileRunning(
         run,
         () => run.events().some((e) => e.event === 'ready'),
         'ready',
-        90_000,
+        SLOW,
       );
       const pod = mirroredPod(run, pods);
-      expect(run.output()).toContain(`mirroring pod default/${pod.name}`);
-      await untilMirroring(cluster, run, pod.ip);
+      expect(run.output()).toContain(`mirroring pod ${NAMESPACE}/${pod.name}`);
+      await untilMirroring(run, pod.ip, POD_PORT);
 
-      // Real clients in the cluster network, to the pod's IP: the pod answers each with the
-      // sha256 of what it got, the local app logs the sha256 of what was replayed into it.
-      const clients = JSON.parse(
-        await inCluster(cluster, [
-          process.execPath,
-          DIGEST_CLIENTS,
-          pod.ip,
-          String(PORT),
-          String(CONNECTIONS),
-          '1000',
-          '300000',
-          '4',
-          '5',
-        ]),
-      ) as { connections: ClientResult[] };
-      expect(clients.connections.every((c) => !c.error && c.answer === c.sha)).toBe(true);
-      expect(await run.exited).toBe(0);
-      const replayed = logLines(log)
-        .map((line) => line.split(' '))
-        .filter(([, , , bytes]) => Number(bytes) > 0)
-        .map(([, clientPort, , bytes, sha]) => `${clientPort} ${bytes} ${sha}`)
-        .sort();
-      const sent = clients.connections.map((c) => `${c.port} ${c.bytes} ${c.sha}`).sort();
-      expect(replayed).toEqual(sent);
+      // The pod answers each client with the sha256 of what it got; the local app logs the
+      // sha256 of what was replayed into it.
+      const clients = await digestClients(pod.ip, POD_PORT, {
+        count: CONNECTIONS,
+        minBytes: 1000,
+        maxBytes: 300_000,
+        chunks: 4,
+        intervalMs: 5,
+      });
+      expect(await exitCode(run)).toBe(0);
+      const replayed = logged(log).map((c) => c.connection);
+      expect(replayed.sort()).toEqual(clients.map(connectionOf).sort());
 
       // The Job the API server received is the manifest, with every field.
-      const job = createdJob(requestsBefore);
-      const containerId = pod.containers.find((c) => c.name === 'app')!.containerId;
-      const of = kind === 'pod' ? '' : ` of ${kind}/${name}`;
+      const { event, job } = createdJob(since);
       expect(job).toEqual(
-        agentJobManifest({
-          sessionId: job.metadata!.labels!['mirrord.dev/session']!,
-          namespace: 'default',
-          node: cluster.nodeName,
-          containerId,
-          target: `pod default/${pod.name}${of} (container app)`,
-          image: 'registry.example/mirrord-agent:test',
-          pullSecrets: [],
-          capabilities: false,
-          ttlSeconds: 60,
-          idleTimeoutSeconds: 20,
-          cli: { host: hostname(), pid: run.child.pid! },
-        }),
+        withServerDefaults(
+          expectedJob(
+            run,
+            job,
+            { pod, container: 'app', ...(kind === 'pod' ? {} : { of: `${kind}/${name}` }) },
+            { ttlSeconds: 60, idleTimeoutSeconds: 20 },
+          ),
+        ),
       );
       expect(job.spec?.template.spec?.hostPID).toBe(true);
       expect(job.spec?.template.spec?.containers[0]?.securityContext?.privileged).toBe(true);
 
-      // Teardown: the CLI deleted the Job with propagation Background; its pod and the agent
-      // process go with it.
-      const deletes = jobDeletes(job, requestsBefore);
-      expect(deletes.length).toBeGreaterThanOrEqual(1);
-      expect(deletes[0]!.query.propagationPolicy).toBe('Background');
+      // Teardown: the CLI deleted the Job, with propagation Background, once; its pod and the
+      // agent process go with it.
+      const deletes = jobDeletes(job, since);
+      expect(deletes.map((e) => [e.user?.username, e.requestURI])).toEqual([
+        [event.user?.username, expect.stringContaining('propagationPolicy=Background')],
+      ]);
       await untilNothingLeft();
     },
+    2 * SLOW,
   );
 
-  test('Ctrl-C ends the session: the CLI deletes the Job, nothing is left', async () => {
-    const [pod] = (
-      await cluster.addStatefulSet({ name: 'interrupted', containers: targetContainers('app') })
-    ).pods;
-    targetPids = new Set(cluster.processes());
-    const requestsBefore = cluster.requests.length;
-    const run = mirror(cluster, ['--statefulset', 'interrupted', '--port', String(PORT)]);
-    runs.push(run);
-    await untilWhileRunning(
-      run,
-      () => run.events().some((e) => e.event === 'ready'),
-      'ready',
-      90_000,
-    );
-    expect(mirroredPod(run, [pod!]).name).toBe(pod!.name);
-    const job = createdJob(requestsBefore);
-    run.child.kill('SIGINT');
-    expect(await run.exited).toBe(0);
-    const deletes = jobDeletes(job, requestsBefore);
-    expect(deletes.map((r) => r.query.propagationPolicy)).toEqual(['Background']);
-    await untilNothingLeft();
-  });
+  test(
+    `one ${UPLOAD_BYTES / MiB} MiB upload arrives byte-exact in the local app`,
+    async () => {
+      const [pod] = track([await kube.addPod('bulk', [digestServer('app')])]);
+      const log = join(logs.path, 'bulk.log');
+      const run = mirror([
+        '--pod',
+        'bulk',
+        ...localDigestServer(log, ['--exit-after-completed', '1:0']),
+      ]);
+      await untilMirroring(run, pod!.ip, POD_PORT);
+      // 1 MiB pieces, 20 ms apart: a fast client (up to 50 MB/s) that a port-forward through
+      // the API server on a two-core machine keeps up with. Unpaced, at the bridge's speed, the
+      // tap's ring buffer overflows and the agent gives the connection up (reported, as designed).
+      const [client] = await digestClients(pod!.ip, POD_PORT, {
+        count: 1,
+        minBytes: UPLOAD_BYTES,
+        maxBytes: UPLOAD_BYTES,
+        chunks: UPLOAD_BYTES / MiB,
+        intervalMs: 20,
+      });
+      expect(await exitCode(run)).toBe(0);
+      // Both ends: the pod's app answered the client's sha256 (digestClients), the local app
+      // logged the same sha256 of the same number of bytes.
+      expect(logged(log).map((c) => c.connection)).toEqual([connectionOf(client!)]);
+      const closed = run
+        .events()
+        .filter((e) => e.event === 'closed' && e.bytesReplayed === UPLOAD_BYTES);
+      expect(closed).toEqual([expect.objectContaining({ reason: 'fin', bytesDropped: 0 })]);
+      await untilNothingLeft();
+    },
+    2 * SLOW,
+  );
 
-  test('kill -9 of the CLI: the agent ends with its session, the TTL removes the Job', async () => {
-    const [pod] = (
-      await cluster.addDeployment({ name: 'killed', containers: targetContainers('app') })
-    ).pods;
-    targetPids = new Set(cluster.processes());
-    const requestsBefore = cluster.requests.length;
-    const log = join(logs.path, 'killed.log');
-    const run = mirror(cluster, [
-      '--deployment',
-      'killed',
-      '--agent-ttl',
-      '2',
-      '--agent-idle-timeout',
-      '5',
-      '--',
-      process.execPath,
-      DIGEST_SERVER,
-      '--port',
-      String(PORT),
-      '--log',
-      log,
-    ]);
-    runs.push(run);
-    await untilMirroring(cluster, run, pod!.ip);
-    const job = createdJob(requestsBefore);
-    expect(mirrordObjects(cluster)).toContain(`job/${job.metadata!.name}`);
-    expect(agentProcesses()).toHaveLength(1);
-
-    run.child.kill('SIGKILL');
-    await run.exited;
-    await until(() => agentProcesses().length === 0, 'the agent to exit', 60_000);
-    await until(() => mirrordObjects(cluster).length === 0, 'the TTL to remove the Job', 60_000);
-    // Removed by its TTL: the killed CLI never asked.
-    expect(
-      cluster.requests.slice(requestsBefore).filter((request) => request.method === 'DELETE'),
-    ).toEqual([]);
-  });
-
-  test('kill -9 of the CLI before any session: the agent exits after its idle timeout', async () => {
-    await cluster.addPod({ name: 'idle', containers: targetContainers('app') });
-    targetPids = new Set(cluster.processes());
-    const requestsBefore = cluster.requests.length;
-    cluster.faults.holdContainerCreating(true);
-    const run = mirror(cluster, [
-      '--pod',
-      'idle',
-      '--agent-ttl',
-      '2',
-      '--agent-idle-timeout',
-      '3',
-      '--port',
-      String(PORT),
-    ]);
-    runs.push(run);
-    await untilWhileRunning(
-      run,
-      () => run.output().includes('pulling image'),
-      'the agent pod',
-      60_000,
-    );
-    const job = createdJob(requestsBefore);
-    run.child.kill('SIGKILL');
-    await run.exited;
-    // Now the agent starts, with nobody to connect to it.
-    cluster.faults.holdContainerCreating(false);
-    await until(() => agentProcesses().length === 1, 'the agent to start', 60_000);
-    await until(() => agentProcesses().length === 0, 'the agent to give up waiting', 60_000);
-    const agentPod = cluster
-      .pods()
-      .find(
-        (p) =>
-          p.metadata.labels?.['mirrord.dev/session'] ===
-          job.metadata!.labels!['mirrord.dev/session'],
+  test(
+    '--container picks the named container of two: the agent taps it by its containerd ID',
+    async () => {
+      // Both containers share the pod's network namespace; "second" is not the default (the
+      // first container would be), so the Job's container ID shows the flag was followed.
+      const [pod] = track([
+        await kube.addPod('duo', [
+          digestServer('first', OTHER_POD_PORT),
+          digestServer('second', POD_PORT),
+        ]),
+      ]);
+      const since = kube.jobRequests().length;
+      const log = join(logs.path, 'duo.log');
+      const run = mirror([
+        '--pod',
+        'duo',
+        '--container',
+        'second',
+        '--agent-idle-timeout',
+        '20',
+        ...localDigestServer(log, ['--exit-after-completed', '10:0']),
+      ]);
+      await untilWhileRunning(
+        run,
+        () => run.events().some((e) => e.event === 'ready'),
+        'ready',
+        SLOW,
       );
-    // Either still there as finished, or already removed with its Job by the TTL.
-    expect(agentPod === undefined || ['Succeeded', 'Failed'].includes(agentPod.status.phase)).toBe(
-      true,
-    );
-    await until(() => mirrordObjects(cluster).length === 0, 'the TTL to remove the Job', 60_000);
-    expect(
-      cluster.requests.slice(requestsBefore).filter((request) => request.method === 'DELETE'),
-    ).toEqual([]);
-  });
+      expect(run.events().find((e) => e.event === 'ready')?.target).toBe(
+        `pod ${NAMESPACE}/duo (container second)`,
+      );
+      await untilMirroring(run, pod!.ip, POD_PORT);
+      const traffic = { count: 10, minBytes: 1000, maxBytes: 100_000, chunks: 2, intervalMs: 5 };
+      const [second] = await Promise.all([
+        digestClients(pod!.ip, POD_PORT, traffic),
+        digestClients(pod!.ip, OTHER_POD_PORT, traffic),
+      ]);
+      expect(await exitCode(run)).toBe(0);
+      // The local app listens on the named container's port, as a developer mirroring that
+      // container does: its connections arrive; the other container's (same netns, other port)
+      // are not replayed.
+      const replayed = logged(log).map((c) => c.connection);
+      expect(replayed.sort()).toEqual(second.map(connectionOf).sort());
+      const openedPorts = run
+        .events()
+        .filter((e) => e.event === 'opened')
+        .map((e) => (e.server as { port: number }).port);
+      expect(new Set(openedPorts)).toEqual(new Set([POD_PORT]));
+
+      const { job } = createdJob(since);
+      expect(job).toEqual(
+        withServerDefaults(
+          expectedJob(
+            run,
+            job,
+            { pod: pod!, container: 'second' },
+            { ttlSeconds: 60, idleTimeoutSeconds: 20 },
+          ),
+        ),
+      );
+      await untilNothingLeft();
+    },
+    2 * SLOW,
+  );
+
+  test(
+    'behind a mesh-like sidecar: the plaintext the proxy forwards over lo arrives in the local app',
+    async () => {
+      // The proxy holds the pod's port and forwards to the app on 127.0.0.1:OTHER_POD_PORT, as a
+      // mesh's sidecar does; named like Istio's, it is skipped when choosing the default
+      // container, so the app is mirrored without --container.
+      const [pod] = track([
+        await kube.addPod('meshed', [
+          {
+            name: 'istio-proxy',
+            command: fixture('tcp-proxy.mjs', [String(POD_PORT), String(OTHER_POD_PORT)]),
+            port: POD_PORT,
+          },
+          digestServer('app', OTHER_POD_PORT),
+        ]),
+      ]);
+      const since = kube.jobRequests().length;
+      const log = join(logs.path, 'meshed.log');
+      // The local app listens on the app container's port, not on the proxy's.
+      const session = mirror([
+        '--pod',
+        'meshed',
+        ...localDigestServer(log, ['--exit-after-completed', '10:0'], OTHER_POD_PORT),
+      ]);
+      await untilMirroring(session, pod!.ip, POD_PORT, OTHER_POD_PORT);
+      const clients = await digestClients(pod!.ip, POD_PORT, {
+        count: 10,
+        minBytes: 1000,
+        maxBytes: 200_000,
+        chunks: 3,
+        intervalMs: 5,
+      });
+      expect(await exitCode(session)).toBe(0);
+      const replayed = logged(log);
+      expect(replayed.map((c) => c.digest).sort()).toEqual(clients.map(digestOf).sort());
+      // Copied on lo: the mirrored connections are the proxy's, not the clients' (those went to
+      // the proxy's port, which the local app does not listen on).
+      expect(new Set(replayed.map((c) => c.address))).toEqual(new Set(['127.0.0.1']));
+      const { job } = createdJob(since);
+      expect(job).toEqual(
+        withServerDefaults(
+          expectedJob(session, job, { pod: pod!, container: 'app' }, AGENT_DEFAULTS),
+        ),
+      );
+      await untilNothingLeft();
+    },
+    2 * SLOW,
+  );
+
+  test(
+    'Ctrl-C ends the session: the CLI deletes the Job, nothing is left',
+    async () => {
+      const [pod] = track(await kube.addStatefulSet('interrupted', [digestServer('app')]));
+      const since = kube.jobRequests().length;
+      const run = mirror(['--statefulset', 'interrupted', '--port', String(POD_PORT)]);
+      await untilWhileRunning(
+        run,
+        () => run.events().some((e) => e.event === 'ready'),
+        'ready',
+        SLOW,
+      );
+      expect(mirroredPod(run, [pod!]).name).toBe(pod!.name);
+      const { event, job } = createdJob(since);
+      expect(await kube.mirrordObjects()).toContain(`job/${job.metadata!.name}`);
+      expect(ownAgents()).toHaveLength(1);
+      run.child.kill('SIGINT');
+      expect(await exitCode(run)).toBe(0);
+      expect(jobDeletes(job, since).map((e) => [e.user?.username, e.requestURI])).toEqual([
+        [event.user?.username, expect.stringContaining('propagationPolicy=Background')],
+      ]);
+      await untilNothingLeft();
+    },
+    2 * SLOW,
+  );
+
+  test(
+    'kill -9 of the CLI: the agent ends with its session, the TTL removes the Job',
+    async () => {
+      const [pod] = track(await kube.addDeployment('killed', [digestServer('app')]));
+      const since = kube.jobRequests().length;
+      const log = join(logs.path, 'killed.log');
+      const run = mirror([
+        '--deployment',
+        'killed',
+        // Long enough to see the finished agent pod before the TTL removes it.
+        '--agent-ttl',
+        '10',
+        '--agent-idle-timeout',
+        '5',
+        ...localDigestServer(log),
+      ]);
+      await untilMirroring(run, pod!.ip, POD_PORT);
+      const { job } = createdJob(since);
+      expect(await kube.mirrordObjects()).toContain(`job/${job.metadata!.name}`);
+      expect(ownAgents()).toHaveLength(1);
+
+      run.child.kill('SIGKILL');
+      await run.exited;
+      // The port-forward's stream closed with the CLI: the agent's session ended without the
+      // CLI's goodbye, which the agent reports as an error (a failed Job, which the TTL removes
+      // all the same), and exited.
+      await until(() => ownAgents().length === 0, 'the agent to exit', SLOW);
+      const ending = await agentEnding(job);
+      expect(ending.log).toMatch(/^mirrord: session ended: /m);
+      expect(ending.exitCode).toBe(1);
+      await untilAsync(
+        async () => (await kube.mirrordObjects()).length === 0,
+        'the TTL to remove the Job',
+      );
+      // Removed by the TTL controller: the killed CLI never asked.
+      const deletes = jobDeletes(job, since);
+      expect(deletes.length).toBeGreaterThanOrEqual(1);
+      expect(deletes.filter((e) => e.user?.username !== TTL_CONTROLLER)).toEqual([]);
+    },
+    2 * SLOW,
+  );
+
+  test(
+    'kill -9 of the CLI before any session: the agent exits after its idle timeout',
+    async () => {
+      await kube.addPod('idle', [digestServer('app')]).then((pod) => track([pod]));
+      const since = kube.jobRequests().length;
+      const run = mirror([
+        '--pod',
+        'idle',
+        '--agent-ttl',
+        '10',
+        '--agent-idle-timeout',
+        '3',
+        '--port',
+        String(POD_PORT),
+      ]);
+      // Killed the moment the API server has created the Job: the agent pod is yet to be
+      // scheduled and started, so the CLI cannot have connected to it.
+      await untilWhileRunning(
+        run,
+        () => kube.jobRequests(since).some((e) => e.verb === 'create'),
+        'the Job to be created',
+        SLOW,
+      );
+      run.child.kill('SIGKILL');
+      await run.exited;
+      expect(run.output()).not.toContain('connecting to the agent');
+      const { job } = createdJob(since);
+
+      // Now the agent starts, with nobody to connect to it, and gives up after its idle timeout.
+      await until(() => ownAgents().length === 1, 'the agent to start', SLOW);
+      await until(() => ownAgents().length === 0, 'the agent to give up waiting', SLOW);
+      const ending = await agentEnding(job);
+      expect(ending.log).toContain('mirrord: no session arrived within 3 s');
+      expect(ending.exitCode).toBe(1);
+      await untilAsync(
+        async () => (await kube.mirrordObjects()).length === 0,
+        'the TTL to remove the Job',
+      );
+      const deletes = jobDeletes(job, since);
+      expect(deletes.length).toBeGreaterThanOrEqual(1);
+      expect(deletes.filter((e) => e.user?.username !== TTL_CONTROLLER)).toEqual([]);
+    },
+    2 * SLOW,
+  );
 });
+
+/** Polls an asynchronous check until it holds; throws with `what` after `ms`. */
+async function untilAsync(check: () => Promise<boolean>, what: string, ms = SLOW): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await check().catch(() => false))) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+}
