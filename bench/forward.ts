@@ -22,7 +22,7 @@
  */
 import { KubeConfig } from '@kubernetes/client-node';
 import { execFile } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -30,7 +30,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { openPortForward } from '../src/platform/kube/port-forward.js';
 import { PIDS } from '../test/cluster/layout.js';
-import { NODE_IMAGE, testCluster } from '../test/support/kube.js';
+import { NODE_IMAGE, containerProcesses, testCluster } from '../test/support/kube.js';
 import { median, progress, round } from './support.js';
 
 const execFileAsync = promisify(execFile);
@@ -135,19 +135,11 @@ function cpuMs(pid: number): number {
 
 /** The pid of the one process in the container `containerId` (`containerd://<hex>`). */
 function containerPid(containerId: string): number {
-  const hex = containerId.replace(/^[a-z]+:\/\//, '');
-  const pids = readdirSync('/proc')
-    .filter((entry) => /^\d+$/.test(entry))
-    .filter((pid) => {
-      try {
-        return readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(hex);
-      } catch {
-        return false;
-      }
-    });
-  if (pids.length !== 1)
-    throw new Error(`expected one process in container ${hex}, found ${pids.length}`);
-  return Number(pids[0]);
+  const pids = containerProcesses(containerId);
+  if (pids.length !== 1) {
+    throw new Error(`expected one process in container ${containerId}, found ${pids.length}`);
+  }
+  return pids[0]!;
 }
 
 /** The machine's CPU time so far, in clock ticks: all of it, and the idle part. */

@@ -11,7 +11,13 @@ import { startCluster, stopCluster } from './cluster/cluster.js';
 import { checkRoutedLocally } from './cluster/host.js';
 import { BRIDGE, NODE_IP, PIDS } from './cluster/layout.js';
 import { isAlive } from '../src/platform/local/netns.js';
-import { NODE_IMAGE, fixture, testCluster, type TestCluster } from './support/kube.js';
+import {
+  NODE_IMAGE,
+  containerProcesses,
+  fixture,
+  testCluster,
+  type TestCluster,
+} from './support/kube.js';
 
 const NAMESPACE = 'cluster';
 
@@ -41,20 +47,6 @@ async function runInPod(cluster: TestCluster, name: string, script: string): Pro
     if (Date.now() > deadline) throw new Error(`pod ${name} still ${phase} after 120 s`);
     await new Promise((resolve) => setTimeout(resolve, 250));
   }
-}
-
-/** Pids whose cgroup is the container's (as the agent finds a target). */
-function processesInContainer(containerId: string): number[] {
-  return readdirSync('/proc')
-    .filter((entry) => /^\d+$/.test(entry))
-    .filter((pid) => {
-      try {
-        return readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(containerId);
-      } catch {
-        return false;
-      }
-    })
-    .map(Number);
 }
 
 /** What of the cluster is on this machine now; empty once it is stopped. */
@@ -134,7 +126,7 @@ describe('the test cluster', () => {
       { name: 'app', command: fixture('http-log-server.mjs', ['8080', '/dev/null']), port: 8080 },
     ]);
     const containerId = pod.containers[0]!.containerId.replace('containerd://', '');
-    const [survivor] = processesInContainer(containerId);
+    const [survivor] = containerProcesses(containerId);
     expect(survivor).toBeDefined();
     // A killed run: every cluster process dies at once, its pods' containers keep running.
     for (const name of readdirSync(PIDS)) {

@@ -15,12 +15,13 @@
  */
 import { AuthorizationV1Api, KubeConfig, type V1PolicyRule } from '@kubernetes/client-node';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { PIDS } from './cluster/layout.js';
 import {
   agentProcesses,
+  containerProcesses,
   fixture,
   testCluster,
   type PodInfo,
@@ -128,21 +129,6 @@ async function eventually(
       throw new Error(`timed out after ${ms / 1000} s waiting for ${what}`);
     await pause(100);
   }
-}
-
-/** Pids of the processes in a container's cgroup (as the agent looks for them). */
-function containerProcesses(containerId: string): number[] {
-  const hex = containerId.replace(/^[a-z-]+:\/\//, '');
-  return readdirSync('/proc')
-    .filter((entry) => /^\d+$/.test(entry))
-    .filter((pid) => {
-      try {
-        return readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(hex);
-      } catch {
-        return false;
-      }
-    })
-    .map(Number);
 }
 
 /**

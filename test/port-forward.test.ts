@@ -9,7 +9,7 @@
 import { KubeConfig, type V1Pod } from '@kubernetes/client-node';
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { hostname } from 'node:os';
 import type { Duplex } from 'node:stream';
@@ -17,7 +17,7 @@ import { AgentClient } from '../src/protocol/client.js';
 import { agentJobManifest, defaultAgentImage } from '../src/platform/kube/agent-job.js';
 import { PortForwardError, openPortForward } from '../src/platform/kube/port-forward.js';
 import { API_PORT, NODE_IP } from './cluster/layout.js';
-import { testCluster, type PodInfo, type TestCluster } from './support/kube.js';
+import { containerProcesses, testCluster, type PodInfo, type TestCluster } from './support/kube.js';
 
 const NAMESPACE = 'port-forward';
 const MiB = 1024 * 1024;
@@ -206,21 +206,6 @@ async function startCuttableRelay() {
     },
     close: () => new Promise<void>((resolve) => server.close(() => resolve())),
   };
-}
-
-/** Pids of the processes of a container, found as the agent finds them: by its cgroup. */
-function containerPids(containerId: string): number[] {
-  const hex = containerId.replace(/^[a-z]+:\/\//, '');
-  return readdirSync('/proc')
-    .filter((entry) => /^\d+$/.test(entry))
-    .filter((pid) => {
-      try {
-        return readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(hex);
-      } catch {
-        return false;
-      }
-    })
-    .map(Number);
 }
 
 /**
@@ -519,7 +504,7 @@ describe('port-forward through the real API server, kubelet and containerd', () 
     /** A server pod of its own (a kill restarts its container), and its server's pid. */
     async function victim(name: string) {
       const target = await serverPod(name);
-      const pids = containerPids(target.containers[0]!.containerId);
+      const pids = containerProcesses(target.containers[0]!.containerId);
       expect(pids).toHaveLength(1);
       return { target, pid: pids[0]! };
     }

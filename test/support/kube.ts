@@ -298,6 +298,24 @@ export function requestedJob(event: AuditEvent): V1Job {
   return event.requestObject as V1Job;
 }
 
+/**
+ * Pids of the processes of a container (`containerd://<hex>` or the bare hex), found as the
+ * agent finds them: by their cgroup. Containers' processes are visible from the host.
+ */
+export function containerProcesses(containerId: string): number[] {
+  const hex = containerId.replace(/^[a-z-]+:\/\//, '');
+  return readdirSync('/proc')
+    .filter((entry) => /^\d+$/.test(entry))
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(hex);
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
+}
+
 /** Pids of agent processes on this machine (containers' processes are visible from the host). */
 export function agentProcesses(): number[] {
   return readdirSync('/proc')
