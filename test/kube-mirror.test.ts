@@ -21,6 +21,7 @@ import {
   defaultAgentImage,
 } from '../src/platform/kube/agent-job.js';
 import {
+  REDIS_IMAGE,
   agentProcesses,
   fixture,
   requestedJob,
@@ -51,6 +52,7 @@ const NAMESPACE = 'kube-mirror';
  */
 const POD_PORT = 8080;
 const OTHER_POD_PORT = 9090;
+const REDIS_PORT = 6379;
 const DIGEST_SERVER = join(FIXTURES, 'digest-server.mjs');
 const DIGEST_CLIENTS = join(FIXTURES, 'digest-clients.mjs');
 const CONNECTIONS = 40;
@@ -497,6 +499,90 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
         .events()
         .filter((e) => e.event === 'closed' && e.bytesReplayed === UPLOAD_BYTES);
       expect(closed).toEqual([expect.objectContaining({ reason: 'fin', bytesDropped: 0 })]);
+      await untilNothingLeft();
+    },
+    2 * SLOW,
+  );
+
+  test(
+    'a Redis pod: what redis-benchmark and redis-cli write to it, the local Redis holds too',
+    async () => {
+      // Protected mode off on both: it admits only 127.0.0.1 and ::1 without a password, and
+      // replayed connections come from 127.0.0.2 (the replay source), as in the pod from afar.
+      const redisArgs = [
+        '--port',
+        String(REDIS_PORT),
+        '--protected-mode',
+        'no',
+        '--save',
+        '',
+      ].concat(['--appendonly', 'no']);
+      const [pod] = track([
+        await kube.addPod('cache', [
+          {
+            name: 'redis',
+            image: REDIS_IMAGE,
+            command: ['redis-server', ...redisArgs],
+            port: REDIS_PORT,
+          },
+        ]),
+      ]);
+      // The local copy also answers on a unix socket, which the test reads it through.
+      const socket = join(logs.path, 'redis.sock');
+      const run = mirror([
+        '--pod',
+        'cache',
+        '--',
+        'redis-server',
+        '--unixsocket',
+        socket,
+        ...redisArgs,
+      ]);
+      await untilMirroring(run, pod!.ip, REDIS_PORT);
+      const remote = ['-h', pod!.ip, '-p', String(REDIS_PORT)];
+      const local = ['-s', socket];
+      // 50 connections of SETs, INCRs (commutative: the same totals in any interleaving) and
+      // LPUSHes, then one connection of commands written by hand.
+      await execFileAsync(
+        'redis-benchmark',
+        [...remote, '-t', 'set,incr,lpush', '-n', '3000'].concat(['-r', '300', '-q']),
+      );
+      await execFileAsync('bash', [
+        '-c',
+        `printf 'SET greeting hello\\nRPUSH queue a b c\\n' | redis-cli ${remote.join(' ')}`,
+      ]);
+      const redis = async (at: string[], ...command: string[]): Promise<string> =>
+        (await execFileAsync('redis-cli', [...at, ...command])).stdout.trim();
+      const state = async (at: string[]): Promise<string[]> => {
+        const keys = (await redis(at, '--scan')).split('\n').filter(Boolean).sort();
+        const values = [];
+        for (const key of keys) {
+          const type = await redis(at, 'TYPE', key);
+          values.push(
+            `${key} ${type} ${type === 'list' ? await redis(at, 'LLEN', key) : await redis(at, 'GET', key)}`,
+          );
+        }
+        return values;
+      };
+      const expected = await state(remote);
+      expect(expected.length).toBeGreaterThan(300);
+      await untilAsync(
+        async () => (await redis(local, 'DBSIZE')) === String(expected.length),
+        'the local Redis to hold as many keys',
+        30_000,
+      ).catch(async (error: Error) => {
+        const counters = run
+          .events()
+          .filter((e) => e.event === 'counters')
+          .at(-1);
+        throw new Error(
+          `${error.message}: ${await redis(local, 'DBSIZE')} of ${expected.length}; ${JSON.stringify(counters)}`,
+        );
+      });
+      expect(await state(local)).toEqual(expected);
+      expect(await redis(local, 'LRANGE', 'queue', '0', '-1')).toBe('a\nb\nc');
+      run.child.kill('SIGINT');
+      expect(await exitCode(run)).toBe(0);
       await untilNothingLeft();
     },
     2 * SLOW,
