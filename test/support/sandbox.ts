@@ -6,6 +6,7 @@ import {
   type SpawnOptions,
 } from 'node:child_process';
 import { promisify } from 'node:util';
+import { ensureBlackhole } from '../cluster/host.js';
 import {
   createNetnsPair,
   deleteNetns,
@@ -59,6 +60,9 @@ export function createSandbox(label = 'sandbox'): Sandbox {
   const targetAddress = `10.213.${subnet}.1`;
   const clientAddress = `10.213.${subnet}.2`;
   const children = new Set<ChildProcess>();
+  // Load goes to these addresses: were a namespace not to come up, the host's blackhole for the
+  // test range drops it instead of the default route carrying it off the machine.
+  ensureBlackhole();
   createNetnsPair({ server: target, client, serverAddress: targetAddress, clientAddress });
 
   return {
