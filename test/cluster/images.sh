@@ -172,7 +172,8 @@ APT
 }
 build "node" "mirrord.test/node:20" build_base "$(
   declare -f build_base
-  echo "$mirror $(node --version) npm $(npm --version)"
+  # The npm that is copied, not the first on PATH (under `npm test`, node_modules/.bin has one).
+  echo "$mirror $(node --version) npm $(node -p 'require("/usr/lib/node_modules/npm/package.json").version')"
   find /usr/local/share/ca-certificates -type f -exec cat {} +
 )"
 base_id=$(bh images --noheading --no-trunc --format '{{.ID}}' mirrord.test/node:20)
