@@ -21,6 +21,7 @@ import {
   sortedRecord,
   tempDir,
   until,
+  untilAsync,
   untilMirroring,
   untilWhileRunning,
   type MirrorRun,
@@ -210,11 +211,14 @@ describe('mirrord mirror into real servers', () => {
     // Catch-up: the copy has run the commands the target ran.
     const targetStats = await commandStats(targetSocket);
     let localStats = await commandStats(localSocket);
-    const deadline = Date.now() + 60_000;
-    while (JSON.stringify(localStats) !== JSON.stringify(targetStats) && Date.now() < deadline) {
-      await new Promise((resolve) => setTimeout(resolve, 500));
-      localStats = await commandStats(localSocket);
-    }
+    await untilAsync(
+      async () => {
+        localStats = await commandStats(localSocket);
+        return JSON.stringify(localStats) === JSON.stringify(targetStats);
+      },
+      'the local copy to run the same commands',
+      60_000,
+    ).catch(() => undefined);
     expect(localStats).toEqual(targetStats);
     expect(targetStats.set).toMatch(/^calls=\d{4,}/);
 

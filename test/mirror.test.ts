@@ -70,6 +70,29 @@ describe('mirrord mirror', () => {
       `http://${sandbox.targetAddress}:${PORT}${path}`,
     ]);
 
+  /**
+   * Sends the request to the target until the local service logs `line`: the port is copied
+   * only once the agent acknowledged its subscription, which may come just after the
+   * "mirroring" line. Staging answers every one of them.
+   */
+  async function untilReplayed(
+    local: { seen(): string },
+    path: string,
+    body: string,
+    line: string,
+  ): Promise<void> {
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      expect(await curl(path, body)).toBe('staging');
+      try {
+        await until(() => local.seen().includes(line), 'the replayed request', 1_000);
+        return;
+      } catch (error) {
+        if (Date.now() > deadline) throw error;
+      }
+    }
+  }
+
   test('replays into the port COMMAND listens on; the app sees the original client; exit code is COMMAND’s', async () => {
     const run = mirrord([
       '--netns',
@@ -125,12 +148,7 @@ describe('mirrord mirror', () => {
     const run = mirrord(['--netns', sandbox.target, '--port', `${PORT}:${localPort}`]);
     runs.push(run);
     await until(() => run.output().includes('mirroring'), 'the session');
-    await new Promise((resolve) => setTimeout(resolve, 200));
-    expect(await curl('/mapped', 'x=1')).toBe('staging');
-    await until(
-      () => local.seen().includes('got POST /mapped x=1 from ::ffff:127.0.0.2'),
-      'the replayed request',
-    );
+    await untilReplayed(local, '/mapped', 'x=1', 'got POST /mapped x=1 from ::ffff:127.0.0.2');
     run.child.kill('SIGINT');
     expect(await run.exited).toBe(0);
     expect(agentsOf(sandbox.target)).toEqual([]);
@@ -212,9 +230,7 @@ for (const port of [${ignored}, ${appPort}]) {
       const run = mirrord([], { cwd: dir });
       runs.push(run);
       await until(() => run.output().includes('mirroring'), 'the session');
-      await new Promise((resolve) => setTimeout(resolve, 200));
-      expect(await curl('/configured', 'y=2')).toBe('staging');
-      await until(() => local.seen().includes('got POST /configured y=2'), 'the replayed request');
+      await untilReplayed(local, '/configured', 'y=2', 'got POST /configured y=2');
       run.child.kill('SIGINT');
       expect(await run.exited).toBe(0);
     } finally {

@@ -568,13 +568,11 @@ const clientHello = (version = PROTOCOL_VERSION): Buffer =>
 
 const agentHelloFrame = encodeFrame([agentMessageToWire(agentSamples[0] as AgentMessage)]);
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
 async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!condition()) {
     if (Date.now() > deadline) throw new Error('timed out waiting for a condition');
-    await sleep(5);
+    await new Promise((resolve) => setTimeout(resolve, 5));
   }
 }
 
@@ -775,7 +773,12 @@ describe('sessions', () => {
       session.flush();
       await until(() => ids.length === 10);
       // Paused for longer than deadAfterMs: the watchdog must not fire while we do not read.
-      await sleep(500);
+      // Waits for the error it would raise, with a deadline of twice its period: none may come.
+      const fired = await Promise.race([
+        once(client, 'error').then(() => true),
+        new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 2 * 200)),
+      ]);
+      expect(fired).toBe(false);
       expect(ids).toHaveLength(10);
       expect(client.paused).toBe(true);
       client.resume();
@@ -807,7 +810,7 @@ describe('sessions', () => {
         sent += chunk.length;
         if (!session.flush()) break;
         // Let the socket move bytes to the kernel, as the agent's event loop would.
-        if (i % 16 === 0) await sleep(1);
+        if (i % 16 === 0) await new Promise(setImmediate);
       }
       expect(session.needsDrain).toBe(true);
       const drained = once(session, 'drain');

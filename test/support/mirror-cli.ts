@@ -99,6 +99,19 @@ export async function until(check: () => boolean, what: string, ms = 30_000): Pr
   }
 }
 
+/** Polls the async `check` until it holds; throws with `what` after `ms`. */
+export async function untilAsync(
+  check: () => Promise<boolean>,
+  what: string,
+  ms = 30_000,
+): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await check().catch(() => false))) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 /**
  * The same while `run` is expected to keep running: if it exits first, fails at once with what
  * it printed.
