@@ -39,6 +39,7 @@ import {
   processesMatching,
   tempDir,
   until,
+  untilAsync,
   untilWhileRunning,
   type MirrorRun,
 } from './support/mirror-cli.js';
@@ -334,10 +335,14 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
   /** After a session: no mirrord Job or pod, and no agent process. */
   async function untilNothingLeft(): Promise<void> {
     let objects: string[] = [];
-    await untilAsync(async () => {
-      objects = await kube.mirrordObjects();
-      return objects.length === 0;
-    }, 'the Job and its pod to go').catch((error: Error) => {
+    await untilAsync(
+      async () => {
+        objects = await kube.mirrordObjects();
+        return objects.length === 0;
+      },
+      'the Job and its pod to go',
+      SLOW,
+    ).catch((error: Error) => {
       throw new Error(`${error.message}; still there: ${objects.join(', ')}`);
     });
     await until(() => ownAgents().length === 0, 'the agent process to go', SLOW);
@@ -380,14 +385,18 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
   async function agentEnding(job: V1Job): Promise<{ exitCode?: number; log: string }> {
     const selector = `${LABELS.session}=${job.metadata!.labels![LABELS.session]}`;
     let ended: V1Pod | undefined;
-    await untilAsync(async () => {
-      const { items } = await kube.core.listNamespacedPod({
-        namespace: NAMESPACE,
-        labelSelector: selector,
-      });
-      ended = items.find((pod) => ['Succeeded', 'Failed'].includes(pod.status?.phase ?? ''));
-      return ended !== undefined;
-    }, 'the agent pod to end');
+    await untilAsync(
+      async () => {
+        const { items } = await kube.core.listNamespacedPod({
+          namespace: NAMESPACE,
+          labelSelector: selector,
+        });
+        ended = items.find((pod) => ['Succeeded', 'Failed'].includes(pod.status?.phase ?? ''));
+        return ended !== undefined;
+      },
+      'the agent pod to end',
+      SLOW,
+    );
     const status = ended!.status?.containerStatuses?.find((s) => s.name === AGENT_CONTAINER);
     const log = await kube.core.readNamespacedPodLog({
       name: ended!.metadata!.name!,
@@ -761,6 +770,7 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       await untilAsync(
         async () => (await kube.mirrordObjects()).length === 0,
         'the TTL to remove the Job',
+        SLOW,
       );
       // Removed by the TTL controller: the killed CLI never asked.
       const deletes = jobDeletes(job, since);
@@ -807,6 +817,7 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       await untilAsync(
         async () => (await kube.mirrordObjects()).length === 0,
         'the TTL to remove the Job',
+        SLOW,
       );
       const deletes = jobDeletes(job, since);
       expect(deletes.length).toBeGreaterThanOrEqual(1);
@@ -815,12 +826,3 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
     2 * SLOW,
   );
 });
-
-/** Polls an asynchronous check until it holds; throws with `what` after `ms`. */
-async function untilAsync(check: () => Promise<boolean>, what: string, ms = SLOW): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await check().catch(() => false))) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 250));
-  }
-}
