@@ -298,17 +298,13 @@ export function requestedJob(event: AuditEvent): V1Job {
   return event.requestObject as V1Job;
 }
 
-/**
- * Pids of the processes of a container (`containerd://<hex>` or the bare hex), found as the
- * agent finds them: by their cgroup. Containers' processes are visible from the host.
- */
-export function containerProcesses(containerId: string): number[] {
-  const hex = containerId.replace(/^[a-z-]+:\/\//, '');
+/** Pids of the processes whose /proc/PID/`file` contains `text` (gone ones are skipped). */
+function processesWith(file: 'cgroup' | 'cmdline', text: string): number[] {
   return readdirSync('/proc')
     .filter((entry) => /^\d+$/.test(entry))
     .filter((pid) => {
       try {
-        return readFileSync(`/proc/${pid}/cgroup`, 'utf8').includes(hex);
+        return readFileSync(`/proc/${pid}/${file}`, 'utf8').includes(text);
       } catch {
         return false;
       }
@@ -316,16 +312,15 @@ export function containerProcesses(containerId: string): number[] {
     .map(Number);
 }
 
+/**
+ * Pids of the processes of a container (`containerd://<hex>` or the bare hex), found as the
+ * agent finds them: by their cgroup. Containers' processes are visible from the host.
+ */
+export function containerProcesses(containerId: string): number[] {
+  return processesWith('cgroup', containerId.replace(/^[a-z-]+:\/\//, ''));
+}
+
 /** Pids of agent processes on this machine (containers' processes are visible from the host). */
 export function agentProcesses(): number[] {
-  return readdirSync('/proc')
-    .filter((entry) => /^\d+$/.test(entry))
-    .filter((pid) => {
-      try {
-        return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('\0agent\0--container-id\0');
-      } catch {
-        return false;
-      }
-    })
-    .map(Number);
+  return processesWith('cmdline', '\0agent\0--container-id\0');
 }
