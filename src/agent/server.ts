@@ -4,8 +4,9 @@ import { AgentSession } from '../protocol/server.js';
 import type { Counters } from '../protocol/messages.js';
 import { Outbox } from './outbox.js';
 import { Reassembler, type CloseReason, type ReassemblyLimits } from './reassembly.js';
-import { Tap, type TapOptions } from './tap.js';
-import { describeTarget, resolveTarget, type TargetSpec } from './target.js';
+import { Tap, TapError, type TapOptions } from './tap.js';
+import { describeTarget, resolveTarget, targetPresence } from './target.js';
+import type { AgentReadiness, TargetSpec } from '../protocol/agent-launch.js';
 
 export interface AgentOptions {
   target: TargetSpec;
@@ -20,16 +21,6 @@ export interface AgentOptions {
    * (default 4 MiB): dropping whole connections, reported, keeps the others exact.
    */
   maxBacklogBytes?: number;
-}
-
-/** The one line the agent prints when it listens: what launchers wait for. */
-export interface AgentReadiness {
-  ready: true;
-  address: string;
-  port: number;
-  target: string;
-  interfaces: string[];
-  attachMode: 'tcx' | 'tc';
 }
 
 /** Why the agent ended: `error` is set when it ended because something went wrong. */
@@ -90,8 +81,10 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     options.reassembly,
   );
 
+  const tapTarget = resolveTarget(options.target);
+  const targetGone = targetPresence(options.target, tapTarget);
   const tap = Tap.open(
-    resolveTarget(options.target),
+    tapTarget,
     {
       onSegment: (segment) => {
         // The reassembler delivers bytes only while it takes a segment: they are stamped with
@@ -152,15 +145,23 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       session.sendCounters(counters());
       session.flush();
     }
+    const gone = targetGone();
+    if (gone) {
+      // What was copied before the target went is still delivered; the counters just sent
+      // count it.
+      if (session) outbox.flush(session);
+      end({ error: `the target went away: ${gone}` }, 'target-gone');
+    }
   }, SWEEP_INTERVAL_MS);
   let ended = false;
-  const end = (exit: AgentExit): void => {
+  /** Ends the agent; with `code`, the session is told the exit's error as a fatal error. */
+  const end = (exit: AgentExit, code?: string): void => {
     if (ended) return;
     ended = true;
     clearInterval(sweeper);
     clearTimeout(idleTimer);
     tap.close();
-    session?.close();
+    session?.close(code && exit.error ? { code, message: exit.error } : undefined);
     server.close();
     finish(exit);
   };
@@ -184,11 +185,25 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       (accepted) => {
         session = accepted;
         accepted.on('subscribe', (port) => {
-          tap.subscribe(port);
+          try {
+            tap.subscribe(port);
+          } catch (error) {
+            // The tap's map could not be updated: this port is not mirrored, the others are.
+            if (!(error instanceof TapError)) throw error;
+            accepted.failSubscribe(port, error.message);
+            return;
+          }
           accepted.ackSubscribe(port);
         });
         accepted.on('unsubscribe', (port) => {
-          tap.unsubscribe(port);
+          try {
+            tap.unsubscribe(port);
+          } catch (error) {
+            // The port stays copied; the CLI, which no longer routes it, counts what arrives
+            // as skipped.
+            if (!(error instanceof TapError)) throw error;
+            accepted.sendWarning('unsubscribe-failed', error.message);
+          }
           accepted.ackUnsubscribe(port);
         });
         accepted.on('end', (error) => {

@@ -1,8 +1,6 @@
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import type { TargetSpec } from '../protocol/agent-launch.js';
 import type { TapTarget } from './tap.js';
-
-/** A target as the user named it: a process, a named netns, or a container of a pod. */
-export type TargetSpec = { pid: number } | { netns: string } | { containerId: string };
 
 export class TargetError extends Error {
   constructor(
@@ -85,4 +83,75 @@ export function describeTarget(spec: TargetSpec): string {
   if ('containerId' in spec) return `container ${spec.containerId}`;
   if ('pid' in spec) return `pid ${spec.pid}`;
   return `netns ${spec.netns}`;
+}
+
+/** The process's start time (clock ticks since boot): a PID reused by another process differs. */
+function startTimeOf(pid: number, procRoot: string): string | undefined {
+  let stat: string;
+  try {
+    stat = readFileSync(`${procRoot}/${pid}/stat`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  // After the command name, which is in parentheses and may hold anything: state is field 3,
+  // starttime field 22.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const state = fields[0];
+  // A zombie has exited; only its parent has not reaped it yet.
+  if (state === 'Z' || state === 'X') return undefined;
+  return fields[19];
+}
+
+/** Identity of a namespace file (nsfs device and inode), or undefined when it is gone. */
+function namespaceOf(path: string): string | undefined {
+  try {
+    const stat = statSync(path);
+    return `${stat.dev}:${stat.ino}`;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether the target is still there, cheap enough to ask once a second: returns why it is gone,
+ * or undefined while it is there. Polled rather than waited on (a pidfd): a named netns or a
+ * pod's namespace has no descriptor to wait on that would not also keep it alive.
+ *
+ * - A process (`--pid`) is gone when it exited: the session mirrors that process.
+ * - A named netns is gone when its name is deleted or names another namespace.
+ * - A container is gone when no process is left in its pod's network namespace: the pod was
+ *   deleted or its sandbox stopped. A restarted container comes back into the same namespace,
+ *   which the tap still sees, so that is not the end of the session.
+ */
+export function targetPresence(
+  spec: TargetSpec,
+  tapTarget: TapTarget,
+  procRoot = '/proc',
+): () => string | undefined {
+  if ('pid' in spec) {
+    const started = startTimeOf(spec.pid, procRoot);
+    return () =>
+      startTimeOf(spec.pid, procRoot) === started ? undefined : `process ${spec.pid} exited`;
+  }
+  if ('netns' in tapTarget) {
+    const path = `/run/netns/${tapTarget.netns}`;
+    const namespace = namespaceOf(path);
+    return () =>
+      namespaceOf(path) === namespace
+        ? undefined
+        : `network namespace ${tapTarget.netns} was deleted`;
+  }
+  const namespace = namespaceOf(`${procRoot}/${tapTarget.pid}/ns/net`);
+  let holder = tapTarget.pid;
+  return () => {
+    if (namespaceOf(`${procRoot}/${holder}/ns/net`) === namespace) return undefined;
+    for (const name of readdirSync(procRoot)) {
+      if (!/^\d+$/.test(name)) continue;
+      if (namespaceOf(`${procRoot}/${name}/ns/net`) === namespace) {
+        holder = Number(name);
+        return undefined;
+      }
+    }
+    return `no process is left in the network namespace of ${describeTarget(spec)} (its pod was deleted or stopped)`;
+  };
 }

@@ -3,7 +3,7 @@
  * which ports, and for a Kubernetes target everything the agent Job needs. Flags win over the
  * file, the file over the defaults.
  */
-import type { TargetSpec } from '../agent/target.js';
+import type { TargetSpec } from '../protocol/agent-launch.js';
 import type { KubeAgentOptions } from '../platform/kube/place-kube-agent.js';
 import { kubeAccessOptions } from './cluster-flags.js';
 import type { MirrorConfig } from './config.js';

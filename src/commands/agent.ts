@@ -1,7 +1,7 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import { startAgent } from '../agent/server.js';
-import type { TargetSpec } from '../agent/target.js';
+import type { TargetSpec } from '../protocol/agent-launch.js';
 
 export default class AgentCommand extends MirrordCommand {
   static override hidden = true;

@@ -2,7 +2,7 @@ import type { ResultPromise } from 'execa';
 import { KILL_ALL, execaGuarded, startFailure } from '../platform/local/guarded.js';
 import type { AgentPlacer, PlacedAgent } from '../platform/placed-agent.js';
 import { layerPath } from '../package-root.js';
-import { AgentClient } from '../protocol/client.js';
+import { AgentClient, AgentClientError } from '../protocol/client.js';
 import type { Counters, Endpoint } from '../protocol/messages.js';
 import { LayerChannel, type AppListener } from './layer-channel.js';
 import { Replay, type ReplayStats, type ReplayTarget } from './replay.js';
@@ -82,13 +82,50 @@ function localTarget(listener: AppListener): ReplayTarget {
   return { host: wildcard ? '127.0.0.1' : listener.address, port: listener.localPort };
 }
 
+/** The agent counters of a session with nothing counted yet. */
+const NO_COUNTERS: Counters = {
+  segmentsCopied: 0,
+  bytesCopied: 0,
+  segmentsDroppedKernel: 0,
+  bytesDroppedKernel: 0,
+  connectionsDroppedAgent: 0,
+  bytesDroppedAgent: 0,
+  connectionsOpen: 0,
+  bytesMirrored: 0,
+  bytesIgnored: 0,
+  bytesInAgent: 0,
+};
+
+/**
+ * The counts of an agent that is gone added to those of the agents before it: a session that
+ * followed its target to a new pod reports what it mirrored over its whole life. Its open
+ * connections ended with it; what it still held (`bytesInAgent`) was lost with it and stays
+ * counted there.
+ */
+function addCounters(earlier: Counters, gone: Counters): Counters {
+  const sum = { ...earlier };
+  for (const key of Object.keys(sum) as (keyof Counters)[]) sum[key] += gone[key];
+  sum.connectionsOpen = 0;
+  return sum;
+}
+
+/** Why a session with an agent ended, for a sentence; undefined when the agent said nothing. */
+function endOfSession(error: Error | undefined): string {
+  return error ? error.message : 'the agent ended the session';
+}
+
 /**
  * One mirroring session on this machine: an agent on the target, the local app under the layer,
- * and the replay between them. Resolves with the app's exit code (0 without an app, after an
- * interrupt). Everything it started is stopped before it returns, also on failure.
+ * and the replay between them. When the target goes away and the platform can find its
+ * replacement (a workload's new pod), the session follows it with a new agent; otherwise the
+ * session ends, and so does the app. Resolves with the app's exit code (0 without an app, after
+ * an interrupt; 1 when the session with the agent failed). Everything it started is stopped
+ * before it returns, also on failure.
  */
 export async function runMirror(options: MirrorOptions): Promise<number> {
   const { log } = options;
+  const progress = (note: string) => log(`mirrord: ${note}`);
+  const emit = options.onEvent ?? (() => undefined);
   const routes = new Map<number, ReplayTarget>();
   for (const [remote, local] of options.ports)
     routes.set(remote, { host: '127.0.0.1', port: local });
@@ -97,6 +134,9 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   let client: AgentClient | undefined;
   let channel: LayerChannel | undefined;
   let replay: Replay | undefined;
+  let agentCounters = NO_COUNTERS;
+  /** Counted by agents that are gone (see addCounters). */
+  let earlierCounters = NO_COUNTERS;
   const countersEvent = (from: Replay): MirrorEvent => {
     const recent = from.takeRecentLag();
     return {
@@ -105,34 +145,45 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       ports: [...routes.keys()],
       recentLagP50Ms: recent.lagP50Ms,
       recentLagP99Ms: recent.lagP99Ms,
-      ...agentCounters,
+      ...addCounters(earlierCounters, agentCounters),
+      connectionsOpen: agentCounters.connectionsOpen,
       ...from.stats(),
     };
   };
-  let agentCounters: Counters = {
-    segmentsCopied: 0,
-    bytesCopied: 0,
-    segmentsDroppedKernel: 0,
-    bytesDroppedKernel: 0,
-    connectionsDroppedAgent: 0,
-    bytesDroppedAgent: 0,
-    connectionsOpen: 0,
-    bytesMirrored: 0,
-    bytesIgnored: 0,
-    bytesInAgent: 0,
-  };
-  try {
-    agent = await options.placeAgent((note) => log(`mirrord: ${note}`));
-    const session = await AgentClient.start(await agent.connect(), {
+
+  /**
+   * Opens the session with a placed agent and subscribes every route; resolves once the tap
+   * copies them, with a promise of the session's end (and why, when it failed).
+   */
+  const startSession = async (placed: PlacedAgent) => {
+    const session = await AgentClient.start(await placed.connect(), {
       clientName: 'mirrord mirror',
     });
     client = session;
-    const ended = new Promise<void>((resolve) => session.once('end', resolve));
-    session.on('error', (error) => log(`mirrord: session failed: ${error.message}`));
-    const { interfaces } = session.agent;
-    log(`mirrord: mirroring ${agent.target} (${interfaces.join(', ')})`);
-    const emit = options.onEvent ?? (() => undefined);
-    emit({ event: 'ready', target: agent.target, interfaces });
+    let failure: Error | undefined;
+    session.on('error', (error) => (failure = error));
+    const ended = new Promise<Error | undefined>((resolve) =>
+      session.once('end', () => resolve(failure)),
+    );
+    session.on('warning', (warning) => log(`mirrord: the agent warns: ${warning.message}`));
+    session.on('counters', (counters) => {
+      const { type, ...kernelAndAgent } = counters;
+      agentCounters = kernelAndAgent;
+      if (replay) emit(countersEvent(replay));
+    });
+    for (const remote of routes.keys()) await session.subscribe(remote);
+    return { session, ended };
+  };
+
+  try {
+    agent = await options.placeAgent(progress);
+    let { session, ended } = await startSession(agent);
+    const ready = (placed: PlacedAgent, interfaces: string[]) => {
+      // Only now, with every route subscribed, is it true.
+      log(`mirrord: mirroring ${placed.target} (${interfaces.join(', ')})`);
+      emit({ event: 'ready', target: placed.target, interfaces });
+    };
+    ready(agent, session.agent.interfaces);
 
     const layer = options.command ? await LayerChannel.open() : undefined;
     channel = layer;
@@ -141,15 +192,9 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       midStream: options.midStream,
       onConnected: (localPort, original) => layer?.announcePeer(localPort, original),
     });
-    const replaying = replay;
     replay.on('connection', (c) =>
       emit({ event: 'opened', id: c.id, client: c.client, server: c.server }),
     );
-    session.on('counters', (counters) => {
-      const { type, ...kernelAndAgent } = counters;
-      agentCounters = kernelAndAgent;
-      emit(countersEvent(replaying));
-    });
     replay.on('connectionEnd', (end) => {
       if (end.reason !== 'fin' && end.reason !== 'rst') {
         log(`mirrord: connection ${end.id} ended: ${end.reason}`);
@@ -170,7 +215,6 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
           : { event: 'skipped', id, client, server, reason, bytesSkipped: account.bytesSkipped },
       );
     });
-    for (const remote of routes.keys()) await session.subscribe(remote);
 
     let listened = false;
     layer?.on('listen', (listener) => {
@@ -193,38 +237,77 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       session.unsubscribe(port).catch(() => undefined);
     });
 
-    if (!options.command || !layer) {
-      await Promise.race([options.interrupted, ended]);
-      return 0;
+    let app: ResultPromise | undefined;
+    let file = '';
+    if (options.command && layer) {
+      const [command = '', ...args] = options.command;
+      file = command;
+      const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
+      // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
+      app = execaGuarded(file, args, {
+        stdin: 'inherit',
+        stdout: 'inherit',
+        stderr: 'inherit',
+        env: {
+          LD_PRELOAD: preload,
+          MIRRORD_LAYER_SOCKET: layer.path,
+          MIRRORD_LAYER_TOKEN: layer.token,
+        },
+      });
     }
-    const [file = '', ...args] = options.command;
-    const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
-    // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
-    const app = execaGuarded(file, args, {
-      stdin: 'inherit',
-      stdout: 'inherit',
-      stderr: 'inherit',
-      env: {
-        LD_PRELOAD: preload,
-        MIRRORD_LAYER_SOCKET: layer.path,
-        MIRRORD_LAYER_TOKEN: layer.token,
-      },
-    });
-    const outcome = await Promise.race([app, options.interrupted.then(() => undefined)]);
-    if (!outcome) return await stopApp(app, file, log);
-    const failure = startFailure(outcome);
-    if (failure) {
-      throw new MirrorError(
-        failure.code === 'ENOENT'
-          ? `command not found: ${file} (check the name, or give its full path)`
-          : `could not start ${file}: ${failure.message}`,
-      );
+    const appEnded = app ?? new Promise<never>(() => undefined);
+
+    for (;;) {
+      const outcome = await Promise.race([
+        appEnded.then((result) => ({ app: result })),
+        options.interrupted.then(() => ({ interrupted: true as const })),
+        ended.then((error) => ({ sessionEnd: error })),
+      ]);
+      if ('interrupted' in outcome) return app ? await stopApp(app, file, log) : 0;
+      if ('sessionEnd' in outcome) {
+        const error = outcome.sessionEnd;
+        const targetGone = error instanceof AgentClientError && error.agentCode === 'target-gone';
+        if (!targetGone || !agent.replaceable) {
+          log(
+            targetGone
+              ? `mirrord: ${agent.target} went away: the session ended (${endOfSession(error)})`
+              : `mirrord: session failed: ${endOfSession(error)}`,
+          );
+          if (app) await stopApp(app, file, log);
+          return 1;
+        }
+        const goneAt = Date.now();
+        const gone = agent;
+        log(`mirrord: ${endOfSession(error)}: waiting for the ${gone.target} replacement`);
+        earlierCounters = addCounters(earlierCounters, agentCounters);
+        agentCounters = NO_COUNTERS;
+        await gone.stop();
+        agent = await options.placeAgent(progress, gone);
+        ({ session, ended } = await startSession(agent));
+        replay.follow(session);
+        ready(agent, session.agent.interfaces);
+        const gap = ((Date.now() - goneAt) / 1000).toFixed(1);
+        log(
+          `mirrord: connections that reached the target in the ${gap} s between were not mirrored`,
+        );
+        continue;
+      }
+      const failure = startFailure(outcome.app);
+      if (failure) {
+        throw new MirrorError(
+          failure.code === 'ENOENT'
+            ? `command not found: ${file} (check the name, or give its full path)`
+            : `could not start ${file}: ${failure.message}`,
+        );
+      }
+      if (!listened) {
+        // Otherwise the session would end with only its totals, all zero, and no reason.
+        log(
+          `mirrord: ${file} ${endOf(outcome.app)} and never listened on a port: nothing was mirrored`,
+        );
+      }
+      return outcome.app.exitCode ?? 1;
     }
-    if (!listened) {
-      // Otherwise the session would end with only its totals, all zero, and no reason.
-      log(`mirrord: ${file} ${endOf(outcome)} and never listened on a port: nothing was mirrored`);
-    }
-    return outcome.exitCode ?? 1;
   } finally {
     // The totals, whatever ended the session: after the replay closed, so that they include
     // what closing it dropped.

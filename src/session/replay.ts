@@ -37,6 +37,7 @@ export interface ReplayTarget {
   port: number;
 }
 
+/** Its hooks run in event handlers (the agent client's, a socket's): what they throw is not caught. */
 export interface ReplayOptions {
   /** Remote (target) port → local listener; undefined: not replayed (counted as skipped). */
   route(remotePort: number): ReplayTarget | undefined;
@@ -180,19 +181,17 @@ export interface ReplayAccount {
 export interface ReplayEvents {
   /** A local connection is being opened for a mirrored one. */
   connection: [ReplayConnectionInfo];
-  /** It is established; `localPort` is our source port, the app's view of its peer. */
-  connected: [{ id: number; localPort: number; client: Endpoint }];
-  skipped: [ReplaySkipInfo];
   /** Emitted exactly once per `connection`. */
   connectionEnd: [ReplayEndInfo];
   /** Emitted exactly once per mirrored connection, replayed or skipped, when its count is final. */
   accounted: [ReplayAccount];
-  /** onConnected threw; the replay goes on. */
-  hookError: [Error];
 }
 
 const MIB = 1024 * 1024;
-/** The source address of replayed connections to an IPv4 loopback listener. */
+/**
+ * The source address of replayed connections to an IPv4 loopback listener. The layer's copy is
+ * layer/replay_source.h; test/record-layout.test.ts fails when the two differ.
+ */
 export const REPLAY_SOURCE = '127.0.0.2';
 
 interface Replayed {
@@ -236,7 +235,7 @@ const LOOK_MIN_MS = 2;
 const LOOK_MAX_MS = 250;
 
 export class Replay extends EventEmitter<ReplayEvents> {
-  readonly #client: AgentClient;
+  #client!: AgentClient;
   readonly #options: ReplayOptions;
   readonly #maxPerConnection: number;
   readonly #maxTotal: number;
@@ -289,10 +288,33 @@ export class Replay extends EventEmitter<ReplayEvents> {
     this.#maxPerConnection = options.maxBufferedPerConnection ?? 4 * MIB;
     this.#maxTotal = options.maxBufferedTotal ?? 64 * MIB;
     this.#lingerMs = options.lingerMs ?? 10_000;
+    this.#attach(client);
+  }
+
+  #attach(client: AgentClient): void {
+    this.#client = client;
     client.on('opened', this.#listeners.opened);
     client.on('data', this.#listeners.data);
     client.on('closed', this.#listeners.closed);
     client.on('end', this.#listeners.end);
+  }
+
+  #detach(): void {
+    this.#client.off('opened', this.#listeners.opened);
+    this.#client.off('data', this.#listeners.data);
+    this.#client.off('closed', this.#listeners.closed);
+    this.#client.off('end', this.#listeners.end);
+  }
+
+  /**
+   * Goes on with another agent's session, after the target was replaced: the connections of
+   * the previous session ended with it (their ids are not the new agent's), the counts and the
+   * lag of the whole session go on.
+   */
+  follow(client: AgentClient): void {
+    this.#detach();
+    this.#endAll();
+    this.#attach(client);
   }
 
   stats(): ReplayStats {
@@ -326,10 +348,7 @@ export class Replay extends EventEmitter<ReplayEvents> {
     if (!this.#closing) {
       this.#closing = true;
       clearTimeout(this.#lookTimer);
-      this.#client.off('opened', this.#listeners.opened);
-      this.#client.off('data', this.#listeners.data);
-      this.#client.off('closed', this.#listeners.closed);
-      this.#client.off('end', this.#listeners.end);
+      this.#detach();
       this.#endAll();
     }
     const sockets = [...this.#sockets];
@@ -352,12 +371,7 @@ export class Replay extends EventEmitter<ReplayEvents> {
       this.#skip({ ...base, reason: 'midStream' });
       return;
     }
-    let target: ReplayTarget | undefined;
-    try {
-      target = this.#options.route(opened.server.port);
-    } catch (error) {
-      this.emit('hookError', asError(error));
-    }
+    const target = this.#options.route(opened.server.port);
     if (target === undefined) {
       this.#skip({ ...base, reason: 'unrouted' });
       return;
@@ -425,19 +439,13 @@ export class Replay extends EventEmitter<ReplayEvents> {
       { address: socket.localAddress as string, port: localPort },
       { address: socket.remoteAddress as string, port: socket.remotePort as number },
     );
-    try {
-      this.#options.onConnected?.(localPort, connection.info.client);
-    } catch (error) {
-      this.emit('hookError', asError(error));
-    }
-    this.emit('connected', { id: connection.info.id, localPort, client: connection.info.client });
+    this.#options.onConnected?.(localPort, connection.info.client);
   }
 
   #skip(info: ReplaySkipInfo): void {
     if (info.reason === 'midStream') this.#stats.skippedMidStream++;
     else this.#stats.skippedUnrouted++;
     this.#skipped.set(info.id, { info, bytes: 0 });
-    this.emit('skipped', info);
   }
 
   #onData({ id, bytes, tapMicros }: DataMessage): void {
@@ -754,8 +762,4 @@ function learnTaken(connection: Replayed, queues: TcpQueues, written: number): v
   if (connection.pair === undefined) return;
   const taken = queues.taken(connection.pair, written);
   if (taken !== undefined && taken > connection.bytesTaken) connection.bytesTaken = taken;
-}
-
-function asError(value: unknown): Error {
-  return value instanceof Error ? value : new Error(String(value));
 }

@@ -1,6 +1,5 @@
 import { Watch, type V1Job, type V1Pod } from '@kubernetes/client-node';
-import { agentErrorOf, readinessOf } from '../../agent/output.js';
-import type { AgentReadiness } from '../../agent/server.js';
+import { agentErrorOf, readinessOf, type AgentReadiness } from '../../protocol/agent-launch.js';
 import { apiCall, kubeApiError, statusCodeOf } from './api-errors.js';
 import { AGENT_CONTAINER, LABELS } from './agent-job.js';
 import { KubeError, type KubeAccess } from './kubeconfig.js';

@@ -2,6 +2,7 @@ import type { V1Job, V1SecurityContext } from '@kubernetes/client-node';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { packageRoot } from '../../package-root.js';
+import { targetArgs } from '../../protocol/agent-launch.js';
 
 /** The agent serves its session here inside its own pod's netns, so a fixed port never collides. */
 export const AGENT_PORT = 61337;
@@ -146,8 +147,7 @@ export function agentJobManifest(options: AgentJobOptions): V1Job {
               command: [
                 'mirrord',
                 'agent',
-                '--container-id',
-                options.containerId,
+                ...targetArgs({ containerId: options.containerId }),
                 '--listen',
                 `127.0.0.1:${AGENT_PORT}`,
                 '--idle-timeout',

@@ -5,7 +5,12 @@ import type { AgentPlacer } from '../placed-agent.js';
 import { kubeApiError, statusCodeOf } from './api-errors.js';
 import { startAgentJob } from './agent-job-runner.js';
 import { AGENT_PORT, agentJobManifest, defaultAgentImage, type PullPolicy } from './agent-job.js';
-import { loadKubeAccess, type KubeAccess, type KubeAccessOptions } from './kubeconfig.js';
+import {
+  KubeError,
+  loadKubeAccess,
+  type KubeAccess,
+  type KubeAccessOptions,
+} from './kubeconfig.js';
 import { openPortForward } from './port-forward.js';
 import { describeTarget, resolveTarget, type ResolvedTarget, type TargetKind } from './targets.js';
 
@@ -72,13 +77,65 @@ export async function agentJobYaml(options: KubeAgentOptions): Promise<string> {
   return dumpYaml(job);
 }
 
+/** How often a replaced target's workload is asked for a ready pod. */
+const REPLACEMENT_POLL_MS = 1000;
+
+/**
+ * The plan for an agent next to the replacement of `gonePod`: the workload's newest ready pod
+ * other than it, asked for until one is ready or the startup timeout passes (a rollout or a
+ * ReplicaSet takes seconds to start and ready a pod).
+ */
+async function planReplacement(
+  options: KubeAgentOptions,
+  gonePod: string,
+  progress: (note: string) => void,
+): Promise<AgentJobPlan> {
+  const { kind, name } = options.target;
+  const seconds = options.agent.startupTimeoutSeconds;
+  const deadline = Date.now() + seconds * 1000;
+  progress(`waiting for a ready pod of ${kind}/${name} to replace pod ${gonePod}`);
+  for (;;) {
+    let why: string;
+    try {
+      const plan = await planAgentJob(options);
+      if (plan.target.pod !== gonePod) return plan;
+      why = `pod ${gonePod} is still its newest ready pod`;
+    } catch (error) {
+      // Anything else than "no ready pod yet" (a deleted workload, no access) will not pass.
+      if (!(error instanceof KubeError) || !/has no running, ready pod/.test(error.message)) {
+        throw error;
+      }
+      why = error.message;
+    }
+    if (options.signal?.aborted) {
+      throw Object.assign(new KubeError('interrupted while waiting for the replacement pod'), {
+        oclif: { exit: 130 },
+      });
+    }
+    if (Date.now() >= deadline) {
+      throw new KubeError(
+        `no pod of ${kind}/${name} replaced pod ${gonePod} within ${seconds} s (${why}): the session ended; raise --agent-startup-timeout to wait longer`,
+      );
+    }
+    await new Promise((resolve) => setTimeout(resolve, REPLACEMENT_POLL_MS));
+  }
+}
+
 /**
  * The kube platform's placer: the agent as a Job on the target's node, reached through a
- * port-forward to its fixed port. stop() deletes the Job (propagation Background).
+ * port-forward to its fixed port. stop() deletes the Job (propagation Background). A workload's
+ * agent is replaceable: when its pod goes away, the next agent goes next to the pod that
+ * replaced it (on that pod's node).
  */
 export function placeKubeAgent(options: KubeAgentOptions): AgentPlacer {
-  return async (progress) => {
-    const { access, target, job } = await planAgentJob(options, progress);
+  const replaceable = options.target.kind !== 'pod';
+  let placedPod: string | undefined;
+  return async (progress, replacing) => {
+    const { access, target, job } =
+      replacing && placedPod
+        ? await planReplacement(options, placedPod, progress)
+        : await planAgentJob(options, progress);
+    placedPod = target.pod;
     const agent = await startAgentJob({
       access,
       job,
@@ -89,6 +146,7 @@ export function placeKubeAgent(options: KubeAgentOptions): AgentPlacer {
     progress(`connecting to the agent (pod ${agent.namespace}/${agent.pod})`);
     return {
       target: describeTarget(target),
+      replaceable,
       async connect() {
         try {
           return await openPortForward(access.config, agent.namespace, agent.pod, AGENT_PORT);

@@ -3,10 +3,14 @@ import { connect, type Socket } from 'node:net';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
 import { packageRoot } from '../../package-root.js';
-import type { TargetSpec } from '../../agent/target.js';
 import type { AgentPlacer } from '../placed-agent.js';
-import type { AgentReadiness } from '../../agent/server.js';
-import { agentErrorOf, readinessOf } from '../../agent/output.js';
+import {
+  agentErrorOf,
+  readinessOf,
+  targetArgs,
+  type AgentReadiness,
+  type TargetSpec,
+} from '../../protocol/agent-launch.js';
 
 export interface LocalAgent {
   readiness: AgentReadiness;
@@ -28,12 +32,6 @@ export class LocalAgentError extends Error {}
 /** The agent's own one-line error if it printed one, else the first line of what it printed. */
 function reasonOf(stderrLines: string[]): string {
   return agentErrorOf(stderrLines) ?? stderrLines.find(Boolean) ?? 'it printed nothing';
-}
-
-function targetArgs(target: TargetSpec): string[] {
-  if ('pid' in target) return ['--pid', String(target.pid)];
-  if ('netns' in target) return ['--netns', target.netns];
-  return ['--container-id', target.containerId];
 }
 
 /**
@@ -107,6 +105,7 @@ export function placeLocalAgent(target: TargetSpec, options: LocalAgentOptions =
     const agent = await startLocalAgent(target, options);
     return {
       target: agent.readiness.target,
+      replaceable: false,
       connect: () => openTcp(agent.readiness.address, agent.readiness.port),
       async stop() {
         await agent.stop();
