@@ -1,7 +1,8 @@
 /* Record layout shared by tap.bpf.c (producer), tap_addon.cc (ring buffer consumer) and
  * src/agent/tap.ts (parser). Every field is little-endian host order except the addresses, which
- * stay in network order so IPv4 and IPv6 decode the same way. Changing an offset here means
- * changing the TAP_OFF_* constants in src/agent/tap.ts too. */
+ * stay in network order so IPv4 and IPv6 decode the same way. The parser's copy of the layout is
+ * TAP_RECORD_FIELDS in src/agent/tap.ts: test/record-layout.test.ts compiles this header and
+ * fails when a field, the header's size or TAP_RECORD_ALIGN differ. */
 #ifndef MIRRORD_TAP_H
 #define MIRRORD_TAP_H
 

@@ -36,6 +36,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "replay_source.h"
+
 #define EXPORT __attribute__((visibility("default")))
 
 // Fixed tables: fds at or above FD_MAX are not tracked (they behave as if unhooked).
@@ -272,16 +274,15 @@ static void sa_addr_str(const struct sockaddr_storage *ss, char *out, size_t n) 
         inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)ss)->sin6_addr, out, n);
 }
 
-// The session replays from 127.0.0.2 (src/session/replay.ts), so only connections from there
-// wait for their original peer: a developer's own client on 127.0.0.1 is neither delayed nor
-// rewritten. Plain or v4-mapped.
+// The session replays from replay_source_ipv4, so only connections from there wait for their
+// original peer: a developer's own client on 127.0.0.1 is neither delayed nor rewritten. Plain or
+// v4-mapped.
 static int sa_is_replay_source(const struct sockaddr_storage *ss) {
-    const uint8_t replay[4] = {127, 0, 0, 2};
     if (ss->ss_family == AF_INET)
-        return memcmp(&((const struct sockaddr_in *)ss)->sin_addr, replay, 4) == 0;
+        return memcmp(&((const struct sockaddr_in *)ss)->sin_addr, replay_source_ipv4, 4) == 0;
     if (ss->ss_family == AF_INET6) {
         const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
-        return IN6_IS_ADDR_V4MAPPED(a) && memcmp(&a->s6_addr[12], replay, 4) == 0;
+        return IN6_IS_ADDR_V4MAPPED(a) && memcmp(&a->s6_addr[12], replay_source_ipv4, 4) == 0;
     }
     return 0;
 }

@@ -1,12 +1,12 @@
 import { createCipheriv } from 'node:crypto';
 import {
   Reassembler,
-  type CloseReason,
   type ConnectionOpened,
   type ReassemblyLimits,
   type ReassemblySink,
 } from '../src/agent/reassembly.js';
 import { TcpFlag, type FlowEndpoints, type TapSegment } from '../src/agent/segment.js';
+import type { CloseReason } from '../src/protocol/messages.js';
 import { prng } from './support/prng.js';
 
 const { SYN, FIN, RST, ACK, PSH } = TcpFlag;
@@ -633,19 +633,6 @@ describe('Reassembler: timeouts', () => {
     expect(sink.get(2).closed).toEqual({ reason: 'expired', gapBytes: 0 });
     expect(sink.get(1).closed).toBeUndefined();
     expect(reassembler.connectionCount).toBe(3);
-  });
-
-  test('closeAll closes every connection with the given reason and forgets them', () => {
-    const a = new Client('a1', 1, Buffer.from('abcdef'));
-    const b = new Client('b2', 2, Buffer.from('abcdef'));
-    const { sink, reassembler } = run([a.syn(), b.syn(), b.data(0, 1), b.data(3, 6)]);
-    reassembler.closeAll('broken');
-    expect(sink.get(1).closed).toEqual({ reason: 'broken', gapBytes: 0 });
-    expect(sink.get(2).closed).toEqual({ reason: 'broken', gapBytes: 2 });
-    expect(reassembler.connectionCount).toBe(0);
-    expect(reassembler.bufferedBytes).toBe(0);
-    reassembler.push(a.data(0, 6), 10);
-    expect(sink.get(3).opened.midStream).toBe(true);
   });
 });
 

@@ -1,4 +1,4 @@
-import type { CloseReason } from './reassembly.js';
+import type { CloseReason } from '../protocol/messages.js';
 
 /** The part of a session the outbox writes to. */
 export interface OutboxSession {

@@ -1,6 +1,5 @@
+import type { CloseReason } from '../protocol/messages.js';
 import { TcpFlag, type FlowEndpoints, type TapSegment } from './segment.js';
-
-export type CloseReason = 'fin' | 'rst' | 'expired' | 'broken';
 
 export interface ConnectionOpened extends FlowEndpoints {
   id: number;
@@ -8,8 +7,8 @@ export interface ConnectionOpened extends FlowEndpoints {
 }
 
 /**
- * Receives the reassembled streams. Calls are synchronous from inside `push`, `sweep` and
- * `closeAll`; a sink must not throw and must not call back into the Reassembler from them.
+ * Receives the reassembled streams. Calls are synchronous from inside `push` and `sweep`; a
+ * sink must not throw and must not call back into the Reassembler from them.
  */
 export interface ReassemblySink {
   opened(connection: ConnectionOpened): void;
@@ -27,7 +26,7 @@ export interface ReassemblyLimits {
   maxConnections: number;
 }
 
-export const DEFAULT_REASSEMBLY_LIMITS: Readonly<ReassemblyLimits> = Object.freeze({
+const DEFAULT_REASSEMBLY_LIMITS: Readonly<ReassemblyLimits> = Object.freeze({
   maxBufferedPerConnection: 4 * 1024 * 1024,
   maxBufferedTotal: 64 * 1024 * 1024,
   idleTimeoutMs: 120_000,
@@ -202,19 +201,6 @@ export class Reassembler {
       if (nowMs - closed.at < CLOSED_MEMORY_MS) break;
       this.closedKeys.delete(key);
     }
-  }
-
-  /**
-   * Closes everything and forgets closed keys too, so that if the caller keeps feeding segments
-   * (say after declaring every flow broken when the tap lost records) the surviving
-   * connections are joined again mid-stream instead of being silenced.
-   */
-  closeAll(reason: CloseReason): void {
-    for (const conn of this.connections.values()) {
-      const gap = reason === 'broken' ? conn.firstPending() - conn.delivered : Infinity;
-      this.close(conn, reason, Number.isFinite(gap) ? gap : 0, false);
-    }
-    this.closedKeys.clear();
   }
 
   private pushControl(segment: TapSegment, found: Connection | undefined, nowMs: number): void {

@@ -1,9 +1,9 @@
 import net from 'node:net';
 import { hostname } from 'node:os';
 import { AgentSession } from '../protocol/server.js';
-import type { Counters } from '../protocol/messages.js';
+import type { CloseReason, Counters } from '../protocol/messages.js';
 import { Outbox } from './outbox.js';
-import { Reassembler, type CloseReason, type ReassemblyLimits } from './reassembly.js';
+import { Reassembler, type ReassemblyLimits } from './reassembly.js';
 import { Tap, TapError, type TapOptions } from './tap.js';
 import { describeTarget, resolveTarget, targetPresence } from './target.js';
 import type { AgentReadiness, TargetSpec } from '../protocol/agent-launch.js';
@@ -150,18 +150,18 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       // What was copied before the target went is still delivered; the counters just sent
       // count it.
       if (session) outbox.flush(session);
-      end({ error: `the target went away: ${gone}` }, 'target-gone');
+      end({ error: `the target went away: ${gone}` }, { code: 'target-gone', message: gone });
     }
   }, SWEEP_INTERVAL_MS);
   let ended = false;
-  /** Ends the agent; with `code`, the session is told the exit's error as a fatal error. */
-  const end = (exit: AgentExit, code?: string): void => {
+  /** Ends the agent; with `fatal`, the session is told that error first. */
+  const end = (exit: AgentExit, fatal?: { code: string; message: string }): void => {
     if (ended) return;
     ended = true;
     clearInterval(sweeper);
     clearTimeout(idleTimer);
     tap.close();
-    session?.close(code && exit.error ? { code, message: exit.error } : undefined);
+    session?.close(fatal);
     server.close();
     finish(exit);
   };

@@ -75,19 +75,43 @@ interface NativeModule {
   ): NativeHandle;
 }
 
-// Record layout, as in agent-bpf/tap.h.
-const HEADER = 64;
-const ALIGN_MASK = 7;
-const OFF_TIMESTAMP = 0;
-const OFF_SEQ = 8;
-const OFF_IFINDEX = 12;
-const OFF_LEN = 16;
-const OFF_SPORT = 20;
-const OFF_DPORT = 22;
-const OFF_FAMILY = 24;
-const OFF_FLAGS = 25;
-const OFF_SADDR = 32;
-const OFF_DADDR = 48;
+/**
+ * The fields of a record's header, agent-bpf/tap.h's struct tap_record: byte offset and size,
+ * padding included, so that the fields cover the header exactly. test/record-layout.test.ts
+ * compiles tap.h and checks every field, the header's size and that coverage: a field changed or
+ * added on one side only fails it.
+ */
+export const TAP_RECORD_FIELDS = {
+  timestamp_ns: { offset: 0, size: 8 },
+  seq: { offset: 8, size: 4 },
+  ifindex: { offset: 12, size: 4 },
+  payload_len: { offset: 16, size: 4 },
+  sport: { offset: 20, size: 2 },
+  dport: { offset: 22, size: 2 },
+  family: { offset: 24, size: 1 },
+  flags: { offset: 25, size: 1 },
+  pad: { offset: 26, size: 6 },
+  saddr: { offset: 32, size: 16 },
+  daddr: { offset: 48, size: 16 },
+} as const;
+/** sizeof(struct tap_record): where the payload starts. */
+export const TAP_RECORD_HEADER_BYTES = 64;
+/** TAP_RECORD_ALIGN: each record of a batch starts at a multiple of it. */
+export const TAP_RECORD_ALIGN = 8;
+
+// Short names for the parsing below.
+const HEADER = TAP_RECORD_HEADER_BYTES;
+const ALIGN_MASK = TAP_RECORD_ALIGN - 1;
+const OFF_TIMESTAMP = TAP_RECORD_FIELDS.timestamp_ns.offset;
+const OFF_SEQ = TAP_RECORD_FIELDS.seq.offset;
+const OFF_IFINDEX = TAP_RECORD_FIELDS.ifindex.offset;
+const OFF_LEN = TAP_RECORD_FIELDS.payload_len.offset;
+const OFF_SPORT = TAP_RECORD_FIELDS.sport.offset;
+const OFF_DPORT = TAP_RECORD_FIELDS.dport.offset;
+const OFF_FAMILY = TAP_RECORD_FIELDS.family.offset;
+const OFF_FLAGS = TAP_RECORD_FIELDS.flags.offset;
+const OFF_SADDR = TAP_RECORD_FIELDS.saddr.offset;
+const OFF_DADDR = TAP_RECORD_FIELDS.daddr.offset;
 
 const DEFAULT_RING_BYTES = 8 * 1024 * 1024;
 /** Batches in flight between the consumer thread and JavaScript; it waits when all are out. */

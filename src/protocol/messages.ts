@@ -152,19 +152,15 @@ export interface DataMessage {
   tapMicros: number;
 }
 
+// The type is made from the list the parser checks, so the two cannot differ.
+const CLOSE_REASONS = ['fin', 'rst', 'expired', 'broken'] as const;
+
 /**
  * Why a mirrored connection ended. `fin`/`rst`: the client closed or reset it. `expired`: idle
  * too long, the agent gave up on it. `broken`: the agent could not deliver the stream in order
  * (bytes missing: a dropped segment, a memory limit) and stopped mirroring it.
  */
-export type CloseReason = 'fin' | 'rst' | 'expired' | 'broken';
-
-const CLOSE_REASONS: readonly string[] = [
-  'fin',
-  'rst',
-  'expired',
-  'broken',
-] satisfies CloseReason[];
+export type CloseReason = (typeof CLOSE_REASONS)[number];
 
 export interface ClosedMessage {
   type: 'closed';
@@ -545,7 +541,7 @@ export function parseAgentMessage(value: unknown): AgentMessage {
     case C.closed: {
       arity(w, 'closed', 3);
       const reason = w[2];
-      if (typeof reason !== 'string' || !CLOSE_REASONS.includes(reason)) {
+      if (typeof reason !== 'string' || !(CLOSE_REASONS as readonly string[]).includes(reason)) {
         return fail('closed', 'reason', CLOSE_REASONS.join('|'), reason);
       }
       return {
