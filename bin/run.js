@@ -1,4 +1,7 @@
 #!/usr/bin/env node
-import { execute } from '@oclif/core';
+import process from 'node:process';
+import { flush, run } from '@oclif/core';
+import { exitWithError } from '../dist/cli/base-command.js';
 
-await execute({ dir: import.meta.url });
+// oclif's execute() would print what no command caught in its own words (" ›   Error: …").
+await run(process.argv.slice(2), import.meta.url).then(() => flush(), exitWithError);

@@ -12,9 +12,10 @@ cluster=false
 # python3, redis-server and redis-tools are the real programs the tests and benchmarks drive;
 # python3-gunicorn is the real pre-fork server (workers forked after listen) the tests mirror
 # into, and whose workers must all end with a killed mirror; openssl makes the test API
-# server's certificate.
+# server's certificate; tmux is the real terminal the status line is tested in.
 packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-format make g++
-  pkg-config tcpdump wrk curl python3 python3-gunicorn procps redis-server redis-tools openssl)
+  pkg-config tcpdump wrk curl python3 python3-gunicorn procps redis-server redis-tools openssl
+  tmux)
 # The test cluster: the container runtime and pod network, iptables for kube-proxy, and what
 # builds images without a Docker engine or registry (buildah, debootstrap).
 $cluster && packages+=(containerd runc containernetworking-plugins iptables conntrack buildah
@@ -32,10 +33,13 @@ if ((${#missing[@]})); then
     "${missing[@]}" >/dev/null
 fi
 
-# npm ci only when the lock changed since the last install, so repeated runs stay fast.
+# npm ci only when the lock changed since the last install, so repeated runs stay fast. No
+# install scripts: no dependency needs one (package.json's allowScripts), and this package's
+# own would be npm's implicit `node-gyp rebuild`, a second full compile of the addon that the
+# build below makes anyway.
 if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
   echo "setup: installing npm dependencies"
-  npm ci --no-audit --no-fund --loglevel=error
+  npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
 fi
 
 npm run --silent build

@@ -279,8 +279,8 @@ describe('mirrord agent', () => {
       [['--netns', 'no-such-netns'], /network namespace "no-such-netns" does not exist/],
       [['--container-id', 'zzz'], /not a container id/],
       [['--container-id', 'containerd://' + 'ab'.repeat(32)], /no process of container/],
-      [[], /Exactly one of the following must be provided: --container-id, --netns, --pid/],
-      [['--netns', 'x', '--idle-timeout', 'soon'], /Expected an integer but received: soon/],
+      [[], /give one of --container-id, --netns, --pid/],
+      [['--netns', 'x', '--idle-timeout', 'soon'], /--idle-timeout "soon" is not a whole number/],
     ];
     for (const [args, message] of cases) {
       const result = runCli(['agent', ...args]);

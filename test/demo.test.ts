@@ -103,9 +103,9 @@ describe('mirrord demo', () => {
     await expectNothingLeft(run);
   });
 
-  test('Ctrl-C once requests arrive ends it and removes everything', async () => {
+  test('Ctrl-C once requests arrive ends it, removes everything and exits 130', async () => {
     const run = await runDemo(['--duration', '0'], /^local app: (GET|POST) /m);
-    expect(`exit ${run.code}\n${run.out}`).toMatch(/^exit 0\n[^]*removed the sandbox/);
+    expect(`exit ${run.code}\n${run.out}`).toMatch(/^exit 130\n[^]*removed the sandbox/);
     await expectNothingLeft(run);
   });
 

@@ -1,5 +1,20 @@
 import { Flags } from '@oclif/core';
 import type { KubeAccessOptions } from '../platform/kube/kubeconfig.js';
+import { UsageError } from './base-command.js';
+import { KUBE_NAME, isKubeName } from './config.js';
+
+/** Seconds to wait for one answer of the API server, when no flag or mirrord.json says. */
+export const DEFAULT_REQUEST_TIMEOUT_S = 20;
+
+/** A flag whose value is a Kubernetes object name: refused as such, whatever the command. */
+export const kubeName = Flags.custom<string>({
+  parse: async (value, _context, flag) => {
+    if (!isKubeName(value)) {
+      throw new UsageError(`--${flag.name} "${value}" is not ${KUBE_NAME}`);
+    }
+    return value;
+  },
+});
 
 /**
  * The flags that say how to reach the cluster, shared by every command that talks to it, so
@@ -17,7 +32,8 @@ export const clusterFlags = (helpGroup?: string) => ({
     helpGroup,
   }),
   'request-timeout': Flags.integer({
-    summary: 'Seconds to wait for one answer of the API server (default: 20).',
+    summary: `Seconds to wait for one answer of the API server (default: ${DEFAULT_REQUEST_TIMEOUT_S}).`,
+    helpValue: 'SECONDS',
     min: 1,
     helpGroup,
   }),
@@ -25,9 +41,10 @@ export const clusterFlags = (helpGroup?: string) => ({
 
 /** `-n NS` or `-A`, for commands that look at a namespace or at all of them. */
 export const namespaceFlags = (verb: string) => ({
-  namespace: Flags.string({
+  namespace: kubeName({
     char: 'n',
     summary: `The namespace to ${verb} (default: the context's, else default).`,
+    helpValue: 'NAME',
     exclusive: ['all-namespaces'],
   }),
   'all-namespaces': Flags.boolean({
@@ -43,11 +60,10 @@ export function kubeAccessOptions(flags: {
   namespace?: string;
   'request-timeout'?: number;
 }): KubeAccessOptions {
-  const seconds = flags['request-timeout'];
   return {
     kubeconfig: flags.kubeconfig,
     context: flags.context,
     namespace: flags.namespace,
-    requestTimeoutMs: seconds === undefined ? undefined : seconds * 1000,
+    requestTimeoutMs: (flags['request-timeout'] ?? DEFAULT_REQUEST_TIMEOUT_S) * 1000,
   };
 }

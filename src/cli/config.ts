@@ -1,5 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { PULL_POLICIES, type PullPolicy } from '../platform/kube/agent-job.js';
+import { UsageError } from './base-command.js';
 
 /** What `mirrord.json` may hold: the `mirror` command's settings. Flags win over it. */
 export interface MirrorConfig {
@@ -17,7 +19,7 @@ export interface MirrorConfig {
   context?: string;
   kubeconfig?: string;
   agentImage?: string;
-  agentPullPolicy?: 'Always' | 'IfNotPresent' | 'Never';
+  agentPullPolicy?: PullPolicy;
   agentPullSecrets?: string[];
   agentCapabilities?: boolean;
   agentTtl?: number;
@@ -25,12 +27,16 @@ export interface MirrorConfig {
   agentStartupTimeout?: number;
   requestTimeout?: number;
 }
+export type ConfigKey = keyof MirrorConfig;
 
 export const CONFIG_FILE = 'mirrord.json';
 
 /** The keys that name what is mirrored: a file names at most one. */
 export const LOCAL_TARGET_KEYS = ['pid', 'netns'] as const;
 export const KUBE_TARGET_KEYS = ['pod', 'deployment', 'statefulset'] as const;
+
+/** What isKubeName accepts, for messages. */
+export const KUBE_NAME = 'a Kubernetes name (lower case letters, digits, "-" and ".")';
 
 /** A Kubernetes object name (DNS-1123 subdomain): what pods, workloads and namespaces are called. */
 export function isKubeName(value: unknown): value is string {
@@ -41,51 +47,123 @@ export function isKubeName(value: unknown): value is string {
   );
 }
 
-type Check = (value: unknown) => boolean;
-type Rules = Partial<Record<keyof MirrorConfig, [Check, string]>>;
-const isPort: Check = (v) => Number.isInteger(v) && (v as number) >= 1 && (v as number) <= 65535;
-const isSeconds =
-  (min: number): Check =>
-  (v) =>
-    Number.isInteger(v) && (v as number) >= min;
-const isText: Check = (v) => typeof v === 'string' && v.length > 0;
-const NAME = 'a Kubernetes name (lower case letters, digits, "-" and ".")';
+/** What --port and mirrord.json's `ports` take. */
+export const PORT_MAPPING = 'REMOTE[:LOCAL] with ports from 1 to 65535';
 
-/** Keys whatever the target. */
-const COMMON: Rules = {
-  ports: [
-    (v) => Array.isArray(v) && v.every((p) => typeof p === 'string' || isPort(p)),
-    'a list of "REMOTE[:LOCAL]"',
-  ],
-  ignorePorts: [(v) => Array.isArray(v) && v.every(isPort), 'a list of ports'],
-  midStream: [(v) => typeof v === 'boolean', 'true or false'],
-};
-const LOCAL: Rules = {
-  pid: [(v) => Number.isInteger(v) && (v as number) > 0, 'a process id'],
-  netns: [isText, 'a network namespace name'],
-};
-const KUBE: Rules = {
-  pod: [isKubeName, NAME],
-  deployment: [isKubeName, NAME],
-  statefulset: [isKubeName, NAME],
-  container: [isKubeName, NAME],
-  namespace: [isKubeName, NAME],
-  context: [isText, 'a context name of the kubeconfig'],
-  kubeconfig: [isText, 'a file path'],
-  agentImage: [isText, 'an image reference, e.g. ghcr.io/mirrord-dev/mirrord-agent:0.1.0'],
-  agentPullPolicy: [
-    (v) => v === 'Always' || v === 'IfNotPresent' || v === 'Never',
-    'Always, IfNotPresent or Never',
-  ],
-  agentPullSecrets: [(v) => Array.isArray(v) && v.every(isKubeName), 'a list of secret names'],
-  agentCapabilities: [(v) => typeof v === 'boolean', 'true or false'],
-  agentTtl: [isSeconds(0), 'a number of seconds (0 or more)'],
-  agentIdleTimeout: [isSeconds(1), 'a number of seconds (1 or more)'],
-  agentStartupTimeout: [isSeconds(1), 'a number of seconds (1 or more)'],
-  requestTimeout: [isSeconds(1), 'a number of seconds (1 or more)'],
+/** A remote port mirrored into a local one. */
+export interface PortMapping {
+  remote: number;
+  local: number;
+}
+
+/** `REMOTE` or `REMOTE:LOCAL`, each a port; undefined when `value` is not one. */
+export function portMappingOf(value: string): PortMapping | undefined {
+  const match = /^(\d{1,5})(?::(\d{1,5}))?$/.exec(value);
+  const remote = Number(match?.[1]);
+  const local = Number(match?.[2] ?? match?.[1]);
+  return match && isPort(remote) && isPort(local) ? { remote, local } : undefined;
+}
+
+type Scope = 'local' | 'kube' | 'any';
+/** What is wrong with `value` as the value of `key` (the message names the key), if anything. */
+type Check = (value: unknown, key: string) => string | undefined;
+interface Setting {
+  /** The targets the key means something for. */
+  scope: Scope;
+  check: Check;
+  /** A list: its flag may be given several times. */
+  list?: true;
+}
+
+function isPort(value: unknown): value is number {
+  return Number.isInteger(value) && (value as number) >= 1 && (value as number) <= 65535;
+}
+const isSeconds = (min: number) => (value: unknown) =>
+  Number.isInteger(value) && (value as number) >= min;
+const isText = (value: unknown) => typeof value === 'string' && value.length > 0;
+const isBoolean = (value: unknown) => typeof value === 'boolean';
+
+function one(scope: Scope, ok: (value: unknown) => boolean, expected: string): Setting {
+  return { scope, check: (value, key) => (ok(value) ? undefined : `"${key}" must be ${expected}`) };
+}
+
+/** A list whose bad item is named by its place: `ports[1] "x" is not …`. */
+function list(scope: Scope, ok: (item: unknown) => boolean, expected: string): Setting {
+  return {
+    scope,
+    list: true,
+    check: (value, key) => {
+      if (!Array.isArray(value)) return `"${key}" must be a list`;
+      const bad = value.findIndex((item) => !ok(item));
+      return bad < 0
+        ? undefined
+        : `${key}[${bad}] ${JSON.stringify(value[bad])} is not ${expected}`;
+    },
+  };
+}
+
+/**
+ * Every mirrord.json key. A key is its `mirror` flag in camelCase, plural when the flag is
+ * repeated to give a list (--agent-pull-secret S1 --agent-pull-secret S2 is
+ * `"agentPullSecrets": ["S1", "S2"]`): see flagOf. The order is the one error messages list.
+ */
+const SETTINGS: { [Key in ConfigKey]-?: Setting } = {
+  pid: one('local', (v) => Number.isInteger(v) && (v as number) > 0, 'a process id'),
+  netns: one('local', isText, 'a network namespace name'),
+  pod: one('kube', isKubeName, KUBE_NAME),
+  deployment: one('kube', isKubeName, KUBE_NAME),
+  statefulset: one('kube', isKubeName, KUBE_NAME),
+  container: one('kube', isKubeName, KUBE_NAME),
+  namespace: one('kube', isKubeName, KUBE_NAME),
+  context: one('kube', isText, 'a context name of the kubeconfig'),
+  kubeconfig: one('kube', isText, 'a file path'),
+  agentImage: one(
+    'kube',
+    isText,
+    'an image reference, e.g. ghcr.io/mirrord-dev/mirrord-agent:0.1.0',
+  ),
+  agentPullPolicy: one(
+    'kube',
+    (v) => PULL_POLICIES.includes(v as PullPolicy),
+    PULL_POLICIES.join(', ').replace(/, (?=[^,]*$)/, ' or '),
+  ),
+  agentPullSecrets: list('kube', isKubeName, `the name of a secret, ${KUBE_NAME}`),
+  agentCapabilities: one('kube', isBoolean, 'true or false'),
+  agentTtl: one('kube', isSeconds(0), 'a number of seconds (0 or more)'),
+  agentIdleTimeout: one('kube', isSeconds(1), 'a number of seconds (1 or more)'),
+  agentStartupTimeout: one('kube', isSeconds(1), 'a number of seconds (1 or more)'),
+  requestTimeout: one('kube', isSeconds(1), 'a number of seconds (1 or more)'),
+  ports: list(
+    'any',
+    (item) =>
+      (typeof item === 'string' || typeof item === 'number') &&
+      portMappingOf(String(item)) !== undefined,
+    PORT_MAPPING,
+  ),
+  ignorePorts: list('any', isPort, 'a port from 1 to 65535'),
+  midStream: one('any', isBoolean, 'true or false'),
 };
 
-export class ConfigError extends Error {}
+export const CONFIG_KEYS = Object.keys(SETTINGS) as ConfigKey[];
+
+/** The `mirror` flag of a mirrord.json key: `agentPullSecrets` is --agent-pull-secret. */
+export function flagOf(key: ConfigKey): string {
+  const kebab = key.replace(/[A-Z]/g, (letter) => `-${letter.toLowerCase()}`);
+  return SETTINGS[key].list ? kebab.replace(/s$/, '') : kebab;
+}
+
+/** The settings that mean something only for a Kubernetes target, besides naming it. */
+export const KUBE_ONLY_KEYS = CONFIG_KEYS.filter(
+  (key) => SETTINGS[key].scope === 'kube' && !(KUBE_TARGET_KEYS as readonly string[]).includes(key),
+);
+
+/** mirrord.json's problems are bad input: the line names the file (as the user named it). */
+export class ConfigError extends UsageError {}
+
+/** The settings file as the user knows it: as given to --config, else mirrord.json here. */
+export function configFileName(file: string | undefined): string {
+  return file ?? CONFIG_FILE;
+}
 
 /**
  * Reads `file`, or `mirrord.json` in `cwd` when no file is named (absent is fine then), and
@@ -95,6 +173,7 @@ export class ConfigError extends Error {}
  */
 export function loadMirrorConfig(file: string | undefined, cwd = process.cwd()): MirrorConfig {
   const path = file ?? join(cwd, CONFIG_FILE);
+  const name = configFileName(file);
   if (!file && !existsSync(path)) return {};
   let parsed: unknown;
   try {
@@ -102,12 +181,12 @@ export function loadMirrorConfig(file: string | undefined, cwd = process.cwd()):
   } catch (error) {
     const reason =
       (error as NodeJS.ErrnoException).code === 'ENOENT'
-        ? 'no such file'
+        ? 'no such file (from --config)'
         : (error as Error).message;
-    throw new ConfigError(`config ${path}: ${reason}`);
+    throw new ConfigError(`${name}: ${reason}`);
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
-    throw new ConfigError(`config ${path}: expected a JSON object of settings`);
+    throw new ConfigError(`${name}: expected a JSON object of settings`);
   }
   const keys = Object.keys(parsed);
   const targets = keys.filter((key) =>
@@ -115,31 +194,30 @@ export function loadMirrorConfig(file: string | undefined, cwd = process.cwd()):
   );
   if (targets.length > 1) {
     throw new ConfigError(
-      `config ${path}: give one target, not ${targets.map((key) => `"${key}"`).join(' and ')}`,
+      `${name}: give one target, not ${targets.map((key) => `"${key}"`).join(' and ')}`,
     );
   }
   const [target] = targets;
-  const local = LOCAL_TARGET_KEYS.includes(target as never);
-  const kube = KUBE_TARGET_KEYS.includes(target as never);
-  const rules: Rules = local
-    ? { ...LOCAL, ...COMMON }
-    : kube
-      ? { ...KUBE, ...COMMON }
-      : { ...LOCAL, ...COMMON, ...KUBE };
+  const scope: Scope = LOCAL_TARGET_KEYS.includes(target as never)
+    ? 'local'
+    : KUBE_TARGET_KEYS.includes(target as never)
+      ? 'kube'
+      : 'any';
+  const known = CONFIG_KEYS.filter(
+    (key) => scope === 'any' || [scope, 'any'].includes(SETTINGS[key].scope),
+  );
   const config: Record<string, unknown> = {};
   for (const [key, value] of Object.entries(parsed)) {
-    const rule = rules[key as keyof MirrorConfig];
-    if (!rule) {
-      if (local && key in KUBE) {
+    if (!known.includes(key as ConfigKey)) {
+      if (scope === 'local' && KUBE_ONLY_KEYS.includes(key as ConfigKey)) {
         throw new ConfigError(
-          `config ${path}: "${key}" applies to Kubernetes targets (pod, deployment, statefulset), not to "${target}"`,
+          `${name}: "${key}" applies to Kubernetes targets (pod, deployment, statefulset), not to "${target}"`,
         );
       }
-      throw new ConfigError(
-        `config ${path}: unknown key "${key}" (known: ${Object.keys(rules).join(', ')})`,
-      );
+      throw new ConfigError(`${name}: unknown key "${key}" (known: ${known.join(', ')})`);
     }
-    if (!rule[0](value)) throw new ConfigError(`config ${path}: "${key}" must be ${rule[1]}`);
+    const problem = SETTINGS[key as ConfigKey].check(value, key);
+    if (problem) throw new ConfigError(`${name}: ${problem}`);
     config[key] = key === 'ports' ? (value as unknown[]).map(String) : value;
   }
   return config as MirrorConfig;

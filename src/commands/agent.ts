@@ -1,6 +1,7 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import { startAgent } from '../agent/server.js';
+import { AGENT_DEFAULTS } from '../platform/kube/agent-job.js';
 import type { TargetSpec } from '../protocol/agent-launch.js';
 
 export default class AgentCommand extends MirrordCommand {
@@ -30,7 +31,7 @@ export default class AgentCommand extends MirrordCommand {
     }),
     'idle-timeout': Flags.integer({
       summary: 'Seconds to wait for a session before exiting.',
-      default: 30,
+      default: AGENT_DEFAULTS.idleTimeoutSeconds,
       min: 1,
     }),
     'ring-buffer-mib': Flags.integer({

@@ -1,5 +1,6 @@
 import { Flags } from '@oclif/core';
-import { MirrordCommand } from '../cli/base-command.js';
+import { EXIT, MirrordCommand } from '../cli/base-command.js';
+import { localPrivilegesProblem } from '../cli/mirror-settings.js';
 import { runDemo } from '../demo/run-demo.js';
 
 export default class DemoCommand extends MirrordCommand {
@@ -18,11 +19,19 @@ export default class DemoCommand extends MirrordCommand {
 
   async run(): Promise<void> {
     const { flags } = await this.parse(DemoCommand);
+    // The demo's sandbox and agent need what a local target of `mirror` needs: the same line.
+    const privilegesIssue = localPrivilegesProblem();
+    if (privilegesIssue) this.error(privilegesIssue, { exit: EXIT.failure });
+    let wasInterrupted = false;
     // `on`, not `once`: execa's exit handler re-raises a signal that no other listener is left
     // to handle, which would kill the demo before it removes its sandbox.
     const interrupted = new Promise<void>((resolve) => {
-      process.on('SIGINT', resolve);
-      process.on('SIGTERM', resolve);
+      const interrupt = (): void => {
+        wasInterrupted = true;
+        resolve();
+      };
+      process.on('SIGINT', interrupt);
+      process.on('SIGTERM', interrupt);
     });
     try {
       await runDemo({
@@ -31,7 +40,9 @@ export default class DemoCommand extends MirrordCommand {
         interrupted,
       });
     } catch (error) {
-      this.error((error as Error).message, { exit: 1 });
+      this.error((error as Error).message, { exit: EXIT.failure });
     }
+    // Cleaned up and summed up, but stopped before its time: a script must be able to tell.
+    if (wasInterrupted) process.exitCode = EXIT.interrupted;
   }
 }

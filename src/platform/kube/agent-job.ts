@@ -33,8 +33,19 @@ export const AGENT_CAPABILITIES = [
   'PERFMON',
 ];
 
+/** The image pull policies Kubernetes knows: what --agent-pull-policy and mirrord.json take. */
 export const PULL_POLICIES = ['Always', 'IfNotPresent', 'Never'] as const;
 export type PullPolicy = (typeof PULL_POLICIES)[number];
+
+/** The agent's settings when neither a flag nor mirrord.json gives them (help shows these). */
+export const AGENT_DEFAULTS = {
+  /** Seconds Kubernetes keeps the finished Job (ttlSecondsAfterFinished). */
+  ttlSeconds: 60,
+  /** Seconds the agent waits for its session before it exits by itself. */
+  idleTimeoutSeconds: 30,
+  /** Seconds the CLI waits for the agent to be ready. */
+  startupTimeoutSeconds: 60,
+} as const;
 
 export interface AgentJobOptions {
   sessionId: string;
