@@ -191,6 +191,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     prctl(PR_SET_CHILD_SUBREAPER, 1);
+    // Its last words to a CLI that is gone go to a broken pipe: dying of SIGPIPE there would
+    // leave the app running, which is what the guard is for.
+    signal(SIGPIPE, SIG_IGN);
 
     sigset_t handled, original;
     sigemptyset(&handled);
@@ -214,6 +217,8 @@ int main(int argc, char **argv) {
     if (app == 0) {
         // The app starts with the signal mask mirrord gave the guard, and dies with the guard.
         sigprocmask(SIG_SETMASK, &original, NULL);
+        // An ignored signal stays ignored across exec: the app gets the default back.
+        signal(SIGPIPE, SIG_DFL);
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != guard)
             _exit(1);

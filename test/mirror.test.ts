@@ -150,13 +150,13 @@ describe('mirrord mirror', () => {
     await until(() => run.output().includes('mirroring'), 'the session');
     await untilReplayed(local, '/mapped', 'x=1', 'got POST /mapped x=1 from ::ffff:127.0.0.2');
     run.child.kill('SIGINT');
-    expect(await run.exited).toBe(0);
+    expect(await run.exited).toBe(130);
     expect(agentsOf(sandbox.target)).toEqual([]);
     // Not a terminal: no live status, one line of totals at the end.
     expect(run.output()).toMatch(
       new RegExp(
-        `mirrord: netns ${sandbox.target} · ports ${PORT} · 1 connections \\(0 open\\) · ` +
-          `[0-9.]+ MB replayed · lag p50/p99 [0-9.]+/[0-9.]+ ms · dropped: `,
+        `mirrord: netns ${sandbox.target} · port ${PORT} mirrored · 1 connection · ` +
+          `[0-9.]+ (B|kB) replayed · lag p50 [0-9.]+ ms, p99 [0-9.]+ ms · `,
       ),
     );
   });
@@ -232,7 +232,7 @@ for (const port of [${ignored}, ${appPort}]) {
       await until(() => run.output().includes('mirroring'), 'the session');
       await untilReplayed(local, '/configured', 'y=2', 'got POST /configured y=2');
       run.child.kill('SIGINT');
-      expect(await run.exited).toBe(0);
+      expect(await run.exited).toBe(130);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -1,26 +1,19 @@
 /**
- * The CLI's end of a session with an agent, shared by the CLI and the tests.
- *
- * ```ts
- * const client = await connectToAgent('127.0.0.1', port, { clientName: 'mirrord-cli 0.1.0' });
- * client.on('opened', (c) => replay.open(c));
- * client.on('data', (d) => {
- *   // Backpressure: stop the whole agent stream until the consumer catches up.
- *   if (!replay.write(d.id, d.bytes)) {
- *     client.pause();
- *     replay.once('drain', () => client.resume());
- *   }
- * });
- * client.on('closed', (c) => replay.end(c.id));
- * client.on('error', (err) => log(err)); // the session is over; 'end' follows
- * client.on('end', () => done());
- * await client.subscribe(8080); // resolves once the tap is live for port 8080
- * ```
+ * The CLI's end of a session with an agent: the handshake, keep-alive pings, subscribe and
+ * unsubscribe as promises, and the agent's messages as events. The CLI's session
+ * (src/session/mirror.ts) starts one over the agent's stream with {@link AgentClient.start} and
+ * hands it to a Replay, which listens to 'opened', 'data' and 'closed'. The agent stream is
+ * never paused: the Replay keeps a slow local app's cost to that app's own connections.
  */
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { AgentClock, monotonicMicros } from './clock.js';
+import {
+  AgentClock,
+  STARTUP_CLOCK_SAMPLES,
+  STARTUP_CLOCK_SAMPLE_INTERVAL_MS,
+  monotonicMicros,
+} from './clock.js';
 import { FrameDecoder, FrameWriter, type FrameLimits } from './framing.js';
 import {
   CAPABILITIES,
@@ -44,7 +37,7 @@ export type AgentClientErrorCode =
   | 'handshake-timeout'
   /** No byte from the agent for `deadAfterMs` while we were reading. */
   | 'dead-agent'
-  /** The agent reported a fatal error; its code is in `agentCode`. */
+  /** The agent reported a fatal error: its code and text are in `agent`. */
   | 'agent'
   /** The connection ended without the agent saying why, or failed. */
   | 'closed'
@@ -57,7 +50,8 @@ export class AgentClientError extends Error {
   constructor(
     readonly code: AgentClientErrorCode,
     message: string,
-    readonly agentCode?: string,
+    /** What the agent said, for an `agent` error. */
+    readonly agent?: { code: string; message: string },
     options?: ErrorOptions,
   ) {
     super(message, options);
@@ -72,10 +66,7 @@ export interface AgentClientOptions extends FrameLimits {
   handshakeTimeoutMs?: number;
   /** Interval of keep-alive pings (default 5 s). */
   keepAliveIntervalMs?: number;
-  /**
-   * The agent is declared dead when nothing at all arrived from it for this long (default
-   * 20 s). Suspended while the client is paused, since then we are the ones not reading.
-   */
+  /** The agent is declared dead when nothing at all came from it for this long (default 20 s). */
   deadAfterMs?: number;
   /** How long subscribe()/unsubscribe() wait for the agent's answer (default 10 s). */
   requestTimeoutMs?: number;
@@ -117,12 +108,6 @@ type Phase = 'handshake' | 'open' | 'closing' | 'ended';
  * Runs the client side of a session over any duplex byte stream (a TCP socket, a port-forward
  * stream). Obtain one with {@link connectToAgent} or {@link AgentClient.start}, which resolve
  * once the handshake is done.
- *
- * Backpressure: call `pause()` from any listener when the consumer cannot keep up. No further
- * event is emitted from then on (messages already decoded wait inside the client, at most one
- * frame), the stream stops being read so TCP pushes back to the agent, and the agent stops
- * reading its tap. `resume()` delivers the waiting messages and reads again. Keep-alive pings go
- * on while paused, so the agent knows we are alive.
  */
 export class AgentClient extends EventEmitter<AgentClientEvents> {
   readonly #stream: Duplex;
@@ -138,11 +123,12 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   #keepAlive: NodeJS.Timeout | undefined;
   #watchdog: NodeJS.Timeout | undefined;
   #nonce = 0;
-  /** When the hello, then the latest ping, was sent: for clock samples. */
-  #askedMicros = 0;
+  /** When the hello was sent: its answer is the first clock sample. */
+  #helloSentMicros = 0;
+  /** When each unanswered ping was sent, by nonce: each pong is a clock sample. */
+  readonly #pingsSentMicros = new Map<number, number>();
   readonly #agentClock = new AgentClock();
-  #paused = false;
-  /** Decoded messages not yet dispatched: those after a pause(), or after the hello. */
+  /** Decoded messages not yet dispatched; those that came with the hello wait for the caller. */
   #queue: AgentMessage[] = [];
   #queueHead = 0;
   #dispatching = false;
@@ -192,7 +178,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
         this.#fail(new AgentClientError('handshake-timeout', 'the agent did not answer the hello')),
       options.handshakeTimeoutMs ?? 10_000,
     );
-    this.#askedMicros = monotonicMicros();
+    this.#helloSentMicros = monotonicMicros();
     this.#send({
       type: 'hello',
       version: PROTOCOL_VERSION,
@@ -214,27 +200,6 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
    */
   lagMicros(tapMicros: number): number {
     return monotonicMicros() - this.#agentClock.toLocal(tapMicros);
-  }
-
-  get paused(): boolean {
-    return this.#paused;
-  }
-
-  /** Stops events and reading until resume(); see the class comment. */
-  pause(): void {
-    if (this.#paused || this.#phase === 'ended') return;
-    this.#paused = true;
-    this.#stream.pause();
-    clearTimeout(this.#watchdog);
-  }
-
-  resume(): void {
-    if (!this.#paused || this.#phase === 'ended') return;
-    this.#paused = false;
-    if (this.#drainQueue()) {
-      this.#watch();
-      this.#stream.resume();
-    }
   }
 
   /** Resolves once the agent's tap copies connections to `port`. */
@@ -262,7 +227,6 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       this.#phase = 'closing';
       this.#send({ type: 'bye' });
       this.#stream.end();
-      this.#stream.resume();
       // The agent ends its side after bye; don't wait for it forever.
       const grace = setTimeout(() => this.#stream.destroy(), 2_000);
       this.#stream.once('close', () => {
@@ -326,7 +290,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
 
   #onChunk(chunk: Buffer): void {
     if (this.#phase === 'ended' || this.#phase === 'closing') return;
-    if (!this.#paused) this.#watchdog?.refresh();
+    this.#watchdog?.refresh();
     let messages: AgentMessage[];
     try {
       messages = this.#decoder.push(chunk);
@@ -353,7 +317,12 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       return;
     }
     if (first.type === 'error') {
-      this.#fail(new AgentClientError('agent', `agent error: ${first.message}`, first.code));
+      this.#fail(
+        new AgentClientError('agent', `agent error: ${first.message}`, {
+          code: first.code,
+          message: first.message,
+        }),
+      );
       return;
     }
     if (first.type !== 'hello') {
@@ -371,25 +340,62 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     }
     clearTimeout(this.#handshakeTimer);
     this.#agent = first;
-    this.#agentClock.sample(this.#askedMicros, first.clockMicros, monotonicMicros());
+    this.#agentClock.sample(this.#helloSentMicros, first.clockMicros, monotonicMicros());
     this.#phase = 'open';
-    this.#keepAlive = setInterval(() => {
-      this.#askedMicros = monotonicMicros();
-      this.#send({ type: 'ping', nonce: ++this.#nonce });
-    }, this.#keepAliveIntervalMs);
-    this.#keepAlive.unref();
+    this.#startPinging();
     this.#handshake.resolve();
     // Messages that came with the hello wait until the caller, resumed by the handshake promise,
     // has attached its listeners.
     setImmediate(() => this.#drainQueue());
   }
 
-  /** Dispatches queued messages until paused; returns whether the client may read on. */
-  #drainQueue(): boolean {
+  /**
+   * Keep-alive pings, which are also clock samples: a few quick ones first (see
+   * STARTUP_CLOCK_SAMPLES), then one every keep-alive interval.
+   */
+  #startPinging(): void {
+    const startupInterval = Math.min(STARTUP_CLOCK_SAMPLE_INTERVAL_MS, this.#keepAliveIntervalMs);
+    let startupPingsLeft = STARTUP_CLOCK_SAMPLES - 1;
+    this.#ping();
+    this.#keepAlive = setInterval(() => {
+      this.#ping();
+      if (--startupPingsLeft > 0) return;
+      clearInterval(this.#keepAlive);
+      this.#keepAlive = setInterval(() => this.#ping(), this.#keepAliveIntervalMs);
+      this.#keepAlive.unref();
+    }, startupInterval);
+    this.#keepAlive.unref();
+  }
+
+  #ping(): void {
+    const nonce = ++this.#nonce;
+    this.#pingsSentMicros.set(nonce, monotonicMicros());
+    // An agent that never answers (its socket stays backed up, see server.ts) must not grow
+    // the map: the oldest entry goes.
+    if (this.#pingsSentMicros.size > STARTUP_CLOCK_SAMPLES) {
+      this.#pingsSentMicros.delete(this.#pingsSentMicros.keys().next().value as number);
+    }
+    this.#send({ type: 'ping', nonce });
+  }
+
+  #onPong(nonce: number, agentMicros: number): void {
+    const sentMicros = this.#pingsSentMicros.get(nonce);
+    if (sentMicros === undefined) return;
+    // Pongs come in order: the pings before this one that got none (the agent skips pongs
+    // while its socket is backed up) will not get one.
+    for (const earlier of this.#pingsSentMicros.keys()) {
+      if (earlier > nonce) break;
+      this.#pingsSentMicros.delete(earlier);
+    }
+    this.#agentClock.sample(sentMicros, agentMicros, monotonicMicros());
+  }
+
+  /** Dispatches the queued messages while the session is open. */
+  #drainQueue(): void {
     if (!this.#dispatching) {
       this.#dispatching = true;
       try {
-        while (!this.#paused && this.#phase === 'open' && this.#queueHead < this.#queue.length) {
+        while (this.#phase === 'open' && this.#queueHead < this.#queue.length) {
           const message = this.#queue[this.#queueHead++] as AgentMessage;
           this.#dispatch(message);
         }
@@ -404,7 +410,6 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
         }
       }
     }
-    return !this.#paused && this.#phase === 'open';
   }
 
   #dispatch(message: AgentMessage): void {
@@ -434,7 +439,10 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       case 'error':
         if (message.fatal) {
           this.#fail(
-            new AgentClientError('agent', `agent error: ${message.message}`, message.code),
+            new AgentClientError('agent', `agent error: ${message.message}`, {
+              code: message.code,
+              message: message.message,
+            }),
           );
         } else {
           this.emit('warning', message);
@@ -457,9 +465,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
         return;
       case 'pong':
         // Any byte received already proved the agent alive; a pong is also a clock sample.
-        if (message.nonce === this.#nonce) {
-          this.#agentClock.sample(this.#askedMicros, message.clockMicros, monotonicMicros());
-        }
+        this.#onPong(message.nonce, message.clockMicros);
         return;
       case 'hello':
       case 'refused':

@@ -11,6 +11,16 @@ export function monotonicMicros(): number {
 const RENEW_AFTER_MICROS = 60_000_000;
 
 /**
+ * Pings the client sends right after the handshake, this far apart, before it settles on the
+ * keep-alive interval. The hello's round trip is a poor sample: on a fresh port-forward the
+ * first frames take a slow path (tens of ms, mostly one way), which skews the offset by up to
+ * half of it, and the next keep-alive ping is seconds away. A few quick samples, of which
+ * AgentClock keeps those with the shortest round trips, fix the offset within half a second.
+ */
+export const STARTUP_CLOCK_SAMPLES = 5;
+export const STARTUP_CLOCK_SAMPLE_INTERVAL_MS = 100;
+
+/**
  * Maps the agent's clock onto ours, from samples of (when we asked, the agent's clock in its
  * answer, when the answer arrived), as NTP does: the agent read its clock about midway through
  * the round trip, so the error of a sample is at most half its round trip, and the samples

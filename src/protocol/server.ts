@@ -1,17 +1,9 @@
 /**
- * The agent's end of a session: the handshake, the client's requests as events, and batched
- * sends. It knows nothing about the tap or reassembly; the agent glues those to it:
- *
- * ```ts
- * const session = await AgentSession.accept(socket, { agent, target, interfaces });
- * session.on('subscribe', (port) => tap.add(port).then(() => session.ackSubscribe(port),
- *   (err) => session.failSubscribe(port, err.message)));
- * session.on('drain', () => tap.resume());
- * session.on('end', (error) => exit(error));
- * // per tap batch:
- * for (const s of segments) session.sendData(id, s.payload);
- * if (!session.flush()) tap.pause(); // the CLI cannot keep up: stop reading the tap
- * ```
+ * The agent's end of a session: the handshake, the client's requests as events (each answered
+ * with ackSubscribe, failSubscribe or ackUnsubscribe), and the agent's messages batched into
+ * frames. It knows nothing about the tap or reassembly: src/agent/server.ts glues those to it,
+ * sends each tap batch's messages and flushes them, and stops reading the tap while the client
+ * is behind (`backlogBytes`) until 'drain'.
  */
 import { EventEmitter } from 'node:events';
 import net from 'node:net';

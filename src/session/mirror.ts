@@ -21,6 +21,8 @@ export interface MirrorOptions {
   log(line: string): void;
   /** What happens, for --json and the status line. */
   onEvent?(event: MirrorEvent): void;
+  /** The app's output streams the caller takes; without it, the app inherits the CLI's. */
+  appOutput?: AppOutput;
   /** Resolves when the user interrupts (Ctrl-C). */
   interrupted: Promise<void>;
 }
@@ -118,9 +120,9 @@ function endOfSession(error: Error | undefined): string {
  * One mirroring session on this machine: an agent on the target, the local app under the layer,
  * and the replay between them. When the target goes away and the platform can find its
  * replacement (a workload's new pod), the session follows it with a new agent; otherwise the
- * session ends, and so does the app. Resolves with the app's exit code (0 without an app, after
- * an interrupt; 1 when the session with the agent failed). Everything it started is stopped
- * before it returns, also on failure.
+ * session ends, and so does the app. Resolves with the app's exit code when it ended by itself,
+ * 130 after an interrupt, 1 when the session with the agent ended. Everything it started is
+ * stopped before it returns, also on failure.
  */
 export async function runMirror(options: MirrorOptions): Promise<number> {
   const { log } = options;
@@ -244,16 +246,20 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       file = command;
       const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
       // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
+      const output = options.appOutput;
       app = execaGuarded(file, args, {
         stdin: 'inherit',
-        stdout: 'inherit',
-        stderr: 'inherit',
+        stdout: output?.stdout ? 'pipe' : 'inherit',
+        stderr: output?.stderr ? 'pipe' : 'inherit',
+        // Handed over as it comes (see handAppOutput), never kept.
+        buffer: { stdout: false, stderr: false },
         env: {
           LD_PRELOAD: preload,
           MIRRORD_LAYER_SOCKET: layer.path,
           MIRRORD_LAYER_TOKEN: layer.token,
         },
       });
+      if (output) handAppOutput(app, output);
     }
     const appEnded = app ?? new Promise<never>(() => undefined);
 
@@ -263,26 +269,33 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         options.interrupted.then(() => ({ interrupted: true as const })),
         ended.then((error) => ({ sessionEnd: error })),
       ]);
-      if ('interrupted' in outcome) return app ? await stopApp(app, file, log) : 0;
+      if ('interrupted' in outcome) {
+        // One rule for every command (README, "Errors and exit codes"): interrupted is 130,
+        // whatever the app answered to its SIGTERM.
+        if (app) await stopApp(app, file, log);
+        return 130;
+      }
       if ('sessionEnd' in outcome) {
         const error = outcome.sessionEnd;
-        const targetGone = error instanceof AgentClientError && error.agentCode === 'target-gone';
-        if (!targetGone || !agent.replaceable) {
+        const gone = error instanceof AgentClientError && error.agent?.code === 'target-gone';
+        if (!gone || !agent.replaceable) {
           log(
-            targetGone
-              ? `mirrord: ${agent.target} went away: the session ended (${endOfSession(error)})`
+            gone
+              ? `mirrord: ${agent.target} went away (${error.agent?.message}): the session ended`
               : `mirrord: session failed: ${endOfSession(error)}`,
           );
           if (app) await stopApp(app, file, log);
           return 1;
         }
         const goneAt = Date.now();
-        const gone = agent;
-        log(`mirrord: ${endOfSession(error)}: waiting for the ${gone.target} replacement`);
+        const replaced = agent;
+        log(
+          `mirrord: ${replaced.target} went away (${error.agent?.message}): waiting for its replacement`,
+        );
         earlierCounters = addCounters(earlierCounters, agentCounters);
         agentCounters = NO_COUNTERS;
-        await gone.stop();
-        agent = await options.placeAgent(progress, gone);
+        await replaced.stop();
+        agent = await options.placeAgent(progress, replaced);
         ({ session, ended } = await startSession(agent));
         replay.follow(session);
         ready(agent, session.agent.interfaces);
@@ -327,11 +340,14 @@ function endOf(result: { exitCode?: number; signal?: string }): string {
 }
 
 /**
- * Stops the app after an interrupt, as a user expects of Ctrl-C: SIGTERM, and its own shutdown
- * is waited for; an app that ignores it is said to be waited for, then killed with every
- * process it started. Resolves with the app's exit code (130 when a signal ended it).
+ * Stops the app as a user expects of Ctrl-C: SIGTERM, and its own shutdown is waited for; an
+ * app that ignores it is said to be waited for, then killed with every process it started.
  */
-async function stopApp(app: ResultPromise, file: string, log: (line: string) => void) {
+async function stopApp(
+  app: ResultPromise,
+  file: string,
+  log: (line: string) => void,
+): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
   const within = (ms: number) =>
     Promise.race([
@@ -352,5 +368,40 @@ async function stopApp(app: ResultPromise, file: string, log: (line: string) => 
       `mirrord: ${file} did not exit within ${STOP_GRACE_MS / 1000} s of SIGTERM: killed it and every process it started (SIGKILL)`,
     );
   }
-  return result.exitCode ?? 130;
+}
+
+/**
+ * The app's output for a caller that draws on the same terminal (mirror's status line): the
+ * streams marked true are piped to `write`, chunk by chunk as the app writes them; the others
+ * are the CLI's own, inherited.
+ */
+export interface AppOutput {
+  stdout: boolean;
+  stderr: boolean;
+  write(from: 'stdout' | 'stderr', chunk: Buffer): void;
+}
+
+/**
+ * How long the app's pipes may stay open after it exited: a process it left running (a
+ * daemon) can hold them for ever, and the app's end must not wait for that. What the app wrote
+ * before it exited is in the pipe already, and read well within this.
+ */
+const OUTPUT_AFTER_EXIT_MS = 500;
+
+/**
+ * Passes the app's piped output to `output`. The app's result (execa) comes once its pipes
+ * ended, so a caller that awaits it has had all of the app's output: the last line follows it.
+ */
+function handAppOutput(app: ResultPromise, output: AppOutput): void {
+  const pipes = [
+    ['stdout', app.stdout],
+    ['stderr', app.stderr],
+  ] as const;
+  for (const [from, pipe] of pipes) pipe?.on('data', (chunk: Buffer) => output.write(from, chunk));
+  app.once('exit', () => {
+    // unref: pipes that ended by themselves leave nothing to wait for.
+    setTimeout(() => {
+      for (const [, pipe] of pipes) pipe?.destroy();
+    }, OUTPUT_AFTER_EXIT_MS).unref();
+  });
 }

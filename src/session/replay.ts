@@ -37,7 +37,7 @@ export interface ReplayTarget {
   port: number;
 }
 
-/** Its hooks run in event handlers (the agent client's, a socket's): what they throw is not caught. */
+/** Its hooks run in event handlers (the agent client's, a socket's), which catch nothing. */
 export interface ReplayOptions {
   /** Remote (target) port → local listener; undefined: not replayed (counted as skipped). */
   route(remotePort: number): ReplayTarget | undefined;

@@ -17,7 +17,7 @@ export interface GuardedOptions {
   /** Added to this process's environment. */
   env?: Record<string, string>;
   /** Keep stdout and stderr (false: the caller reads them as they come). */
-  buffer?: boolean;
+  buffer?: boolean | { stdout?: boolean; stderr?: boolean };
   /** SIGKILL the guard, hence the program, this long after a kill() (default: never). */
   forceKillAfterDelay?: number | false;
 }
