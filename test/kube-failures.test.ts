@@ -807,7 +807,7 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
     run.child.kill('SIGINT');
     const ended = await run.done;
     expect(ended.errors).toEqual([]);
-    expect(ended.code).toBe(0);
+    expect(ended.code).toBe(130);
     await expectJobDeleted(jobOf(ended.progress));
     await expectNothingLeft();
   });

@@ -591,7 +591,7 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       expect(await state(local)).toEqual(expected);
       expect(await redis(local, 'LRANGE', 'queue', '0', '-1')).toBe('a\nb\nc');
       run.child.kill('SIGINT');
-      expect(await exitCode(run)).toBe(0);
+      expect(await exitCode(run)).toBe(130);
       await untilNothingLeft();
     },
     2 * SLOW,
@@ -728,13 +728,105 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       expect(await kube.mirrordObjects()).toContain(`job/${job.metadata!.name}`);
       expect(ownAgents()).toHaveLength(1);
       run.child.kill('SIGINT');
-      expect(await exitCode(run)).toBe(0);
+      expect(await exitCode(run)).toBe(130);
       expect(jobDeletes(job, since).map((e) => [e.user?.username, e.requestURI])).toEqual([
         [event.user?.username, expect.stringContaining('propagationPolicy=Background')],
       ]);
       await untilNothingLeft();
     },
     2 * SLOW,
+  );
+
+  test(
+    '--pod: the pod deleted ends the session with exit 1, naming it; nothing is left',
+    async () => {
+      const [pod] = track([await kube.addPod('deleted', [digestServer('app')])]);
+      const run = mirror([
+        '--pod',
+        'deleted',
+        ...localDigestServer(join(logs.path, 'deleted.log')),
+      ]);
+      await untilMirroring(run, pod!.ip, POD_PORT);
+      // As a rollout or kubectl delete does: through the API, with the pod's grace period.
+      await kube.core.deleteNamespacedPod({ name: 'deleted', namespace: NAMESPACE });
+      expect(await exitCode(run)).toBe(1);
+      expect(
+        run
+          .output()
+          .split('\n')
+          .filter((line) => line.startsWith('mirrord:')),
+      ).toContain(
+        `mirrord: pod ${NAMESPACE}/deleted (container app) went away (no process is left in its pod’s network namespace: the pod was deleted or stopped): the session ended`,
+      );
+      await untilNothingLeft();
+    },
+    2 * SLOW,
+  );
+
+  test(
+    '--deployment follows its pod through a rollout: the gap is said, the new pod is mirrored by a new agent',
+    async () => {
+      const [first] = track(await kube.addDeployment('rolled', [digestServer('app')]));
+      const since = kube.jobRequests().length;
+      const log = join(logs.path, 'rolled.log');
+      const run = mirror([
+        '--deployment',
+        'rolled',
+        ...localDigestServer(log, ['--exit-after-completed', `${CONNECTIONS}:0`]),
+      ]);
+      await untilMirroring(run, first!.ip, POD_PORT);
+
+      // A rollout: a changed pod template makes a new ReplicaSet, whose pod replaces the first.
+      const deployment = await kube.apps.readNamespacedDeployment({
+        name: 'rolled',
+        namespace: NAMESPACE,
+      });
+      deployment.spec!.template.metadata!.annotations = { restartedAt: new Date().toISOString() };
+      await kube.apps.replaceNamespacedDeployment({
+        name: 'rolled',
+        namespace: NAMESPACE,
+        body: deployment,
+      });
+      const readyEvents = () => run.events().filter((e) => e.event === 'ready');
+      await untilWhileRunning(run, () => readyEvents().length === 2, 'the second agent', SLOW);
+      const [second] = track(await kube.readyPods('rolled', 1));
+      expect(second!.name).not.toBe(first!.name);
+      expect(readyEvents()[1]!.target).toBe(
+        `pod ${NAMESPACE}/${second!.name} of deployment/rolled (container app)`,
+      );
+      const lines = run
+        .output()
+        .split('\n')
+        .filter((line) => line.startsWith('mirrord:'));
+      expect(lines).toContain(
+        `mirrord: pod ${NAMESPACE}/${first!.name} of deployment/rolled (container app) went away (no process is left in its pod’s network namespace: the pod was deleted or stopped): waiting for its replacement`,
+      );
+      expect(lines).toContainEqual(
+        expect.stringMatching(
+          /^mirrord: connections that reached the target in the \d+\.\d s between were not mirrored$/,
+        ),
+      );
+
+      // The new pod's clients reach the local app, byte-exact.
+      const clients = await digestClients(second!.ip, POD_PORT, {
+        count: CONNECTIONS,
+        minBytes: 1000,
+        maxBytes: 100_000,
+        chunks: 2,
+        intervalMs: 5,
+      });
+      expect(await exitCode(run)).toBe(0);
+      expect(
+        logged(log)
+          .map((c) => c.connection)
+          .sort(),
+      ).toEqual(clients.map(connectionOf).sort());
+      // Two agents, one Job each, both deleted by the CLI.
+      const creates = kube.jobRequests(since).filter((e) => e.verb === 'create');
+      expect(creates).toHaveLength(2);
+      await untilNothingLeft();
+    },
+    3 * SLOW,
   );
 
   test(

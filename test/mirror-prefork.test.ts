@@ -110,7 +110,7 @@ describe('mirrord mirror into pre-fork servers', () => {
   async function interrupt(run: MirrorRun): Promise<void> {
     await untilAtRest(run);
     run.child.kill('SIGINT');
-    expect(typeof (await run.exited)).toBe('number');
+    expect(await run.exited).toBe(130);
     expect(agentsOf(sandbox.target)).toEqual([]);
     expect(expectAccounted(run.events(), { atRest: true })).toMatchObject({ bytesDropped: 0 });
   }

@@ -91,7 +91,7 @@ describe('the target’s life', () => {
     execFileSync('ip', ['netns', 'del', sandbox.target]);
     await expectEnded(
       run,
-      `mirrord: pid ${pid} went away: the session ended (agent error: the target went away: process ${pid} exited)`,
+      `mirrord: pid ${pid} went away (process ${pid} exited): the session ended`,
     );
   });
 
@@ -100,7 +100,7 @@ describe('the target’s life', () => {
     execFileSync('ip', ['netns', 'del', sandbox.target]);
     await expectEnded(
       run,
-      `mirrord: netns ${sandbox.target} went away: the session ended (agent error: the target went away: network namespace ${sandbox.target} was deleted)`,
+      `mirrord: netns ${sandbox.target} went away (network namespace ${sandbox.target} was deleted): the session ended`,
     );
     expect(target.exitCode).toBeNull();
   });
@@ -113,7 +113,7 @@ describe('the target’s life', () => {
     target.kill('SIGKILL');
     await expectEnded(
       run,
-      `mirrord: pid ${target.pid} went away: the session ended (agent error: the target went away: process ${target.pid} exited)`,
+      `mirrord: pid ${target.pid} went away (process ${target.pid} exited): the session ended`,
     );
   });
 });

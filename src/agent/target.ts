@@ -152,6 +152,6 @@ export function targetPresence(
         return undefined;
       }
     }
-    return `no process is left in the network namespace of ${describeTarget(spec)} (its pod was deleted or stopped)`;
+    return 'no process is left in its pod’s network namespace: the pod was deleted or stopped';
   };
 }

@@ -101,6 +101,8 @@ export interface TestCluster {
   rbac: RbacAuthorizationV1Api;
   addPod(name: string, containers: TargetContainer[], extras?: PodExtras): Promise<PodInfo>;
   addDeployment(name: string, containers: TargetContainer[], replicas?: number): Promise<PodInfo[]>;
+  /** Waits until the pods labelled `app=NAME` not being deleted are `count` and all ready. */
+  readyPods(name: string, count: number): Promise<PodInfo[]>;
   addStatefulSet(
     name: string,
     containers: TargetContainer[],
@@ -244,6 +246,7 @@ export async function testCluster(name: string): Promise<TestCluster> {
       });
       return readyPods(`app=${name}`, replicas);
     },
+    readyPods: (name, count) => readyPods(`app=${name}`, count),
     async mirrordObjects() {
       const jobs = await batch.listNamespacedJob({
         namespace: NAMESPACE,
