@@ -5,11 +5,11 @@ import type { CloseReason, Counters } from '../protocol/messages.js';
 import { Outbox } from './outbox.js';
 import { Reassembler, type ReassemblyLimits } from './reassembly.js';
 import { Tap, TapError, type TapOptions } from './tap.js';
-import { describeTarget, resolveTarget, targetPresence } from './target.js';
-import type { AgentReadiness, TargetSpec } from '../protocol/agent-launch.js';
+import { describeNodeTarget, tapNetnsOf, targetPresence } from './target.js';
+import type { AgentReadiness, NodeTarget } from '../protocol/agent-launch.js';
 
 export interface AgentOptions {
-  target: TargetSpec;
+  target: NodeTarget;
   host: string;
   port: number;
   /** How long to wait for a session before exiting. */
@@ -46,7 +46,7 @@ const PAUSE_TAP_ABOVE_BYTES = 1024 * 1024;
  * streams go to the session. The agent ends with its session, or when none arrives in time.
  */
 export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
-  const targetName = describeTarget(options.target);
+  const targetName = describeNodeTarget(options.target);
   const maxBacklogBytes = options.maxBacklogBytes ?? 4 * 1024 * 1024;
   let session: AgentSession | undefined;
   let now = Date.now();
@@ -81,10 +81,10 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     options.reassembly,
   );
 
-  const tapTarget = resolveTarget(options.target);
-  const targetGone = targetPresence(options.target, tapTarget);
+  const tapNetns = tapNetnsOf(options.target);
+  const targetGone = targetPresence(options.target, tapNetns);
   const tap = Tap.open(
-    tapTarget,
+    tapNetns,
     {
       onSegment: (segment) => {
         // The reassembler delivers bytes only while it takes a segment: they are stamped with

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { FlowEndpoints, TapSegment } from './segment.js';
 import { packageRoot } from '../package-root.js';
 
-export type TapTarget = { pid: number } | { netns: string };
+export type TapNetns = { pid: number } | { netns: string };
 
 export interface TapOptions {
   /** Size of the BPF ring buffer: a power of 2 from 256 KiB to 1 GiB. Default 8 MiB. */
@@ -67,7 +67,7 @@ interface NativeHandle {
 
 interface NativeModule {
   open(
-    target: TapTarget,
+    target: TapNetns,
     onBatch: (slot: number, length: number) => void,
     ringBufferBytes: number,
     attachMode: string,
@@ -213,7 +213,7 @@ export class Tap {
   readonly attachMode: 'tcx' | 'tc';
 
   private constructor(
-    target: TapTarget,
+    target: TapNetns,
     private readonly handlers: TapHandlers,
     options: TapOptions,
   ) {
@@ -234,7 +234,7 @@ export class Tap {
   }
 
   /** Loads the tap and attaches it to every interface of the target's network namespace. */
-  static open(target: TapTarget, handlers: TapHandlers, options: TapOptions = {}): Tap {
+  static open(target: TapNetns, handlers: TapHandlers, options: TapOptions = {}): Tap {
     const tap = new Tap(target, handlers, options);
     if (openTaps.size === 0) process.once('exit', closeAllOnExit);
     openTaps.add(tap);

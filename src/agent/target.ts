@@ -1,6 +1,6 @@
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
-import type { TargetSpec } from '../protocol/agent-launch.js';
-import type { TapTarget } from './tap.js';
+import type { NodeTarget } from '../protocol/agent-launch.js';
+import type { TapNetns } from './tap.js';
 
 export class TargetError extends Error {
   constructor(
@@ -55,7 +55,7 @@ export function findContainerPid(containerId: string, procRoot = '/proc'): numbe
 }
 
 /** Turns what the user named into what the tap attaches to, checking that it exists. */
-export function resolveTarget(spec: TargetSpec): TapTarget {
+export function tapNetnsOf(spec: NodeTarget): TapNetns {
   if ('containerId' in spec) return { pid: findContainerPid(spec.containerId) };
   if ('pid' in spec) {
     if (!Number.isInteger(spec.pid) || spec.pid <= 0) {
@@ -79,7 +79,7 @@ export function resolveTarget(spec: TargetSpec): TapTarget {
 }
 
 /** A short human name for the target, for readiness lines and the handshake. */
-export function describeTarget(spec: TargetSpec): string {
+export function describeNodeTarget(spec: NodeTarget): string {
   if ('containerId' in spec) return `container ${spec.containerId}`;
   if ('pid' in spec) return `pid ${spec.pid}`;
   return `netns ${spec.netns}`;
@@ -124,8 +124,8 @@ function namespaceOf(path: string): string | undefined {
  *   which the tap still sees, so that is not the end of the session.
  */
 export function targetPresence(
-  spec: TargetSpec,
-  tapTarget: TapTarget,
+  spec: NodeTarget,
+  tapNetns: TapNetns,
   procRoot = '/proc',
 ): () => string | undefined {
   if ('pid' in spec) {
@@ -133,16 +133,16 @@ export function targetPresence(
     return () =>
       startTimeOf(spec.pid, procRoot) === started ? undefined : `process ${spec.pid} exited`;
   }
-  if ('netns' in tapTarget) {
-    const path = `/run/netns/${tapTarget.netns}`;
+  if ('netns' in tapNetns) {
+    const path = `/run/netns/${tapNetns.netns}`;
     const namespace = namespaceOf(path);
     return () =>
       namespaceOf(path) === namespace
         ? undefined
-        : `network namespace ${tapTarget.netns} was deleted`;
+        : `network namespace ${tapNetns.netns} was deleted`;
   }
-  const namespace = namespaceOf(`${procRoot}/${tapTarget.pid}/ns/net`);
-  let holder = tapTarget.pid;
+  const namespace = namespaceOf(`${procRoot}/${tapNetns.pid}/ns/net`);
+  let holder = tapNetns.pid;
   return () => {
     if (namespaceOf(`${procRoot}/${holder}/ns/net`) === namespace) return undefined;
     for (const name of readdirSync(procRoot)) {

@@ -5,7 +5,7 @@
  */
 import { accessSync, constants, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import type { TargetSpec } from '../protocol/agent-launch.js';
+import type { NodeTarget } from '../protocol/agent-launch.js';
 import { AGENT_DEFAULTS, type PullPolicy } from '../platform/kube/agent-job.js';
 import type { KubeAgentOptions } from '../platform/kube/place-kube-agent.js';
 import { kubeAccessOptions } from './cluster-flags.js';
@@ -33,7 +33,7 @@ export interface KubeFlags {
   'agent-startup-timeout'?: number;
 }
 
-export type Target = { local: TargetSpec } | { kube: KubeAgentOptions['target'] };
+export type Target = { local: NodeTarget } | { kube: KubeAgentOptions['target'] };
 
 /** A target named by flags or by the config file, which hold the same keys. */
 export function targetOf(

@@ -2,7 +2,7 @@ import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import { startAgent } from '../agent/server.js';
 import { AGENT_DEFAULTS } from '../platform/kube/agent-job.js';
-import type { TargetSpec } from '../protocol/agent-launch.js';
+import type { NodeTarget } from '../protocol/agent-launch.js';
 
 export default class AgentCommand extends MirrordCommand {
   static override hidden = true;
@@ -48,7 +48,7 @@ export default class AgentCommand extends MirrordCommand {
 
   async run(): Promise<void> {
     const { flags } = await this.parse(AgentCommand);
-    const target: TargetSpec =
+    const target: NodeTarget =
       flags.pid !== undefined
         ? { pid: flags.pid }
         : flags.netns !== undefined

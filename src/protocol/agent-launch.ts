@@ -5,11 +5,16 @@
  * child process here, a Job's pod log in a cluster).
  */
 
-/** A target as the user named it: a process, a named netns, or a container of a pod. */
-export type TargetSpec = { pid: number } | { netns: string } | { containerId: string };
+/**
+ * A target as it is named on its node, the form an agent is started with: a process, a named
+ * netns, or a container of a pod. ("Target" is always what the user mirrors; KubeTarget is its
+ * Kubernetes form, MirroredPod the pod it stands for now, TapNetns where the tap attaches,
+ * ReplayDestination the local app's listener.)
+ */
+export type NodeTarget = { pid: number } | { netns: string } | { containerId: string };
 
 /** The agent's flags that name its target. */
-export function targetArgs(target: TargetSpec): string[] {
+export function targetArgs(target: NodeTarget): string[] {
   if ('pid' in target) return ['--pid', String(target.pid)];
   if ('netns' in target) return ['--netns', target.netns];
   return ['--container-id', target.containerId];

@@ -5,7 +5,7 @@ import { layerPath } from '../package-root.js';
 import { AgentClient, AgentClientError } from '../protocol/client.js';
 import type { Counters, Endpoint } from '../protocol/messages.js';
 import { LayerChannel, type AppListener } from './layer-channel.js';
-import { Replay, type ReplayStats, type ReplayTarget } from './replay.js';
+import { Replay, type ReplayStats, type ReplayDestination } from './replay.js';
 
 export interface MirrorOptions {
   /** Brings the agent next to the target (see src/platform/). */
@@ -79,7 +79,7 @@ const STOP_GRACE_MS = 5000;
 const STOP_NOTICE_MS = 1000;
 
 /** Where to reach an app's listener from this machine: a wildcard bind is reached on loopback. */
-function localTarget(listener: AppListener): ReplayTarget {
+function destinationOf(listener: AppListener): ReplayDestination {
   const wildcard = listener.address === '0.0.0.0' || listener.address === '::';
   return { host: wildcard ? '127.0.0.1' : listener.address, port: listener.localPort };
 }
@@ -128,7 +128,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   const { log } = options;
   const progress = (note: string) => log(`mirrord: ${note}`);
   const emit = options.onEvent ?? (() => undefined);
-  const routes = new Map<number, ReplayTarget>();
+  const routes = new Map<number, ReplayDestination>();
   for (const [remote, local] of options.ports)
     routes.set(remote, { host: '127.0.0.1', port: local });
 
@@ -222,7 +222,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     layer?.on('listen', (listener) => {
       listened = true;
       if (options.ignorePorts.has(listener.port) || options.ports.has(listener.port)) return;
-      routes.set(listener.port, localTarget(listener));
+      routes.set(listener.port, destinationOf(listener));
       // Announced once the tap copies the port, so that whoever waits for it (the demo starts
       // its traffic then) loses nothing.
       session.subscribe(listener.port).then(

@@ -32,7 +32,7 @@ import { LagHistogram } from './lag-histogram.js';
 import { socketPair, TcpQueues, type SocketPair } from './tcp-queues.js';
 
 /** Where the app really listens. */
-export interface ReplayTarget {
+export interface ReplayDestination {
   host: string;
   port: number;
 }
@@ -40,7 +40,7 @@ export interface ReplayTarget {
 /** Its hooks run in event handlers (the agent client's, a socket's), which catch nothing. */
 export interface ReplayOptions {
   /** Remote (target) port → local listener; undefined: not replayed (counted as skipped). */
-  route(remotePort: number): ReplayTarget | undefined;
+  route(remotePort: number): ReplayDestination | undefined;
   /**
    * Replay connections joined mid-stream (default false: they are skipped and counted). Their
    * first bytes are an arbitrary point of the client's stream, which most apps cannot parse.
@@ -133,7 +133,7 @@ export interface ReplayConnectionInfo {
   client: Endpoint;
   server: Endpoint;
   midStream: boolean;
-  target: ReplayTarget;
+  destination: ReplayDestination;
 }
 
 export interface ReplaySkipInfo {
@@ -371,23 +371,23 @@ export class Replay extends EventEmitter<ReplayEvents> {
       this.#skip({ ...base, reason: 'midStream' });
       return;
     }
-    const target = this.#options.route(opened.server.port);
-    if (target === undefined) {
+    const destination = this.#options.route(opened.server.port);
+    if (destination === undefined) {
       this.#skip({ ...base, reason: 'unrouted' });
       return;
     }
     this.#stats.replayed++;
     // Half-open: the app closing its side must not end ours while the client still sends.
     const socket = net.connect({
-      host: target.host,
-      port: target.port,
+      host: destination.host,
+      port: destination.port,
       // The layer waits for the original peer only of connections from this address (see
       // layer/layer.c), so the app's other loopback clients are left alone.
-      localAddress: target.host === '127.0.0.1' ? REPLAY_SOURCE : undefined,
+      localAddress: destination.host === '127.0.0.1' ? REPLAY_SOURCE : undefined,
       allowHalfOpen: true,
     });
     const connection: Replayed = {
-      info: { ...base, midStream: opened.midStream, target },
+      info: { ...base, midStream: opened.midStream, destination },
       socket,
       localPort: undefined,
       pair: undefined,

@@ -2,7 +2,7 @@ import { createHash, type Hash } from 'node:crypto';
 import { connectToAgent, type AgentClient } from '../../src/protocol/client.js';
 import type { ClosedMessage, CountersMessage, OpenedMessage } from '../../src/protocol/messages.js';
 import { startLocalAgent, type LocalAgent } from '../../src/platform/local/agent-process.js';
-import type { TargetSpec } from '../../src/protocol/agent-launch.js';
+import type { NodeTarget } from '../../src/protocol/agent-launch.js';
 
 /** What a session received for one mirrored connection. */
 export interface MirroredConnection {
@@ -56,7 +56,7 @@ export class MirrorSession {
   }
 
   static async start(
-    target: TargetSpec,
+    target: NodeTarget,
     ports: number[],
     agentArgs: string[] = [],
   ): Promise<MirrorSession> {

@@ -3,7 +3,7 @@ import { agentErrorOf, readinessOf, type AgentReadiness } from '../../protocol/a
 import { apiCall, kubeApiError, statusCodeOf } from './api-errors.js';
 import { AGENT_CONTAINER, LABELS } from './agent-job.js';
 import { KubeError, type KubeAccess } from './kubeconfig.js';
-import { followPodLog, podLogTail, type PodLogTarget } from './pod-log.js';
+import { followPodLog, podLogTail, type LogSource } from './pod-log.js';
 
 export interface AgentJobStart {
   access: KubeAccess;
@@ -186,7 +186,7 @@ class AgentStartup {
     }
   }
 
-  private logTarget(): PodLogTarget {
+  private logSource(): LogSource {
     return { namespace: this.namespace, pod: this.podName ?? '', container: AGENT_CONTAINER };
   }
 
@@ -207,7 +207,7 @@ class AgentStartup {
       while (!this.settled) {
         this.recentLines = [];
         try {
-          await followPodLog(this.access, this.logTarget(), onLine, this.streams.signal);
+          await followPodLog(this.access, this.logSource(), onLine, this.streams.signal);
         } catch (error) {
           // The pod may have just ended: let its watch event say why before reporting this.
           await delay(1000);
@@ -222,7 +222,7 @@ class AgentStartup {
   private async exited(exitCode: number | undefined, reason: string | undefined): Promise<void> {
     this.ending = true;
     const kept = this.recentLines;
-    const lines = await podLogTail(this.access, this.logTarget(), LOG_LINES_KEPT).catch(() => []);
+    const lines = await podLogTail(this.access, this.logSource(), LOG_LINES_KEPT).catch(() => []);
     const code = exitCode === undefined ? '' : ` (exit code ${exitCode})`;
     const why = exitReason(lines.length > 0 ? lines : kept, reason ?? 'it printed nothing');
     this.fail(new KubeError(`the agent exited before it was ready${code}: ${why}`));

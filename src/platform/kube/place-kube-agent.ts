@@ -12,7 +12,7 @@ import {
   type KubeAccessOptions,
 } from './kubeconfig.js';
 import { openPortForward } from './port-forward.js';
-import { describeTarget, resolveTarget, type ResolvedTarget, type TargetKind } from './targets.js';
+import { describePod, pickPod, type MirroredPod, type TargetKind } from './targets.js';
 
 export interface KubeAgentOptions {
   kube: KubeAccessOptions;
@@ -34,7 +34,7 @@ export interface KubeAgentOptions {
 /** The cluster, the resolved target and the Job that would run the agent next to it. */
 export interface AgentJobPlan {
   access: KubeAccess;
-  target: ResolvedTarget;
+  target: MirroredPod;
   job: V1Job;
 }
 
@@ -48,7 +48,7 @@ export async function planAgentJob(
   progress(
     `resolving ${kind}/${name} in namespace ${access.namespace} (context ${access.context})`,
   );
-  const target = await resolveTarget(access, {
+  const target = await pickPod(access, {
     kind,
     name,
     namespace: access.namespace,
@@ -59,7 +59,7 @@ export async function planAgentJob(
     namespace: target.namespace,
     node: target.node,
     containerId: target.containerId,
-    target: describeTarget(target),
+    target: describePod(target),
     image: options.agent.image ?? defaultAgentImage(),
     ...(options.agent.pullPolicy ? { pullPolicy: options.agent.pullPolicy } : {}),
     pullSecrets: options.agent.pullSecrets,
@@ -145,7 +145,7 @@ export function placeKubeAgent(options: KubeAgentOptions): AgentPlacer {
     });
     progress(`connecting to the agent (pod ${agent.namespace}/${agent.pod})`);
     return {
-      target: describeTarget(target),
+      target: describePod(target),
       replaceable,
       async connect() {
         try {

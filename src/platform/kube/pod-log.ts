@@ -4,7 +4,7 @@ import { createInterface } from 'node:readline';
 import { apiCall, kubeApiError, type ApiAction } from './api-errors.js';
 import type { KubeAccess } from './kubeconfig.js';
 
-export interface PodLogTarget {
+export interface LogSource {
   namespace: string;
   pod: string;
   container: string;
@@ -18,7 +18,7 @@ export interface PodLogTarget {
  */
 export async function followPodLog(
   access: KubeAccess,
-  target: PodLogTarget,
+  target: LogSource,
   onLine: (line: string) => void,
   signal: AbortSignal,
 ): Promise<void> {
@@ -78,7 +78,7 @@ export async function followPodLog(
 /** The last `count` lines of a container's log (empty when the pod is already gone). */
 export async function podLogTail(
   access: KubeAccess,
-  target: PodLogTarget,
+  target: LogSource,
   count: number,
 ): Promise<string[]> {
   const action: ApiAction = {

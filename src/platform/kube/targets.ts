@@ -6,7 +6,7 @@ export const TARGET_KINDS = ['pod', 'deployment', 'statefulset'] as const;
 export type TargetKind = (typeof TARGET_KINDS)[number];
 
 /** What the user asked to mirror: `pod/NAME`, `deployment/NAME` or `statefulset/NAME`. */
-export interface TargetRef {
+export interface KubeTarget {
   kind: TargetKind;
   name: string;
   namespace: string;
@@ -20,9 +20,9 @@ export interface ContainerPort {
   protocol: string;
 }
 
-/** The running container the agent taps, and where it runs. */
-export interface ResolvedTarget {
-  ref: TargetRef;
+/** The pod a KubeTarget stands for now: the running container the agent taps, and where. */
+export interface MirroredPod {
+  ref: KubeTarget;
   namespace: string;
   pod: string;
   podIP?: string;
@@ -63,7 +63,7 @@ export function portsOf(container: V1Container | undefined): ContainerPort[] {
 }
 
 /** `pod default/api-7f9 (container api)`, or with the workload it was picked from. */
-export function describeTarget(target: ResolvedTarget): string {
+export function describePod(target: MirroredPod): string {
   const pod = `pod ${target.namespace}/${target.pod}`;
   const of = target.ref.kind === 'pod' ? '' : ` of ${target.ref.kind}/${target.ref.name}`;
   return `${pod}${of} (container ${target.container})`;
@@ -118,7 +118,7 @@ async function readPod(access: KubeAccess, namespace: string, name: string): Pro
 }
 
 /** The newest running, ready pod of a deployment or statefulset. */
-async function podOfWorkload(access: KubeAccess, ref: TargetRef): Promise<V1Pod> {
+async function podOfWorkload(access: KubeAccess, ref: KubeTarget): Promise<V1Pod> {
   const { namespace, name } = ref;
   const resource = `${ref.kind}s.apps`;
   const action: ApiAction = { verb: 'get', resource, namespace, name };
@@ -157,7 +157,7 @@ async function podOfWorkload(access: KubeAccess, ref: TargetRef): Promise<V1Pod>
  * newest ready pod), the container, its runtime ID, its node and its ports. Every failure is
  * one line that says what to do.
  */
-export async function resolveTarget(access: KubeAccess, ref: TargetRef): Promise<ResolvedTarget> {
+export async function pickPod(access: KubeAccess, ref: KubeTarget): Promise<MirroredPod> {
   const pod =
     ref.kind === 'pod'
       ? await readPod(access, ref.namespace, ref.name)

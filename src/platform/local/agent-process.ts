@@ -9,7 +9,7 @@ import {
   readinessOf,
   targetArgs,
   type AgentReadiness,
-  type TargetSpec,
+  type NodeTarget,
 } from '../../protocol/agent-launch.js';
 
 export interface LocalAgent {
@@ -41,7 +41,7 @@ function reasonOf(stderrLines: string[]): string {
  * end and detaches by itself.
  */
 export async function startLocalAgent(
-  target: TargetSpec,
+  target: NodeTarget,
   options: LocalAgentOptions = {},
 ): Promise<LocalAgent> {
   const child: ResultPromise = execa(
@@ -99,7 +99,7 @@ export async function startLocalAgent(
 }
 
 /** The local platform's placer: an agent child process, reached over loopback TCP. */
-export function placeLocalAgent(target: TargetSpec, options: LocalAgentOptions = {}): AgentPlacer {
+export function placeLocalAgent(target: NodeTarget, options: LocalAgentOptions = {}): AgentPlacer {
   // A local agent is ready in well under a second: no progress to report.
   return async () => {
     const agent = await startLocalAgent(target, options);
