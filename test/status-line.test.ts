@@ -14,7 +14,7 @@ import {
   midStreamNotice,
   plural,
 } from '../src/cli/status-line.js';
-import type { MirrorEvent } from '../src/session/mirror.js';
+import { NO_COUNTERS, type MirrorEvent } from '../src/session/mirror.js';
 
 type CountersEvent = Extract<MirrorEvent, { event: 'counters' }>;
 
@@ -26,16 +26,7 @@ function counters(changes: Partial<CountersEvent> = {}): CountersEvent {
     ports: [],
     recentLagP50Ms: null,
     recentLagP99Ms: null,
-    segmentsCopied: 0,
-    bytesCopied: 0,
-    segmentsDroppedKernel: 0,
-    bytesDroppedKernel: 0,
-    connectionsDroppedAgent: 0,
-    bytesDroppedAgent: 0,
-    connectionsOpen: 0,
-    bytesMirrored: 0,
-    bytesIgnored: 0,
-    bytesInAgent: 0,
+    ...NO_COUNTERS,
     opened: 0,
     replayed: 0,
     skippedMidStream: 0,

@@ -85,7 +85,7 @@ function destinationOf(listener: AppListener): ReplayDestination {
 }
 
 /** The agent counters of a session with nothing counted yet. */
-const NO_COUNTERS: Counters = {
+export const NO_COUNTERS: Counters = {
   segmentsCopied: 0,
   bytesCopied: 0,
   segmentsDroppedKernel: 0,
