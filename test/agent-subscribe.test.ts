@@ -1,13 +1,16 @@
 /**
- * A subscription the tap cannot set up is answered with the protocol's subscribe failure, and
- * the agent goes on serving the session. The real agent and tap, in this process: the kernel's
- * map update does not fail on demand, so the one failing call is made to throw what the addon
- * throws when it does (a TapError).
+ * A subscription the tap cannot set up, or tear down, does not end the session: a subscribe is
+ * answered with the protocol's subscribe failure, an unsubscribe with a warning that the CLI
+ * shows. The real agent and tap, in this process: the kernel's map update does not fail on
+ * demand, so the one failing call is made to throw what the addon throws when it does (a
+ * TapError).
  */
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { startAgent, type RunningAgent } from '../src/agent/server.js';
 import { Tap, TapError } from '../src/agent/tap.js';
 import { AgentClient, AgentClientError } from '../src/protocol/client.js';
+import { runMirror } from '../src/session/mirror.js';
+import { until } from './support/mirror-cli.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
 const FAILING_PORT = 7401;
@@ -17,6 +20,7 @@ describe('agent subscriptions', () => {
   let sandbox: Sandbox;
   let agent: RunningAgent | undefined;
   const subscribe = Tap.prototype.subscribe;
+  const unsubscribe = Tap.prototype.unsubscribe;
 
   beforeEach(() => {
     sandbox = createSandbox('subscribe');
@@ -24,6 +28,7 @@ describe('agent subscriptions', () => {
 
   afterEach(async () => {
     Tap.prototype.subscribe = subscribe;
+    Tap.prototype.unsubscribe = unsubscribe;
     agent?.stop();
     await agent?.done;
     sandbox.destroy();
@@ -53,5 +58,56 @@ describe('agent subscriptions', () => {
     await client.subscribe(PORT);
     await client.close();
     expect(await agent.done).toEqual({});
+  });
+
+  test('a TapError on unsubscribe is a warning the CLI shows, and mirroring goes on', async () => {
+    Tap.prototype.unsubscribe = function (this: Tap, port: number) {
+      throw new TapError('BPF_FAILED', `unsubscribing port ${port}: Operation not permitted`);
+    };
+    const lines: string[] = [];
+    let interrupt!: () => void;
+    const interrupted = new Promise<void>((resolve) => (interrupt = resolve));
+    // The app closes its listener when something connects to it: the layer reports the close,
+    // and the session unsubscribes the port.
+    const app = `const server = require('net').createServer((s) => { s.destroy(); server.close(); }).listen(${PORT}); setInterval(() => {}, 1000);`;
+    const session = runMirror({
+      placeAgent: async () => {
+        agent = await startAgent({
+          target: { netns: sandbox.target },
+          host: '127.0.0.1',
+          port: 0,
+          idleTimeoutMs: 10_000,
+        });
+        const running = agent;
+        return {
+          target: running.readiness.target,
+          replaceable: false,
+          connect: () =>
+            new Promise<Socket>((resolve) => {
+              const socket = connect(running.readiness.port, '127.0.0.1', () => resolve(socket));
+            }),
+          stop: async () => {
+            running.stop();
+            await running.done;
+          },
+        };
+      },
+      command: [process.execPath, '-e', app],
+      ports: new Map(),
+      ignorePorts: new Set(),
+      midStream: false,
+      log: (line) => lines.push(line),
+      interrupted,
+    });
+    await until(
+      () => lines.includes(`mirrord: the app listens on ${PORT}: mirroring it`),
+      'listen',
+    );
+    connect(PORT, '127.0.0.1').on('error', () => undefined);
+    const warning = `mirrord: the agent warns: unsubscribing port ${PORT}: Operation not permitted`;
+    await until(() => lines.includes(warning), 'the warning');
+    interrupt();
+    expect(await session).toBe(130);
+    expect(lines.filter((line) => line.includes('session failed'))).toEqual([]);
   });
 });
