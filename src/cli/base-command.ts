@@ -1,4 +1,5 @@
 import { Command, Errors, type Hook } from '@oclif/core';
+import { distance } from 'fastest-levenshtein';
 
 /**
  * mirrord's exit codes, one rule for every command (README, "Exit codes"): a failure is 1; bad
@@ -22,34 +23,22 @@ export class UsageError extends Error {
 }
 
 /**
- * How many edits turn `a` into `b`: a character added, removed, changed, or two neighbours
- * swapped (a typo's usual shapes: --prot is one edit from --port).
+ * The candidate `typed` most likely meant: the only one it begins, else one a typo or two away
+ * (edits: a character added, removed or changed).
  */
-function editDistance(a: string, b: string): number {
-  const d = Array.from({ length: a.length + 1 }, (_, i) =>
-    Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)),
-  );
-  for (let i = 1; i <= a.length; i++) {
-    for (let j = 1; j <= b.length; j++) {
-      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
-      let best = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + cost);
-      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
-        best = Math.min(best, d[i - 2]![j - 2]! + 1);
-      }
-      d[i]![j] = best;
-    }
-  }
-  return d[a.length]![b.length]!;
-}
-
-/** The candidate `typed` most likely meant: the only one it begins, else one a typo or two away. */
 export function closest(typed: string, candidates: string[]): string | undefined {
   const extended = candidates.filter((candidate) => candidate.startsWith(typed));
   if (typed.length > 1 && extended.length === 1) return extended[0];
   const near = candidates
-    .map((candidate) => ({ candidate, distance: editDistance(typed, candidate) }))
-    .filter(({ distance }) => distance <= Math.min(2, Math.floor(typed.length / 3)))
-    .sort((a, b) => a.distance - b.distance);
+    .map((candidate) => ({
+      candidate,
+      edits: distance(typed, candidate),
+      lengthChange: Math.abs(candidate.length - typed.length),
+    }))
+    .filter(({ edits }) => edits <= Math.min(2, Math.floor(typed.length / 3)))
+    // Two neighbours swapped count as two edits: at the same count, a candidate of the typed
+    // length (a swap, a wrong key) is the likelier typo than one that adds and changes.
+    .sort((a, b) => a.edits - b.edits || a.lengthChange - b.lengthChange);
   return near[0]?.candidate;
 }
 
