@@ -763,43 +763,53 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
     2 * SLOW,
   );
 
-  test(
-    '--deployment follows its pod through a rollout: the gap is said, the new pod is mirrored by a new agent',
-    async () => {
-      const [first] = track(await kube.addDeployment('rolled', [digestServer('app')]));
+  test.each([
+    ['deployment', 'rolled out (a changed template: a new ReplicaSet’s pod replaces it)'],
+    ['statefulset', 'deleted (the StatefulSet makes a pod of the same name)'],
+  ])(
+    '--%s follows its pod when it is %s: the gap is said, the new pod is mirrored by a new agent',
+    async (kind) => {
+      const name = `followed-${kind}`;
+      const [first] = track(
+        kind === 'deployment'
+          ? await kube.addDeployment(name, [digestServer('app')])
+          : await kube.addStatefulSet(name, [digestServer('app')]),
+      );
       const since = kube.jobRequests().length;
-      const log = join(logs.path, 'rolled.log');
+      const log = join(logs.path, `${name}.log`);
       const run = mirror([
-        '--deployment',
-        'rolled',
+        `--${kind}`,
+        name,
         ...localDigestServer(log, ['--exit-after-completed', `${CONNECTIONS}:0`]),
       ]);
       await untilMirroring(run, first!.ip, POD_PORT);
 
-      // A rollout: a changed pod template makes a new ReplicaSet, whose pod replaces the first.
-      const deployment = await kube.apps.readNamespacedDeployment({
-        name: 'rolled',
-        namespace: NAMESPACE,
-      });
-      deployment.spec!.template.metadata!.annotations = { restartedAt: new Date().toISOString() };
-      await kube.apps.replaceNamespacedDeployment({
-        name: 'rolled',
-        namespace: NAMESPACE,
-        body: deployment,
-      });
+      if (kind === 'deployment') {
+        const deployment = await kube.apps.readNamespacedDeployment({ name, namespace: NAMESPACE });
+        deployment.spec!.template.metadata!.annotations = {
+          restartedAt: new Date().toISOString(),
+        };
+        await kube.apps.replaceNamespacedDeployment({
+          name,
+          namespace: NAMESPACE,
+          body: deployment,
+        });
+      } else {
+        await kube.core.deleteNamespacedPod({ name: first!.name, namespace: NAMESPACE });
+      }
       const readyEvents = () => run.events().filter((e) => e.event === 'ready');
       await untilWhileRunning(run, () => readyEvents().length === 2, 'the second agent', SLOW);
-      const [second] = track(await kube.readyPods('rolled', 1));
-      expect(second!.name).not.toBe(first!.name);
+      const [second] = track(await kube.readyPods(name, 1));
+      expect(second!.containers[0]!.containerId).not.toBe(first!.containers[0]!.containerId);
       expect(readyEvents()[1]!.target).toBe(
-        `pod ${NAMESPACE}/${second!.name} of deployment/rolled (container app)`,
+        `pod ${NAMESPACE}/${second!.name} of ${kind}/${name} (container app)`,
       );
       const lines = run
         .output()
         .split('\n')
         .filter((line) => line.startsWith('mirrord:'));
       expect(lines).toContain(
-        `mirrord: pod ${NAMESPACE}/${first!.name} of deployment/rolled (container app) went away (no process is left in its pod’s network namespace: the pod was deleted or stopped): waiting for its replacement`,
+        `mirrord: pod ${NAMESPACE}/${first!.name} of ${kind}/${name} (container app) went away (no process is left in its pod’s network namespace: the pod was deleted or stopped): waiting for its replacement`,
       );
       expect(lines).toContainEqual(
         expect.stringMatching(

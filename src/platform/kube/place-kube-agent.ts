@@ -81,15 +81,16 @@ export async function agentJobYaml(options: KubeAgentOptions): Promise<string> {
 const REPLACEMENT_POLL_MS = 1000;
 
 /**
- * The plan for an agent next to the replacement of `gonePod`: the workload's newest ready pod
- * other than it, asked for until one is ready or the startup timeout passes (a rollout or a
- * ReplicaSet takes seconds to start and ready a pod).
+ * The plan for an agent next to the replacement of the `gone` pod: the workload's newest ready
+ * pod other than it, asked for until one is ready or the startup timeout passes (a rollout, a
+ * ReplicaSet or a StatefulSet takes seconds to start and ready a pod).
  */
 async function planReplacement(
   options: KubeAgentOptions,
-  gonePod: string,
+  gone: MirroredPod,
   progress: (note: string) => void,
 ): Promise<AgentJobPlan> {
+  const gonePod = gone.pod;
   const { kind, name } = options.target;
   const seconds = options.agent.startupTimeoutSeconds;
   const deadline = Date.now() + seconds * 1000;
@@ -98,7 +99,8 @@ async function planReplacement(
     let why: string;
     try {
       const plan = await planAgentJob(options);
-      if (plan.target.pod !== gonePod) return plan;
+      // By container, not by name: a StatefulSet's replacement has the gone pod's name.
+      if (plan.target.containerId !== gone.containerId) return plan;
       why = `pod ${gonePod} is still its newest ready pod`;
     } catch (error) {
       // Anything else than "no ready pod yet" (a deleted workload, no access) will not pass.
@@ -129,13 +131,13 @@ async function planReplacement(
  */
 export function placeKubeAgent(options: KubeAgentOptions): AgentPlacer {
   const replaceable = options.target.kind !== 'pod';
-  let placedPod: string | undefined;
+  let placed: MirroredPod | undefined;
   return async (progress, replacing) => {
     const { access, target, job } =
-      replacing && placedPod
-        ? await planReplacement(options, placedPod, progress)
+      replacing && placed
+        ? await planReplacement(options, placed, progress)
         : await planAgentJob(options, progress);
-    placedPod = target.pod;
+    placed = target;
     const agent = await startAgentJob({
       access,
       job,
