@@ -1,6 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PULL_POLICIES, type PullPolicy } from '../platform/kube/agent-job.js';
+import { TARGET_KINDS } from '../platform/kube/target-kinds.js';
 import { UsageError } from './base-command.js';
 
 /** What `mirrord.json` may hold: the `mirror` command's settings. Flags win over it. */
@@ -33,7 +34,7 @@ export const CONFIG_FILE = 'mirrord.json';
 
 /** The keys that name what is mirrored: a file names at most one. */
 export const LOCAL_TARGET_KEYS = ['pid', 'netns'] as const;
-export const KUBE_TARGET_KEYS = ['pod', 'deployment', 'statefulset'] as const;
+export const KUBE_TARGET_KEYS = TARGET_KINDS;
 
 /** What isKubeName accepts, for messages. */
 export const KUBE_NAME = 'a Kubernetes name (lower case letters, digits, "-" and ".")';

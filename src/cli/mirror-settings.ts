@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import type { NodeTarget } from '../protocol/agent-launch.js';
 import { AGENT_DEFAULTS, type PullPolicy } from '../platform/kube/agent-job.js';
 import type { KubeAgentOptions } from '../platform/kube/place-kube-agent.js';
+import type { TargetKind } from '../platform/kube/target-kinds.js';
 import { kubeAccessOptions } from './cluster-flags.js';
 import {
   KUBE_ONLY_KEYS,
@@ -37,7 +38,7 @@ export type Target = { local: NodeTarget } | { kube: KubeAgentOptions['target'] 
 
 /** A target named by flags or by the config file, which hold the same keys. */
 export function targetOf(
-  settings: Pick<MirrorConfig, 'pid' | 'netns' | KubeKind>,
+  settings: Pick<MirrorConfig, 'pid' | 'netns' | TargetKind>,
 ): Target | undefined {
   if (settings.pid !== undefined) return { local: { pid: settings.pid } };
   if (settings.netns !== undefined) return { local: { netns: settings.netns } };
@@ -48,7 +49,6 @@ export function targetOf(
   return undefined;
 }
 
-type KubeKind = (typeof KUBE_TARGET_KEYS)[number];
 /** The flags that name a target: the same as their mirrord.json keys. */
 export const TARGET_FLAGS = [...LOCAL_TARGET_KEYS, ...KUBE_TARGET_KEYS] as const;
 /** Flags that only mean something for a Kubernetes target. */

@@ -2,13 +2,8 @@ import type { V1Container, V1Pod } from '@kubernetes/client-node';
 import { apiCall, statusCodeOf, kubeApiError } from './api-errors.js';
 import { LABELS } from './agent-job.js';
 import type { KubeAccess } from './kubeconfig.js';
-import {
-  MESH_SIDECARS,
-  defaultContainer,
-  portsOf,
-  type ContainerPort,
-  type TargetKind,
-} from './targets.js';
+import type { TargetKind } from './target-kinds.js';
+import { MESH_SIDECARS, defaultContainer, portsOf, type ContainerPort } from './targets.js';
 
 export interface ListedContainer {
   name: string;

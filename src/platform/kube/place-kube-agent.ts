@@ -12,7 +12,8 @@ import {
   type KubeAccessOptions,
 } from './kubeconfig.js';
 import { openPortForward } from './port-forward.js';
-import { describePod, pickPod, type MirroredPod, type TargetKind } from './targets.js';
+import type { TargetKind } from './target-kinds.js';
+import { describePod, pickPod, type MirroredPod } from './targets.js';
 
 export interface KubeAgentOptions {
   kube: KubeAccessOptions;

@@ -1,9 +1,7 @@
 import type { V1Container, V1LabelSelector, V1Pod } from '@kubernetes/client-node';
 import { apiCall, statusCodeOf, kubeApiError, type ApiAction } from './api-errors.js';
 import { KubeError, type KubeAccess } from './kubeconfig.js';
-
-export const TARGET_KINDS = ['pod', 'deployment', 'statefulset'] as const;
-export type TargetKind = (typeof TARGET_KINDS)[number];
+import type { TargetKind } from './target-kinds.js';
 
 /** What the user asked to mirror: `pod/NAME`, `deployment/NAME` or `statefulset/NAME`. */
 export interface KubeTarget {
