@@ -162,7 +162,16 @@ describe('mirrord agent', () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
     const sent = JSON.parse(await pythonClient(sandbox, CONCURRENT_CLIENT, PORT, '500')) as Sent[];
     const current = session;
-    await current.until(() => current.closedConnections().length >= 500, '500 closed connections');
+    await current
+      .until(() => current.closedConnections().length >= 500, '500 closed connections')
+      .catch(async (error: Error) => {
+        // What the agent saw, so that a loss says where it happened (the kernel's ring buffer,
+        // the agent) rather than only that a connection is missing.
+        const counters = await current.nextCounters();
+        throw new Error(
+          `${error.message}: ${current.connections.size} opened, ${current.closedConnections().length} closed; agent counters ${JSON.stringify(counters)}`,
+        );
+      });
     expectMirrored(current, sent);
     await expectAgentAccounted(current);
     for (const connection of current.connections.values()) {
