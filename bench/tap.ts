@@ -85,6 +85,7 @@ async function startDrainingSession(hosts: BenchHosts, port: number): Promise<Dr
   const agent = await startLocalAgent({ netns: hosts.server });
   const client = await connectToAgent(agent.readiness.address, agent.readiness.port, {
     clientName: 'bench',
+    secret: agent.secret,
   });
   const bytes = new Map<number, number>();
   const waiting: ((closed: { bytes: number; reason: string; gapBytes: number }) => void)[] = [];
@@ -132,6 +133,7 @@ async function startCountingSession(
         version: PROTOCOL_VERSION,
         capabilities: [],
         client: 'bench',
+        secret: agent.secret,
       }),
       clientMessageToWire({ type: 'subscribe', port }),
     ]),

@@ -13,6 +13,8 @@ import { runMirror } from '../src/session/mirror.js';
 import { until } from './support/mirror-cli.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
+/** The in-process agents' session secret. */
+const SECRET = 'subscribe-test';
 const FAILING_PORT = 7401;
 const PORT = 7402;
 
@@ -46,9 +48,10 @@ describe('agent subscriptions', () => {
       host: '127.0.0.1',
       port: 0,
       idleTimeoutMs: 10_000,
+      secret: SECRET,
     });
     const socket = connect(agent.readiness.port, '127.0.0.1');
-    const client = await AgentClient.start(socket, { clientName: 'test' });
+    const client = await AgentClient.start(socket, { clientName: 'test', secret: SECRET });
     const failure = await client.subscribe(FAILING_PORT).catch((error: unknown) => error);
     expect(failure).toBeInstanceOf(AgentClientError);
     expect(failure).toMatchObject({
@@ -77,11 +80,13 @@ describe('agent subscriptions', () => {
           host: '127.0.0.1',
           port: 0,
           idleTimeoutMs: 10_000,
+          secret: SECRET,
         });
         const running = agent;
         return {
           target: running.readiness.target,
           replaceable: false,
+          secret: SECRET,
           connect: () =>
             new Promise<Socket>((resolve) => {
               const socket = connect(running.readiness.port, '127.0.0.1', () => resolve(socket));

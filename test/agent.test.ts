@@ -8,7 +8,9 @@ import net from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startLocalAgent } from '../src/platform/local/agent-process.js';
+import { SECRET_ENV } from '../src/protocol/agent-launch.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
+import { connectToAgent } from '../src/protocol/client.js';
 import { FrameDecoder } from '../src/protocol/framing.js';
 import { parseAgentMessage, type AgentMessage } from '../src/protocol/messages.js';
 import { MirrorSession } from './support/mirror-session.js';
@@ -101,12 +103,16 @@ async function upload(sandbox: Sandbox, mib: number): Promise<Sent> {
   return JSON.parse(out) as Sent;
 }
 
-function runCli(args: string[]): { status: number; stdout: string; stderr: string } {
+function runCli(
+  args: string[],
+  env: NodeJS.ProcessEnv = { ...process.env, [SECRET_ENV]: 'agent-test' },
+): { status: number; stdout: string; stderr: string } {
   try {
     const stdout = execFileSync(process.execPath, [CLI, ...args], {
       encoding: 'utf8',
       stdio: ['ignore', 'pipe', 'pipe'],
       timeout: 30_000,
+      env,
     });
     return { status: 0, stdout, stderr: '' };
   } catch (error) {
@@ -234,7 +240,7 @@ describe('mirrord agent', () => {
     expect(connection?.closed?.reason).toBe('fin');
   });
 
-  test('a hostile frame is refused with an error, and the agent leaves cleanly', async () => {
+  test('a hostile frame, no secret or a wrong one are refused; the CLI still gets the session', async () => {
     const agent = await startLocalAgent({ netns: sandbox.target });
     const links = linksHeldBy(agent.pid);
     expect(links).toHaveLength(2); // eth0 and lo
@@ -246,7 +252,19 @@ describe('mirrord agent', () => {
     socket.write(Buffer.from([0xff, 0xff, 0xff, 0xff, 1, 2, 3]));
     await new Promise((resolve) => socket.once('close', resolve));
     expect(received).toEqual([expect.objectContaining({ type: 'error', code: 'protocol' })]);
-    expect(await agent.exited).toBe(1);
+    // Whoever found the agent's port first (any local user can see it in /proc/net/tcp).
+    for (const secret of ['', 'guessed']) {
+      const refused = await connectToAgent(agent.readiness.address, agent.readiness.port, {
+        secret,
+      }).catch((error: unknown) => error);
+      expect(refused).toMatchObject({ code: 'refused', message: /wrong session secret/ });
+    }
+    const client = await connectToAgent(agent.readiness.address, agent.readiness.port, {
+      secret: agent.secret,
+    });
+    await client.subscribe(PORT);
+    await client.close();
+    expect(await agent.exited).toBe(0);
     expect(linksAlive(links)).toEqual([]);
   });
 
@@ -297,5 +315,10 @@ describe('mirrord agent', () => {
       expect(result.stderr).toMatch(message);
       expect(result.stderr.trim().split('\n')).toHaveLength(1);
     }
+    const withoutSecret = runCli(['agent', '--netns', sandbox.target], process.env);
+    expect(withoutSecret).toMatchObject({
+      status: 2,
+      stderr: `mirrord: no session secret: set ${SECRET_ENV}, or give --secret-file PATH\n`,
+    });
   });
 });

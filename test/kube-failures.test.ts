@@ -6,18 +6,32 @@
  * that refuses or never answers, a namespace default the node cannot fit, a target container
  * that goes away before the agent looks for it, and Ctrl-C. Each is one line that says what is
  * wrong, a non-zero exit, well before any timeout that does not concern it, and nothing left
- * behind: no mirrord Job or pod, no agent process.
+ * behind: no mirrord Job, Secret or pod, no agent process.
+ *
+ * Who may join an agent: a ServiceAccount allowed to port-forward to the agent's pod but not to
+ * read Secrets is refused by the agent, before the CLI connects and during its session, and the
+ * CLI's session is not disturbed.
  *
  * Mid-session, the API server stopped (SIGSTOP) for a few seconds is sat out and what reached
  * the target meanwhile is mirrored; silent for longer than the session's liveness window (a
  * loopback relay to it that goes silent, so that the shared cluster is not stalled that long),
  * the CLI reports, exits, and the agent and the Job's TTL clean up.
  */
-import { AuthorizationV1Api, KubeConfig, type V1PolicyRule } from '@kubernetes/client-node';
+import {
+  AuthorizationV1Api,
+  CoreV1Api,
+  KubeConfig,
+  type V1PolicyRule,
+} from '@kubernetes/client-node';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
+import { AGENT_CONTAINER, AGENT_PORT } from '../src/platform/kube/agent-job.js';
+import { statusCodeOf } from '../src/platform/kube/api-errors.js';
+import { openPortForward } from '../src/platform/kube/port-forward.js';
+import { newSessionSecret, readinessOf } from '../src/protocol/agent-launch.js';
+import { AgentClient, AgentClientError } from '../src/protocol/client.js';
 import { PIDS } from './cluster/layout.js';
 import {
   agentProcesses,
@@ -140,6 +154,7 @@ const FULL_RULES: V1PolicyRule[] = [
   { apiGroups: [''], resources: ['pods/log'], verbs: ['get'] },
   { apiGroups: [''], resources: ['pods/portforward'], verbs: ['get', 'create'] },
   { apiGroups: ['batch'], resources: ['jobs'], verbs: ['create', 'delete'] },
+  { apiGroups: [''], resources: ['secrets'], verbs: ['create'] },
   { apiGroups: ['apps'], resources: ['deployments', 'statefulsets'], verbs: ['get'] },
 ];
 
@@ -203,9 +218,9 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
     });
   }
 
-  /** Nothing of mirrord is left: no Job or pod in the namespace, no agent process. */
+  /** Nothing of mirrord is left: no Job, Secret or pod in the namespace, no agent process. */
   async function expectNothingLeft(): Promise<void> {
-    await eventually('no mirrord Job, pod or agent process', async () => {
+    await eventually('no mirrord Job, Secret, pod or agent process', async () => {
       return (await cluster.mirrordObjects()).length === 0 && ourAgents().length === 0;
     });
     expect(await cluster.mirrordObjects()).toEqual([]);
@@ -491,62 +506,66 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
     });
   });
 
-  describe('RBAC denials', () => {
-    /**
-     * A ServiceAccount whose Role grants FULL_RULES less `verb` on `resource`, and a kubeconfig
-     * with a token of it (TokenRequest API): the real authorizer decides.
-     */
-    async function identityWithout(verb: string, resource: string): Promise<string> {
-      const name = `no-${verb}-${resource.replace(/\W/g, '-')}`;
-      await cluster.core.createNamespacedServiceAccount({
-        namespace: NAMESPACE,
-        body: { metadata: { name } },
-      });
-      await cluster.rbac.createNamespacedRole({
-        namespace: NAMESPACE,
-        body: { metadata: { name }, rules: rulesWithout(verb, resource) },
-      });
-      await cluster.rbac.createNamespacedRoleBinding({
-        namespace: NAMESPACE,
+  /**
+   * A ServiceAccount `name` whose Role grants `rules`, and a kubeconfig with a token of it
+   * (TokenRequest API): the real authorizer decides.
+   */
+  async function identity(name: string, rules: V1PolicyRule[]): Promise<string> {
+    await cluster.core.createNamespacedServiceAccount({
+      namespace: NAMESPACE,
+      body: { metadata: { name } },
+    });
+    await cluster.rbac.createNamespacedRole({
+      namespace: NAMESPACE,
+      body: { metadata: { name }, rules },
+    });
+    await cluster.rbac.createNamespacedRoleBinding({
+      namespace: NAMESPACE,
+      body: {
+        metadata: { name },
+        roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name },
+        subjects: [{ kind: 'ServiceAccount', name, namespace: NAMESPACE }],
+      },
+    });
+    const { status } = await cluster.core.createNamespacedServiceAccountToken({
+      name,
+      namespace: NAMESPACE,
+      body: { spec: { audiences: [], expirationSeconds: 3600 } },
+    });
+    // The authorizer learns of new Roles and bindings from its informers: wait until it
+    // grants what the Role grants (the binding is in effect).
+    const user = `system:serviceaccount:${NAMESPACE}:${name}`;
+    await eventually(`RBAC to take the binding of ${name}`, async () => {
+      const review = await authorization.createSubjectAccessReview({
         body: {
-          metadata: { name },
-          roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name },
-          subjects: [{ kind: 'ServiceAccount', name, namespace: NAMESPACE }],
+          spec: {
+            user,
+            resourceAttributes: { namespace: NAMESPACE, verb: 'list', resource: 'pods' },
+          },
         },
       });
-      const { status } = await cluster.core.createNamespacedServiceAccountToken({
-        name,
-        namespace: NAMESPACE,
-        body: { spec: { audiences: [], expirationSeconds: 3600 } },
-      });
-      // The authorizer learns of new Roles and bindings from its informers: wait until it
-      // grants what the Role grants (the binding is in effect).
-      const user = `system:serviceaccount:${NAMESPACE}:${name}`;
-      await eventually(`RBAC to take the binding of ${name}`, async () => {
-        const review = await authorization.createSubjectAccessReview({
-          body: {
-            spec: {
-              user,
-              resourceAttributes: { namespace: NAMESPACE, verb: 'list', resource: 'pods' },
-            },
-          },
-        });
-        return review.status?.allowed === true;
-      });
-      const { server, caData } = adminCluster();
-      const path = join(dir.path, `${name}.kubeconfig`);
-      const kubeconfig: KubeconfigJson = {
-        apiVersion: 'v1',
-        kind: 'Config',
-        clusters: [
-          { name: 'mirrord-dev', cluster: { server, 'certificate-authority-data': caData } },
-        ],
-        users: [{ name, user: { token: status!.token } }],
-        contexts: [{ name, context: { cluster: 'mirrord-dev', user: name, namespace: NAMESPACE } }],
-        'current-context': name,
-      };
-      writeFileSync(path, JSON.stringify(kubeconfig), { mode: 0o600 });
-      return path;
+      return review.status?.allowed === true;
+    });
+    const { server, caData } = adminCluster();
+    const path = join(dir.path, `${name}.kubeconfig`);
+    const kubeconfig: KubeconfigJson = {
+      apiVersion: 'v1',
+      kind: 'Config',
+      clusters: [
+        { name: 'mirrord-dev', cluster: { server, 'certificate-authority-data': caData } },
+      ],
+      users: [{ name, user: { token: status!.token } }],
+      contexts: [{ name, context: { cluster: 'mirrord-dev', user: name, namespace: NAMESPACE } }],
+      'current-context': name,
+    };
+    writeFileSync(path, JSON.stringify(kubeconfig), { mode: 0o600 });
+    return path;
+  }
+
+  describe('RBAC denials', () => {
+    /** A ServiceAccount allowed FULL_RULES less `verb` on `resource` (see identity). */
+    function identityWithout(verb: string, resource: string): Promise<string> {
+      return identity(`no-${verb}-${resource.replace(/\W/g, '-')}`, rulesWithout(verb, resource));
     }
 
     const as = (name: string): string => `\\(as system:serviceaccount:${NAMESPACE}:${name}\\)`;
@@ -565,6 +584,31 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
       expect(
         cluster.jobRequests(before).map((event) => [event.verb, event.responseStatus?.code]),
       ).toEqual([['create', 403]]);
+      expect(failure.seconds).toBeLessThan(STARTUP_TIMEOUT_S / 2);
+      await expectNothingLeft();
+    });
+
+    test('create secrets: the Job made just before is deleted again; nothing is left', async () => {
+      const kubeconfig = await identityWithout('create', 'secrets');
+      const before = cluster.jobRequests().length;
+      const failure = await mirror(['--pod', 'api'], { kubeconfig }).done;
+      expectOneLine(
+        failure,
+        new RegExp(
+          `not allowed to create secrets in namespace ${NAMESPACE} ${as('no-create-secrets')}${advice}`,
+        ),
+      );
+      // The Job is created first (the Secret names its uid as its owner), then deleted at once.
+      const job = jobOf(failure.progress);
+      await expectJobDeleted(job);
+      expect(
+        cluster
+          .jobRequests(before)
+          .map((event) => [event.verb, event.objectRef?.name, event.responseStatus?.code]),
+      ).toEqual([
+        ['create', job, 201],
+        ['delete', job, 200],
+      ]);
       expect(failure.seconds).toBeLessThan(STARTUP_TIMEOUT_S / 2);
       await expectNothingLeft();
     });
@@ -736,9 +780,14 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
 
   /**
    * A session mirroring the target into a local service that records what each replayed
-   * connection carried; resolves once a connection to the target is replayed.
+   * connection carried; resolves once a connection to the target is replayed. `beforeReady`
+   * runs once the CLI started, before the session is awaited.
    */
-  async function mirroredSession(args: string[] = [], kubeconfig?: string) {
+  async function mirroredSession(
+    args: string[] = [],
+    kubeconfig?: string,
+    beforeReady?: (run: Run) => Promise<void>,
+  ) {
     const replayed: string[] = [];
     const localPort = await listeningServer((socket) => {
       let text = '';
@@ -757,6 +806,7 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
       if (!running()) throw new Hopeless(`mirror exited:\n${run.stderr()}`);
       return check();
     };
+    await beforeReady?.(run);
     await eventually(
       'the session to be ready',
       whileRunning(() => run.stdout().includes('{"event":"ready"')),
@@ -871,6 +921,118 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
       client.destroy();
       server.destroy();
     }
+    await expectNothingLeft();
+  });
+
+  test('a ServiceAccount allowed pods/portforward but not get secrets cannot join a running agent, before or during the session; the CLI gets its session', async () => {
+    const kubeconfig = await identity('portforward-only', [
+      { apiGroups: [''], resources: ['pods'], verbs: ['get', 'list'] },
+      { apiGroups: [''], resources: ['pods/portforward'], verbs: ['get', 'create'] },
+    ]);
+    const intruder = new KubeConfig();
+    intruder.loadFromFile(kubeconfig);
+    const intruderCore = intruder.makeApiClient(CoreV1Api);
+
+    /** The protocol's handshake as the ServiceAccount, with `secret`: how the agent ends it. */
+    async function tryToJoin(pod: string, secret: string): Promise<AgentClientError> {
+      const stream = await openPortForward(intruder, NAMESPACE, pod, AGENT_PORT);
+      let client: AgentClient;
+      try {
+        client = await AgentClient.start(stream, { secret, clientName: 'intruder' });
+      } catch (error) {
+        if (error instanceof AgentClientError) return error;
+        throw error;
+      }
+      await client.close();
+      throw new Error(`the agent admitted a client with the secret ${JSON.stringify(secret)}`);
+    }
+
+    let job = '';
+    let agentPod = '';
+    const { run, replayed, whileRunning } = await mirroredSession(
+      // The agent waits for its CLI while the intruders try.
+      ['--agent-idle-timeout', '60'],
+      undefined,
+      async (cli) => {
+        // The intruders come first: the CLI is stopped once its agent's pod is scheduled (its
+        // Job and Secret exist), before the agent is ready, so before the CLI can connect.
+        await new Promise<void>((resolve, reject) => {
+          const late = setTimeout(
+            () => reject(new Error(`the CLI never said it pulls the image:\n${cli.stderr()}`)),
+            60_000,
+          );
+          const onData = (): void => {
+            if (!cli.stderr().includes('mirrord: pulling image')) return;
+            cli.child.kill('SIGSTOP');
+            cli.child.stderr!.off('data', onData);
+            clearTimeout(late);
+            resolve();
+          };
+          cli.child.stderr!.on('data', onData);
+          cli.child.once('exit', () => reject(new Error(`mirror exited:\n${cli.stderr()}`)));
+        });
+        try {
+          expect(cli.stderr()).not.toContain('connecting to the agent');
+          job = jobOf(cli.stderr().split('\n'));
+          await eventually('the agent to be ready, its CLI stopped', async () => {
+            const { items } = await cluster.core.listNamespacedPod({
+              namespace: NAMESPACE,
+              labelSelector: `job-name=${job}`,
+            });
+            agentPod = items[0]?.metadata?.name ?? '';
+            const log = await cluster.core.readNamespacedPodLog({
+              name: agentPod,
+              namespace: NAMESPACE,
+              container: AGENT_CONTAINER,
+            });
+            return log.split('\n').some((line) => readinessOf(line) !== undefined);
+          });
+          for (const secret of ['', newSessionSecret()]) {
+            const refused = await tryToJoin(agentPod, secret);
+            expect({ secret, code: refused.code, message: refused.message }).toEqual({
+              secret,
+              code: 'refused',
+              message: expect.stringContaining('secret'),
+            });
+          }
+        } finally {
+          cli.child.kill('SIGCONT');
+        }
+      },
+    );
+
+    // The secret is the Secret's, which the ServiceAccount may not read, and nowhere in the
+    // agent's pod, which it may read.
+    const secret = await cluster.core.readNamespacedSecret({ name: job, namespace: NAMESPACE });
+    const value = Buffer.from(secret.data!.secret!, 'base64').toString();
+    for (const read of [
+      () => intruderCore.readNamespacedSecret({ name: job, namespace: NAMESPACE }),
+      () => intruderCore.listNamespacedSecret({ namespace: NAMESPACE }),
+    ]) {
+      const denied = await read().then(
+        () => undefined,
+        (error: unknown) => statusCodeOf(error),
+      );
+      expect(denied).toBe(403);
+    }
+    const pod = await intruderCore.readNamespacedPod({ name: agentPod, namespace: NAMESPACE });
+    expect(JSON.stringify(pod)).not.toContain(value);
+    expect(JSON.stringify(pod)).not.toContain(secret.data!.secret!);
+
+    // During the session, the agent's one session is taken: an intruder is cut off at once.
+    const during = await tryToJoin(agentPod, newSessionSecret());
+    expect(during.code).toBe('closed');
+    // The CLI's session goes on: a connection to the target is still replayed.
+    await send('after the intruders');
+    await eventually(
+      'a connection after the intruders to be replayed',
+      whileRunning(() => replayed.includes('after the intruders')),
+    );
+    run.child.kill('SIGINT');
+    const ended = await run.done;
+    expect(ended.errors).toEqual([]);
+    expect(ended.code).toBe(130);
+    await expectJobDeleted(job);
     await expectNothingLeft();
   });
 });

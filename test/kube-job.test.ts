@@ -1,11 +1,12 @@
 /**
- * The agent's Job: every field the issue asks for, as a pure function of the options; as
- * `mirrord mirror --dry-run` prints it for a pod of the real test cluster (valid YAML of a Job,
- * and nothing created); and as the real API server accepts it: the printed YAML, sent as it is
- * with strict field validation through server-side dry run (every admission step, nothing
- * stored), comes back unchanged but for the fields the API server defaults.
+ * The agent's Job and the Secret that hands it its session secret: every field the issue asks
+ * for, as a pure function of the options; as `mirrord mirror --dry-run` prints them for a pod of
+ * the real test cluster (valid YAML of a Job and a Secret without data, and nothing created);
+ * and as the real API server accepts them: the printed YAML, sent as it is with strict field
+ * validation through server-side dry run (every admission step, nothing stored), comes back
+ * unchanged but for the fields the API server defaults.
  */
-import { KubeConfig, loadYaml, type V1Job } from '@kubernetes/client-node';
+import { KubeConfig, loadAllYaml, type V1Job, type V1Secret } from '@kubernetes/client-node';
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { request, type RequestOptions } from 'node:https';
@@ -15,6 +16,7 @@ import {
   AGENT_CAPABILITIES,
   AGENT_PORT,
   agentJobManifest,
+  agentSecretManifest,
   type AgentJobOptions,
 } from '../src/platform/kube/agent-job.js';
 import { testCluster, type PodInfo, type TestCluster } from './support/kube.js';
@@ -93,7 +95,8 @@ function expectAgentJob(job: V1Job, options: AgentJobOptions): void {
   const [container] = pod.containers;
   expect(container!.image).toBe(options.image);
   expect(container!.imagePullPolicy).toBe(options.pullPolicy);
-  // The agent gets the target's container ID and finds its PID itself.
+  // The agent gets the target's container ID and finds its PID itself; its session secret
+  // is a file of the Secret named like the Job, never a value in the Job.
   expect(container!.command).toEqual([
     'mirrord',
     'agent',
@@ -103,6 +106,22 @@ function expectAgentJob(job: V1Job, options: AgentJobOptions): void {
     `127.0.0.1:${AGENT_PORT}`,
     '--idle-timeout',
     String(options.idleTimeoutSeconds),
+    '--secret-file',
+    '/var/run/mirrord/secret',
+  ]);
+  expect(container!.env).toBeUndefined();
+  expect(container!.volumeMounts).toEqual([
+    { name: 'mirrord-secret', mountPath: '/var/run/mirrord', readOnly: true },
+  ]);
+  expect(pod.volumes).toEqual([
+    {
+      name: 'mirrord-secret',
+      secret: {
+        secretName: `mirrord-agent-${options.sessionId}`,
+        items: [{ key: 'secret', path: 'secret' }],
+        defaultMode: 0o400,
+      },
+    },
   ]);
   if (options.capabilities) {
     expect(container!.securityContext?.privileged).toBe(false);
@@ -144,21 +163,74 @@ describe('the agent Job manifest', () => {
     expect(job.spec?.template.spec?.imagePullSecrets).toBeUndefined();
     expect(job.spec?.template.spec?.containers[0]?.imagePullPolicy).toBeUndefined();
   });
+
+  test('its Secret: named and labelled like the Job, owned by it once it exists, the secret its one key', () => {
+    const job = agentJobManifest(OPTIONS);
+    // As --dry-run prints it: no data (made at each start), no owner (the Job's uid).
+    expectPrintedSecret(agentSecretManifest(job), job);
+    const secret = 'c2Vzc2lvbi1zZWNyZXQtb2YtMzItcmFuZG9tLWJ5dGVzIQ';
+    const created = agentSecretManifest(job, { jobUid: 'f00d-uid', secret });
+    expect(created.metadata?.ownerReferences).toEqual([
+      { apiVersion: 'batch/v1', kind: 'Job', name: 'mirrord-agent-0a1b2c3d', uid: 'f00d-uid' },
+    ]);
+    expect(Object.keys(created.data ?? {})).toEqual(['secret']);
+    expect(Buffer.from(created.data!.secret!, 'base64').toString()).toBe(secret);
+    // Nowhere in the Job, which anyone allowed `get jobs` reads.
+    expect(JSON.stringify(job)).not.toContain(secret);
+    expect(JSON.stringify(job)).not.toContain(created.data!.secret!);
+  });
 });
+
+/** The Secret as --dry-run prints it for `job`: every field, and neither data nor owner. */
+function expectPrintedSecret(secret: V1Secret, job: V1Job): void {
+  expect(secret).toEqual({
+    apiVersion: 'v1',
+    kind: 'Secret',
+    metadata: {
+      name: job.metadata!.name,
+      namespace: job.metadata!.namespace,
+      labels: job.metadata!.labels,
+    },
+    type: 'Opaque',
+    immutable: true,
+  });
+}
+
+/**
+ * What --dry-run printed: the Job, then (after `---`) the Secret the session creates after it;
+ * each document also as its text, to send to the API server as printed.
+ */
+function printedManifests(stdout: string): {
+  job: V1Job;
+  secret: V1Secret;
+  texts: { job: string; secret: string };
+} {
+  const texts = stdout.split(/^---\n/m);
+  expect(texts).toHaveLength(2);
+  const [job, secret] = loadAllYaml(stdout) as [V1Job, V1Secret];
+  expectPrintedSecret(secret, job);
+  return { job, secret, texts: { job: texts[0]!, secret: texts[1]! } };
+}
 
 /** Who the server-side dry runs write as, in the object's managedFields. */
 const FIELD_MANAGER = 'mirrord-test';
 
 /**
- * What the API server makes of a Job's YAML, sent as it is: a create with server-side dry run
- * (every admission step runs, nothing is stored) and strict field validation (an unknown or
- * duplicate field is an error, not silently dropped). Its status and raw JSON answer: the object
- * as it would be stored, including fields this client library has no model for.
+ * What the API server makes of a Job's or a Secret's YAML, sent as it is: a create with
+ * server-side dry run (every admission step runs, nothing is stored) and strict field validation
+ * (an unknown or duplicate field is an error, not silently dropped). Its status and raw JSON
+ * answer: the object as it would be stored, including fields this client library has no model
+ * for.
  */
 async function serverDryRun(
   kubeconfig: string,
+  kind: 'jobs' | 'secrets',
   yaml: string,
 ): Promise<{ status: number; body: Record<string, unknown> }> {
+  const collection =
+    kind === 'jobs'
+      ? `/apis/batch/v1/namespaces/${NAMESPACE}/jobs`
+      : `/api/v1/namespaces/${NAMESPACE}/secrets`;
   const config = new KubeConfig();
   config.loadFromFile(kubeconfig);
   const server = new URL(config.getCurrentCluster()!.server);
@@ -166,7 +238,7 @@ async function serverDryRun(
     method: 'POST',
     hostname: server.hostname,
     port: server.port,
-    path: `/apis/batch/v1/namespaces/${NAMESPACE}/jobs?dryRun=All&fieldValidation=Strict&fieldManager=${FIELD_MANAGER}`,
+    path: `${collection}?dryRun=All&fieldValidation=Strict&fieldManager=${FIELD_MANAGER}`,
     headers: { 'content-type': 'application/yaml', accept: 'application/json' },
   };
   await config.applyToHTTPSOptions(options);
@@ -280,8 +352,8 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     target.containers.find((container) => container.name === name)!.containerId;
 
   /**
-   * No Job was created, and no Job request came since `since` (the audit log's length before),
-   * except this test's own server-side dry runs.
+   * No Job, Secret or agent pod was created, and no Job request came since `since` (the audit
+   * log's length before), except this test's own server-side dry runs.
    */
   async function expectNothingCreated(since: number): Promise<void> {
     const requests = cluster.jobRequests(since);
@@ -291,7 +363,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     expect(pods.items.map((pod) => pod.metadata?.name)).toEqual(['api']);
   }
 
-  test('prints the Job with every field, for the default container, and creates nothing', async () => {
+  test('prints the Job with every field and its Secret without data, for the default container, and creates nothing', async () => {
     const since = cluster.jobRequests().length;
     const result = await cli([
       'mirror',
@@ -314,7 +386,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     ]);
     expect(result.stderr).toBe('');
     expect(result.code).toBe(0);
-    const job = loadYaml<V1Job>(result.stdout);
+    const { job } = printedManifests(result.stdout);
     const sessionId = job.metadata?.labels?.['mirrord.dev/session'] ?? '';
     expect(sessionId).toMatch(/^[0-9a-f]{8}$/);
     const cliAnnotation = job.metadata?.annotations?.['mirrord.dev/cli'] ?? '';
@@ -352,7 +424,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     ]);
     expect(result.stderr).toBe('');
     expect(result.code).toBe(0);
-    const job = loadYaml<V1Job>(result.stdout);
+    const { job } = printedManifests(result.stdout);
     const [host = '', pid = ''] = (job.metadata?.annotations?.['mirrord.dev/cli'] ?? '').split('/');
     expectAgentJob(job, {
       sessionId: job.metadata?.labels?.['mirrord.dev/session'] ?? '',
@@ -370,7 +442,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     await expectNothingCreated(since);
   });
 
-  test('the real API server accepts the printed Job as printed: privileged, and with --agent-capabilities', async () => {
+  test('the real API server accepts the printed Job and Secret as printed: privileged, and with --agent-capabilities', async () => {
     const since = cluster.jobRequests().length;
     const variants: { args: string[]; securityContext: object }[] = [
       { args: [], securityContext: { privileged: true } },
@@ -390,16 +462,38 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     for (const variant of variants) {
       const result = await cli(['mirror', '--pod', 'api', ...kube(), '--dry-run', ...variant.args]);
       expect(result.code).toBe(0);
-      const printed = loadYaml<V1Job>(result.stdout);
-      const stored = await serverDryRun(cluster.kubeconfig, result.stdout);
+      const printed = printedManifests(result.stdout);
+      const stored = await serverDryRun(cluster.kubeconfig, 'jobs', printed.texts.job);
       expect({ variant: variant.args, status: stored.status, body: stored.body }).toMatchObject({
         status: 201,
       });
       const uid = (stored.body.metadata as { uid?: string }).uid ?? '';
       expect(uid).toMatch(/^[0-9a-f-]{36}$/);
-      expect(stored.body).toEqual(withServerDefaults(printed, uid));
+      expect(stored.body).toEqual(withServerDefaults(printed.job, uid));
       const spec = (stored.body as unknown as V1Job).spec!.template.spec!;
       expect(spec.containers[0]?.securityContext).toEqual(variant.securityContext);
+
+      // The Secret as printed is one the API server takes, and stores unchanged.
+      const secret = await serverDryRun(cluster.kubeconfig, 'secrets', printed.texts.secret);
+      expect({ status: secret.status, body: secret.body }).toMatchObject({ status: 201 });
+      expect(secret.body).toEqual({
+        ...printed.secret,
+        metadata: {
+          ...printed.secret.metadata,
+          uid: expect.stringMatching(/^[0-9a-f-]{36}$/),
+          creationTimestamp: expect.any(String),
+          managedFields: [
+            {
+              manager: FIELD_MANAGER,
+              operation: 'Update',
+              apiVersion: 'v1',
+              time: expect.any(String),
+              fieldsType: 'FieldsV1',
+              fieldsV1: expect.any(Object),
+            },
+          ],
+        },
+      });
     }
     await expectNothingCreated(since);
   });
@@ -426,7 +520,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     const result = await cli(['mirror', '--dry-run', '--agent-ttl', '8'], dir.path);
     expect(result.stderr).toBe('');
     expect(result.code).toBe(0);
-    const job = loadYaml<V1Job>(result.stdout);
+    const { job } = printedManifests(result.stdout);
     const [host = '', pid = ''] = (job.metadata?.annotations?.['mirrord.dev/cli'] ?? '').split('/');
     expectAgentJob(job, {
       sessionId: job.metadata?.labels?.['mirrord.dev/session'] ?? '',

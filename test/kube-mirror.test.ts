@@ -3,9 +3,11 @@
  * real CLI creates the agent Job through the API server, the kubelet runs the agent from its
  * image next to the target pod, clients on this machine talk to the pod's IP (routed to the pod
  * bridge), and every connection arrives byte for byte in a local app, through a real
- * port-forward. The API server's audit log shows the Job the CLI created and how it deleted it.
- * Afterwards no Job, pod or agent process is left; when the CLI is killed, the agent ends by
- * itself and the TTL-after-finished controller removes the Job.
+ * port-forward. The API server's audit log shows the Job the CLI created and how it deleted it;
+ * the agent's session secret is in a Secret the Job owns, never in the Job or its pod.
+ * Afterwards no Job, Secret, pod or agent process is left; when the CLI is killed, the agent
+ * ends by itself and the TTL-after-finished controller removes the Job (and the garbage
+ * collector its Secret).
  */
 import type { V1Container, V1Job, V1Pod } from '@kubernetes/client-node';
 import { execFile } from 'node:child_process';
@@ -332,7 +334,7 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       .filter((e) => e.verb === 'delete' && e.objectRef?.name === job.metadata!.name);
   }
 
-  /** After a session: no mirrord Job or pod, and no agent process. */
+  /** After a session: no mirrord Job, Secret or pod, and no agent process. */
   async function untilNothingLeft(): Promise<void> {
     let objects: string[] = [];
     await untilAsync(
@@ -346,6 +348,38 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       throw new Error(`${error.message}; still there: ${objects.join(', ')}`);
     });
     await until(() => ownAgents().length === 0, 'the agent process to go', SLOW);
+  }
+
+  /**
+   * While its session runs: the agent's session secret is in a Secret named and labelled like
+   * its Job and owned by it (the garbage collector deletes it with the Job), and in nothing that
+   * `get jobs` or `get pods` shows.
+   */
+  async function expectSecretOwnedByJob(received: V1Job): Promise<void> {
+    const name = received.metadata!.name!;
+    const job = await kube.batch.readNamespacedJob({ name, namespace: NAMESPACE });
+    const secret = await kube.core.readNamespacedSecret({ name, namespace: NAMESPACE });
+    expect(secret.metadata?.labels).toEqual(received.metadata!.labels);
+    expect(secret.metadata?.ownerReferences).toEqual([
+      { apiVersion: 'batch/v1', kind: 'Job', name, uid: job.metadata!.uid },
+    ]);
+    expect(secret.type).toBe('Opaque');
+    expect(secret.immutable).toBe(true);
+    expect(Object.keys(secret.data ?? {})).toEqual(['secret']);
+    const encoded = secret.data!.secret!;
+    const value = Buffer.from(encoded, 'base64').toString();
+    // 32 random bytes, base64url.
+    expect(value).toMatch(/^[A-Za-z0-9_-]{43}$/);
+    const { items: agentPods } = await kube.core.listNamespacedPod({
+      namespace: NAMESPACE,
+      labelSelector: `job-name=${name}`,
+    });
+    expect(agentPods.length).toBeGreaterThan(0);
+    for (const shown of [received, job, ...agentPods]) {
+      const text = JSON.stringify(shown);
+      expect(text).not.toContain(value);
+      expect(text).not.toContain(encoded);
+    }
   }
 
   /** The pod a session mirrors, from its ready event (`pod NAMESPACE/NAME …`). */
@@ -439,6 +473,7 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       const pod = mirroredPod(run, pods);
       expect(run.output()).toContain(`mirroring pod ${NAMESPACE}/${pod.name}`);
       await untilMirroring(run, pod.ip, POD_PORT);
+      await expectSecretOwnedByJob(createdJob(since).job);
 
       // The pod answers each client with the sha256 of what it got; the local app logs the
       // sha256 of what was replayed into it.
@@ -897,18 +932,31 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
         '--port',
         String(POD_PORT),
       ]);
-      // Killed the moment the API server has created the Job: the agent pod is yet to be
-      // scheduled and started, so the CLI cannot have connected to it.
+      // Killed the moment the API server has created the Job and then its Secret (a CLI killed
+      // between the two leaves a Job whose pod waits for the Secret: `mirrord cleanup`'s case):
+      // the agent pod is yet to be scheduled and started, so the CLI cannot have connected to it.
       await untilWhileRunning(
         run,
         () => kube.jobRequests(since).some((e) => e.verb === 'create'),
         'the Job to be created',
         SLOW,
       );
+      const { job } = createdJob(since);
+      // A read fails (not found) until the Secret is there.
+      await untilAsync(
+        async () =>
+          Boolean(
+            await kube.core.readNamespacedSecret({
+              name: job.metadata!.name!,
+              namespace: NAMESPACE,
+            }),
+          ),
+        'the Secret to be created',
+        SLOW,
+      );
       run.child.kill('SIGKILL');
       await run.exited;
       expect(run.output()).not.toContain('connecting to the agent');
-      const { job } = createdJob(since);
 
       // Now the agent starts, with nobody to connect to it, and gives up after its idle timeout.
       await until(() => ownAgents().length === 1, 'the agent to start', SLOW);

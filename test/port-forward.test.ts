@@ -14,7 +14,13 @@ import net from 'node:net';
 import { hostname } from 'node:os';
 import type { Duplex } from 'node:stream';
 import { AgentClient } from '../src/protocol/client.js';
-import { agentJobManifest, defaultAgentImage } from '../src/platform/kube/agent-job.js';
+import {
+  AGENT_SECRET_KEY,
+  agentJobManifest,
+  agentSecretManifest,
+  defaultAgentImage,
+} from '../src/platform/kube/agent-job.js';
+import { newSessionSecret } from '../src/protocol/agent-launch.js';
 import { PortForwardError, openPortForward } from '../src/platform/kube/port-forward.js';
 import { API_PORT, NODE_IP } from './cluster/layout.js';
 import { containerProcesses, testCluster, type PodInfo, type TestCluster } from './support/kube.js';
@@ -623,12 +629,26 @@ describe('port-forward through the real API server, kubelet and containerd', () 
         cli: { host: hostname(), pid: process.pid },
       });
       const template = job.spec!.template;
+      // The Secret the pod mounts, as the CLI makes it but owned by no Job (there is none: an
+      // owner that does not exist would have the garbage collector delete it).
+      const secret = newSessionSecret();
+      await cluster.core.createNamespacedSecret({
+        namespace: NAMESPACE,
+        body: {
+          ...agentSecretManifest(job),
+          data: { [AGENT_SECRET_KEY]: Buffer.from(secret).toString('base64') },
+        },
+      });
       await cluster.core.createNamespacedPod({
         namespace: NAMESPACE,
         body: { metadata: { name, labels: template.metadata?.labels }, spec: template.spec! },
       });
+      secrets.set(name, secret);
       return name;
     }
+
+    /** The session secret of each agent pod, by name. */
+    const secrets = new Map<string, string>();
 
     async function agentPod(name: string): Promise<V1Pod> {
       return cluster.core.readNamespacedPod({ name, namespace: NAMESPACE });
@@ -649,7 +669,10 @@ describe('port-forward through the real API server, kubelet and containerd', () 
         async () => {
           try {
             const stream = await forward(AGENT_PORT, config, agent);
-            return await AgentClient.start(stream, { clientName: 'port-forward test' });
+            return await AgentClient.start(stream, {
+              clientName: 'port-forward test',
+              secret: secrets.get(agent)!,
+            });
           } catch (error) {
             if (!/connection refused/.test((error as Error).message)) throw error;
             return undefined;

@@ -104,6 +104,7 @@ const clientSamples: ClientMessage[] = [
     version: PROTOCOL_VERSION,
     capabilities: ['ipv6', 'mid-stream'],
     client: 'cli é',
+    secret: 'sécret',
   },
   { type: 'subscribe', port: 8080 },
   { type: 'unsubscribe', port: 65535 },
@@ -207,7 +208,11 @@ describe('round trip', () => {
   test('hello tolerates trailing fields a newer peer may add', () => {
     const frame = wireFrame([0x01, 2, ['x'], 'future-cli', 'extra', 42]);
     expect(clientDecoder().push(frame)).toEqual([
-      { type: 'hello', version: 2, capabilities: ['x'], client: 'future-cli' },
+      { type: 'hello', version: 2, capabilities: ['x'], client: 'future-cli', secret: 'extra' },
+    ]);
+    // An older client's hello has no secret: read as empty, and refused for its version.
+    expect(clientDecoder().push(wireFrame([0x01, 3, [], 'old-cli']))).toEqual([
+      { type: 'hello', version: 3, capabilities: [], client: 'old-cli', secret: '' },
     ]);
   });
 });
@@ -484,10 +489,14 @@ test('throughput of data messages through encoder and decoder (sanity, reported)
 
 // ---- sessions over TCP ----
 
+/** The secret the test agents are started with, which the test clients present. */
+const SECRET = 'test-secret';
+
 const sessionOptions: AgentSessionOptions = {
   agent: 'test-agent',
   target: 'pid 1',
   interfaces: ['eth0', 'lo'],
+  secret: SECRET,
 };
 
 interface TestAgent {
@@ -564,8 +573,10 @@ async function rawClient(port: number): Promise<{ socket: net.Socket; received: 
   return { socket, received };
 }
 
-const clientHello = (version = PROTOCOL_VERSION): Buffer =>
-  encodeFrame([clientMessageToWire({ type: 'hello', version, capabilities: [], client: 'raw' })]);
+const clientHello = (version = PROTOCOL_VERSION, secret = SECRET): Buffer =>
+  encodeFrame([
+    clientMessageToWire({ type: 'hello', version, capabilities: [], client: 'raw', secret }),
+  ]);
 
 const agentHelloFrame = encodeFrame([agentMessageToWire(agentSamples[0] as AgentMessage)]);
 
@@ -582,7 +593,10 @@ describe('sessions', () => {
     const agent = await startAgent();
     try {
       const sessionReady = agent.nextSession();
-      const client = await connectToAgent('127.0.0.1', agent.port, { clientName: 'jest' });
+      const client = await connectToAgent('127.0.0.1', agent.port, {
+        clientName: 'jest',
+        secret: SECRET,
+      });
       const session = await sessionReady;
       expect(client.agent).toMatchObject({ agent: 'test-agent', interfaces: ['eth0', 'lo'] });
       expect(session.client).toMatchObject({ client: 'jest', version: PROTOCOL_VERSION });
@@ -646,6 +660,7 @@ describe('sessions', () => {
             version: PROTOCOL_VERSION,
             capabilities: [],
             client: 'raw',
+            secret: SECRET,
           }),
           clientMessageToWire({ type: 'subscribe', port: 80 }),
         ]),
@@ -675,6 +690,47 @@ describe('sessions', () => {
     }
   });
 
+  test.each([
+    ['no secret', ''],
+    ['a wrong secret', 'guessed'],
+  ])(
+    'a hello with %s is refused before any request is read, and the real client still joins',
+    async (_, secret) => {
+      const agent = await startAgent();
+      try {
+        const { socket, received } = await rawClient(agent.port);
+        // A subscribe pipelined with the hello must not reach the agent.
+        socket.write(
+          Buffer.concat([
+            clientHello(PROTOCOL_VERSION, secret),
+            encodeFrame([clientMessageToWire({ type: 'subscribe', port: 22 })]),
+          ]),
+        );
+        expect(agentDecoder().push(await received)).toEqual([
+          {
+            type: 'refused',
+            version: PROTOCOL_VERSION,
+            reason:
+              'wrong session secret: only the mirrord that started this agent may join its session',
+          },
+        ]);
+        await until(() => agent.failures.length > 0);
+        expect(agent.failures[0]).toMatchObject({ code: 'unauthorized' });
+        expect(agent.sessions).toEqual([]);
+
+        const error = await connectToAgent('127.0.0.1', agent.port, { secret }).catch(
+          (e: unknown) => e,
+        );
+        expect(error).toMatchObject({ code: 'refused', message: /wrong session secret/ });
+        const client = await connectToAgent('127.0.0.1', agent.port, { secret: SECRET });
+        expect(agent.sessions).toHaveLength(1);
+        await client.close();
+      } finally {
+        await agent.close();
+      }
+    },
+  );
+
   test('the client reports refused', async () => {
     const fake = await startRaw((socket) => {
       socket.once('data', () =>
@@ -684,7 +740,9 @@ describe('sessions', () => {
       );
     });
     try {
-      const error = await connectToAgent('127.0.0.1', fake.port).catch((e: unknown) => e);
+      const error = await connectToAgent('127.0.0.1', fake.port, { secret: SECRET }).catch(
+        (e: unknown) => e,
+      );
       expect(error).toBeInstanceOf(AgentClientError);
       expect(error).toMatchObject({ code: 'refused', message: expect.stringMatching(/v2.*old/) });
     } finally {
@@ -698,6 +756,7 @@ describe('sessions', () => {
     );
     try {
       const client = await connectToAgent('127.0.0.1', fake.port, {
+        secret: SECRET,
         keepAliveIntervalMs: 50,
         deadAfterMs: 300,
       });
@@ -718,7 +777,7 @@ describe('sessions', () => {
     const fake = await startRaw(() => {});
     try {
       await expect(
-        connectToAgent('127.0.0.1', fake.port, { handshakeTimeoutMs: 100 }),
+        connectToAgent('127.0.0.1', fake.port, { secret: SECRET, handshakeTimeoutMs: 100 }),
       ).rejects.toMatchObject({ code: 'handshake-timeout' });
     } finally {
       await fake.close();
@@ -741,6 +800,7 @@ describe('sessions', () => {
         await new Promise<net.Socket>((resolve) => {
           const s = net.connect(fake.port, '127.0.0.1', () => resolve(s));
         }),
+        { secret: SECRET },
       );
       const [error] = (await once(client, 'error')) as [Error];
       expect(error).toBeInstanceOf(ProtocolError);
@@ -756,7 +816,7 @@ describe('sessions', () => {
       const sessionReady = agent.nextSession();
       const socket = net.connect(agent.port, '127.0.0.1');
       await once(socket, 'connect');
-      const client = await AgentClient.start(socket);
+      const client = await AgentClient.start(socket, { secret: SECRET });
       const session = await sessionReady;
       const connection = withoutType(agentSamples[5] as Extract<AgentMessage, { type: 'opened' }>);
       let received = 0;
@@ -897,7 +957,7 @@ describe('clock', () => {
       });
     });
     try {
-      const client = await connectToAgent('127.0.0.1', fake.port);
+      const client = await connectToAgent('127.0.0.1', fake.port, { secret: SECRET });
       try {
         // The hello's sample: the agent seems ~100 ms behind, so fresh bytes seem 100 ms early.
         expect(client.lagMicros(monotonicMicros())).toBeLessThan(-50_000);
@@ -914,7 +974,7 @@ describe('clock', () => {
   test('on one machine, lag from a just-taken stamp is about zero', async () => {
     const agent = await startAgent();
     try {
-      const client = await connectToAgent('127.0.0.1', agent.port);
+      const client = await connectToAgent('127.0.0.1', agent.port, { secret: SECRET });
       const lag = client.lagMicros(monotonicMicros());
       expect(lag).toBeGreaterThan(-5_000);
       expect(lag).toBeLessThan(5_000);

@@ -14,6 +14,8 @@ export interface AgentOptions {
   port: number;
   /** How long to wait for a session before exiting. */
   idleTimeoutMs: number;
+  /** What a client must present to be admitted (see src/protocol/agent-launch.ts). */
+  secret: string;
   tap?: TapOptions;
   reassembly?: Partial<ReassemblyLimits>;
   /**
@@ -176,13 +178,21 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       socket.end();
       return;
     }
-    clearTimeout(idleTimer);
+    // Several may be in their handshake at once (one of them the CLI, racing someone who
+    // found the port): the first with the secret gets the session, the others are refused or
+    // ended, and none of them uses up the agent's one session or its idle timeout.
     AgentSession.accept(socket, {
       agent: AGENT_NAME,
       target: targetName,
       interfaces: interfaceNames,
+      secret: options.secret,
     }).then(
       (accepted) => {
+        if (session || ended) {
+          accepted.close();
+          return;
+        }
+        clearTimeout(idleTimer);
         session = accepted;
         accepted.on('subscribe', (port) => {
           try {
@@ -212,7 +222,10 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
           end(error ? { error: `session ended: ${error.message}` } : {});
         });
       },
-      (error: Error) => end({ error: `session refused: ${error.message}` }),
+      (error: Error) => {
+        // The refused client was told why; the agent waits on for its CLI.
+        process.stderr.write(`agent: refused a session: ${error.message}\n`);
+      },
     );
   });
 

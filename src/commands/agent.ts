@@ -2,7 +2,8 @@ import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import { startAgent } from '../agent/server.js';
 import { AGENT_DEFAULTS } from '../platform/kube/agent-job.js';
-import type { NodeTarget } from '../protocol/agent-launch.js';
+import { readFileSync } from 'node:fs';
+import { SECRET_ENV, type NodeTarget } from '../protocol/agent-launch.js';
 
 export default class AgentCommand extends MirrordCommand {
   static override hidden = true;
@@ -39,6 +40,10 @@ export default class AgentCommand extends MirrordCommand {
       default: 8,
       min: 1,
     }),
+    'secret-file': Flags.string({
+      summary: `A file holding the session secret, when ${SECRET_ENV} does not (a mounted Secret).`,
+      helpValue: 'PATH',
+    }),
     'attach-mode': Flags.option({
       summary: 'How to attach: TCX links (kernel 6.6+), legacy tc filters, or whichever works.',
       options: ['auto', 'tcx', 'tc'] as const,
@@ -54,6 +59,7 @@ export default class AgentCommand extends MirrordCommand {
         : flags.netns !== undefined
           ? { netns: flags.netns }
           : { containerId: flags['container-id'] ?? '' };
+    const secret = this.sessionSecret(flags['secret-file']);
     const listen = /^(.*):(\d+)$/.exec(flags.listen);
     if (!listen) this.error(`--listen "${flags.listen}" is not HOST:PORT, e.g. 127.0.0.1:0`);
     let agent;
@@ -63,6 +69,7 @@ export default class AgentCommand extends MirrordCommand {
         host: listen[1] ?? '127.0.0.1',
         port: Number(listen[2]),
         idleTimeoutMs: flags['idle-timeout'] * 1000,
+        secret,
         tap: {
           ringBufferBytes: flags['ring-buffer-mib'] * 1024 * 1024,
           attachMode: flags['attach-mode'],
@@ -75,5 +82,25 @@ export default class AgentCommand extends MirrordCommand {
     this.log(JSON.stringify(agent.readiness));
     const exit = await agent.done;
     if (exit.error) this.error(exit.error, { exit: 1 });
+  }
+
+  /** The secret a client must present: from the environment, else the file; never from argv. */
+  private sessionSecret(file: string | undefined): string {
+    let secret = process.env[SECRET_ENV];
+    // Nothing the agent starts needs it.
+    delete process.env[SECRET_ENV];
+    if (!secret && file !== undefined) {
+      try {
+        secret = readFileSync(file, 'utf8').trim();
+      } catch (error) {
+        this.error(`cannot read the session secret from ${file}: ${(error as Error).message}`, {
+          exit: 2,
+        });
+      }
+    }
+    if (!secret) {
+      this.error(`no session secret: set ${SECRET_ENV}, or give --secret-file PATH`, { exit: 2 });
+    }
+    return secret;
   }
 }

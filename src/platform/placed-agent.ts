@@ -14,6 +14,8 @@ export interface PlacedAgent {
    * by the user or a local process or netns (nothing replaces them).
    */
   readonly replaceable: boolean;
+  /** What the session presents to be admitted: only the placer knows it (src/protocol/agent-launch.ts). */
+  readonly secret: string;
   /** Opens the agent's one session stream. */
   connect(): Promise<Duplex>;
   /** Removes everything the platform created for this agent; safe to call more than once. */

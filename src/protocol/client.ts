@@ -61,6 +61,8 @@ export class AgentClientError extends Error {
 export interface AgentClientOptions extends FrameLimits {
   /** Shown in the agent's logs. */
   clientName?: string;
+  /** The agent's session secret (see PlacedAgent.secret); the agent refuses a hello without it. */
+  secret: string;
   capabilities?: readonly string[];
   /** How long the agent has to answer the hello (default 10 s). */
   handshakeTimeoutMs?: number;
@@ -149,7 +151,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   }
 
   /** Runs the handshake over an open stream; rejects (and destroys the stream) if it fails. */
-  static async start(stream: Duplex, options: AgentClientOptions = {}): Promise<AgentClient> {
+  static async start(stream: Duplex, options: AgentClientOptions): Promise<AgentClient> {
     const client = new AgentClient(stream, options);
     await client.#start(options);
     return client;
@@ -184,6 +186,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       version: PROTOCOL_VERSION,
       capabilities: [...(options.capabilities ?? CAPABILITIES)],
       client: options.clientName ?? 'mirrord',
+      secret: options.secret,
     });
     this.#watch();
     return done;
@@ -520,7 +523,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
 export function connectToAgent(
   host: string,
   port: number,
-  options: ConnectOptions = {},
+  options: ConnectOptions,
 ): Promise<AgentClient> {
   return new Promise<AgentClient>((resolve, reject) => {
     const socket = net.connect({ host, port });

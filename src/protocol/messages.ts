@@ -16,7 +16,7 @@ import { isIP } from 'node:net';
  * `hello` messages never changes, and `hello` tolerates trailing fields, so that a newer peer
  * is told "wrong version" instead of "malformed message".
  */
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSION = 4;
 
 /**
  * What this build supports. Informational: a peer must tolerate names it does not know.
@@ -47,6 +47,11 @@ export interface ClientHelloMessage {
   capabilities: string[];
   /** Free text for the agent's logs, e.g. "mirrord-cli 0.1.0". */
   client: string;
+  /**
+   * The session secret the agent was started with: only the CLI that placed the agent holds it
+   * (see src/protocol/agent-launch.ts). The agent refuses a hello without the right one.
+   */
+  secret: string;
 }
 
 /** Start copying connections whose server port is `port`; answered by `subscribed` or `subscribeFailed`. */
@@ -281,7 +286,7 @@ const C = MessageCode;
 export function clientMessageToWire(m: ClientMessage): WireMessage {
   switch (m.type) {
     case 'hello':
-      return [C.clientHello, m.version, m.capabilities, m.client];
+      return [C.clientHello, m.version, m.capabilities, m.client, m.secret];
     case 'subscribe':
       return [C.subscribe, m.port];
     case 'unsubscribe':
@@ -451,6 +456,8 @@ export function parseClientMessage(value: unknown): ClientMessage {
         version: uint(w, 1, 'hello', 'version'),
         capabilities: strings(w, 2, 'hello', 'capabilities'),
         client: str(w, 3, 'hello', 'client'),
+        // Absent from an older client's hello, which its version refuses before the secret.
+        secret: w.length > 4 ? str(w, 4, 'hello', 'secret') : '',
       };
     case C.subscribe:
       arity(w, 'subscribe', 1);

@@ -5,6 +5,7 @@
  * sends each tap batch's messages and flushes them, and stops reading the tap while the client
  * is behind (`backlogBytes`) until 'drain'.
  */
+import { createHash, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -31,6 +32,8 @@ const MAX_ERROR_TEXT = 4096;
 
 export type AgentSessionErrorCode =
   | 'refused'
+  /** The client's hello did not carry the agent's session secret. */
+  | 'unauthorized'
   | 'handshake-timeout'
   /** Nothing from the client for `idleTimeoutMs`: the CLI or the path to it is gone. */
   | 'idle-timeout'
@@ -57,6 +60,8 @@ export interface AgentSessionOptions extends FrameLimits {
   target: string;
   /** Interfaces the tap is attached to. */
   interfaces: readonly string[];
+  /** What a client's hello must carry to be admitted (see ClientHelloMessage.secret). */
+  secret: string;
   capabilities?: readonly string[];
   /** How long the client has to send its hello (default 10 s). */
   handshakeTimeoutMs?: number;
@@ -319,6 +324,14 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
       this.#finish(new AgentSessionError('refused', reason));
       return false;
     }
+    if (!sameSecret(hello.secret, this.#options.secret)) {
+      const reason =
+        'wrong session secret: only the mirrord that started this agent may join its session';
+      this.#send({ type: 'refused', version: PROTOCOL_VERSION, reason });
+      this.#end(undefined);
+      this.#finish(new AgentSessionError('unauthorized', reason));
+      return false;
+    }
     this.#client = hello;
     this.#phase = 'open';
     this.#sendNow({
@@ -392,4 +405,13 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
   readonly #onDrain = (): void => {
     if (this.#phase === 'open') this.emit('drain');
   };
+}
+
+/**
+ * Compares secrets in constant time: digests first, so that neither their contents nor their
+ * lengths show in how long the comparison takes.
+ */
+function sameSecret(given: string, expected: string): boolean {
+  const digest = (text: string) => createHash('sha256').update(text).digest();
+  return timingSafeEqual(digest(given), digest(expected));
 }

@@ -160,6 +160,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   const startSession = async (placed: PlacedAgent) => {
     const session = await AgentClient.start(await placed.connect(), {
       clientName: 'mirrord mirror',
+      secret: placed.secret,
     });
     client = session;
     let failure: Error | undefined;

@@ -1,7 +1,8 @@
 /**
  * The real test cluster as the Kubernetes tests use it: started once per test run (or the one a
  * developer's `npm run dev:cluster` runs), target workloads made from the images images.sh
- * builds, the API server's audit log of Job requests, and what mirrord left in the cluster.
+ * builds, the API server's audit log of Job requests, and what mirrord left in the cluster (its
+ * Jobs, their pods and Secrets).
  *
  * Targets run this repository's fixtures (test/fixtures, mounted read-only with a hostPath
  * volume) with the node image, so a fixture edit needs no image rebuild. Each test file works in
@@ -108,7 +109,7 @@ export interface TestCluster {
     containers: TargetContainer[],
     replicas?: number,
   ): Promise<PodInfo[]>;
-  /** mirrord's Jobs and pods in the namespace, as `job/NAME` and `pod/NAME`. */
+  /** mirrord's Jobs, Secrets and pods in the namespace, as `job/NAME`, `secret/NAME`, `pod/NAME`. */
   mirrordObjects(): Promise<string[]>;
   /** The audit log's Job requests so far; pass a length to get the ones after it. */
   jobRequests(since?: number): AuditEvent[];
@@ -252,12 +253,17 @@ export async function testCluster(name: string): Promise<TestCluster> {
         namespace: NAMESPACE,
         labelSelector: MANAGED_SELECTOR,
       });
+      const secrets = await core.listNamespacedSecret({
+        namespace: NAMESPACE,
+        labelSelector: MANAGED_SELECTOR,
+      });
       const pods = await core.listNamespacedPod({
         namespace: NAMESPACE,
         labelSelector: MANAGED_SELECTOR,
       });
       return [
         ...jobs.items.map((job) => `job/${job.metadata!.name}`),
+        ...secrets.items.map((secret) => `secret/${secret.metadata!.name}`),
         ...pods.items.map((pod) => `pod/${pod.metadata!.name}`),
       ];
     },

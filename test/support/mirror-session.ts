@@ -64,6 +64,7 @@ export class MirrorSession {
     try {
       const client = await connectToAgent(agent.readiness.address, agent.readiness.port, {
         clientName: 'mirrord tests',
+        secret: agent.secret,
       });
       const session = new MirrorSession(agent, client);
       for (const port of ports) await client.subscribe(port);

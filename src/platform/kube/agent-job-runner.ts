@@ -1,7 +1,7 @@
 import { Watch, type V1Job, type V1Pod } from '@kubernetes/client-node';
 import { agentErrorOf, readinessOf, type AgentReadiness } from '../../protocol/agent-launch.js';
 import { apiCall, kubeApiError, statusCodeOf } from './api-errors.js';
-import { AGENT_CONTAINER, LABELS } from './agent-job.js';
+import { AGENT_CONTAINER, LABELS, agentSecretManifest } from './agent-job.js';
 import { KubeError, type KubeAccess } from './kubeconfig.js';
 import { followPodLog, podLogTail, type LogSource } from './pod-log.js';
 
@@ -9,6 +9,8 @@ export interface AgentJobStart {
   access: KubeAccess;
   /** The manifest (see agent-job.ts). */
   job: V1Job;
+  /** The session secret, handed to the agent in a Secret its Job owns (agentSecretManifest). */
+  secret: string;
   startupTimeoutMs: number;
   progress(note: string): void;
   /** Aborting it (Ctrl-C) stops the wait; what was created is deleted. */
@@ -20,7 +22,10 @@ export interface RunningAgentJob {
   job: string;
   pod: string;
   readiness: AgentReadiness;
-  /** Deletes the Job and, through propagation Background, its pod; safe to call more than once. */
+  /**
+   * Deletes the Job and, through propagation Background, its pod and Secret; safe to call more
+   * than once.
+   */
   remove(): Promise<void>;
 }
 
@@ -266,10 +271,11 @@ async function watchAgentPods(
 }
 
 /**
- * Creates the agent's Job, waits until its pod is running and the agent printed its readiness
- * line, and reports progress on the way. Fails fast with one line on RBAC denial, image pull
- * failure, Unschedulable, an agent exiting early, or the startup timeout; in every failure it
- * deletes the Job it created before throwing.
+ * Creates the agent's Job and then its Secret (owned by the Job, so it needs the Job's uid),
+ * waits until its pod is running and the agent printed its readiness line, and reports progress
+ * on the way. Fails fast with one line on RBAC denial, image pull failure, Unschedulable, an
+ * agent exiting early, or the startup timeout; in every failure it deletes the Job it created
+ * before throwing, and the garbage collector deletes the Secret with it.
  */
 export async function startAgentJob(options: AgentJobStart): Promise<RunningAgentJob> {
   const { access, job, progress } = options;
@@ -291,10 +297,23 @@ export async function startAgentJob(options: AgentJobStart): Promise<RunningAgen
   try {
     options.signal?.addEventListener('abort', interrupt, { once: true });
     progress(`creating agent Job ${name} in namespace ${namespace}`);
-    await apiCall(access, { verb: 'create', resource: 'jobs.batch', namespace, name }, () =>
-      access.batch.createNamespacedJob({ namespace, body: job }),
+    const made = await apiCall(
+      access,
+      { verb: 'create', resource: 'jobs.batch', namespace, name },
+      () => access.batch.createNamespacedJob({ namespace, body: job }),
     );
     created = true;
+    const jobUid = made.metadata?.uid;
+    if (!jobUid) throw new KubeError(`the API server returned the agent Job ${name} without a uid`);
+    // The pod waits for it (its volume), so the agent cannot start without its secret. A CLI
+    // killed before this request leaves a Job whose pod never starts: `mirrord cleanup` removes
+    // it (its CLI is gone, or it never started).
+    await apiCall(access, { verb: 'create', resource: 'secrets', namespace, name }, () =>
+      access.core.createNamespacedSecret({
+        namespace,
+        body: agentSecretManifest(job, { jobUid, secret: options.secret }),
+      }),
+    );
     timer = setTimeout(() => {
       const seconds = Math.round(options.startupTimeoutMs / 1000);
       startup.fail(

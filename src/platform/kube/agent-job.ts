@@ -1,4 +1,4 @@
-import type { V1Job, V1SecurityContext } from '@kubernetes/client-node';
+import type { V1Job, V1Secret, V1SecurityContext } from '@kubernetes/client-node';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { packageRoot } from '../../package-root.js';
@@ -7,13 +7,21 @@ import { targetArgs } from '../../protocol/agent-launch.js';
 /** The agent serves its session here inside its own pod's netns, so a fixed port never collides. */
 export const AGENT_PORT = 61337;
 export const AGENT_CONTAINER = 'mirrord-agent';
+/**
+ * Where the agent's pod mounts its Secret, and the one key of it: the session secret, which
+ * the agent reads with `--secret-file` (a Job's spec is shown to anyone allowed `get jobs`, a
+ * Secret's data only to those allowed `get secrets`).
+ */
+export const AGENT_SECRET_DIR = '/var/run/mirrord';
+export const AGENT_SECRET_KEY = 'secret';
+const AGENT_SECRET_VOLUME = 'mirrord-secret';
 
 export const LABELS = {
   name: 'app.kubernetes.io/name',
   managedBy: 'app.kubernetes.io/managed-by',
   session: 'mirrord.dev/session',
 } as const;
-/** Selects every Job and pod this CLI made, in any session. */
+/** Selects every Job, Secret and pod this CLI made, in any session. */
 export const MANAGED_SELECTOR = `${LABELS.managedBy}=mirrord`;
 
 export const ANNOTATIONS = {
@@ -80,16 +88,20 @@ export function agentJobName(sessionId: string): string {
   return `mirrord-agent-${sessionId}`;
 }
 
+function sessionLabels(sessionId: string): Record<string, string> {
+  return {
+    [LABELS.name]: 'mirrord-agent',
+    [LABELS.managedBy]: 'mirrord',
+    [LABELS.session]: sessionId,
+  };
+}
+
 /**
  * The agent's Job, as a pure function of the options: what `--dry-run` prints is exactly what
  * would be created.
  */
 export function agentJobManifest(options: AgentJobOptions): V1Job {
-  const labels = {
-    [LABELS.name]: 'mirrord-agent',
-    [LABELS.managedBy]: 'mirrord',
-    [LABELS.session]: options.sessionId,
-  };
+  const labels = sessionLabels(options.sessionId);
   // Meshes inject a proxy into new pods unless told not to; a sidecar would keep the Job from
   // completing and sit between the port-forward and the agent. Istio and Kuma read labels or
   // annotations depending on their version, so both are set.
@@ -163,16 +175,71 @@ export function agentJobManifest(options: AgentJobOptions): V1Job {
                 `127.0.0.1:${AGENT_PORT}`,
                 '--idle-timeout',
                 String(options.idleTimeoutSeconds),
+                '--secret-file',
+                `${AGENT_SECRET_DIR}/${AGENT_SECRET_KEY}`,
               ],
               securityContext,
+              volumeMounts: [
+                { name: AGENT_SECRET_VOLUME, mountPath: AGENT_SECRET_DIR, readOnly: true },
+              ],
               resources: {
                 requests: { cpu: '50m', memory: '64Mi' },
                 limits: { memory: '256Mi' },
               },
             },
           ],
+          // The Secret is created right after the Job (it names the Job's uid as its owner); the
+          // kubelet does not start the pod before a volume's Secret exists.
+          volumes: [
+            {
+              name: AGENT_SECRET_VOLUME,
+              secret: {
+                secretName: agentJobName(options.sessionId),
+                items: [{ key: AGENT_SECRET_KEY, path: AGENT_SECRET_KEY }],
+                // The agent runs as root and only reads it: nobody else needs it.
+                defaultMode: 0o400,
+              },
+            },
+          ],
         },
       },
     },
+  };
+}
+
+/**
+ * The Secret that hands the agent its session secret, named and labelled like its Job. With
+ * `created` (the Job's uid once the API server made it, and the secret): owned by the Job, so
+ * the garbage collector deletes it with the Job however the Job goes (the CLI's deletion, the
+ * TTL, `mirrord cleanup`, kubectl). Without: what `--dry-run` prints, which has neither, since
+ * neither exists before a start (see agentJobYaml).
+ */
+export function agentSecretManifest(
+  job: V1Job,
+  created?: { jobUid: string; secret: string },
+): V1Secret {
+  const name = job.metadata?.name ?? '';
+  return {
+    apiVersion: 'v1',
+    kind: 'Secret',
+    metadata: {
+      name,
+      namespace: job.metadata?.namespace ?? '',
+      labels: { ...job.metadata?.labels },
+      // No blockOwnerDeletion: where the OwnerReferencesPermissionEnforcement admission plugin
+      // runs (OpenShift), setting it needs `update jobs/finalizers` too, and the garbage
+      // collector deletes the Secret with the Job without it.
+      ...(created
+        ? {
+            ownerReferences: [{ apiVersion: 'batch/v1', kind: 'Job', name, uid: created.jobUid }],
+          }
+        : {}),
+    },
+    type: 'Opaque',
+    // Nobody changes the session secret after the start: the API server refuses updates.
+    immutable: true,
+    ...(created
+      ? { data: { [AGENT_SECRET_KEY]: Buffer.from(created.secret).toString('base64') } }
+      : {}),
   };
 }

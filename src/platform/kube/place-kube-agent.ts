@@ -1,10 +1,17 @@
 import { dumpYaml, type V1Job } from '@kubernetes/client-node';
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
+import { newSessionSecret } from '../../protocol/agent-launch.js';
 import type { AgentPlacer } from '../placed-agent.js';
 import { kubeApiError, statusCodeOf } from './api-errors.js';
 import { startAgentJob } from './agent-job-runner.js';
-import { AGENT_PORT, agentJobManifest, defaultAgentImage, type PullPolicy } from './agent-job.js';
+import {
+  AGENT_PORT,
+  agentJobManifest,
+  agentSecretManifest,
+  defaultAgentImage,
+  type PullPolicy,
+} from './agent-job.js';
 import {
   KubeError,
   loadKubeAccess,
@@ -72,10 +79,16 @@ export async function planAgentJob(
   return { access, target, job };
 }
 
-/** `mirror --dry-run`: the Job the session would create, as YAML; nothing is created. */
+/**
+ * `mirror --dry-run`: the Job the session would create and then its Secret, as two YAML
+ * documents; nothing is created. The Secret is printed without its data and its owner: the
+ * session secret is made at each start (one printed here would never be used, and a secret has
+ * no business in a terminal or a CI log), and the owner reference needs the uid the API server
+ * gives the Job.
+ */
 export async function agentJobYaml(options: KubeAgentOptions): Promise<string> {
   const { job } = await planAgentJob(options);
-  return dumpYaml(job);
+  return `${dumpYaml(job)}---\n${dumpYaml(agentSecretManifest(job))}`;
 }
 
 /** How often a replaced target's workload is asked for a ready pod. */
@@ -126,7 +139,8 @@ async function planReplacement(
 
 /**
  * The kube platform's placer: the agent as a Job on the target's node, reached through a
- * port-forward to its fixed port. stop() deletes the Job (propagation Background). A workload's
+ * port-forward to its fixed port, admitting only this CLI (the session secret, handed over in a
+ * Secret the Job owns). stop() deletes the Job (propagation Background). A workload's
  * agent is replaceable: when its pod goes away, the next agent goes next to the pod that
  * replaced it (on that pod's node).
  */
@@ -139,9 +153,12 @@ export function placeKubeAgent(options: KubeAgentOptions): AgentPlacer {
         ? await planReplacement(options, placed, progress)
         : await planAgentJob(options, progress);
     placed = target;
+    // Each agent its own: a replacement agent does not admit the secret of the one before.
+    const secret = newSessionSecret();
     const agent = await startAgentJob({
       access,
       job,
+      secret,
       startupTimeoutMs: options.agent.startupTimeoutSeconds * 1000,
       progress,
       ...(options.signal ? { signal: options.signal } : {}),
@@ -150,6 +167,7 @@ export function placeKubeAgent(options: KubeAgentOptions): AgentPlacer {
     return {
       target: describePod(target),
       replaceable,
+      secret,
       async connect() {
         try {
           return await openPortForward(access.config, agent.namespace, agent.pod, AGENT_PORT);

@@ -5,7 +5,9 @@ import { join } from 'node:path';
 import { packageRoot } from '../../package-root.js';
 import type { AgentPlacer } from '../placed-agent.js';
 import {
+  SECRET_ENV,
   agentErrorOf,
+  newSessionSecret,
   readinessOf,
   targetArgs,
   type AgentReadiness,
@@ -14,6 +16,8 @@ import {
 
 export interface LocalAgent {
   readiness: AgentReadiness;
+  /** What a session must present (see src/protocol/agent-launch.ts). */
+  secret: string;
   pid: number;
   /** Resolves with the exit code when the agent process is gone. */
   exited: Promise<number>;
@@ -44,6 +48,7 @@ export async function startLocalAgent(
   target: NodeTarget,
   options: LocalAgentOptions = {},
 ): Promise<LocalAgent> {
+  const secret = newSessionSecret();
   const child: ResultPromise = execa(
     process.execPath,
     [
@@ -59,7 +64,14 @@ export async function startLocalAgent(
       String(options.idleTimeoutSeconds ?? 30),
       ...(options.extraArgs ?? []),
     ],
-    { reject: false, stdin: 'ignore', stdout: 'pipe', stderr: 'pipe', buffer: { stdout: false } },
+    {
+      reject: false,
+      stdin: 'ignore',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      buffer: { stdout: false },
+      env: { [SECRET_ENV]: secret },
+    },
   );
   const stderrLines: string[] = [];
   createInterface({ input: child.stderr! }).on('line', (line) => {
@@ -89,6 +101,7 @@ export async function startLocalAgent(
 
   return {
     readiness,
+    secret,
     pid: child.pid!,
     exited,
     async stop() {
@@ -106,6 +119,7 @@ export function placeLocalAgent(target: NodeTarget, options: LocalAgentOptions =
     return {
       target: agent.readiness.target,
       replaceable: false,
+      secret: agent.secret,
       connect: () => openTcp(agent.readiness.address, agent.readiness.port),
       async stop() {
         await agent.stop();
