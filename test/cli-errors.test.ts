@@ -130,7 +130,7 @@ describe('mirrord.json', () => {
       ['ok', 'Not_ok'],
       'agentPullSecrets[1] "Not_ok" is not the name of a secret',
     ],
-    agentCapabilities: ['yes', '"agentCapabilities" must be true or false'],
+    agentPrivileged: ['yes', '"agentPrivileged" must be true or false'],
     agentTtl: [-1, '"agentTtl" must be a number of seconds (0 or more)'],
     agentIdleTimeout: [0, '"agentIdleTimeout" must be a number of seconds (1 or more)'],
     agentStartupTimeout: [1.5, '"agentStartupTimeout" must be a number of seconds (1 or more)'],

@@ -145,19 +145,19 @@ const OPTIONS: AgentJobOptions = {
   image: 'registry.example/team/mirrord-agent:1.2.3',
   pullPolicy: 'IfNotPresent',
   pullSecrets: ['regcred', 'mirror-pull'],
-  capabilities: false,
+  capabilities: true,
   ttlSeconds: 45,
   idleTimeoutSeconds: 12,
   cli: { host: 'laptop', pid: 4242 },
 };
 
 describe('the agent Job manifest', () => {
-  test('has every field the issue lists, privileged by default', () => {
+  test('has every field the issue lists, with just the capabilities the agent needs by default', () => {
     expectAgentJob(agentJobManifest(OPTIONS), OPTIONS);
   });
 
-  test('with --agent-capabilities: just the capabilities the agent needs, not privileged', () => {
-    const options = { ...OPTIONS, capabilities: true, pullSecrets: [], pullPolicy: undefined };
+  test('with --agent-privileged: a privileged container', () => {
+    const options = { ...OPTIONS, capabilities: false, pullSecrets: [], pullPolicy: undefined };
     const job = agentJobManifest(options);
     expectAgentJob(job, options);
     expect(job.spec?.template.spec?.imagePullSecrets).toBeUndefined();
@@ -383,6 +383,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
       '45',
       '--agent-idle-timeout',
       '12',
+      '--agent-privileged',
     ]);
     expect(result.stderr).toBe('');
     expect(result.code).toBe(0);
@@ -410,7 +411,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     await expectNothingCreated(since);
   });
 
-  test('defaults: the agent image of this version, TTL 60 s, idle timeout 30 s; --container and --agent-capabilities', async () => {
+  test('defaults: the agent image of this version, TTL 60 s, idle timeout 30 s, capabilities; --container', async () => {
     const since = cluster.jobRequests().length;
     const result = await cli([
       'mirror',
@@ -418,7 +419,6 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
       'api',
       '--container',
       'istio-proxy',
-      '--agent-capabilities',
       ...kube(),
       '--dry-run',
     ]);
@@ -442,15 +442,14 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
     await expectNothingCreated(since);
   });
 
-  test('the real API server accepts the printed Job and Secret as printed: privileged, and with --agent-capabilities', async () => {
+  test('the real API server accepts the printed Job and Secret as printed: with capabilities, and with --agent-privileged', async () => {
     const since = cluster.jobRequests().length;
     const variants: { args: string[]; securityContext: object }[] = [
-      { args: [], securityContext: { privileged: true } },
+      { args: ['--agent-privileged'], securityContext: { privileged: true } },
       {
         args: [
           '--container',
           'istio-proxy',
-          '--agent-capabilities',
           '--agent-pull-policy',
           'Never',
           '--agent-pull-secret',
@@ -511,7 +510,7 @@ describe('mirrord mirror --dry-run (real cluster)', () => {
         agentImage: 'registry.example/mirrord-agent:from-file',
         agentPullPolicy: 'Never',
         agentPullSecrets: ['from-file'],
-        agentCapabilities: true,
+        agentPrivileged: false,
         agentTtl: 5,
         agentIdleTimeout: 6,
         agentStartupTimeout: 7,

@@ -17,6 +17,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import {
+  AGENT_CAPABILITIES,
   AGENT_CONTAINER,
   LABELS,
   agentJobManifest,
@@ -406,7 +407,7 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       target: `pod ${NAMESPACE}/${target.pod.name}${target.of ? ` of ${target.of}` : ''} (container ${target.container})`,
       image: defaultAgentImage(),
       pullSecrets: [],
-      capabilities: false,
+      capabilities: true,
       ...agent,
       cli: { host: hostname(), pid: run.child.pid! },
     });
@@ -501,7 +502,11 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
         ),
       );
       expect(job.spec?.template.spec?.hostPID).toBe(true);
-      expect(job.spec?.template.spec?.containers[0]?.securityContext?.privileged).toBe(true);
+      // Least privilege: the capabilities the agent needs, and it mirrored with just those.
+      expect(job.spec?.template.spec?.containers[0]?.securityContext).toEqual({
+        privileged: false,
+        capabilities: { add: [...AGENT_CAPABILITIES] },
+      });
 
       // Teardown: the CLI deleted the Job, with propagation Background, once; its pod and the
       // agent process go with it.

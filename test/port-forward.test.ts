@@ -623,7 +623,7 @@ describe('port-forward through the real API server, kubelet and containerd', () 
         image: defaultAgentImage(),
         pullPolicy: 'Never',
         pullSecrets: [],
-        capabilities: false,
+        capabilities: true,
         ttlSeconds: 60,
         idleTimeoutSeconds: 60,
         cli: { host: hostname(), pid: process.pid },

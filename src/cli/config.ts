@@ -22,7 +22,7 @@ export interface MirrorConfig {
   agentImage?: string;
   agentPullPolicy?: PullPolicy;
   agentPullSecrets?: string[];
-  agentCapabilities?: boolean;
+  agentPrivileged?: boolean;
   agentTtl?: number;
   agentIdleTimeout?: number;
   agentStartupTimeout?: number;
@@ -129,7 +129,7 @@ const SETTINGS: { [Key in ConfigKey]-?: Setting } = {
     PULL_POLICIES.join(', ').replace(/, (?=[^,]*$)/, ' or '),
   ),
   agentPullSecrets: list('kube', isKubeName, `the name of a secret, ${KUBE_NAME}`),
-  agentCapabilities: one('kube', isBoolean, 'true or false'),
+  agentPrivileged: one('kube', isBoolean, 'true or false'),
   agentTtl: one('kube', isSeconds(0), 'a number of seconds (0 or more)'),
   agentIdleTimeout: one('kube', isSeconds(1), 'a number of seconds (1 or more)'),
   agentStartupTimeout: one('kube', isSeconds(1), 'a number of seconds (1 or more)'),

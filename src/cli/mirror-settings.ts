@@ -28,7 +28,7 @@ export interface KubeFlags {
   'agent-image'?: string;
   'agent-pull-policy'?: PullPolicy;
   'agent-pull-secret'?: string[];
-  'agent-capabilities'?: boolean;
+  'agent-privileged'?: boolean;
   'agent-ttl'?: number;
   'agent-idle-timeout'?: number;
   'agent-startup-timeout'?: number;
@@ -74,7 +74,8 @@ export function kubeAgentOptions(
       image: flags['agent-image'] ?? config.agentImage,
       pullPolicy: flags['agent-pull-policy'] ?? config.agentPullPolicy,
       pullSecrets: flags['agent-pull-secret'] ?? config.agentPullSecrets ?? [],
-      capabilities: flags['agent-capabilities'] ?? config.agentCapabilities ?? false,
+      // Least privilege unless asked: the capabilities the agent needs, not a privileged container.
+      capabilities: !(flags['agent-privileged'] ?? config.agentPrivileged ?? false),
       ttlSeconds: flags['agent-ttl'] ?? config.agentTtl ?? AGENT_DEFAULTS.ttlSeconds,
       idleTimeoutSeconds:
         flags['agent-idle-timeout'] ?? config.agentIdleTimeout ?? AGENT_DEFAULTS.idleTimeoutSeconds,

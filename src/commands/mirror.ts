@@ -112,9 +112,9 @@ export default class MirrorCommand extends MirrordCommand {
       multiple: true,
       helpGroup: AGENT,
     }),
-    'agent-capabilities': Flags.boolean({
-      summary: 'Run the agent with just the capabilities it needs instead of privileged.',
-      allowNo: true,
+    'agent-privileged': Flags.boolean({
+      summary:
+        'Run the agent privileged, where a cluster does not grant the capabilities it asks for by default.',
       helpGroup: AGENT,
     }),
     'agent-ttl': Flags.integer({
