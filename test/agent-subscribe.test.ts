@@ -28,6 +28,16 @@ describe('agent subscriptions', () => {
     sandbox = createSandbox('subscribe');
   });
 
+  /** The real agent, in this process (so that its Tap's methods can be made to fail). */
+  const startInProcess = (): Promise<RunningAgent> =>
+    startAgent({
+      target: { netns: sandbox.target },
+      host: '127.0.0.1',
+      port: 0,
+      idleTimeoutMs: 10_000,
+      secret: SECRET,
+    });
+
   afterEach(async () => {
     Tap.prototype.subscribe = subscribe;
     Tap.prototype.unsubscribe = unsubscribe;
@@ -43,13 +53,7 @@ describe('agent subscriptions', () => {
       }
       subscribe.call(this, port);
     };
-    agent = await startAgent({
-      target: { netns: sandbox.target },
-      host: '127.0.0.1',
-      port: 0,
-      idleTimeoutMs: 10_000,
-      secret: SECRET,
-    });
+    agent = await startInProcess();
     const socket = connect(agent.readiness.port, '127.0.0.1');
     const client = await AgentClient.start(socket, { clientName: 'test', secret: SECRET });
     const failure = await client.subscribe(FAILING_PORT).catch((error: unknown) => error);
@@ -75,13 +79,7 @@ describe('agent subscriptions', () => {
     const app = `const server = require('net').createServer((s) => { s.destroy(); server.close(); }).listen(${PORT}); setInterval(() => {}, 1000);`;
     const session = runMirror({
       placeAgent: async () => {
-        agent = await startAgent({
-          target: { netns: sandbox.target },
-          host: '127.0.0.1',
-          port: 0,
-          idleTimeoutMs: 10_000,
-          secret: SECRET,
-        });
+        agent = await startInProcess();
         const running = agent;
         return {
           target: running.readiness.target,
