@@ -675,6 +675,34 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
     await expectNothingLeft();
   });
 
+  test('a namespace whose Pod Security admission refuses the agent: said in one line, well before the startup timeout', async () => {
+    // Enforced at pod creation, so the Job is accepted and only its controller's FailedCreate
+    // event tells why no pod comes.
+    const setLevel = async (level: string | undefined) => {
+      const namespace = await cluster.core.readNamespace({ name: NAMESPACE });
+      const labels = { ...namespace.metadata!.labels };
+      if (level) labels['pod-security.kubernetes.io/enforce'] = level;
+      else delete labels['pod-security.kubernetes.io/enforce'];
+      namespace.metadata!.labels = labels;
+      await cluster.core.replaceNamespace({ name: NAMESPACE, body: namespace });
+    };
+    await setLevel('baseline');
+    try {
+      for (const args of [[], ['--agent-privileged']]) {
+        const failure = await mirror(['--pod', 'api', ...args]).done;
+        expectOneLine(
+          failure,
+          /the namespace's Pod Security admission \(baseline:latest\) refuses the agent's pod, which needs hostPID and .*violates PodSecurity "baseline:latest": .*host namespaces .*: mirror in a namespace whose level is privileged, or ask your cluster admin/,
+        );
+        expect(failure.seconds).toBeLessThan(STARTUP_TIMEOUT_S / 2);
+        await expectJobDeleted(jobOf(failure.progress));
+      }
+    } finally {
+      await setLevel(undefined);
+    }
+    await expectNothingLeft();
+  });
+
   test("Unschedulable: the scheduler's own message, well before the startup timeout", async () => {
     // The agent requests no scratch space; this namespace's LimitRange gives every container a
     // default request of more than the node has, so the scheduler finds no room for the agent.

@@ -115,6 +115,26 @@ class AgentStartup {
     this.done.catch(() => undefined);
   }
 
+  /** Whether the Job controller made the agent's pod (a watch reported it). */
+  get hasPod(): boolean {
+    return this.podName !== undefined;
+  }
+
+  /**
+   * The Job controller could not create the agent's pod (a FailedCreate event): nothing else
+   * would say so before the startup timeout.
+   */
+  failCreate(message: string): void {
+    const refusal = /violates PodSecurity "([^"]+)"/.exec(message);
+    this.fail(
+      new KubeError(
+        refusal
+          ? `the namespace's Pod Security admission (${refusal[1]}) refuses the agent's pod, which needs hostPID and BPF, NET_ADMIN, SYS_ADMIN, SYS_PTRACE and PERFMON (${message}): mirror in a namespace whose level is privileged, or ask your cluster admin`
+          : `the agent's pod cannot be created: ${message}`,
+      ),
+    );
+  }
+
   get describeState(): string {
     return this.podName ? `pod ${this.podName}: ${this.state}` : this.state;
   }
@@ -270,6 +290,38 @@ async function watchAgentPods(
   }
 }
 
+/** How often the agent Job's events are read while its pod does not exist. */
+const FAILED_CREATE_POLL_MS = 1000;
+
+/**
+ * Reads the agent Job's FailedCreate events until its pod exists: when the Job controller cannot
+ * create the pod (a Pod Security admission refusing the agent, a quota), only an event tells.
+ * Without `list events` it stops, and the startup timeout says what it can.
+ */
+async function watchFailedCreates(
+  access: KubeAccess,
+  namespace: string,
+  job: string,
+  startup: AgentStartup,
+  signal: AbortSignal,
+): Promise<void> {
+  const fieldSelector = `involvedObject.kind=Job,involvedObject.name=${job},reason=FailedCreate`;
+  while (!signal.aborted && !startup.hasPod) {
+    let message: string | undefined;
+    try {
+      const events = await access.core.listNamespacedEvent({ namespace, fieldSelector });
+      message = events.items.findLast((event) => event.message)?.message;
+    } catch {
+      return;
+    }
+    if (message) {
+      startup.failCreate(message);
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, FAILED_CREATE_POLL_MS).unref());
+  }
+}
+
 /**
  * Creates the agent's Job and then its Secret (owned by the Job, so it needs the Job's uid),
  * waits until its pod is running and the agent printed its readiness line, and reports progress
@@ -329,6 +381,7 @@ export async function startAgentJob(options: AgentJobStart): Promise<RunningAgen
       startup,
       streams.signal,
     ).catch((error: Error) => startup.fail(error));
+    void watchFailedCreates(access, namespace, name, startup, streams.signal);
     const { pod, readiness } = await startup.done;
     return { namespace, job: name, pod, readiness, remove };
   } catch (error) {
