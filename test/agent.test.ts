@@ -14,7 +14,7 @@ import { connectToAgent } from '../src/protocol/client.js';
 import { FrameDecoder } from '../src/protocol/framing.js';
 import { parseAgentMessage, type AgentMessage } from '../src/protocol/messages.js';
 import { MirrorSession } from './support/mirror-session.js';
-import { pythonClient, sinkServer, stdinClient } from './support/programs.js';
+import { pythonClient, sinkServer, stdinClient, untilAcked } from './support/programs.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -229,7 +229,7 @@ describe('mirrord agent', () => {
   test('a connection opened before the subscription is flagged mid-stream', async () => {
     const client = stdinClient(sandbox, PORT);
     client.stdin!.write('sent before mirroring\n');
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await untilAcked(sandbox, PORT, 'sent before mirroring\n'.length);
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
     client.stdin!.end('sent while mirrored\n');
     const current = session;

@@ -13,6 +13,7 @@ import {
   killRun,
   mirrord,
   until,
+  untilAsync,
   untilWhileRunning,
   type MirrorRun,
 } from './support/mirror-cli.js';
@@ -40,16 +41,6 @@ const server = (...ports: number[]): string[] => [
   '-e',
   `for (const port of [${ports.join(',')}]) require('net').createServer((s) => s.resume()).listen(port)`,
 ];
-
-/** Polls an asynchronous check (errors count as "not yet") until it holds. */
-async function eventually(what: string, check: () => Promise<boolean>, ms = 120_000) {
-  const deadline = Date.now() + ms;
-  while (!(await check().catch(() => false))) {
-    if (Date.now() > deadline)
-      throw new Error(`timed out after ${ms / 1000} s waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 250));
-  }
-}
 
 /** A table row's cells (columns are two or more spaces apart; padding depends on all rows). */
 const cells = (line: string): string[] => line.trim().split(/\s{2,}/);
@@ -98,22 +89,33 @@ describe('mirrord ls and mirrord cleanup (real cluster)', () => {
       cluster.addStatefulSet('db', [{ name: 'db', command: server(6379), port: 6379 }]),
     ];
     await Promise.all(workloads);
-    await eventually('pod/api to be ready', async () => {
-      const pod = await cluster.core.readNamespacedPod({ name: 'api', namespace: NAMESPACE });
-      const status = pod.status?.containerStatuses ?? [];
-      app = status.find((container) => container.name === 'app')?.containerID ?? '';
-      return status.length === 2 && status.every((container) => container.ready);
-    });
+    await untilAsync(
+      async () => {
+        const pod = await cluster.core.readNamespacedPod({ name: 'api', namespace: NAMESPACE });
+        const status = pod.status?.containerStatuses ?? [];
+        app = status.find((container) => container.name === 'app')?.containerID ?? '';
+        return status.length === 2 && status.every((container) => container.ready);
+      },
+      'pod/api to be ready',
+      120_000,
+    );
     // The workloads' own status (what `ls` shows as READY) follows their pods' readiness a
     // little later: the controllers write it.
-    await eventually('the workloads to count their ready replicas', async () => {
-      const web = await cluster.apps.readNamespacedDeployment({
-        name: 'web',
-        namespace: NAMESPACE,
-      });
-      const db = await cluster.apps.readNamespacedStatefulSet({ name: 'db', namespace: NAMESPACE });
-      return web.status?.readyReplicas === 2 && db.status?.readyReplicas === 1;
-    });
+    await untilAsync(
+      async () => {
+        const web = await cluster.apps.readNamespacedDeployment({
+          name: 'web',
+          namespace: NAMESPACE,
+        });
+        const db = await cluster.apps.readNamespacedStatefulSet({
+          name: 'db',
+          namespace: NAMESPACE,
+        });
+        return web.status?.readyReplicas === 2 && db.status?.readyReplicas === 1;
+      },
+      'the workloads to count their ready replicas',
+      120_000,
+    );
   }, 600_000);
 
   afterEach(async () => {
@@ -327,9 +329,13 @@ describe('mirrord ls and mirrord cleanup (real cluster)', () => {
       /^(its agent finished \((Complete|Failed)\)|its CLI \(pid \d+ on this host\) is gone)$/,
     );
     // The Job's pod goes with it (propagation Background), and with it the agent.
-    await eventually('the Job and its pod to go', async () => {
-      return (await cluster.mirrordObjects()).length === 0;
-    });
+    await untilAsync(
+      async () => {
+        return (await cluster.mirrordObjects()).length === 0;
+      },
+      'the Job and its pod to go',
+      120_000,
+    );
     await until(() => agentsOfApp().length === 0, 'the agent to exit', 60_000);
 
     // --all: also a session that is still running.
@@ -340,9 +346,13 @@ describe('mirrord ls and mirrord cleanup (real cluster)', () => {
     expect(all.stderr).toBe('');
     expect(all.code).toBe(0);
     expect(all.stdout).toBe(`removed job ${NAMESPACE}/${other}: removed with --all\n`);
-    await eventually('the Job and its pod to go', async () => {
-      return (await cluster.mirrordObjects()).length === 0;
-    });
+    await untilAsync(
+      async () => {
+        return (await cluster.mirrordObjects()).length === 0;
+      },
+      'the Job and its pod to go',
+      120_000,
+    );
     await until(() => agentsOfApp().length === 0, 'the agent to exit', 60_000);
   }, 900_000);
 });

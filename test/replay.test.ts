@@ -18,7 +18,7 @@ import {
 } from '../src/session/replay.js';
 import { expectReplayAccounted } from './support/accounting.js';
 import { MirrorSession } from './support/mirror-session.js';
-import { pythonClient, sinkServer, stdinClient } from './support/programs.js';
+import { pythonClient, sinkServer, stdinClient, untilAcked } from './support/programs.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
 const PORT = 7000;
@@ -49,7 +49,7 @@ print(json.dumps(out))
 
 /** One connection closed with a FIN, one reset (SO_LINGER 0), each after sending its bytes. */
 const FIN_RST_CLIENT = `
-import socket, struct, sys, time
+import fcntl, socket, struct, sys, termios, time
 host, port = sys.argv[1], int(sys.argv[2])
 a = socket.create_connection((host, port))
 a.sendall(b"closed with fin")
@@ -58,7 +58,9 @@ while a.recv(65536): pass
 a.close()
 b = socket.create_connection((host, port))
 b.sendall(b"closed with rst")
-time.sleep(0.3)
+# Reset only once the target acknowledged the bytes (nothing left in b's send queue).
+while struct.unpack("i", fcntl.ioctl(b, termios.TIOCOUTQ, b"\\0" * 4))[0] > 0:
+    time.sleep(0.01)
 b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 b.close()
 `;
@@ -371,7 +373,7 @@ describe('replay into a local app', () => {
     cleanups.push(() => app.close());
     const client = stdinClient(sandbox, PORT);
     client.stdin!.write('sent before mirroring\n');
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    await untilAcked(sandbox, PORT, 'sent before mirroring\n'.length);
     const current = await startSession();
     const byDefault = startReplay(current);
     const withMidStream = startReplay(current, { midStream: true });

@@ -53,3 +53,29 @@ export function pythonClient(
     ...args,
   ]);
 }
+
+/**
+ * Resolves once the target's kernel acknowledged `bytes` bytes of the client netns's connection
+ * to `port` (ss's bytes_acked, which counts the SYN as one): they reached the target, they are
+ * not on their way. Throws after `ms`.
+ */
+export async function untilAcked(
+  sandbox: Sandbox,
+  port: number,
+  bytes: number,
+  ms = 10_000,
+): Promise<void> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const out = await sandbox.runAsync(sandbox.client, 'ss', [
+      '-tniH',
+      'state',
+      'established',
+      `( dport = :${port} )`,
+    ]);
+    const acked = Number(/bytes_acked:(\d+)/.exec(out)?.[1] ?? 0);
+    if (acked >= bytes + 1) return;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${bytes} bytes to be acked`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
