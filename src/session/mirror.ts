@@ -111,7 +111,7 @@ function addCounters(earlier: Counters, gone: Counters): Counters {
   return sum;
 }
 
-/** Why a session with an agent ended, for a sentence; undefined when the agent said nothing. */
+/** Why a session with an agent ended, for a sentence (the agent may have given no reason). */
 function endOfSession(error: Error | undefined): string {
   return error ? error.message : 'the agent ended the session';
 }
