@@ -8,8 +8,9 @@
 //  2. a bind to a taken (EADDRINUSE) or privileged (EACCES) port still works: it binds the same
 //     address with port 0 and getsockname reports the requested port;
 //  3. accept/getpeername report the original remote client of each replayed connection, known
-//     by the source port of the session's local replay connection: the session pushes it
-//     ({"peer":{...}} lines) to the processes that listen, for one that listens alone, and any
+//     by the source port of the session's local replay connection and the app's port it reached:
+//     the session pushes it ({"peer":{...}} lines) to the processes that listen on that port,
+//     for one that listens alone, and any
 //     other asks for it ({"event":"lookup"}): a pre-fork worker that inherited the listener,
 //     one of several processes the session said listen on the port ({"shared":...}), or a
 //     process handed the accepted socket (a Node cluster primary passes it to a worker).
@@ -134,18 +135,24 @@ struct obj {
 static int16_t fd_map[FD_MAX]; // object index + 1, 0 = untracked
 static struct obj objs[OBJ_MAX];
 
-// The original client of a replayed connection, by the session's source port: one slot per
-// port, so however many connections wait to be accepted, none is forgotten. 2 MiB of bss that is
-// only paged in where used; a slot is valid only in the generation it was written in, so a lost
-// session forgets them all without touching the table.
+// The original client of a replayed connection, by the session's source port and the app's
+// local port it connected to: the kernel gives one source port to connections to different ports
+// at once, so a source port alone may name another port's connection. A set of ways per source
+// port, so however many connections wait to be accepted, none is forgotten unless one source
+// port is in use towards more than PEER_WAYS of this process's ports at once (then the oldest is
+// forgotten, and its accept reports no original client rather than a wrong one). 4 MiB of bss
+// that is only paged in where used; an entry is valid only in the generation it was written in,
+// so a lost session forgets them all without touching the table.
+#define PEER_WAYS 2
 struct peer_entry {
     uint32_t generation;
-    uint8_t family; // AF_INET or AF_INET6
-    uint16_t port;  // network order
+    uint16_t local_port; // the app's port the replay connected to
+    uint8_t family;      // AF_INET or AF_INET6
+    uint16_t port;       // network order
     uint8_t addr[16];
     uint64_t at_ms;
 };
-static struct peer_entry peers[65536];
+static struct peer_entry peers[65536][PEER_WAYS];
 static uint32_t peer_generation = 1;
 static char layer_token[128]; // MIRRORD_LAYER_TOKEN: proves to the session that we are its app
 
@@ -158,7 +165,7 @@ static char layer_token[128]; // MIRRORD_LAYER_TOKEN: proves to the session that
 struct lookup {
     int used;
     int done;
-    uint16_t local_port; // the replay connection's source port
+    uint16_t source_port; // the replay connection's
     unsigned long long socket;
     struct sockaddr_storage peer;
 };
@@ -257,6 +264,16 @@ static uint16_t sa_port(const struct sockaddr_storage *ss) {
     if (ss->ss_family == AF_INET6)
         return ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
     return 0;
+}
+
+// The port an accepted socket really has (the kernel's, not the one getsockname reports for a
+// fallback-bound listener): the one the session's replay connected to.
+static uint16_t local_port_of(int fd) {
+    struct sockaddr_storage ss;
+    socklen_t l = sizeof ss;
+    if (CALL_REAL(getsockname, fd, (struct sockaddr *)&ss, &l) != 0)
+        return 0;
+    return sa_port(&ss);
 }
 
 static void sa_set_port(struct sockaddr_storage *ss, uint16_t port) {
@@ -481,7 +498,9 @@ static void report_close(uint16_t port) {
         send_line(line, (size_t)n);
 }
 
-// ---- peer lines: {"peer":{"local_port":54321,"address":"10.1.2.3","port":40000,"family":4}} ----
+// ---- peer lines:
+// {"peer":{"source_port":54321,"local_port":8080,"address":"10.1.2.3","port":40000}} (the replay's
+// source port, the app's port it reached, the original client) ----
 
 // Finds "key" in s and returns the text after its ':' (whitespace skipped), or NULL.
 static const char *json_value(const char *s, const char *key) {
@@ -538,6 +557,27 @@ static void handle_shared(const char *shared) {
     dbg("other processes listen on local port %ld too", local_port);
 }
 
+static int peer_live(const struct peer_entry *e) {
+    return e->generation == peer_generation && now_ms() - e->at_ms <= PEER_TTL_MS;
+}
+
+// Call with mu held. The way of a source port's set to write local_port's entry in: its own,
+// else a free or expired one, else the oldest.
+static struct peer_entry *peer_way(struct peer_entry *set, uint16_t local_port) {
+    struct peer_entry *oldest = &set[0];
+    for (int w = 0; w < PEER_WAYS; w++) {
+        if (set[w].generation == peer_generation && set[w].local_port == local_port)
+            return &set[w];
+    }
+    for (int w = 0; w < PEER_WAYS; w++) {
+        if (!peer_live(&set[w]))
+            return &set[w];
+        if (set[w].at_ms < oldest->at_ms)
+            oldest = &set[w];
+    }
+    return oldest;
+}
+
 static void handle_line(char *line) {
     const char *shared = json_value(line, "shared");
     if (shared && *shared == '{') {
@@ -547,11 +587,12 @@ static void handle_line(char *line) {
     const char *peer = json_value(line, "peer");
     if (!peer || *peer != '{')
         return; // other lines are ignored (room for later messages)
+    long source_port = json_int(peer, "source_port");
     long local_port = json_int(peer, "local_port");
     long port = json_int(peer, "port");
     char addr[INET6_ADDRSTRLEN + 1];
-    if (local_port <= 0 || local_port > 65535 || port < 0 || port > 65535 ||
-        json_str(peer, "address", addr, sizeof addr) != 0) {
+    if (source_port <= 0 || source_port > 65535 || local_port <= 0 || local_port > 65535 ||
+        port < 0 || port > 65535 || json_str(peer, "address", addr, sizeof addr) != 0) {
         dbg("bad peer line: %s", line);
         return;
     }
@@ -576,7 +617,7 @@ static void handle_line(char *line) {
         pthread_mutex_lock(&mu);
         for (int i = 0; i < LOOKUP_MAX; i++) {
             struct lookup *l = &lookups[i];
-            if (l->used && !l->done && l->local_port == local_port && l->socket == socket) {
+            if (l->used && !l->done && l->source_port == source_port && l->socket == socket) {
                 l->peer = ss;
                 l->done = 1;
             }
@@ -587,8 +628,9 @@ static void handle_line(char *line) {
         return;
     }
     pthread_mutex_lock(&mu);
-    struct peer_entry *e = &peers[(uint16_t)local_port];
+    struct peer_entry *e = peer_way(peers[source_port], (uint16_t)local_port);
     e->generation = peer_generation;
+    e->local_port = (uint16_t)local_port;
     e->at_ms = now_ms();
     if (ss.ss_family == AF_INET) {
         struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
@@ -603,16 +645,23 @@ static void handle_line(char *line) {
     }
     pthread_cond_broadcast(&peer_cv);
     pthread_mutex_unlock(&mu);
-    dbg("peer for local port %ld: %s:%ld", local_port, addr, port);
+    dbg("peer for source port %ld to local port %ld: %s:%ld", source_port, local_port, addr, port);
 }
 
-// Call with mu held. Takes (removes) the mapping for local_port into out.
-static int peer_take(uint16_t local_port, struct sockaddr_storage *out) {
-    struct peer_entry *e = &peers[local_port];
-    if (e->generation != peer_generation)
+// Call with mu held. Takes (removes) the entry of the connection from source_port to
+// local_port into out.
+static int peer_take(uint16_t source_port, uint16_t local_port, struct sockaddr_storage *out) {
+    struct peer_entry *e = NULL;
+    for (int w = 0; w < PEER_WAYS && !e; w++) {
+        if (peers[source_port][w].generation == peer_generation &&
+            peers[source_port][w].local_port == local_port)
+            e = &peers[source_port][w];
+    }
+    if (!e)
         return 0;
+    int live = peer_live(e);
     e->generation = 0;
-    if (now_ms() - e->at_ms > PEER_TTL_MS)
+    if (!live)
         return 0;
     memset(out, 0, sizeof *out);
     if (e->family == AF_INET) {
@@ -639,20 +688,21 @@ static void deadline_in(struct timespec *dl, long ms) {
     }
 }
 
-// The original client of the replayed connection from source port sport, as pushed to this
-// process (the one that listened). The session sends it right after connecting: waits briefly.
-static int wait_pushed(uint16_t sport, struct sockaddr_storage *out) {
+// The original client of the replayed connection from source port sport to the app's port
+// lport, as pushed to this process (the one that listened). The session sends it right after
+// connecting: waits briefly.
+static int wait_pushed(uint16_t sport, uint16_t lport, struct sockaddr_storage *out) {
     if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
         return 0;
     struct timespec dl;
     deadline_in(&dl, PEER_WAIT_MS);
     int have;
     pthread_mutex_lock(&mu);
-    while (!(have = peer_take(sport, out))) {
+    while (!(have = peer_take(sport, lport, out))) {
         if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
             break;
         if (pthread_cond_timedwait(&peer_cv, &mu, &dl) == ETIMEDOUT) {
-            have = peer_take(sport, out);
+            have = peer_take(sport, lport, out);
             break;
         }
     }
@@ -660,9 +710,10 @@ static int wait_pushed(uint16_t sport, struct sockaddr_storage *out) {
     return have;
 }
 
-// The original client of the replayed connection that socket fd is (source port sport), asked
-// of the session: for a process that did not listen, or did not accept fd itself.
-static int lookup_peer(int fd, uint16_t sport, struct sockaddr_storage *out) {
+// The original client of the replayed connection that socket fd is (source port sport, the
+// app's port lport), asked of the session: for a process that did not listen, or did not accept
+// fd itself.
+static int lookup_peer(int fd, uint16_t sport, uint16_t lport, struct sockaddr_storage *out) {
     struct stat st;
     if (fstat(fd, &st) != 0)
         return 0;
@@ -673,7 +724,7 @@ static int lookup_peer(int fd, uint16_t sport, struct sockaddr_storage *out) {
         if (!lookups[i].used) {
             memset(&lookups[i], 0, sizeof lookups[i]);
             lookups[i].used = 1;
-            lookups[i].local_port = sport;
+            lookups[i].source_port = sport;
             lookups[i].socket = socket;
             slot = i;
         }
@@ -685,8 +736,9 @@ static int lookup_peer(int fd, uint16_t sport, struct sockaddr_storage *out) {
     }
     char line[LINE_MAX_LEN];
     int n = snprintf(line, sizeof line,
-                     "{\"event\":\"lookup\",\"pid\":%d,\"local_port\":%u,\"socket\":\"%llu\"}\n",
-                     (int)getpid(), sport, socket);
+                     "{\"event\":\"lookup\",\"pid\":%d,\"source_port\":%u,\"local_port\":%u,"
+                     "\"socket\":\"%llu\"}\n",
+                     (int)getpid(), sport, lport, socket);
     if (n > 0 && (size_t)n < sizeof line)
         send_line(line, (size_t)n); // connects first when this process has no connection yet
     struct timespec dl;
@@ -703,7 +755,7 @@ static int lookup_peer(int fd, uint16_t sport, struct sockaddr_storage *out) {
     l->used = 0;
     pthread_mutex_unlock(&mu);
     if (!have)
-        dbg("no peer for socket %llu (local port %u)", socket, sport);
+        dbg("no peer for socket %llu (source port %u)", socket, sport);
     return have;
 }
 
@@ -878,8 +930,8 @@ static int after_accept(int lfd, int fd, struct sockaddr *addr, socklen_t *addrl
     if (CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl) == 0 &&
         sa_is_replay_source(&real) && tcp_family(fd)) {
         looked = 1;
-        uint16_t sport = sa_port(&real);
-        have = pushed ? wait_pushed(sport, &orig) : lookup_peer(fd, sport, &orig);
+        uint16_t sport = sa_port(&real), lport = local_port_of(fd);
+        have = pushed ? wait_pushed(sport, lport, &orig) : lookup_peer(fd, sport, lport, &orig);
     }
 
     if (have || req_port || looked) {
@@ -954,7 +1006,7 @@ static socklen_t peer_of_handed(int fd, const struct sockaddr_storage *real,
                                 struct sockaddr_storage *peer) {
     struct sockaddr_storage orig;
     socklen_t plen = 0;
-    if (lookup_peer(fd, sa_port(real), &orig))
+    if (lookup_peer(fd, sa_port(real), local_port_of(fd), &orig))
         plen = peer_for_family(&orig, real->ss_family, peer);
     pthread_mutex_lock(&mu);
     int i = obj_get_or_new(fd);

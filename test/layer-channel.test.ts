@@ -18,11 +18,14 @@ const FIXTURES = join(ROOT, 'test', 'fixtures');
 const PYTHON = '/usr/bin/python3';
 const PORT = 36000 + Math.floor(Math.random() * 900);
 
-/** Answers every request with the peer address the app itself sees. */
-const APP = `
+/** Listens on `port` and answers every request with the peer address the app itself sees. */
+const appOn = (port: number): string => `
 require('http')
   .createServer((req, res) => res.end(req.socket.remoteAddress + ':' + req.socket.remotePort))
-  .listen(${PORT}, '127.0.0.1');`;
+  .listen(${port}, '127.0.0.1');`;
+const APP = appOn(PORT);
+
+const pause = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 function request(
   port: number,
@@ -92,7 +95,7 @@ describe('layer channel', () => {
     expect(channel.listening()).toEqual([listener]);
 
     const seen = await request(listener.localPort, (socket) =>
-      channel.announcePeer(socket.localPort!, {
+      channel.announcePeer(socket.localPort!, socket.remotePort!, {
         address: '10.213.9.9',
         port: 40000,
       }),
@@ -115,7 +118,7 @@ describe('layer channel', () => {
     expect(listener.port).toBe(PORT);
     expect(listener.localPort).not.toBe(PORT);
     const seen = await request(listener.localPort, (socket) =>
-      channel.announcePeer(socket.localPort!, {
+      channel.announcePeer(socket.localPort!, socket.remotePort!, {
         address: '10.213.9.10',
         port: 40001,
       }),
@@ -182,7 +185,7 @@ describe('layer channel', () => {
     const answers = await Promise.all(
       Array.from({ length: 40 }, (_, i) =>
         request(listener.localPort, (socket) =>
-          channel.announcePeer(socket.localPort!, {
+          channel.announcePeer(socket.localPort!, socket.remotePort!, {
             address: `10.213.9.${i + 1}`,
             port: 40000 + i,
           }),
@@ -200,7 +203,11 @@ describe('layer channel', () => {
     const localPort = 30000 + Math.floor(Math.random() * 2000);
     const first = await request(
       listener.localPort,
-      (socket) => channel.announcePeer(socket.localPort!, { address: '10.213.8.1', port: 41000 }),
+      (socket) =>
+        channel.announcePeer(socket.localPort!, socket.remotePort!, {
+          address: '10.213.8.1',
+          port: 41000,
+        }),
       { localPort },
     );
     expect(first).toMatch(/^10\.213\.8\.1:41000 /);
@@ -208,7 +215,10 @@ describe('layer channel', () => {
       listener.localPort,
       async (socket) => {
         await new Promise((resolve) => setTimeout(resolve, 200));
-        channel.announcePeer(socket.localPort!, { address: '10.213.8.2', port: 41001 });
+        channel.announcePeer(socket.localPort!, socket.remotePort!, {
+          address: '10.213.8.2',
+          port: 41001,
+        });
       },
       { localPort },
     );
@@ -240,7 +250,7 @@ describe('layer channel', () => {
             request(
               listener.localPort,
               (socket) =>
-                channel.announcePeer(socket.localPort!, {
+                channel.announcePeer(socket.localPort!, socket.remotePort!, {
                   address: `10.213.7.${i + 1}`,
                   port: 42000 + i,
                 }),
@@ -256,7 +266,7 @@ describe('layer channel', () => {
             listener.localPort,
             async (socket) => {
               await new Promise((resolve) => setTimeout(resolve, 200));
-              channel.announcePeer(socket.localPort!, {
+              channel.announcePeer(socket.localPort!, socket.remotePort!, {
                 address: `10.213.7.${i + 1}`,
                 port: 42000 + i,
               });
@@ -281,6 +291,90 @@ describe('layer channel', () => {
       }
     },
   );
+
+  test('one source port towards one process’s port, then another’s: each sees its own client', async () => {
+    // Two processes, each listening alone on its own port (a forking app's main process and its
+    // child): the kernel gives one source port to connections to both.
+    const ports = [PORT, PORT + 1];
+    const listened: AppListener[] = [];
+    channel.on('listen', (listener) => listened.push(listener));
+    for (const port of ports) startLayered(process.execPath, ['-e', appOn(port)]);
+    await until(() => listened.length === 2, 'both processes to listen');
+    const localPort = 34000 + Math.floor(Math.random() * 2000);
+    // The second process's connection, announced at once.
+    expect(
+      await request(
+        ports[1]!,
+        (socket) =>
+          channel.announcePeer(socket.localPort!, socket.remotePort!, {
+            address: '10.213.6.2',
+            port: 43002,
+          }),
+        { localPort },
+      ),
+    ).toBe('10.213.6.2:43002');
+    // The first's, from the same source port, announced late: it waits for its own client.
+    expect(
+      await request(
+        ports[0]!,
+        async (socket) => {
+          await pause(200);
+          channel.announcePeer(socket.localPort!, socket.remotePort!, {
+            address: '10.213.6.1',
+            port: 43001,
+          });
+        },
+        { localPort },
+      ),
+    ).toBe('10.213.6.1:43001');
+  });
+
+  test('a pre-fork server whose parent accepts too: a reused source port never brings an earlier connection’s client', async () => {
+    const listening = once(channel, 'listen') as Promise<[AppListener]>;
+    const app = startLayered(PYTHON, [
+      join(FIXTURES, 'prefork_server.py'),
+      String(PORT),
+      '2',
+      'parent-serves',
+    ]);
+    const [listener] = await listening;
+    await until(() => app.out().split('worker').length > 3, 'three accepting processes');
+    const base = 36000 + Math.floor(Math.random() * 2000);
+    const sourcePorts = Array.from({ length: 30 }, (_, i) => base + i);
+    const round = (subnet: number, announceAfterMs: number) =>
+      Promise.all(
+        sourcePorts.map((localPort, i) =>
+          request(
+            listener.localPort,
+            async (socket) => {
+              if (announceAfterMs) await pause(announceAfterMs);
+              channel.announcePeer(socket.localPort!, socket.remotePort!, {
+                address: `10.213.${subnet}.${i + 1}`,
+                port: 44000 + i,
+              });
+            },
+            { localPort },
+            // Closed on both sides: forgotten, as the session forgets its replayed connections.
+          ).then((answer) => {
+            channel.forgetPeer(localPort, listener.localPort);
+            return answer;
+          }),
+        ),
+      );
+    // Announced at once, then the same source ports again, announced late: whichever process
+    // accepts must wait for that connection's client, not take a copy left by the first round.
+    const first = await round(5, 0);
+    const second = await round(4, 200);
+    first.forEach((answer, i) =>
+      expect(answer).toMatch(new RegExp(`^10\\.213\\.5\\.${i + 1}:${44000 + i} worker=\\d+$`)),
+    );
+    second.forEach((answer, i) =>
+      expect(answer).toMatch(new RegExp(`^10\\.213\\.4\\.${i + 1}:${44000 + i} worker=\\d+$`)),
+    );
+    const workers = new Set([...first, ...second].map((answer) => answer.split('worker=')[1]));
+    expect(workers).toContain(String(app.child.pid));
+    expect(workers.size).toBeGreaterThan(1);
+  });
 
   test('close removes the socket', async () => {
     const { path } = channel;

@@ -102,9 +102,16 @@ class FakeSession {
     );
   }
 
-  sendPeer(conn: number, localPort: number, address: string, port: number): void {
-    const family = net.isIPv6(address) ? 6 : 4;
-    const line = JSON.stringify({ peer: { local_port: localPort, address, port, family } });
+  /** The original client of the connection from `sourcePort` to the app's `localPort`. */
+  sendPeer(
+    conn: number,
+    sourcePort: number,
+    localPort: number,
+    address: string,
+    port: number,
+  ): void {
+    const peer = { source_port: sourcePort, local_port: localPort, address, port };
+    const line = JSON.stringify({ peer });
     this.conns[conn]!.write(line + '\n');
   }
 
@@ -360,7 +367,7 @@ describe('accept reports the original client', () => {
     // Mapping sent 20 ms after connecting: the app's accept has to wait for it.
     const mapped = await exchange(ev.local_port!, async (localPort) => {
       await delay(20);
-      session.sendPeer(ev.conn, localPort, '10.213.9.9', 40000);
+      session.sendPeer(ev.conn, localPort, ev.local_port!, '10.213.9.9', 40000);
     });
     expect(mapped).toMatch(/\r\n\r\n10\.213\.9\.9:40000 local \d+$/);
 
@@ -399,7 +406,7 @@ while True:
       const c = net.connect(
         { port: ev.local_port!, host: '127.0.0.1', localAddress: '127.0.0.2' },
         () => {
-          session.sendPeer(ev.conn, c.localPort!, '10.213.9.9', 40000);
+          session.sendPeer(ev.conn, c.localPort!, ev.local_port!, '10.213.9.9', 40000);
           ok();
         },
       );
@@ -493,7 +500,7 @@ console.log('spawned ' + c.pid);
       expect(ev.pid).toBe(Number(childPid));
       expect(ev.local_port).not.toBe(port);
       const body = await exchange(ev.local_port!, async (localPort) => {
-        session.sendPeer(ev.conn, localPort, '10.213.9.9', 40000);
+        session.sendPeer(ev.conn, localPort, ev.local_port!, '10.213.9.9', 40000);
       });
       expect(body).toMatch(new RegExp(`10\\.213\\.9\\.9:40000 local ${port}$`));
     } finally {

@@ -251,7 +251,10 @@ describe('replay into a local app', () => {
     const current = await startSession();
     const peers = new Map<number, Endpoint>();
     const replay = startReplay(current, {
-      onConnected: (localPort, original) => peers.set(localPort, original),
+      onConnected: (sourcePort, appPort, original) => {
+        expect(appPort).toBe((server.address() as net.AddressInfo).port);
+        peers.set(sourcePort, original);
+      },
     });
     const sent = JSON.parse(await pythonClient(sandbox, HTTP_CLIENT, PORT, '4')) as {
       port: number;

@@ -54,7 +54,12 @@ interface LayerConnection {
   ports: Map<number, AppListener>;
   /** Its lookups waiting for their connection to be announced. */
   lookups: number;
+  /** Local ports it was told others accept on too (it asks for their peers): told once. */
+  shared: Set<number>;
 }
+
+/** A replayed connection's key: the replay's source port and the app's port it reached. */
+const keyOf = (sourcePort: number, localPort: number): string => `${sourcePort}/${localPort}`;
 
 /**
  * The CLI's end of the layer's unix socket (see layer/layer.c): each process of the local app
@@ -62,12 +67,17 @@ interface LayerConnection {
  * on; the CLI answers on the same connection with the original peer of each replayed
  * connection, which the app's accept() then reports.
  *
- * The peer reaches the app two ways (see layer/layer.c): pushed to every process that listens,
- * for the process that listened and accepts alone; and asked for, by source port and the app's
- * socket, by any other process: pre-fork workers that inherited the listener, a process handed
- * an accepted socket. A source port is reused once its connection is gone, so an entry answers
- * only the first socket that asks for it: another socket asking is a later connection from the
- * same port, and waits for that one's announcement.
+ * A replayed connection is known by its source port and the app's port it reached: the kernel
+ * gives one source port to connections to different ports at once. The peer reaches the app two
+ * ways (see layer/layer.c): pushed to every process that listens on that port, for the process
+ * that listened and accepts alone; and asked for, with the app's socket, by any other process:
+ * pre-fork workers that inherited the listener, a process handed an accepted socket. A process
+ * that asks tells the session that the port's connections are accepted elsewhere than where they
+ * were pushed: the processes they were pushed to are told to ask too, so an entry pushed to one
+ * and accepted by another is never taken for a later connection. A source port is reused once
+ * its connection is gone, so an entry answers only the first socket that asks for it: another
+ * socket asking is a later connection from the same source port, and waits for that one's
+ * announcement.
  *
  * An app may drop privileges (a server started as root that becomes `nobody` to bind port 80),
  * so the socket is open to every user, in a directory they may enter but not list. What keeps
@@ -78,12 +88,12 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   readonly #server = net.createServer();
   readonly #connections = new Set<LayerConnection>();
   /**
-   * Replayed connections by source port, the latest of each: at most one per port, so bounded,
-   * and kept while the app may still ask (a worker reads its peer whenever it likes).
+   * Replayed connections by key, from their announcement until they are closed (forgetPeer):
+   * the app may ask as long as it holds the socket (a worker reads its peer whenever it likes).
    */
-  readonly #peers = new Map<number, Peer>();
-  /** Lookups that came before their connection's announcement, by source port. */
-  readonly #lookups = new Map<number, Lookup[]>();
+  readonly #peers = new Map<string, Peer>();
+  /** Lookups that came before their connection's announcement, by key. */
+  readonly #lookups = new Map<string, Lookup[]>();
   readonly #dir: string;
   readonly path: string;
   /** Give it to the app as MIRRORD_LAYER_TOKEN. */
@@ -113,27 +123,45 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   }
 
   /**
-   * Tells the app who the original client of the replayed connection from local port
-   * `sourcePort` is. Call it right after connecting (Replay's onConnected): the layer waits for
-   * it only briefly. Every listening process is told at once (the layer keeps a small table that
-   * forgets old entries); a process that did not listen asks for it, and is answered as soon as
-   * it is known.
+   * Tells the app who the original client of the replayed connection from `sourcePort` to the
+   * app's `localPort` (an AppListener's) is. Call it right after connecting (Replay's
+   * onConnected): the layer waits for it only briefly. Every process listening on the port alone
+   * is told at once (the layer keeps a small table that forgets old entries); any other asks for
+   * it, and is answered as soon as it is known.
    */
-  announcePeer(sourcePort: number, original: { address: string; port: number }): void {
+  announcePeer(
+    sourcePort: number,
+    localPort: number,
+    original: { address: string; port: number },
+  ): void {
+    const key = keyOf(sourcePort, localPort);
     const entry: Peer = { address: original.address, port: original.port };
-    this.#peers.set(sourcePort, entry);
-    const peer = { local_port: sourcePort, address: original.address, port: original.port };
+    this.#peers.set(key, entry);
+    const peer = {
+      source_port: sourcePort,
+      local_port: localPort,
+      address: original.address,
+      port: original.port,
+    };
     const line = `${JSON.stringify({ peer })}\n`;
-    for (const connection of this.#connections) {
-      if (connection.greeted && connection.ports.size > 0) connection.socket.write(line);
-    }
-    const waiting = this.#lookups.get(sourcePort);
+    // Also to those told to ask: one may accept before it has read that it should.
+    for (const connection of this.#holders(localPort)) connection.socket.write(line);
+    const waiting = this.#lookups.get(key);
     const first = waiting?.shift();
     if (!first) return;
-    if (waiting!.length === 0) this.#lookups.delete(sourcePort);
+    if (waiting!.length === 0) this.#lookups.delete(key);
     clearTimeout(first.timer);
     first.connection.lookups -= 1;
-    this.#answer(first.connection, sourcePort, first.socket, entry);
+    this.#answer(first.connection, sourcePort, localPort, first.socket, entry);
+  }
+
+  /**
+   * The replayed connection from `sourcePort` to `localPort` is closed on both sides (Replay's
+   * onClosed): nothing asks about it any more, and a later connection from the same source port
+   * must not be answered with its client.
+   */
+  forgetPeer(sourcePort: number, localPort: number): void {
+    this.#peers.delete(keyOf(sourcePort, localPort));
   }
 
   async close(): Promise<void> {
@@ -146,7 +174,13 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   }
 
   #accept(socket: net.Socket): void {
-    const connection: LayerConnection = { socket, greeted: false, ports: new Map(), lookups: 0 };
+    const connection: LayerConnection = {
+      socket,
+      greeted: false,
+      ports: new Map(),
+      lookups: 0,
+      shared: new Set(),
+    };
     this.#connections.add(connection);
     let pending = '';
     socket.setEncoding('utf8');
@@ -192,9 +226,13 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       return;
     }
     if (event.event === 'lookup') {
-      const { local_port: sourcePort, socket } = event;
-      if (typeof sourcePort === 'number' && typeof socket === 'string') {
-        this.#lookup(connection, sourcePort, socket);
+      const { source_port: sourcePort, local_port: localPort, socket } = event;
+      if (
+        typeof sourcePort === 'number' &&
+        typeof localPort === 'number' &&
+        typeof socket === 'string'
+      ) {
+        this.#lookup(connection, sourcePort, localPort, socket);
       }
       return;
     }
@@ -209,32 +247,49 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
         address: typeof event.address === 'string' ? event.address : '127.0.0.1',
       };
       connection.ports.set(port, listener);
-      this.#tellIfShared(listener.localPort);
+      const holders = this.#holders(listener.localPort);
+      if (holders.length > 1) this.#share(holders, listener.localPort);
       this.emit('listen', listener);
     } else if (event.event === 'close' && connection.ports.delete(port)) {
       this.emit('close', { pid, port });
     }
   }
 
-  /**
-   * Several processes listening on one local port (Node cluster workers handed one listener,
-   * SO_REUSEPORT listeners) each get every peer pushed, and may take a copy another accepted
-   * for a later connection from the same source port: each is told to ask instead.
-   */
-  #tellIfShared(localPort: number): void {
-    const holders = [...this.#connections].filter((c) =>
-      [...c.ports.values()].some((listener) => listener.localPort === localPort),
+  /** The processes that said they listen on the app's `localPort`. */
+  #holders(localPort: number): LayerConnection[] {
+    return [...this.#connections].filter(
+      (c) =>
+        c.greeted && [...c.ports.values()].some((listener) => listener.localPort === localPort),
     );
-    if (holders.length < 2) return;
+  }
+
+  /**
+   * Connections to `localPort` are accepted by more than one process (Node cluster workers
+   * handed one listener, SO_REUSEPORT listeners, a pre-fork worker that asked): a process the
+   * peers were pushed to may hold a copy another process accepted, and take it for a later
+   * connection from the same source port. Each is told to ask instead, once.
+   */
+  #share(holders: LayerConnection[], localPort: number): void {
     const line = `${JSON.stringify({ shared: { local_port: localPort } })}\n`;
-    for (const holder of holders) holder.socket.write(line);
+    for (const holder of holders) {
+      if (holder.shared.has(localPort)) continue;
+      holder.shared.add(localPort);
+      holder.socket.write(line);
+    }
   }
 
   /** A process asks who the original client of the app's `socket` (from `sourcePort`) is. */
-  #lookup(connection: LayerConnection, sourcePort: number, socket: string): void {
-    const entry = this.#peers.get(sourcePort);
+  #lookup(
+    connection: LayerConnection,
+    sourcePort: number,
+    localPort: number,
+    socket: string,
+  ): void {
+    this.#share(this.#holders(localPort), localPort);
+    const key = keyOf(sourcePort, localPort);
+    const entry = this.#peers.get(key);
     if (entry && (entry.socket === undefined || entry.socket === socket)) {
-      this.#answer(connection, sourcePort, socket, entry);
+      this.#answer(connection, sourcePort, localPort, socket, entry);
       return;
     }
     // Not announced yet, or the entry is an earlier connection's: wait for the announcement.
@@ -244,19 +299,31 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       connection,
       socket,
       timer: setTimeout(() => {
-        const waiting = this.#lookups.get(sourcePort) ?? [];
+        const waiting = this.#lookups.get(key) ?? [];
         const left = waiting.filter((other) => other !== lookup);
-        if (left.length) this.#lookups.set(sourcePort, left);
-        else this.#lookups.delete(sourcePort);
+        if (left.length) this.#lookups.set(key, left);
+        else this.#lookups.delete(key);
         connection.lookups -= 1;
       }, LOOKUP_WAIT_MS),
     };
-    this.#lookups.set(sourcePort, [...(this.#lookups.get(sourcePort) ?? []), lookup]);
+    this.#lookups.set(key, [...(this.#lookups.get(key) ?? []), lookup]);
   }
 
-  #answer(connection: LayerConnection, sourcePort: number, socket: string, entry: Peer): void {
+  #answer(
+    connection: LayerConnection,
+    sourcePort: number,
+    localPort: number,
+    socket: string,
+    entry: Peer,
+  ): void {
     entry.socket = socket;
-    const peer = { local_port: sourcePort, address: entry.address, port: entry.port, socket };
+    const peer = {
+      source_port: sourcePort,
+      local_port: localPort,
+      address: entry.address,
+      port: entry.port,
+      socket,
+    };
     if (!connection.socket.destroyed) connection.socket.write(`${JSON.stringify({ peer })}\n`);
   }
 }

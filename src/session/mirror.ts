@@ -193,7 +193,9 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     replay = new Replay(session, {
       route: (port) => routes.get(port),
       midStream: options.midStream,
-      onConnected: (localPort, original) => layer?.announcePeer(localPort, original),
+      onConnected: (sourcePort, appPort, original) =>
+        layer?.announcePeer(sourcePort, appPort, original),
+      onClosed: (sourcePort, appPort) => layer?.forgetPeer(sourcePort, appPort),
     });
     replay.on('connection', (c) =>
       emit({ event: 'opened', id: c.id, client: c.client, server: c.server }),

@@ -4,7 +4,7 @@
  * ```ts
  * const replay = new Replay(client, {
  *   route: (port) => (port === 8080 ? { host: '127.0.0.1', port: 41234 } : undefined),
- *   onConnected: (localPort, original) => layer.announcePeer(localPort, original),
+ *   onConnected: (sourcePort, appPort, original) => layer.announcePeer(sourcePort, appPort, original),
  * });
  * replay.on('connectionEnd', (end) => log(end.id, end.reason));
  * ```
@@ -58,9 +58,15 @@ export interface ReplayOptions {
   lingerMs?: number;
   /**
    * Called once the local connection is established, before any of its bytes are written: the
-   * place to tell the layer the original peer of `localPort` (our source port, the app's peer).
+   * place to tell the layer the original peer of the connection from `sourcePort` (ours, the
+   * app's peer) to the app's `appPort`.
    */
-  onConnected?(localPort: number, original: Endpoint): void;
+  onConnected?(sourcePort: number, appPort: number, original: Endpoint): void;
+  /**
+   * Called once a local connection that was established is closed on both sides: its source
+   * port may now be reused, and the app (which closed its side) no longer asks about it.
+   */
+  onClosed?(sourcePort: number, appPort: number): void;
 }
 
 /**
@@ -423,6 +429,9 @@ export class Replay extends EventEmitter<ReplayEvents> {
     socket.on('close', () => {
       clearTimeout(connection.linger);
       this.#sockets.delete(socket);
+      if (connection.localPort !== undefined) {
+        this.#options.onClosed?.(connection.localPort, destination.port);
+      }
       this.#giveUp(connection, 'appGone');
     });
     this.emit('connection', connection.info);
@@ -439,7 +448,8 @@ export class Replay extends EventEmitter<ReplayEvents> {
       { address: socket.localAddress as string, port: localPort },
       { address: socket.remoteAddress as string, port: socket.remotePort as number },
     );
-    this.#options.onConnected?.(localPort, connection.info.client);
+    const { destination, client } = connection.info;
+    this.#options.onConnected?.(localPort, destination.port, client);
   }
 
   #skip(info: ReplaySkipInfo): void {
