@@ -840,10 +840,19 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
       whileRunning(() => run.stdout().includes('{"event":"ready"')),
     );
     // Connections made before the tap copies the port are not replayed: probe until one is.
+    // Each probe waits for itself: when an earlier one is seen replayed, the probe just sent may
+    // still be on its way and would end, unfinished, with a session a test then breaks.
+    let probes = 0;
     await eventually('a connection to be mirrored', async () => {
       if (!running()) throw new Hopeless(`mirror exited:\n${run.stderr()}`);
-      await send('probe');
-      return replayed.includes('probe');
+      const probe = `probe ${++probes}`;
+      await send(probe);
+      const deadline = Date.now() + 2_000;
+      while (!replayed.includes(probe)) {
+        if (Date.now() > deadline) return false;
+        await pause(50);
+      }
+      return true;
     });
     return { run, replayed, running, whileRunning };
   }

@@ -114,7 +114,7 @@ export async function untilAsync(
 
 /**
  * The same while `run` is expected to keep running: if it exits first, fails at once with what
- * it printed.
+ * it printed; if the time runs out, fails with what it printed so far.
  */
 export async function untilWhileRunning(
   run: MirrorRun,
@@ -134,7 +134,9 @@ export async function untilWhileRunning(
     },
     what,
     ms,
-  );
+  ).catch((error: Error) => {
+    throw new Error(`${error.message}; mirror printed so far:\n${run.output()}`);
+  });
 }
 
 /**
