@@ -46,7 +46,11 @@ export interface ReplayOptions {
    * first bytes are an arbitrary point of the client's stream, which most apps cannot parse.
    */
   midStream?: boolean;
-  /** Bytes a connection may have waiting for a slow app before it is dropped (default 4 MiB). */
+  /**
+   * Bytes a connection may have waiting for a slow app before it is dropped (default 16 MiB: an
+   * app busy for a tenth of a second at 1 Gbit/s, as a garbage collection or a busy machine
+   * makes it, is not slow; 4 MiB lost a 200 MB upload now and then on a 2-core machine).
+   */
   maxBufferedPerConnection?: number;
   /** The same, summed over all connections (default 64 MiB). */
   maxBufferedTotal?: number;
@@ -291,7 +295,7 @@ export class Replay extends EventEmitter<ReplayEvents> {
     super();
     this.#client = client;
     this.#options = options;
-    this.#maxPerConnection = options.maxBufferedPerConnection ?? 4 * MIB;
+    this.#maxPerConnection = options.maxBufferedPerConnection ?? 16 * MIB;
     this.#maxTotal = options.maxBufferedTotal ?? 64 * MIB;
     this.#lingerMs = options.lingerMs ?? 10_000;
     this.#attach(client);
