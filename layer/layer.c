@@ -10,10 +10,10 @@
 //  3. accept/getpeername report the original remote client of each replayed connection, known
 //     by the source port of the session's local replay connection and the app's port it reached:
 //     the session pushes it ({"peer":{...}} lines) to the processes that listen on that port,
-//     for one that listens alone, and any
-//     other asks for it ({"event":"lookup"}): a pre-fork worker that inherited the listener,
-//     one of several processes the session said listen on the port ({"shared":...}), or a
-//     process handed the accepted socket (a Node cluster primary passes it to a worker).
+//     for one that listens alone, and any other asks for it ({"event":"lookup"}): a pre-fork
+//     worker that inherited the listener, one of several processes the session said listen on
+//     the port ({"shared":...}), or a process handed the accepted socket (a Node cluster
+//     primary passes it to a worker).
 // Without MIRRORD_LAYER_SOCKET, or when the session cannot be reached, the app runs as if the
 // layer were not there. Nothing is printed unless MIRRORD_LAYER_DEBUG=1.
 
