@@ -1,94 +1,100 @@
 /**
- * `npm run bench -- mirror`: how much of a loaded target's traffic reaches the local app, how
- * late, and what mirroring costs the target.
+ * `npm run bench -- mirror`: what mirroring costs a loaded target's node, and how much of the
+ * target's traffic reaches the local app, how late.
  *
- * An HTTP target in a netns gets keep-alive load over 32 connections: paced evenly at 1k, 5k and
- * 10k requests/s (paced-load.ts, which says why not autocannon's `-R`), and from autocannon at
- * the most it can serve; each once without and once with `mirrord mirror` replaying into a local
- * app (the same server program, under the layer). Target and app note when each request arrived,
- * keyed by the client's port and the request's position on its connection (the app sees the
- * original port through the layer), on the one clock of this machine: so fraction and lag are
- * measured outside mirrord, not taken from its own counters (those are printed beside them). The
- * local app's own capacity is measured first, because "every request reaches the app" can only
- * hold at rates the app itself can serve. The CLI's RSS is sampled throughout.
+ * On the cluster model of node-model.ts (the target and the agent on the node's CPU; the load,
+ * the CLI and the local app on the other), an HTTP target in a netns gets keep-alive load over 32
+ * connections from vegeta (vegeta.ts): paced evenly at 1k, 5k and 10k requests/s, and as fast as
+ * the target answers. Each rate runs in three
+ * configurations: nothing else (the baseline), `mirrord mirror` replaying into a local app (the
+ * same server program, under the layer), and tcpdump capturing the target's port (the peer).
+ * Rounds interleave the configurations, in a rotating order, so that a noisy machine's drift
+ * hits all alike; each figure is given as its median and range over the rounds, each ratio as
+ * the median and range of the same round's ratios.
+ *
+ * Target and app note when each request arrived, keyed by the client's port and the request's
+ * position on its connection (the app sees the original port through the layer), on the one
+ * clock of this machine: so fraction and lag are measured outside mirrord, not taken from its
+ * own counters (those are printed beside them). The agent's cost (CPU seconds and BPF run time,
+ * per 1,000 requests and per GiB it copied, and as a share of the node's CPU) and peak RSS are
+ * measured while the load runs, and tcpdump's likewise. The local app's own capacity is
+ * measured first, because "every request reaches the app" can only hold at rates the app itself
+ * can serve.
+ *
+ * MIRRORD_BENCH_ROUNDS sets the rounds (default 5), MIRRORD_BENCH_RATES the paced rates (default
+ * 1000,5000,10000; the run at the target's maximum always comes last).
  */
 import { execa, type ResultPromise } from 'execa';
 import { readFileSync, rmSync, mkdtempSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import { packageRoot } from '../src/package-root.js';
-import type { PacedLoadResult } from './paced-load.js';
+import {
+  LAPTOP_CPU,
+  NODE_CPU,
+  meterCost,
+  modelCluster,
+  onCpu,
+  onLaptop,
+  pin,
+  showSpread,
+  spread,
+  type Spread,
+} from './node-model.js';
 import {
   createBenchHosts,
   percentile,
   progress,
   round,
   sampleRss,
+  startTcpdump,
   type BenchHosts,
 } from './support.js';
+import { vegetaLoad, type Load } from './vegeta.js';
 
 const PORT = 8080;
 const LOCAL_CAPACITY_PORT = 18080;
 const SECONDS = 5;
 const CONNECTIONS = 32;
-const RATES = [1000, 5000, 10_000];
+const RATES = (process.env.MIRRORD_BENCH_RATES ?? '1000,5000,10000').split(',').map(Number);
 const CATCH_UP_MS = 1500;
+const ROUNDS = Number(process.env.MIRRORD_BENCH_ROUNDS ?? 5);
+const CONFIGS = ['none', 'mirror', 'tcpdump'] as const;
+type Config = (typeof CONFIGS)[number];
 
 const STAMPING_SERVER = fileURLToPath(new URL('./stamping-server.js', import.meta.url));
-const PACED_LOAD = fileURLToPath(new URL('./paced-load.js', import.meta.url));
-const AUTOCANNON = createRequire(import.meta.url).resolve('autocannon/autocannon.js');
 const CLI = join(packageRoot(), 'bin', 'run.js');
+const GIB = 1024 ** 3;
 
-interface Load {
-  requestsPerSecond: number;
-  p99Ms: number;
-}
-
-/**
- * Load from `netns` (or this netns) for SECONDS: at `rate`, paced evenly (paced-load.ts);
- * without one, autocannon as fast as the target answers. Achieved rate and p99 latency.
- */
-async function load(url: string, rate: number | undefined, netns?: string): Promise<Load> {
-  const args = rate
-    ? [PACED_LOAD, url, String(rate), String(CONNECTIONS), String(SECONDS)]
-    : [AUTOCANNON, '--json', '-c', String(CONNECTIONS), '-d', String(SECONDS), url];
-  const result = netns
-    ? await execa('ip', ['netns', 'exec', netns, process.execPath, ...args], { reject: false })
-    : await execa(process.execPath, args, { reject: false });
-  if (rate) {
-    const paced = JSON.parse(result.stdout) as PacedLoadResult;
-    if (paced.errors > 0) throw new Error(`${paced.errors} requests failed at ${rate}/s`);
-    return { requestsPerSecond: paced.requestsPerSecond, p99Ms: paced.p99Ms };
-  }
-  const report = JSON.parse(result.stdout) as {
-    requests: { total: number };
-    latency: { p99: number };
-    duration: number;
-  };
-  return {
-    requestsPerSecond: report.requests.total / report.duration,
-    p99Ms: report.latency.p99,
-  };
+/** The load of one run, from the client netns (or this one) on the laptop's CPU. */
+function load(origin: string, rate: number | undefined, netns?: string): Promise<Load> {
+  return vegetaLoad(netns, origin, rate, SECONDS, CONNECTIONS);
 }
 
 interface Count {
+  /** Requests noted (measured ones). */
   value: number;
+  /** Every request answered, warm-up ones too. */
+  served: number;
   /** Resolves with the next count printed. */
   next(): Promise<number>;
 }
 
-/** Follows the `count N` lines a stamping server prints. */
+/** Follows the `count N served M` lines a stamping server prints. */
 function counted(child: ResultPromise): Count {
   let waiting: ((value: number) => void)[] = [];
   const count: Count = {
     value: 0,
+    served: 0,
     next: () => new Promise((resolve) => waiting.push(resolve)),
   };
   child.stdout?.on('data', (chunk: Buffer) => {
-    for (const match of chunk.toString().matchAll(/count (\d+)/g)) count.value = Number(match[1]);
+    for (const match of chunk.toString().matchAll(/count (\d+) served (\d+)/g)) {
+      count.value = Number(match[1]);
+      count.served = Number(match[2]);
+    }
     const resolvers = waiting;
     waiting = [];
     for (const resolve of resolvers) resolve(count.value);
@@ -111,13 +117,17 @@ interface Target {
   stop(): Promise<void>;
 }
 
+/** The target, on the node's CPU. */
 async function startTarget(hosts: BenchHosts, stampsFile: string): Promise<Target> {
-  const child = hosts.spawn(hosts.server, process.execPath, [
-    STAMPING_SERVER,
-    hosts.serverAddress,
-    String(PORT),
-    stampsFile,
-  ]);
+  const child = hosts.spawn(
+    hosts.server,
+    ...onCpu(NODE_CPU, process.execPath, [
+      STAMPING_SERVER,
+      hosts.serverAddress,
+      String(PORT),
+      stampsFile,
+    ]),
+  );
   const count = counted(child);
   await waitForTcp(hosts.client, hosts.serverAddress, PORT);
   return {
@@ -130,26 +140,46 @@ async function startTarget(hosts: BenchHosts, stampsFile: string): Promise<Targe
   };
 }
 
-interface Mirrored extends Load {
-  fractionReachingApp: number;
-  lagP50Ms: number;
-  lagP99Ms: number;
-  cliLagP99Ms: number | null;
-  cliRssMiB: number;
+/** One run's figures; those of one configuration only are undefined in the others. */
+interface Run extends Load {
+  /** The node CPU's busy fraction while the load ran. */
+  nodeBusy: number;
+  /** The capturing process's CPU seconds (user, system) and the tap's BPF seconds, per run. */
+  user?: number;
+  system?: number;
+  bpf?: number;
+  /** The agent's CPU seconds by thread name. */
+  threads?: Record<string, number>;
+  /** Requests the target served while the load ran (warm-up included: they are mirrored too). */
+  served: number;
+  seconds: number;
+  bytesCopied?: number;
+  agentRssMiB?: number;
+  cliRssMiB?: number;
+  fractionReachingApp?: number;
+  lagP50Ms?: number;
+  lagP99Ms?: number;
+  cliLagP99Ms?: number | null;
+  tcpdumpLoss?: number;
 }
 
-/** One load run with the app under `mirrord mirror`. */
-async function runMirrored(
-  hosts: BenchHosts,
-  dir: string,
-  rate: number | undefined,
-): Promise<Mirrored> {
+/** The agent the CLI started for its session: its child running the `agent` command. */
+async function agentOf(cliPid: number): Promise<number> {
+  const { stdout } = await execa('pgrep', ['-P', String(cliPid), '-f', 'run.js agent'], {
+    reject: false,
+  });
+  const pid = Number(stdout.trim().split('\n')[0]);
+  if (!pid) throw new Error('the CLI started no agent');
+  return pid;
+}
+
+/** One load run with the app under `mirrord mirror`; the agent moved to the node's CPU. */
+async function runMirrored(hosts: BenchHosts, dir: string, rate: number | undefined): Promise<Run> {
   const targetStamps = join(dir, 'target');
   const appStamps = join(dir, 'app');
   const target = await startTarget(hosts, targetStamps);
   const mirror = execa(
-    process.execPath,
-    [
+    ...onLaptop(process.execPath, [
       CLI,
       'mirror',
       '--netns',
@@ -161,23 +191,30 @@ async function runMirrored(
       '0.0.0.0',
       String(PORT),
       appStamps,
-    ],
+    ]),
     { reject: false, all: true },
   );
   const app = counted(mirror);
-  const events: { event: string; lagP99Ms?: number | null }[] = [];
+  const events: { event: string; lagP99Ms?: number | null; bytesCopied?: number }[] = [];
   mirror.stdout?.on('data', (chunk: Buffer) => {
     for (const line of chunk.toString().split('\n')) {
       if (line.startsWith('{"event"')) events.push(JSON.parse(line) as (typeof events)[number]);
     }
   });
-  const rss = sampleRss(mirror.pid!);
+  const cliRss = sampleRss(mirror.pid!);
   try {
     while (!events.some((e) => e.event === 'listen')) {
       if (mirror.exitCode !== null) throw new Error(`mirror exited: ${String(mirror.all)}`);
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    const result = await load(`http://${hosts.serverAddress}:${PORT}/`, rate, hosts.client);
+    const agent = await agentOf(mirror.pid!);
+    await pin(agent, NODE_CPU);
+    const agentRss = sampleRss(agent);
+    const servedBefore = target.count.served;
+    const copiedBefore = events.findLast((e) => e.event === 'counters')?.bytesCopied ?? 0;
+    const started = Date.now();
+    const cost = await meterCost(agent);
+    const result = await load(`http://${hosts.serverAddress}:${PORT}`, rate, hosts.client);
     // Until the app has every request the target got, or nothing more came for a while; the
     // target's count is taken from a line printed after the load ended.
     await target.count.next();
@@ -187,6 +224,10 @@ async function runMirrored(
       if (app.value !== last) [last, still] = [app.value, Date.now()];
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
+    const spent = await cost.stop();
+    const seconds = (Date.now() - started) / 1000;
+    const served = target.count.served - servedBefore;
+    const agentRssMiB = agentRss.stop();
     mirror.kill('SIGINT');
     await mirror;
     await target.stop();
@@ -201,29 +242,60 @@ async function runMirrored(
     const totals = events.findLast((e) => e.event === 'counters');
     return {
       ...result,
+      ...spent,
+      served,
+      seconds,
+      bytesCopied: (totals?.bytesCopied ?? 0) - copiedBefore,
+      agentRssMiB,
+      cliRssMiB: cliRss.stop(),
       fractionReachingApp: lags.length / atTarget.size,
       lagP50Ms: percentile(lags, 0.5),
       lagP99Ms: percentile(lags, 0.99),
       cliLagP99Ms: totals?.lagP99Ms ?? null,
-      cliRssMiB: rss.stop(),
     };
   } finally {
-    rss.stop();
+    cliRss.stop();
     mirror.kill('SIGKILL');
     target.child.kill('SIGKILL');
   }
 }
 
-async function runPlain(hosts: BenchHosts, rate: number | undefined): Promise<Load> {
+/** One load run with nothing else, or with tcpdump capturing the target's port. */
+async function runPlain(
+  hosts: BenchHosts,
+  rate: number | undefined,
+  withTcpdump: boolean,
+): Promise<Run> {
   const target = await startTarget(hosts, '/dev/null');
+  const tcpdump = withTcpdump ? await startTcpdump(hosts, PORT) : undefined;
   try {
-    return await load(`http://${hosts.serverAddress}:${PORT}/`, rate, hosts.client);
+    const servedBefore = target.count.served;
+    const started = Date.now();
+    const cost = await meterCost(tcpdump?.pid);
+    const result = await load(`http://${hosts.serverAddress}:${PORT}`, rate, hosts.client);
+    await target.count.next();
+    const spent = await cost.stop();
+    const run: Run = {
+      ...result,
+      nodeBusy: spent.nodeBusy,
+      served: target.count.served - servedBefore,
+      seconds: (Date.now() - started) / 1000,
+    };
+    if (!tcpdump) return run;
+    const stats = await tcpdump.stats();
+    return {
+      ...run,
+      user: spent.user,
+      system: spent.system,
+      tcpdumpLoss: stats.dropped / Math.max(1, stats.captured + stats.dropped),
+    };
   } finally {
+    await tcpdump?.stop();
     await target.stop();
   }
 }
 
-/** What the local app serves at most, on loopback, with nobody else running. */
+/** What the local app serves at most, on loopback, alone on the laptop's CPU. */
 async function localAppCapacity(): Promise<number> {
   const app = execa(
     process.execPath,
@@ -232,42 +304,120 @@ async function localAppCapacity(): Promise<number> {
   );
   try {
     await new Promise((resolve) => setTimeout(resolve, 300));
-    return (await load(`http://127.0.0.1:${LOCAL_CAPACITY_PORT}/`, undefined)).requestsPerSecond;
+    return (await load(`http://127.0.0.1:${LOCAL_CAPACITY_PORT}`, undefined)).requestsPerSecond;
   } finally {
     app.kill('SIGTERM');
     await app;
   }
 }
 
+/** The figures of one rate over every round. */
+function figuresOf(runs: Record<Config, Run[]>): Record<string, unknown> {
+  const { none, mirror, tcpdump } = runs;
+  const of = (list: Run[], pick: (run: Run) => number | undefined, digits = 3): Spread =>
+    spread(
+      list.map((run) => pick(run) ?? NaN),
+      digits,
+    );
+  const ratio = (list: Run[], pick: (run: Run) => number): Spread =>
+    spread(list.map((run, i) => pick(run) / pick(none[i]!)));
+  const byConfig = (pick: (run: Run) => number, digits = 2) => ({
+    none: of(none, pick, digits),
+    mirror: of(mirror, pick, digits),
+    tcpdump: of(tcpdump, pick, digits),
+  });
+  const cpu = (run: Run): number => (run.user ?? 0) + (run.system ?? 0) + (run.bpf ?? 0);
+  return {
+    target_rps: byConfig((run) => run.requestsPerSecond, 0),
+    target_p50_ms: byConfig((run) => run.p50Ms),
+    target_p99_ms: byConfig((run) => run.p99Ms),
+    target_p999_ms: byConfig((run) => run.p999Ms),
+    // Each round's figure over the same round's baseline.
+    rps_ratio: {
+      mirror: ratio(mirror, (run) => run.requestsPerSecond),
+      tcpdump: ratio(tcpdump, (run) => run.requestsPerSecond),
+    },
+    p99_ratio: {
+      mirror: ratio(mirror, (run) => run.p99Ms),
+      tcpdump: ratio(tcpdump, (run) => run.p99Ms),
+    },
+    node_cpu_busy: byConfig((run) => run.nodeBusy, 3),
+    agent_cpu_s_per_1k_requests: {
+      user: of(mirror, (run) => (run.user! / run.served) * 1000, 4),
+      system: of(mirror, (run) => (run.system! / run.served) * 1000, 4),
+      bpf: of(mirror, (run) => (run.bpf! / run.served) * 1000, 4),
+      total: of(mirror, (run) => (cpu(run) / run.served) * 1000, 4),
+    },
+    agent_cpu_s_per_1k_requests_by_thread: Object.fromEntries(
+      [...new Set(mirror.flatMap((run) => Object.keys(run.threads ?? {})))].map((name) => [
+        name,
+        of(mirror, (run) => ((run.threads?.[name] ?? 0) / run.served) * 1000, 4),
+      ]),
+    ),
+    tcpdump_cpu_s_per_1k_requests: of(tcpdump, (run) => (cpu(run) / run.served) * 1000, 4),
+    agent_cpu_s_per_gib: of(mirror, (run) => cpu(run) / (run.bytesCopied! / GIB), 1),
+    agent_share_of_node_cpu: of(mirror, (run) => cpu(run) / run.seconds),
+    tcpdump_share_of_node_cpu: of(tcpdump, (run) => cpu(run) / run.seconds),
+    agent_rss_max_mib: of(mirror, (run) => run.agentRssMiB, 1),
+    fraction_reaching_app: of(mirror, (run) => run.fractionReachingApp, 4),
+    lag_p50_ms: of(mirror, (run) => run.lagP50Ms),
+    lag_p99_ms: of(mirror, (run) => run.lagP99Ms),
+    cli_reported_lag_p99_ms: of(mirror, (run) => run.cliLagP99Ms ?? undefined),
+    tcpdump_loss: of(tcpdump, (run) => run.tcpdumpLoss, 4),
+    cli_rss_max_mib: of(mirror, (run) => run.cliRssMiB, 1),
+  };
+}
+
 export async function benchMirror(): Promise<Record<string, unknown>> {
   const hosts = createBenchHosts();
   const dir = mkdtempSync(join(tmpdir(), 'mirrord-bench-mirror-'));
+  const restore = await modelCluster(hosts);
   try {
     const appCapacity = await localAppCapacity();
-    progress(`local app alone: ${appCapacity.toFixed(0)} requests/s`);
-    const figures: Record<string, unknown> = { local_app_max_rps: round(appCapacity, 0) };
-    let cliRssMiB = 0;
-    for (const rate of [...RATES, undefined]) {
-      const label = rate ? `at_${rate}_rps` : 'at_target_max';
-      const plain = await runPlain(hosts, rate);
-      const mirrored = await runMirrored(hosts, dir, rate);
-      cliRssMiB = Math.max(cliRssMiB, mirrored.cliRssMiB);
-      figures[label] = {
-        fraction_reaching_app: round(mirrored.fractionReachingApp, 4),
-        lag_p50_ms: round(mirrored.lagP50Ms, 2),
-        lag_p99_ms: round(mirrored.lagP99Ms, 2),
-        cli_reported_lag_p99_ms:
-          mirrored.cliLagP99Ms === null ? null : round(mirrored.cliLagP99Ms, 2),
-        target_rps_without_mirror: round(plain.requestsPerSecond, 0),
-        target_rps_with_mirror: round(mirrored.requestsPerSecond, 0),
-        target_p99_ms_without_mirror: round(plain.p99Ms, 2),
-        target_p99_ms_with_mirror: round(mirrored.p99Ms, 2),
-      };
-      progress(`${label}: ${JSON.stringify(figures[label])}`);
+    progress(`local app alone on CPU ${LAPTOP_CPU}: ${appCapacity.toFixed(0)} requests/s`);
+    const figures: Record<string, unknown> = {
+      rounds: ROUNDS,
+      local_app_max_rps: round(appCapacity, 0),
+    };
+    const rates = [...RATES, undefined];
+    const runs = rates.map(() => ({ none: [], mirror: [], tcpdump: [] }) as Record<Config, Run[]>);
+    for (let r = 0; r < ROUNDS; r += 1) {
+      for (const [i, rate] of rates.entries()) {
+        // A rotating order: no configuration always runs first, or right after another.
+        const order = CONFIGS.map((_, k) => CONFIGS[(k + r + i) % CONFIGS.length]!);
+        for (const config of order) {
+          const run =
+            config === 'mirror'
+              ? await runMirrored(hosts, dir, rate)
+              : await runPlain(hosts, rate, config === 'tcpdump');
+          runs[i]![config].push(run);
+          progress(
+            `round ${r + 1}/${ROUNDS} ${rate ?? 'max'} req/s ${config}: ${round(run.requestsPerSecond, 0)} req/s, p99 ${round(run.p99Ms, 2)} ms, node busy ${round(run.nodeBusy, 2)}` +
+              (run.user === undefined
+                ? ''
+                : `, CPU ${round(run.user + run.system! + (run.bpf ?? 0), 2)} s`) +
+              (run.fractionReachingApp === undefined
+                ? ''
+                : `, mirrored ${round(run.fractionReachingApp, 4)}, lag p99 ${round(run.lagP99Ms!, 2)} ms, agent RSS ${round(run.agentRssMiB!, 1)} MiB`),
+          );
+        }
+      }
     }
-    figures.cli_rss_max_mib = round(cliRssMiB, 1);
+    for (const [i, rate] of rates.entries()) {
+      const label = rate ? `at_${rate}_rps` : 'at_target_max';
+      const rateFigures = figuresOf(runs[i]!);
+      figures[label] = rateFigures;
+      const ratios = rateFigures as {
+        p99_ratio: { mirror: Spread };
+        rps_ratio: { mirror: Spread };
+      };
+      progress(
+        `${label}: p99 with/without ${showSpread(ratios.p99_ratio.mirror)}, requests/s with/without ${showSpread(ratios.rps_ratio.mirror)}`,
+      );
+    }
     return figures;
   } finally {
+    restore();
     hosts.destroy();
     rmSync(dir, { recursive: true, force: true });
   }

@@ -1,11 +1,12 @@
 /**
  * The HTTP server of `bench -- mirror`, as the target and as the local app: it answers every
  * request with a few bytes and notes when each arrived, keyed by the client's port and the
- * request's position on its connection (warm-up requests of paced-load.ts are answered but not
+ * request's position on its connection (warm-up requests of the load generator are answered but not
  * noted). Under mirrord the local app sees the original client's port (the layer's getpeername),
  * so the two sides' keys meet.
  *
- * `node stamping-server.js HOST PORT STAMPS_FILE`: prints `count N` every 200 ms; on SIGTERM or
+ * `node stamping-server.js HOST PORT STAMPS_FILE`: prints `count N served M` every 200 ms (noted
+ * requests, and every request including warm-up ones); on SIGTERM or
  * SIGINT writes `key arrivalMicros` lines (CLOCK_MONOTONIC, as in src/protocol/clock.ts) to
  * STAMPS_FILE and exits.
  */
@@ -18,8 +19,10 @@ const [host = '0.0.0.0', port = '8080', stampsFile = '/dev/null'] = process.argv
 const keys: string[] = [];
 const arrivals: number[] = [];
 const requestsOn = new WeakMap<object, number>();
+let served = 0;
 
 const server = http.createServer((request, response) => {
+  served += 1;
   if (request.url === WARMUP_PATH) {
     request.resume();
     request.on('end', () => response.end('ok'));
@@ -36,7 +39,10 @@ const server = http.createServer((request, response) => {
 server.keepAliveTimeout = 60_000;
 server.listen(Number(port), host);
 
-const counter = setInterval(() => process.stdout.write(`count ${keys.length}\n`), 200);
+const counter = setInterval(
+  () => process.stdout.write(`count ${keys.length} served ${served}\n`),
+  200,
+);
 
 function finish(): void {
   clearInterval(counter);

@@ -1,8 +1,10 @@
+import { execa } from 'execa';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { createHosts, waitForTcp, type Hosts } from '../src/platform/local/netns.js';
+import { NODE_CPU, onCpu } from './node-model.js';
 
-/** Requests paced-load.ts sends before it measures; the stamping server does not note them. */
+/** Where the load generator sends its warm-up requests; the stamping server does not note them. */
 export const WARMUP_PATH = '/warmup';
 
 export function progress(line: string): void {
@@ -27,35 +29,45 @@ export function createBenchHosts(): BenchHosts {
 /** The demo's HTTP service, compiled beside the benchmarks. */
 export const HTTP_SERVICE = fileURLToPath(new URL('../src/demo/service.js', import.meta.url));
 
+/** The demo's HTTP service as the target, on the node's CPU. */
 export async function startHttpTarget(hosts: BenchHosts, port: number): Promise<void> {
-  hosts.spawn(hosts.server, process.execPath, [HTTP_SERVICE, hosts.serverAddress, String(port)]);
+  hosts.spawn(
+    hosts.server,
+    ...onCpu(NODE_CPU, process.execPath, [HTTP_SERVICE, hosts.serverAddress, String(port)]),
+  );
   await waitForTcp(hosts.client, hosts.serverAddress, port);
 }
 
-/** Requests per second wrk reached against `url` from the client netns. */
-export async function wrkRequestsPerSecond(
+/** What wrk reached against `url` from the client netns (on this process's CPU). */
+export async function wrk(
   hosts: BenchHosts,
   url: string,
   seconds: number,
   connections: number,
-): Promise<number> {
+): Promise<{ requestsPerSecond: number; requests: number }> {
   const result = await hosts.spawn(hosts.client, 'wrk', [
     '-t1',
     `-c${connections}`,
     `-d${seconds}s`,
     url,
   ]);
-  const match = /Requests\/sec:\s+([\d.]+)/.exec(String(result.stdout));
-  if (!match) throw new Error(`wrk printed no rate: ${String(result.stderr || result.stdout)}`);
-  return Number(match[1]);
+  const rate = /Requests\/sec:\s+([\d.]+)/.exec(String(result.stdout));
+  const total = /(\d+) requests in/.exec(String(result.stdout));
+  if (!rate || !total) {
+    throw new Error(`wrk printed no rate: ${String(result.stderr || result.stdout)}`);
+  }
+  return { requestsPerSecond: Number(rate[1]), requests: Number(total[1]) };
 }
 
-/** Highest resident set size of a process, sampled until stop() is called. */
+/**
+ * Highest resident set size of a process (the kernel's high-water mark, VmHWM, so no peak
+ * between samples is missed), sampled until stop() is called: the process may be gone by then.
+ */
 export function sampleRss(pid: number, intervalMs = 250): { stop(): number } {
   let maxKiB = 0;
   const sample = (): void => {
     try {
-      const match = /VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+      const match = /VmHWM:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
       if (match) maxKiB = Math.max(maxKiB, Number(match[1]));
     } catch {
       // The process is gone.
@@ -85,4 +97,57 @@ export function median(values: number[]): number {
 
 export function round(value: number, digits = 3): number {
   return Number(value.toFixed(digits));
+}
+
+export interface Tcpdump {
+  /** tcpdump's own process (under `ip netns exec` and taskset, which exec it). */
+  pid: number;
+  stop(): Promise<void>;
+  stats(): Promise<{ captured: number; dropped: number }>;
+}
+
+/**
+ * tcpdump writing what the tap would copy (packets to `port`) to /dev/null in the target's netns,
+ * on the node's CPU: the peer the tap is compared with. stats() stops it and says what it
+ * captured and what the kernel dropped for it.
+ */
+export async function startTcpdump(hosts: BenchHosts, port: number): Promise<Tcpdump> {
+  const [taskset, pinned] = onCpu(NODE_CPU, 'tcpdump', [
+    '-i',
+    'eth0',
+    '-s',
+    '0',
+    '-w',
+    '/dev/null',
+    `tcp dst port ${port}`,
+  ]);
+  const child = execa('ip', ['netns', 'exec', hosts.server, taskset, ...pinned], {
+    reject: false,
+    stdin: 'ignore',
+  });
+  // tcpdump says "listening on" once its socket is bound.
+  await new Promise<void>((resolve) => {
+    child.stderr!.on('data', (chunk: Buffer) => {
+      if (chunk.toString().includes('listening on')) resolve();
+    });
+    setTimeout(resolve, 3000);
+  });
+  const finished = (async () => {
+    const result = await child;
+    const text = String(result.stderr);
+    const number = (label: string): number =>
+      Number(new RegExp(`(\\d+) packets? ${label}`).exec(text)?.[1] ?? NaN);
+    return { captured: number('captured'), dropped: number('dropped by kernel') };
+  })();
+  return {
+    pid: child.pid!,
+    async stop() {
+      child.kill('SIGINT');
+      await finished;
+    },
+    stats: () => {
+      child.kill('SIGINT');
+      return finished;
+    },
+  };
 }

@@ -1,14 +1,18 @@
 /**
- * `npm run bench -- tap`: what tapping costs the target, and how fast the agent keeps up.
+ * `npm run bench -- tap`: what tapping costs the target's node, and how fast the agent keeps up.
  *
+ * On the cluster model of node-model.ts (the target, the agent and tcpdump on the node's CPU;
+ * wrk, the sender and the session on the other):
  * (a) requests/s of an HTTP target in a netns under wrk load: with no capture (the baseline),
  *     with our tap and agent draining it into a session, and with `tcpdump -w` on the same
- *     interface. Rounds alternate the three so that drift on a noisy machine hits all alike.
+ *     interface; with the CPU seconds the agent (its process and its BPF program) and tcpdump
+ *     spend per 1,000 requests, and their share of the node's CPU. Rounds interleave the three in
+ *     a rotating order so that drift on a noisy machine hits all alike; each figure is given as
+ *     its median and range over the rounds (MIRRORD_BENCH_ROUNDS, default 7).
  * (b) one TCP stream paced at rising rates (SO_MAX_PACING_RATE): the highest rate at which the
  *     agent delivers 100% of the bytes of the connection, and tcpdump's capture loss at each rate.
- * The agent's RSS is sampled throughout.
+ * The agent's peak RSS is taken throughout.
  */
-import { execa } from 'execa';
 import { once } from 'node:events';
 import net from 'node:net';
 import { encodeFrame } from '../src/protocol/framing.js';
@@ -18,23 +22,34 @@ import type { Counters } from '../src/protocol/messages.js';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import {
+  NODE_CPU,
+  meterCost,
+  modelCluster,
+  onCpu,
+  pin,
+  spread,
+  type Spread,
+} from './node-model.js';
+import {
   createBenchHosts,
-  median,
   progress,
   round,
   sampleRss,
   startHttpTarget,
-  wrkRequestsPerSecond,
+  startTcpdump,
+  wrk,
   type BenchHosts,
 } from './support.js';
 
 const HTTP_PORT = 8080;
 const STREAM_PORT = 9000;
-const ROUNDS = 7;
+const ROUNDS = Number(process.env.MIRRORD_BENCH_ROUNDS ?? 7);
 const WRK_SECONDS = 5;
 const WRK_CONNECTIONS = 32;
 const STREAM_SECONDS = 2.5;
 const RATES_GBIT = [1, 2, 3, 4, 5, 6, 8, 10];
+const TAP_CONFIGS = ['none', 'tap', 'tcpdump'] as const;
+type TapConfig = (typeof TAP_CONFIGS)[number];
 
 /** Paces one connection with SO_MAX_PACING_RATE and waits for the receiver to have it all. */
 const PACED_SENDER = `
@@ -83,6 +98,7 @@ interface DrainingSession extends Capture {
 
 async function startDrainingSession(hosts: BenchHosts, port: number): Promise<DrainingSession> {
   const agent = await startLocalAgent({ netns: hosts.server });
+  await pin(agent.pid, NODE_CPU);
   const client = await connectToAgent(agent.readiness.address, agent.readiness.port, {
     clientName: 'bench',
     secret: agent.secret,
@@ -122,6 +138,7 @@ async function startCountingSession(
   port: number,
 ): Promise<Capture & { agent: LocalAgent; bytes(): number }> {
   const agent = await startLocalAgent({ netns: hosts.server });
+  await pin(agent.pid, NODE_CPU);
   const socket = net.connect(agent.readiness.port, agent.readiness.address);
   await once(socket, 'connect');
   let received = 0;
@@ -151,96 +168,132 @@ async function startCountingSession(
   };
 }
 
-async function startTcpdump(
-  hosts: BenchHosts,
-  port: number,
-): Promise<Capture & { stats(): Promise<{ captured: number; dropped: number }> }> {
-  const child = execa(
-    'ip',
-    [
-      'netns',
-      'exec',
-      hosts.server,
-      'tcpdump',
-      '-i',
-      'eth0',
-      '-s',
-      '0',
-      '-w',
-      '/dev/null',
-      `tcp dst port ${port}`,
-    ],
-    { reject: false, stdin: 'ignore' },
-  );
-  // tcpdump says "listening on" once its socket is bound.
-  await new Promise<void>((resolve) => {
-    child.stderr!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('listening on')) resolve();
-    });
-    setTimeout(resolve, 3000);
-  });
-  const finished = (async () => {
-    const result = await child;
-    const text = String(result.stderr);
-    const number = (label: string): number =>
-      Number(new RegExp(`(\\d+) packets? ${label}`).exec(text)?.[1] ?? NaN);
-    return { captured: number('captured'), dropped: number('dropped by kernel') };
-  })();
-  return {
-    async stop() {
-      child.kill('SIGINT');
-      await finished;
-    },
-    stats: () => {
-      child.kill('SIGINT');
-      return finished;
-    },
-  };
+interface TapRun {
+  requestsPerSecond: number;
+  /** Requests answered while the cost was measured. */
+  requests: number;
+  seconds: number;
+  nodeBusy: number;
+  /** The capturing process's CPU seconds and the tap's BPF seconds (zeros for none). */
+  cpu: number;
+  bpf: number;
+  /** The capturing process's CPU seconds by thread name. */
+  threads: Record<string, number>;
+  /** Bytes the session received (the agent's frames), for the tap. */
+  bytes?: number;
 }
 
 async function httpOverhead(
   hosts: BenchHosts,
   agentRss: number[],
-): Promise<Record<string, number>> {
+): Promise<Record<string, unknown>> {
   await startHttpTarget(hosts, HTTP_PORT);
   const url = `http://${hosts.serverAddress}:${HTTP_PORT}/orders`;
   // Each configuration gets a second of unmeasured load first: the agent's JIT warms up, as it
   // has long since in a real session, and the target and tcpdump get the same.
-  const measure = async (): Promise<number> => {
-    await wrkRequestsPerSecond(hosts, url, 1, WRK_CONNECTIONS);
-    return wrkRequestsPerSecond(hosts, url, WRK_SECONDS, WRK_CONNECTIONS);
+  const measure = async (pid: number | undefined): Promise<TapRun> => {
+    await wrk(hosts, url, 1, WRK_CONNECTIONS);
+    const started = Date.now();
+    const cost = await meterCost(pid);
+    const { requestsPerSecond, requests } = await wrk(hosts, url, WRK_SECONDS, WRK_CONNECTIONS);
+    const spent = await cost.stop();
+    return {
+      requestsPerSecond,
+      requests,
+      seconds: (Date.now() - started) / 1000,
+      nodeBusy: spent.nodeBusy,
+      cpu: spent.user + spent.system,
+      bpf: spent.bpf,
+      threads: spent.threads,
+    };
   };
-  const rates = { none: [] as number[], tap: [] as number[], tcpdump: [] as number[] };
-  for (let round = 1; round <= ROUNDS; round += 1) {
-    rates.none.push(await measure());
-    const session = await startCountingSession(hosts, HTTP_PORT);
-    const rss = sampleRss(session.agent.pid);
-    rates.tap.push(await measure());
-    agentRss.push(rss.stop());
-    if (session.bytes() < rates.tap.at(-1)! * (WRK_SECONDS + 1) * 40) {
-      throw new Error(
-        `the session received only ${session.bytes()} bytes: mirroring did not happen`,
-      );
+  const runs: Record<TapConfig, TapRun[]> = { none: [], tap: [], tcpdump: [] };
+  const run = async (config: TapConfig): Promise<TapRun> => {
+    if (config === 'none') return measure(undefined);
+    if (config === 'tcpdump') {
+      const tcpdump = await startTcpdump(hosts, HTTP_PORT);
+      try {
+        return await measure(tcpdump.pid);
+      } finally {
+        await tcpdump.stop();
+      }
     }
-    await session.stop();
-    const tcpdump = await startTcpdump(hosts, HTTP_PORT);
-    rates.tcpdump.push(await measure());
-    await tcpdump.stop();
+    const session = await startCountingSession(hosts, HTTP_PORT);
+    try {
+      const rss = sampleRss(session.agent.pid);
+      const before = session.bytes();
+      const measured = await measure(session.agent.pid);
+      agentRss.push(rss.stop());
+      const bytes = session.bytes() - before;
+      if (bytes < measured.requests * 40) {
+        throw new Error(`the session received only ${bytes} bytes: mirroring did not happen`);
+      }
+      return { ...measured, bytes };
+    } finally {
+      await session.stop();
+    }
+  };
+  for (let r = 0; r < ROUNDS; r += 1) {
+    // A rotating order: no configuration always runs first, or right after another.
+    for (const config of TAP_CONFIGS.map((_, k) => TAP_CONFIGS[(k + r) % TAP_CONFIGS.length]!)) {
+      runs[config].push(await run(config));
+    }
     progress(
-      `  round ${round}: no capture ${rates.none.at(-1)} req/s, tap ${rates.tap.at(-1)}, tcpdump ${rates.tcpdump.at(-1)}`,
+      `  round ${r + 1}/${ROUNDS}: ` +
+        TAP_CONFIGS.map((c) => {
+          const last = runs[c].at(-1)!;
+          return `${c} ${round(last.requestsPerSecond, 0)} req/s (node busy ${round(last.nodeBusy, 2)}, CPU ${round(last.cpu + last.bpf, 2)} s)`;
+        }).join(', '),
     );
   }
-  const none = median(rates.none);
+  const ratio = (config: TapConfig): Spread =>
+    spread(runs[config].map((run, i) => run.requestsPerSecond / runs.none[i]!.requestsPerSecond));
+  const per1k = (config: TapConfig, pick: (run: TapRun) => number): Spread =>
+    spread(
+      runs[config].map((run) => (pick(run) / run.requests) * 1000),
+      4,
+    );
+  const share = (config: TapConfig): Spread =>
+    spread(runs[config].map((run) => (run.cpu + run.bpf) / run.seconds));
   return {
-    http_requests_per_s_no_capture: round(none, 0),
-    http_requests_per_s_tap: round(median(rates.tap), 0),
-    http_requests_per_s_tcpdump: round(median(rates.tcpdump), 0),
-    // Each round's rate over the same round's baseline, then the median: slow drift of the
-    // machine's speed cancels out within a round.
-    http_ratio_tap_to_no_capture: round(median(rates.tap.map((r, i) => r / rates.none[i]!))),
-    http_ratio_tcpdump_to_no_capture: round(
-      median(rates.tcpdump.map((r, i) => r / rates.none[i]!)),
+    http_requests_per_s: {
+      none: spread(
+        runs.none.map((run) => run.requestsPerSecond),
+        0,
+      ),
+      tap: spread(
+        runs.tap.map((run) => run.requestsPerSecond),
+        0,
+      ),
+      tcpdump: spread(
+        runs.tcpdump.map((run) => run.requestsPerSecond),
+        0,
+      ),
+    },
+    // Each round's rate over the same round's baseline: slow drift of the machine's speed
+    // cancels out within a round.
+    http_ratio_to_none: { tap: ratio('tap'), tcpdump: ratio('tcpdump') },
+    http_cpu_s_per_1k_requests: {
+      agent: per1k('tap', (run) => run.cpu),
+      tap_bpf: per1k('tap', (run) => run.bpf),
+      tcpdump: per1k('tcpdump', (run) => run.cpu),
+    },
+    http_agent_cpu_s_per_1k_requests_by_thread: Object.fromEntries(
+      [...new Set(runs.tap.flatMap((run) => Object.keys(run.threads)))].map((name) => [
+        name,
+        per1k('tap', (run) => run.threads[name] ?? 0),
+      ]),
     ),
+    http_agent_cpu_s_per_gib: spread(
+      runs.tap.map((run) => (run.cpu + run.bpf) / (run.bytes! / 1024 ** 3)),
+      1,
+    ),
+    http_share_of_node_cpu: { agent: share('tap'), tcpdump: share('tcpdump') },
+    http_node_cpu_busy: {
+      none: spread(runs.none.map((run) => run.nodeBusy)),
+      tap: spread(runs.tap.map((run) => run.nodeBusy)),
+      tcpdump: spread(runs.tcpdump.map((run) => run.nodeBusy)),
+    },
   };
 }
 
@@ -266,12 +319,15 @@ async function singleStream(
   hosts: BenchHosts,
   agentRss: number[],
 ): Promise<Record<string, unknown>> {
-  hosts.spawn(hosts.server, 'python3', [
-    '-c',
-    DRAINING_RECEIVER,
-    hosts.serverAddress,
-    String(STREAM_PORT),
-  ]);
+  hosts.spawn(
+    hosts.server,
+    ...onCpu(NODE_CPU, 'python3', [
+      '-c',
+      DRAINING_RECEIVER,
+      hosts.serverAddress,
+      String(STREAM_PORT),
+    ]),
+  );
   await waitForTcp(hosts.client, hosts.serverAddress, STREAM_PORT);
   let losslessGbit = 0;
   const tcpdumpLoss: Record<string, number> = {};
@@ -315,6 +371,7 @@ async function singleStream(
 
 export async function benchTap(): Promise<Record<string, unknown>> {
   const hosts = createBenchHosts();
+  const restore = await modelCluster(hosts);
   const agentRss: number[] = [];
   try {
     progress('(a) HTTP target under wrk: no capture vs tap+agent vs tcpdump');
@@ -323,6 +380,7 @@ export async function benchTap(): Promise<Record<string, unknown>> {
     const stream = await singleStream(hosts, agentRss);
     return { ...http, ...stream, agent_rss_max_mib: round(Math.max(...agentRss), 1) };
   } finally {
+    restore();
     hosts.destroy();
   }
 }

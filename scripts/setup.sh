@@ -2,11 +2,15 @@
 # Installs what the build, the demo and the tests need and is missing (Debian packages, npm
 # dependencies), then builds everything. Safe to run again: it only installs what is missing.
 # With --cluster (npm test, npm run dev:cluster) also what the real test cluster needs: its
-# Debian packages, and its binaries and images, built once into ~/.cache/mirrord-dev.
+# Debian packages, and its binaries and images, built once into ~/.cache/mirrord-dev. With
+# --bench (npm run bench) also vegeta, the benchmarks' constant-rate load generator, built once
+# from its Go module into the same cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cluster=false
+bench=false
 [[ "${1:-}" == --cluster ]] && cluster=true
+[[ "${1:-}" == --bench ]] && bench=true
 
 # clang/llvm/libbpf/bpftool build the tap; iproute2 makes the namespaces; tcpdump, wrk, curl
 # python3, redis-server and redis-tools are the real programs the tests and benchmarks drive;
@@ -43,6 +47,19 @@ if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules
 fi
 
 npm run --silent build
+
+if $bench; then
+  vegeta_version=v12.13.0
+  vegeta_bin="${MIRRORD_DEV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mirrord-dev}/vegeta-$vegeta_version"
+  if [[ ! -x "$vegeta_bin/vegeta" ]]; then
+    if ! command -v go >/dev/null; then
+      echo "setup: the benchmarks' load generator (vegeta) is built from its Go module: install Go 1.22 or newer" >&2
+      exit 1
+    fi
+    echo "setup: building vegeta $vegeta_version (once, about a minute)" >&2
+    GOBIN="$vegeta_bin" CGO_ENABLED=0 go install -trimpath "github.com/tsenart/vegeta/v12@$vegeta_version"
+  fi
+fi
 
 if $cluster; then
   if ! command -v go >/dev/null; then
