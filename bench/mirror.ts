@@ -215,18 +215,20 @@ async function runMirrored(hosts: BenchHosts, dir: string, rate: number | undefi
     const started = Date.now();
     const cost = await meterCost(agent);
     const result = await load(`http://${hosts.serverAddress}:${PORT}`, rate, hosts.client);
-    // Until the app has every request the target got, or nothing more came for a while; the
+    // The node's figures cover the load alone: the agent has copied everything by now, and a
+    // laptop that lags (see node-model.ts) must not stretch the window they are shares of. The
     // target's count is taken from a line printed after the load ended.
     await target.count.next();
+    const spent = await cost.stop();
+    const seconds = (Date.now() - started) / 1000;
+    const served = target.count.served - servedBefore;
+    // Until the app has every request the target got, or nothing more came for a while.
     let last = -1;
     let still = Date.now();
     while (app.value < target.count.value && Date.now() - still < CATCH_UP_MS) {
       if (app.value !== last) [last, still] = [app.value, Date.now()];
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
-    const spent = await cost.stop();
-    const seconds = (Date.now() - started) / 1000;
-    const served = target.count.served - servedBefore;
     const agentRssMiB = agentRss.stop();
     mirror.kill('SIGINT');
     await mirror;
