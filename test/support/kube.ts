@@ -26,6 +26,7 @@ import { checkRoutedLocally } from '../cluster/host.js';
 import { NODE_NAME } from '../cluster/layout.js';
 import { MANAGED_SELECTOR } from '../../src/platform/kube/agent-job.js';
 import { FIXTURES } from './mirror-cli.js';
+import { waitFor } from './wait.js';
 
 export const NODE_IMAGE = 'mirrord.test/node:20';
 export const REDIS_IMAGE = 'mirrord.test/redis:7';
@@ -127,19 +128,9 @@ export interface AuditEvent {
   responseStatus?: { code?: number };
 }
 
-async function until<T>(
-  what: string,
-  check: () => Promise<T | undefined>,
-  ms = 120_000,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await check().catch(() => undefined);
-    if (value !== undefined) return value;
-    if (Date.now() > deadline)
-      throw new Error(`timed out after ${ms / 1000} s waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 250));
-  }
+/** Waits until `check` gives a value; a failing API call counts as not yet. */
+function until<T>(what: string, check: () => Promise<T | undefined>, ms = 120_000): Promise<T> {
+  return waitFor(what, () => check().catch(() => undefined), { ms, everyMs: 250 }) as Promise<T>;
 }
 
 function podInfo(pod: V1Pod): PodInfo | undefined {

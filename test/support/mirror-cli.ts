@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { packageRoot } from '../../src/package-root.js';
 import type { Sandbox } from './sandbox.js';
+import { waitFor } from './wait.js';
 
 // From the package root, not this file: benchmarks run it compiled, from .bench-out.
 const ROOT = packageRoot();
@@ -88,28 +89,18 @@ export async function killRun(run: MirrorRun): Promise<void> {
   clearTimeout(timer);
 }
 
-const pause = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Polls `check` until it holds; throws with `what` after `ms`. */
+/** Waits until `check` holds; throws with `what` after `ms`. */
 export async function until(check: () => boolean, what: string, ms = 30_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await pause(50);
-  }
+  await waitFor(what, check, { ms });
 }
 
-/** Polls the async `check` until it holds; throws with `what` after `ms`. */
+/** The same for an async `check`, whose failure counts as not yet. */
 export async function untilAsync(
   check: () => Promise<boolean>,
   what: string,
   ms = 30_000,
 ): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await check().catch(() => false))) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
+  await waitFor(what, () => check().catch(() => false), { ms, everyMs: 100 });
 }
 
 /**
@@ -156,17 +147,21 @@ export async function untilMirroring(
     () => run.events().some((e) => e.event === 'listen' && e.port === port),
     `the app to listen on ${port}`,
   );
-  const deadline = Date.now() + 30_000;
-  while (!opened()) {
-    if (Date.now() > deadline) throw new Error(`no connection to ${port} was mirrored`);
-    await sandbox.runAsync(sandbox.client, 'bash', [
-      '-c',
-      `exec 3<>/dev/tcp/${sandbox.targetAddress}/${port}`,
-    ]);
-    await untilWhileRunning(run, opened, 'the probe', 1_000).catch((error: Error) => {
-      if (!error.message.startsWith('timed out')) throw error;
-    });
-  }
+  // Each check sends a probe and waits up to a second for it to show.
+  await waitFor(
+    `a connection to ${port} to be mirrored`,
+    async () => {
+      await sandbox.runAsync(sandbox.client, 'bash', [
+        '-c',
+        `exec 3<>/dev/tcp/${sandbox.targetAddress}/${port}`,
+      ]);
+      await untilWhileRunning(run, opened, 'the probe', 1_000).catch((error: Error) => {
+        if (!error.message.startsWith('timed out')) throw error;
+      });
+      return opened();
+    },
+    { ms: 30_000, everyMs: 0 },
+  );
 }
 
 /**
@@ -180,11 +175,16 @@ export async function untilCountOrStuck(
 ): Promise<void> {
   let last = count();
   let since = Date.now();
-  for (let now = last; now < wanted; now = count()) {
-    if (now !== last) [last, since] = [now, Date.now()];
-    else if (Date.now() - since > idleMs) return;
-    await pause(100);
-  }
+  // Not a deadline: the wait ends when the count stops growing, however long it grew.
+  await waitFor(
+    `the count to reach ${wanted} or stop growing`,
+    () => {
+      const now = count();
+      if (now !== last) [last, since] = [now, Date.now()];
+      return now >= wanted || Date.now() - since > idleMs;
+    },
+    { ms: Infinity, everyMs: 100 },
+  );
 }
 
 /** opened events of connections to `port`, and the closed events among them. */
@@ -202,16 +202,13 @@ export function connectionsOn(
 
 /** Resolves once something accepts connections on 127.0.0.1:port. */
 export async function listening(port: number): Promise<void> {
-  for (let attempt = 0; ; attempt += 1) {
-    const ok = await new Promise<boolean>((resolve) => {
+  const connects = (): Promise<boolean> =>
+    new Promise<boolean>((resolve) => {
       const socket = net.connect(port, '127.0.0.1', () => resolve(true));
       socket.on('error', () => resolve(false));
       socket.on('connect', () => socket.destroy());
     });
-    if (ok) return;
-    if (attempt > 200) throw new Error(`nothing listens on 127.0.0.1:${port}`);
-    await pause(50);
-  }
+  await waitFor(`something to listen on 127.0.0.1:${port}`, connects, { ms: 10_000 });
 }
 
 /** Processes whose command line contains `pattern` (pgrep -f), as pids. */

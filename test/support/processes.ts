@@ -1,5 +1,6 @@
 /** The processes a run started, from /proc: to see that none outlives it. */
 import { readFileSync, readdirSync } from 'node:fs';
+import { WaitTimeout, waitFor } from './wait.js';
 
 /** What a process is running, or undefined once it is gone (a zombie has no command line). */
 export function commandLine(pid: number): string | undefined {
@@ -41,12 +42,14 @@ export function descendants(root: number): Map<number, string> {
  * another process); returns the command lines of those still running at `ms`.
  */
 export async function stillRunning(processes: Map<number, string>, ms = 10_000): Promise<string[]> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const left = [...processes].filter(([pid, command]) => commandLine(pid) === command);
-    if (left.length === 0 || Date.now() > deadline) return left.map(([, command]) => command);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
+  const left = (): string[] =>
+    [...processes].filter(([pid, command]) => commandLine(pid) === command).map(([, c]) => c);
+  await waitFor('the processes to end', () => left().length === 0, { ms, everyMs: 100 }).catch(
+    (error: unknown) => {
+      if (!(error instanceof WaitTimeout)) throw error;
+    },
+  );
+  return left();
 }
 
 /** SIGKILLs those of `processes` still running: clean-up after a failed test. */

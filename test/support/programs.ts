@@ -1,5 +1,6 @@
 import type { ChildProcess } from 'node:child_process';
 import type { Sandbox } from './sandbox.js';
+import { waitFor } from './wait.js';
 
 /**
  * A target service for `node -e`: reads each connection to its end, then answers with the
@@ -65,17 +66,17 @@ export async function untilAcked(
   bytes: number,
   ms = 10_000,
 ): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const out = await sandbox.runAsync(sandbox.client, 'ss', [
-      '-tniH',
-      'state',
-      'established',
-      `( dport = :${port} )`,
-    ]);
-    const acked = Number(/bytes_acked:(\d+)/.exec(out)?.[1] ?? 0);
-    if (acked >= bytes + 1) return;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${bytes} bytes to be acked`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
+  await waitFor(
+    `${bytes} bytes to be acked`,
+    async () => {
+      const out = await sandbox.runAsync(sandbox.client, 'ss', [
+        '-tniH',
+        'state',
+        'established',
+        `( dport = :${port} )`,
+      ]);
+      return Number(/bytes_acked:(\d+)/.exec(out)?.[1] ?? 0) >= bytes + 1;
+    },
+    { ms, everyMs: 20 },
+  );
 }
