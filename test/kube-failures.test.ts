@@ -42,6 +42,7 @@ import {
   type TestCluster,
 } from './support/kube.js';
 import { CLI, tempDir } from './support/mirror-cli.js';
+import { waitFor } from './support/wait.js';
 
 const NAMESPACE = 'kube-failures';
 const PORT = 8080;
@@ -847,12 +848,7 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
       if (!running()) throw new Hopeless(`mirror exited:\n${run.stderr()}`);
       const probe = `probe ${++probes}`;
       await send(probe);
-      const deadline = Date.now() + 2_000;
-      while (!replayed.includes(probe)) {
-        if (Date.now() > deadline) return false;
-        await pause(50);
-      }
-      return true;
+      return waitFor(probe, () => replayed.includes(probe), { ms: 2_000 }).catch(() => false);
     });
     return { run, replayed, running, whileRunning };
   }

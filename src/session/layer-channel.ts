@@ -125,9 +125,9 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   /**
    * Tells the app who the original client of the replayed connection from `sourcePort` to the
    * app's `localPort` (an AppListener's) is. Call it right after connecting (Replay's
-   * onConnected): the layer waits for it only briefly. Every process listening on the port alone
-   * is told at once (the layer keeps a small table that forgets old entries); any other asks for
-   * it, and is answered as soon as it is known.
+   * onConnected): the layer waits for it only briefly. Every process listening on the port is
+   * told at once (the layer keeps a small table that forgets old entries); any other asks for it,
+   * and is answered as soon as it is known.
    */
   announcePeer(
     sourcePort: number,
