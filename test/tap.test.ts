@@ -317,6 +317,36 @@ describe('tap', () => {
     expect(records.length).toBeLessThan(counted.segmentsCopied / 2);
   });
 
+  test('a steady trickle wakes JavaScript once per lag budget, not once per segment', async () => {
+    // One small write a millisecond, as a keep-alive client at a thousand requests a second
+    // sends them. Each wakeup of JavaScript costs the target's node a context switch and more:
+    // the consumer lets 5 ms of records gather before each drain (kMinPauseMillis).
+    const writes = 300;
+    const batchesBefore = collector.batches;
+    const clientPort = Number(
+      await sandbox.runAsync(sandbox.client, process.execPath, [
+        '-e',
+        `const s = require('net').connect({ host: '${sandbox.targetAddress}', port: ${PORT}, noDelay: true }, () => {
+           let i = 0;
+           const timer = setInterval(() => {
+             s.write('tick ' + String(i).padStart(3, '0') + '\\n');
+             if (++i === ${writes}) { clearInterval(timer); console.log(s.localPort); s.end(); }
+           }, 1);
+         });`,
+      ]),
+    );
+    await collector.waitFor(
+      (r) => r.endpoints.clientPort === clientPort && hasFlag(r, TcpFlag.FIN),
+    );
+    const expected = Array.from(
+      { length: writes },
+      (_, i) => `tick ${String(i).padStart(3, '0')}\n`,
+    );
+    expect(reassemble(collector.of(clientPort)).toString()).toBe(expected.join(''));
+    // Draining at each record, or every millisecond, takes about one batch per write.
+    expect(collector.batches - batchesBefore).toBeLessThan(writes / 2);
+  });
+
   test('stops copying a port once unsubscribed', async () => {
     theTap().unsubscribe(PORT);
     try {
