@@ -77,8 +77,8 @@ interface ProcessCpu {
 
 const TICKS_PER_SECOND = 100; // USER_HZ, what /proc reports times in on Linux
 
-/** User and system seconds of a /proc stat file (a process's, or one thread's). */
-function cpuOfStat(file: string): ProcessCpu {
+/** User and system ticks of a /proc stat file (a process's, or one thread's), in seconds. */
+function ticksOfStat(file: string): ProcessCpu {
   // Fields after the command (which may hold spaces), from the last ')': utime is the 14th field
   // of the line, stime the 15th.
   const stat = readFileSync(file, 'utf8');
@@ -89,23 +89,34 @@ function cpuOfStat(file: string): ProcessCpu {
   };
 }
 
-function processCpu(pid: number): ProcessCpu {
-  return cpuOfStat(`/proc/${pid}/stat`);
-}
-
-/** CPU seconds (user and system) of each thread of `pid` so far, summed by thread name. */
+/**
+ * Each live thread's run time so far, summed by thread name, in seconds. From schedstat (the
+ * scheduler's own nanoseconds), not from the ticks of /proc stat: those charge a whole tick
+ * (4 ms here) to whichever task runs at the tick, and an agent that wakes on a timer every few
+ * milliseconds can be charged far more, or less, than it ran.
+ */
 function threadCpu(pid: number): Map<string, number> {
   const byName = new Map<string, number>();
   for (const tid of readdirSync(`/proc/${pid}/task`)) {
     try {
       const name = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
-      const { user, system } = cpuOfStat(`/proc/${pid}/task/${tid}/stat`);
-      byName.set(name, (byName.get(name) ?? 0) + user + system);
+      const nanos = Number(
+        readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0],
+      );
+      byName.set(name, (byName.get(name) ?? 0) + nanos / 1e9);
     } catch {
       // The thread ended.
     }
   }
   return byName;
+}
+
+/** The run time of `pid`'s threads, split into user and system as its ticks are. */
+function processCpu(pid: number): ProcessCpu & { total: number } {
+  let total = 0;
+  for (const seconds of threadCpu(pid).values()) total += seconds;
+  const ticks = ticksOfStat(`/proc/${pid}/stat`);
+  return { ...ticks, total };
 }
 
 /** Run time of the tap's BPF programs so far (every agent's: one runs at a time), in seconds. */
@@ -118,15 +129,16 @@ async function tapProgramSeconds(): Promise<number> {
   return nanos / 1e9;
 }
 
-/** Busy and total seconds of `cpu` so far (/proc/stat: everything but idle and iowait is busy). */
-function cpuTimes(cpu: number): { busy: number; total: number } {
+/**
+ * Idle seconds of `cpu` so far. /proc/stat counts idle (and iowait) time exactly on a tickless
+ * kernel, where the other fields are whole ticks charged to whatever was running at each tick.
+ */
+function idleSeconds(cpu: number): number {
   const line = readFileSync('/proc/stat', 'utf8')
     .split('\n')
     .find((l) => l.startsWith(`cpu${cpu} `));
   const ticks = (line ?? '').split(/\s+/).slice(1).map(Number);
-  const total = ticks.slice(0, 8).reduce((a, b) => a + b, 0);
-  const idle = (ticks[3] ?? 0) + (ticks[4] ?? 0);
-  return { busy: (total - idle) / TICKS_PER_SECOND, total: total / TICKS_PER_SECOND };
+  return ((ticks[3] ?? 0) + (ticks[4] ?? 0)) / TICKS_PER_SECOND;
 }
 
 /** What a process and the tap cost over a window. */
@@ -150,24 +162,32 @@ export interface CostMeter {
  * the tap's BPF run time and the node CPU's busy fraction, until stop().
  */
 export async function meterCost(pid: number | undefined): Promise<CostMeter> {
-  const cpu0 = pid ? processCpu(pid) : { user: 0, system: 0 };
+  const none = { user: 0, system: 0, total: 0 };
+  const cpu0 = pid ? processCpu(pid) : none;
   const threads0 = pid ? threadCpu(pid) : new Map<string, number>();
   const bpf0 = await tapProgramSeconds();
-  const node0 = cpuTimes(NODE_CPU);
+  const idle0 = idleSeconds(NODE_CPU);
+  const wall0 = performance.now();
   return {
     async stop() {
-      const cpu1 = pid ? processCpu(pid) : { user: 0, system: 0 };
+      const cpu1 = pid ? processCpu(pid) : none;
       const threads1 = pid ? threadCpu(pid) : new Map<string, number>();
       const threads: Record<string, number> = {};
       for (const [name, seconds] of threads1) threads[name] = seconds - (threads0.get(name) ?? 0);
       const bpf1 = await tapProgramSeconds();
-      const node1 = cpuTimes(NODE_CPU);
+      const idle1 = idleSeconds(NODE_CPU);
+      const wall = (performance.now() - wall0) / 1000;
+      const total = cpu1.total - cpu0.total;
+      const user = cpu1.user - cpu0.user;
+      const system = cpu1.system - cpu0.system;
+      // The ticks' split applied to the measured run time.
+      const userShare = user + system > 0 ? user / (user + system) : 1;
       return {
-        user: cpu1.user - cpu0.user,
-        system: cpu1.system - cpu0.system,
+        user: total * userShare,
+        system: total * (1 - userShare),
         bpf: bpf1 - bpf0,
         threads,
-        nodeBusy: (node1.busy - node0.busy) / Math.max(1e-9, node1.total - node0.total),
+        nodeBusy: 1 - (idle1 - idle0) / Math.max(1e-9, wall),
       };
     },
   };
