@@ -31,6 +31,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import { packageRoot } from '../src/package-root.js';
+import { waitFor } from '../test/support/wait.js';
 import {
   LAPTOP_CPU,
   NODE_CPU,
@@ -203,10 +204,14 @@ async function runMirrored(hosts: BenchHosts, dir: string, rate: number | undefi
   });
   const cliRss = sampleRss(mirror.pid!);
   try {
-    while (!events.some((e) => e.event === 'listen')) {
-      if (mirror.exitCode !== null) throw new Error(`mirror exited: ${String(mirror.all)}`);
-      await new Promise((resolve) => setTimeout(resolve, 50));
-    }
+    await waitFor(
+      "mirror's listen event",
+      () => {
+        if (mirror.exitCode !== null) throw new Error(`mirror exited: ${String(mirror.all)}`);
+        return events.some((e) => e.event === 'listen');
+      },
+      { ms: 60_000 },
+    );
     const agent = await agentOf(mirror.pid!);
     await pin(agent, NODE_CPU);
     const agentRss = sampleRss(agent);
@@ -305,7 +310,9 @@ async function localAppCapacity(): Promise<number> {
     { reject: false },
   );
   try {
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    let listening = false;
+    app.stdout?.once('data', () => (listening = true));
+    await waitFor('the local app to listen', () => listening, { ms: 10_000 });
     return (await load(`http://127.0.0.1:${LOCAL_CAPACITY_PORT}`, undefined)).requestsPerSecond;
   } finally {
     app.kill('SIGTERM');

@@ -5,8 +5,8 @@
  * noted). Under mirrord the local app sees the original client's port (the layer's getpeername),
  * so the two sides' keys meet.
  *
- * `node stamping-server.js HOST PORT STAMPS_FILE`: prints `count N served M` every 200 ms (noted
- * requests, and every request including warm-up ones); on SIGTERM or
+ * `node stamping-server.js HOST PORT STAMPS_FILE`: once listening, prints `count N served M` every
+ * 200 ms (noted requests, and every request including warm-up ones); on SIGTERM or
  * SIGINT writes `key arrivalMicros` lines (CLOCK_MONOTONIC, as in src/protocol/clock.ts) to
  * STAMPS_FILE and exits.
  */
@@ -37,12 +37,11 @@ const server = http.createServer((request, response) => {
   request.on('end', () => response.end('ok'));
 });
 server.keepAliveTimeout = 60_000;
-server.listen(Number(port), host);
-
-const counter = setInterval(
-  () => process.stdout.write(`count ${keys.length} served ${served}\n`),
-  200,
-);
+// Counts start once it listens: its first line says that it does.
+let counter: NodeJS.Timeout | undefined;
+server.listen(Number(port), host, () => {
+  counter = setInterval(() => process.stdout.write(`count ${keys.length} served ${served}\n`), 200);
+});
 
 function finish(): void {
   clearInterval(counter);

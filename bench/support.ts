@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { createHosts, waitForTcp, type Hosts } from '../src/platform/local/netns.js';
 import { NODE_CPU, onCpu } from './node-model.js';
+import { waitFor } from '../test/support/wait.js';
 
 /** Where the load generator sends its warm-up requests; the stamping server does not note them. */
 export const WARMUP_PATH = '/warmup';
@@ -126,12 +127,16 @@ export async function startTcpdump(hosts: BenchHosts, port: number): Promise<Tcp
     stdin: 'ignore',
   });
   // tcpdump says "listening on" once its socket is bound.
-  await new Promise<void>((resolve) => {
-    child.stderr!.on('data', (chunk: Buffer) => {
-      if (chunk.toString().includes('listening on')) resolve();
-    });
-    setTimeout(resolve, 3000);
-  });
+  let stderr = '';
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  await waitFor(
+    'tcpdump to start capturing',
+    () => {
+      if (child.exitCode !== null) throw new Error(`tcpdump exited: ${stderr.trim()}`);
+      return stderr.includes('listening on');
+    },
+    { ms: 10_000 },
+  );
   const finished = (async () => {
     const result = await child;
     const text = String(result.stderr);

@@ -15,12 +15,18 @@
  */
 import { once } from 'node:events';
 import net from 'node:net';
-import { encodeFrame } from '../src/protocol/framing.js';
-import { PROTOCOL_VERSION, clientMessageToWire } from '../src/protocol/messages.js';
+import { encodeFrame, FrameDecoder } from '../src/protocol/framing.js';
+import {
+  PROTOCOL_VERSION,
+  clientMessageToWire,
+  parseAgentMessage,
+  type AgentMessage,
+  type Counters,
+} from '../src/protocol/messages.js';
 import { connectToAgent, type AgentClient } from '../src/protocol/client.js';
-import type { Counters } from '../src/protocol/messages.js';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
+import { waitFor } from '../test/support/wait.js';
 import {
   NODE_CPU,
   meterCost,
@@ -92,8 +98,8 @@ interface DrainingSession extends Capture {
   client: AgentClient;
   /** Resolves with the bytes and close reason of the next connection that closes. */
   nextClosed(): Promise<{ bytes: number; reason: string; gapBytes: number }>;
-  /** The latest counters the agent sent. */
-  counters(): Counters | undefined;
+  /** The first counters the agent sends after this call (it sends them every second). */
+  nextCounters(): Promise<Counters>;
 }
 
 async function startDrainingSession(hosts: BenchHosts, port: number): Promise<DrainingSession> {
@@ -114,13 +120,22 @@ async function startDrainingSession(hosts: BenchHosts, port: number): Promise<Dr
   });
   client.on('error', (error) => progress(`  session error: ${error.message}`));
   let counters: Counters | undefined;
-  client.on('counters', (c) => (counters = c));
+  let countersSeen = 0;
+  client.on('counters', (c) => {
+    counters = c;
+    countersSeen += 1;
+  });
   await client.subscribe(port);
   return {
     agent,
     client,
-    counters: () => counters,
     nextClosed: () => new Promise((resolve) => waiting.push(resolve)),
+    nextCounters: () => {
+      const before = countersSeen;
+      return waitFor("the agent's next counters", () => countersSeen > before && counters, {
+        ms: 5_000,
+      });
+    },
     async stop() {
       await client.close();
       await agent.stop();
@@ -142,7 +157,13 @@ async function startCountingSession(
   const socket = net.connect(agent.readiness.port, agent.readiness.address);
   await once(socket, 'connect');
   let received = 0;
-  socket.on('data', (chunk: Buffer) => (received += chunk.length));
+  let subscribed = false;
+  const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
+  socket.on('data', (chunk: Buffer) => {
+    received += chunk.length;
+    // Decoded until the subscription is acknowledged, only counted after.
+    if (!subscribed) subscribed = decoder.push(chunk).some((m) => m.type === 'subscribed');
+  });
   socket.write(
     encodeFrame([
       clientMessageToWire({
@@ -155,9 +176,8 @@ async function startCountingSession(
       clientMessageToWire({ type: 'subscribe', port }),
     ]),
   );
-  // The agent acknowledges the subscription after its hello: wait until both arrived.
-  while (received === 0) await new Promise((resolve) => setTimeout(resolve, 10));
-  await new Promise((resolve) => setTimeout(resolve, 50));
+  // Acknowledged once the tap copies the port.
+  await waitFor('the agent to acknowledge the subscription', () => subscribed, { ms: 10_000 });
   return {
     agent,
     bytes: () => received,
@@ -342,15 +362,14 @@ async function singleStream(
       new Promise<undefined>((resolve) => setTimeout(resolve, 10_000)),
     ]);
     agentRss.push(rss.stop());
-    // Counters come every second: wait for one that covers the whole stream.
-    await new Promise((resolve) => setTimeout(resolve, 1_100));
-    const dropped = session.counters();
+    // Sent after the stream ended, so they cover all of it.
+    const dropped = await session.nextCounters();
     await session.stop();
     const complete = outcome?.reason === 'fin' && outcome.bytes === sent.bytes;
     agentResults[`${rate}`] = complete
       ? `100% at ${sent.gbit.toFixed(2)} Gbit/s`
       : `${(((outcome?.bytes ?? 0) / sent.bytes) * 100).toFixed(1)}% (${outcome?.reason ?? 'no close'}; ` +
-        `kernel dropped ${dropped?.bytesDroppedKernel ?? '?'} bytes, agent ${dropped?.bytesDroppedAgent ?? '?'})`;
+        `kernel dropped ${dropped.bytesDroppedKernel} bytes, agent ${dropped.bytesDroppedAgent})`;
 
     const tcpdump = await startTcpdump(hosts, STREAM_PORT);
     await sendPacedStream(hosts, rate);
