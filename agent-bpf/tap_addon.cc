@@ -57,7 +57,7 @@ constexpr size_t kMinSlotBytes = 128 * 1024;
 // How long the consumer pauses between drains while records flow: (rate / 4,000 records/s)²
 // ms, within these bounds (see Consumer::run). The lower bound is the lag budget: a record waits
 // in the ring up to this long so that one drain, and one wakeup of JavaScript, takes all the
-// records of that time. Each wakeup costs the agent about 150 µs of CPU on the target's node
+// records of that time. Each wakeup costs the agent 130 µs or more of CPU on the target's node
 // (a context switch in a VM, the call into JavaScript, a socket write), so draining every
 // millisecond cost a sixth of a CPU at a thousand requests a second; 5 ms keeps the lag well
 // inside the 10 ms the mirror is allowed at 5k requests a second.
