@@ -33,11 +33,14 @@ export function onLaptop(command: string, args: string[]): [string, string[]] {
 }
 
 /**
- * Moves every thread of process `pid` to `cpu`; threads it starts later follow them. Its nice
- * value stays its own: the agent runs at nice 19 on a node as here (src/agent/priority.ts).
+ * Moves every thread of process `pid` to `cpu`, at the normal priority (an agent started by a
+ * CLI on the laptop inherits its CPU and nice value); threads it starts later follow them.
  */
 export async function pin(pid: number, cpu: number): Promise<void> {
   await execa('taskset', ['-a', '-p', '-c', String(cpu), String(pid)], { stdout: 'ignore' });
+  // setpriority(2) on a thread id changes that thread only: each is set.
+  const threads = readdirSync(`/proc/${pid}/task`);
+  await execa('renice', ['-n', '0', '-p', ...threads], { stdout: 'ignore', reject: false });
 }
 
 /**

@@ -7,7 +7,6 @@ import { readdirSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { AGENT_NICE } from '../src/agent/priority.js';
 import { startLocalAgent } from '../src/platform/local/agent-process.js';
 import { SECRET_ENV } from '../src/protocol/agent-launch.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
@@ -291,21 +290,6 @@ describe('mirrord agent', () => {
     await ended;
     session = undefined;
     expect(linksAlive(links)).toEqual([]);
-  });
-
-  test('every thread of the agent, the ring consumer too, runs behind the target (nice 19)', async () => {
-    const agent = await startLocalAgent({ netns: sandbox.target });
-    const threads = readdirSync(`/proc/${agent.pid}/task`).map((tid) => {
-      const stat = readFileSync(`/proc/${agent.pid}/task/${tid}/stat`, 'utf8');
-      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return {
-        name: readFileSync(`/proc/${agent.pid}/task/${tid}/comm`, 'utf8').trim(),
-        nice: Number(fields[16]), // the 19th field of the line
-      };
-    });
-    expect(threads.map((t) => t.name)).toContain('mirrord-tap');
-    expect(threads.filter((t) => t.nice !== AGENT_NICE)).toEqual([]);
-    expect(await agent.stop()).toBe(0);
   });
 
   test('with no session the agent exits by itself after its idle timeout', async () => {

@@ -1,7 +1,6 @@
 import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import { startAgent } from '../agent/server.js';
-import { yieldToTarget } from '../agent/priority.js';
 import { AGENT_DEFAULTS } from '../platform/kube/agent-job.js';
 import { readFileSync } from 'node:fs';
 import { SECRET_ENV, type NodeTarget } from '../protocol/agent-launch.js';
@@ -63,7 +62,6 @@ export default class AgentCommand extends MirrordCommand {
     const secret = this.sessionSecret(flags['secret-file']);
     const listen = /^(.*):(\d+)$/.exec(flags.listen);
     if (!listen) this.error(`--listen "${flags.listen}" is not HOST:PORT, e.g. 127.0.0.1:0`);
-    yieldToTarget();
     let agent;
     try {
       agent = await startAgent({

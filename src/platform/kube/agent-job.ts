@@ -182,12 +182,8 @@ export function agentJobManifest(options: AgentJobOptions): V1Job {
               volumeMounts: [
                 { name: AGENT_SECRET_VOLUME, mountPath: AGENT_SECRET_DIR, readOnly: true },
               ],
-              // No CPU request: the pod's cgroup then gets the least CPU weight there is (2
-              // shares), so that on a busy node the target's pod, and every other pod with a
-              // request, comes first (inside the pod the agent runs at nice 19, see
-              // src/agent/priority.ts). It also never keeps a full node from running it.
               resources: {
-                requests: { memory: '64Mi' },
+                requests: { cpu: '50m', memory: '64Mi' },
                 limits: { memory: '256Mi' },
               },
             },
