@@ -5,9 +5,11 @@
  * On the cluster model of node-model.ts (the target and the agent on the node's CPU; the load,
  * the CLI and the local app on the other), an HTTP target in a netns gets keep-alive load over 32
  * connections from vegeta (vegeta.ts): paced evenly at 1k, 5k and 10k requests/s, and as fast as
- * the target answers. Each rate runs in three
+ * the target answers. Each rate runs in four
  * configurations: nothing else (the baseline), `mirrord mirror` replaying into a local app (the
- * same server program, under the layer), and tcpdump capturing the target's port (the peer).
+ * same server program, under the layer), the agent alone serving a session that only counts
+ * bytes (the node's side of mirroring without the laptop's), and tcpdump capturing the target's
+ * port (the peer).
  * Rounds interleave the configurations, in a rotating order, so that a noisy machine's drift
  * hits all alike; each figure is given as its median and range over the rounds, each ratio as
  * the median and range of the same round's ratios.
@@ -50,6 +52,7 @@ import {
   progress,
   round,
   sampleRss,
+  startCountingSession,
   startTcpdump,
   type BenchHosts,
 } from './support.js';
@@ -62,7 +65,7 @@ const CONNECTIONS = 32;
 const RATES = (process.env.MIRRORD_BENCH_RATES ?? '1000,5000,10000').split(',').map(Number);
 const CATCH_UP_MS = 1500;
 const ROUNDS = Number(process.env.MIRRORD_BENCH_ROUNDS ?? 5);
-const CONFIGS = ['none', 'mirror', 'tcpdump'] as const;
+const CONFIGS = ['none', 'mirror', 'agent', 'tcpdump'] as const;
 type Config = (typeof CONFIGS)[number];
 
 const STAMPING_SERVER = fileURLToPath(new URL('./stamping-server.js', import.meta.url));
@@ -302,6 +305,33 @@ async function runPlain(
   }
 }
 
+/**
+ * One load run with the agent serving a session that only counts what it receives: the node's
+ * side of mirroring without the laptop's (no CLI decoding frames, no replay, no app beside the
+ * load generator on its CPU). Set against the mirror runs, it tells which side a cost is on.
+ */
+async function runAgentAlone(hosts: BenchHosts, rate: number | undefined): Promise<Run> {
+  const target = await startTarget(hosts, '/dev/null');
+  const session = await startCountingSession(hosts, PORT);
+  try {
+    const servedBefore = target.count.served;
+    const bytesBefore = session.bytes();
+    const started = Date.now();
+    const cost = await meterCost(session.agent.pid);
+    const result = await load(`http://${hosts.serverAddress}:${PORT}`, rate, hosts.client);
+    await target.count.next();
+    const spent = await cost.stop();
+    const served = target.count.served - servedBefore;
+    if (session.bytes() - bytesBefore < served * 40) {
+      throw new Error(`the session received ${session.bytes() - bytesBefore} bytes: no mirroring`);
+    }
+    return { ...result, ...spent, served, seconds: (Date.now() - started) / 1000 };
+  } finally {
+    await session.stop();
+    await target.stop();
+  }
+}
+
 /** What the local app serves at most, on loopback, alone on the laptop's CPU. */
 async function localAppCapacity(): Promise<number> {
   const app = execa(
@@ -322,7 +352,7 @@ async function localAppCapacity(): Promise<number> {
 
 /** The figures of one rate over every round. */
 function figuresOf(runs: Record<Config, Run[]>): Record<string, unknown> {
-  const { none, mirror, tcpdump } = runs;
+  const { none, mirror, agent, tcpdump } = runs;
   const of = (list: Run[], pick: (run: Run) => number | undefined, digits = 3): Spread =>
     spread(
       list.map((run) => pick(run) ?? NaN),
@@ -333,6 +363,7 @@ function figuresOf(runs: Record<Config, Run[]>): Record<string, unknown> {
   const byConfig = (pick: (run: Run) => number, digits = 2) => ({
     none: of(none, pick, digits),
     mirror: of(mirror, pick, digits),
+    agent: of(agent, pick, digits),
     tcpdump: of(tcpdump, pick, digits),
   });
   const cpu = (run: Run): number => (run.user ?? 0) + (run.system ?? 0) + (run.bpf ?? 0);
@@ -344,10 +375,12 @@ function figuresOf(runs: Record<Config, Run[]>): Record<string, unknown> {
     // Each round's figure over the same round's baseline.
     rps_ratio: {
       mirror: ratio(mirror, (run) => run.requestsPerSecond),
+      agent: ratio(agent, (run) => run.requestsPerSecond),
       tcpdump: ratio(tcpdump, (run) => run.requestsPerSecond),
     },
     p99_ratio: {
       mirror: ratio(mirror, (run) => run.p99Ms),
+      agent: ratio(agent, (run) => run.p99Ms),
       tcpdump: ratio(tcpdump, (run) => run.p99Ms),
     },
     node_cpu_busy: byConfig((run) => run.nodeBusy, 3),
@@ -366,6 +399,7 @@ function figuresOf(runs: Record<Config, Run[]>): Record<string, unknown> {
     tcpdump_cpu_s_per_1k_requests: of(tcpdump, (run) => (cpu(run) / run.served) * 1000, 4),
     agent_cpu_s_per_gib: of(mirror, (run) => cpu(run) / (run.bytesCopied! / GIB), 1),
     agent_share_of_node_cpu: of(mirror, (run) => cpu(run) / run.seconds),
+    agent_alone_share_of_node_cpu: of(agent, (run) => cpu(run) / run.seconds),
     tcpdump_share_of_node_cpu: of(tcpdump, (run) => cpu(run) / run.seconds),
     agent_rss_max_mib: of(mirror, (run) => run.agentRssMiB, 1),
     fraction_reaching_app: of(mirror, (run) => run.fractionReachingApp, 4),
@@ -389,7 +423,9 @@ export async function benchMirror(): Promise<Record<string, unknown>> {
       local_app_max_rps: round(appCapacity, 0),
     };
     const rates = [...RATES, undefined];
-    const runs = rates.map(() => ({ none: [], mirror: [], tcpdump: [] }) as Record<Config, Run[]>);
+    const runs = rates.map(
+      () => ({ none: [], mirror: [], agent: [], tcpdump: [] }) as Record<Config, Run[]>,
+    );
     for (let r = 0; r < ROUNDS; r += 1) {
       for (const [i, rate] of rates.entries()) {
         // A rotating order: no configuration always runs first, or right after another.
@@ -398,7 +434,9 @@ export async function benchMirror(): Promise<Record<string, unknown>> {
           const run =
             config === 'mirror'
               ? await runMirrored(hosts, dir, rate)
-              : await runPlain(hosts, rate, config === 'tcpdump');
+              : config === 'agent'
+                ? await runAgentAlone(hosts, rate)
+                : await runPlain(hosts, rate, config === 'tcpdump');
           runs[i]![config].push(run);
           progress(
             `round ${r + 1}/${ROUNDS} ${rate ?? 'max'} req/s ${config}: ${round(run.requestsPerSecond, 0)} req/s, p99 ${round(run.p99Ms, 2)} ms, node busy ${round(run.nodeBusy, 2)}` +
@@ -417,11 +455,11 @@ export async function benchMirror(): Promise<Record<string, unknown>> {
       const rateFigures = figuresOf(runs[i]!);
       figures[label] = rateFigures;
       const ratios = rateFigures as {
-        p99_ratio: { mirror: Spread };
+        p99_ratio: { mirror: Spread; agent: Spread };
         rps_ratio: { mirror: Spread };
       };
       progress(
-        `${label}: p99 with/without ${showSpread(ratios.p99_ratio.mirror)}, requests/s with/without ${showSpread(ratios.rps_ratio.mirror)}`,
+        `${label}: p99 with/without ${showSpread(ratios.p99_ratio.mirror)} (the agent alone: ${showSpread(ratios.p99_ratio.agent)}), requests/s with/without ${showSpread(ratios.rps_ratio.mirror)}`,
       );
     }
     return figures;

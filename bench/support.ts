@@ -1,8 +1,18 @@
 import { execa } from 'execa';
+import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
+import net from 'node:net';
 import { fileURLToPath } from 'node:url';
+import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { createHosts, waitForTcp, type Hosts } from '../src/platform/local/netns.js';
-import { NODE_CPU, onCpu } from './node-model.js';
+import { encodeFrame, FrameDecoder } from '../src/protocol/framing.js';
+import {
+  PROTOCOL_VERSION,
+  clientMessageToWire,
+  parseAgentMessage,
+  type AgentMessage,
+} from '../src/protocol/messages.js';
+import { NODE_CPU, onCpu, pin } from './node-model.js';
 import { waitFor } from '../test/support/wait.js';
 
 /** Where the load generator sends its warm-up requests; the stamping server does not note them. */
@@ -153,6 +163,59 @@ export async function startTcpdump(hosts: BenchHosts, port: number): Promise<Tcp
     stats: () => {
       child.kill('SIGINT');
       return finished;
+    },
+  };
+}
+
+/** An agent on the node's CPU serving a session that only counts what it receives. */
+export interface CountingSession {
+  agent: LocalAgent;
+  /** Bytes received from the agent so far. */
+  bytes(): number;
+  stop(): Promise<void>;
+}
+
+/**
+ * A session whose frames are read and counted but not decoded: in production the CLI runs on the
+ * developer's machine, at the far end of a port-forward, so only the agent's work (and not the
+ * CLI's decoding) is charged to the target's machine here.
+ */
+export async function startCountingSession(
+  hosts: BenchHosts,
+  port: number,
+): Promise<CountingSession> {
+  const agent = await startLocalAgent({ netns: hosts.server });
+  await pin(agent.pid, NODE_CPU);
+  const socket = net.connect(agent.readiness.port, agent.readiness.address);
+  await once(socket, 'connect');
+  let received = 0;
+  let subscribed = false;
+  const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
+  socket.on('data', (chunk: Buffer) => {
+    received += chunk.length;
+    // Decoded until the subscription is acknowledged, only counted after.
+    if (!subscribed) subscribed = decoder.push(chunk).some((m) => m.type === 'subscribed');
+  });
+  socket.write(
+    encodeFrame([
+      clientMessageToWire({
+        type: 'hello',
+        version: PROTOCOL_VERSION,
+        capabilities: [],
+        client: 'bench',
+        secret: agent.secret,
+      }),
+      clientMessageToWire({ type: 'subscribe', port }),
+    ]),
+  );
+  // Acknowledged once the tap copies the port.
+  await waitFor('the agent to acknowledge the subscription', () => subscribed, { ms: 10_000 });
+  return {
+    agent,
+    bytes: () => received,
+    async stop() {
+      socket.destroy();
+      await agent.stop();
     },
   };
 }

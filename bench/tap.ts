@@ -13,16 +13,7 @@
  *     agent delivers 100% of the bytes of the connection, and tcpdump's capture loss at each rate.
  * The agent's peak RSS is taken throughout.
  */
-import { once } from 'node:events';
-import net from 'node:net';
-import { encodeFrame, FrameDecoder } from '../src/protocol/framing.js';
-import {
-  PROTOCOL_VERSION,
-  clientMessageToWire,
-  parseAgentMessage,
-  type AgentMessage,
-  type Counters,
-} from '../src/protocol/messages.js';
+import type { Counters } from '../src/protocol/messages.js';
 import { connectToAgent, type AgentClient } from '../src/protocol/client.js';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
@@ -42,6 +33,7 @@ import {
   round,
   sampleRss,
   startHttpTarget,
+  startCountingSession,
   startTcpdump,
   wrk,
   type BenchHosts,
@@ -138,51 +130,6 @@ async function startDrainingSession(hosts: BenchHosts, port: number): Promise<Dr
     },
     async stop() {
       await client.close();
-      await agent.stop();
-    },
-  };
-}
-
-/**
- * A session whose frames are read and counted but not decoded: in production the CLI runs on the
- * developer's machine, at the far end of a port-forward, so only the agent's work (and not the
- * CLI's decoding) is charged to the target's machine here.
- */
-async function startCountingSession(
-  hosts: BenchHosts,
-  port: number,
-): Promise<Capture & { agent: LocalAgent; bytes(): number }> {
-  const agent = await startLocalAgent({ netns: hosts.server });
-  await pin(agent.pid, NODE_CPU);
-  const socket = net.connect(agent.readiness.port, agent.readiness.address);
-  await once(socket, 'connect');
-  let received = 0;
-  let subscribed = false;
-  const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
-  socket.on('data', (chunk: Buffer) => {
-    received += chunk.length;
-    // Decoded until the subscription is acknowledged, only counted after.
-    if (!subscribed) subscribed = decoder.push(chunk).some((m) => m.type === 'subscribed');
-  });
-  socket.write(
-    encodeFrame([
-      clientMessageToWire({
-        type: 'hello',
-        version: PROTOCOL_VERSION,
-        capabilities: [],
-        client: 'bench',
-        secret: agent.secret,
-      }),
-      clientMessageToWire({ type: 'subscribe', port }),
-    ]),
-  );
-  // Acknowledged once the tap copies the port.
-  await waitFor('the agent to acknowledge the subscription', () => subscribed, { ms: 10_000 });
-  return {
-    agent,
-    bytes: () => received,
-    async stop() {
-      socket.destroy();
       await agent.stop();
     },
   };
