@@ -1,9 +1,10 @@
 /**
- * Waiting for a condition in tests and benchmarks, the one way: `check` runs at once and again `everyMs` after
- * each run that did not hold, until it returns a truthy value (resolved with it) or the deadline
- * passes (a WaitTimeout naming what was waited for). An error `check` throws ends the wait with
- * it. Conditions such as "no process of the app is left" or "the API server lists the pod" have
- * no event to wait on, so they are checked again; nothing waits a fixed time instead.
+ * Waiting for a condition in tests and benchmarks, the one way: `check` runs at once and again
+ * `everyMs` after each run that did not hold, until it returns a truthy value (resolved with it)
+ * or the deadline passes (a WaitTimeout naming what was waited for). An error `check` throws
+ * ends the wait with it. Conditions such as "no process of the app is left" or "the API server
+ * lists the pod" have no event to wait on, so they are checked again; nothing waits a fixed time
+ * instead.
  */
 export class WaitTimeout extends Error {}
 
