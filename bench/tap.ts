@@ -10,7 +10,9 @@
  *     a rotating order so that drift on a noisy machine hits all alike; each figure is given as
  *     its median and range over the rounds (MIRRORD_BENCH_ROUNDS, default 7).
  * (b) one TCP stream paced at rising rates (SO_MAX_PACING_RATE): the highest rate at which the
- *     agent delivers 100% of the bytes of the connection, and tcpdump's capture loss at each rate.
+ *     agent delivers 100% of the bytes of the connection, and tcpdump's capture loss at each rate;
+ *     while each is sent, the node's busy share and the CPU the agent and the session's reader
+ *     take.
  * The agent's peak RSS is taken throughout.
  */
 import type { Counters } from '../src/protocol/messages.js';
@@ -299,11 +301,25 @@ async function singleStream(
   let losslessGbit = 0;
   const tcpdumpLoss: Record<string, number> = {};
   const agentResults: Record<string, string> = {};
+  const cpuShares: Record<string, { node_busy: number; agent: number; reader: number }> = {};
   for (const rate of RATES_GBIT) {
     const session = await startDrainingSession(hosts, STREAM_PORT);
     const rss = sampleRss(session.agent.pid);
     const closed = session.nextClosed();
+    // While the stream is sent: the node's busy share, and the shares of a CPU the agent and
+    // this process (the session's reader, on the laptop's CPU) take, to tell who falls behind.
+    const cost = await meterCost(session.agent.pid);
+    const readerBefore = process.cpuUsage();
+    const started = performance.now();
     const sent = await sendPacedStream(hosts, rate);
+    const spent = await cost.stop();
+    const reader = process.cpuUsage(readerBefore);
+    const seconds = (performance.now() - started) / 1000;
+    cpuShares[`${rate}`] = {
+      node_busy: round(spent.nodeBusy, 2),
+      agent: round((spent.user + spent.system) / seconds, 2),
+      reader: round((reader.user + reader.system) / 1e6 / seconds, 2),
+    };
     const outcome = await Promise.race([
       closed,
       new Promise<undefined>((resolve) => setTimeout(resolve, 10_000)),
@@ -322,8 +338,10 @@ async function singleStream(
     await sendPacedStream(hosts, rate);
     const stats = await tcpdump.stats();
     tcpdumpLoss[`${rate}`] = round((stats.dropped / (stats.captured + stats.dropped)) * 100, 2);
+    const shares = cpuShares[`${rate}`]!;
     progress(
-      `  ${rate} Gbit/s: agent ${agentResults[`${rate}`]}; tcpdump lost ${tcpdumpLoss[`${rate}`]}%`,
+      `  ${rate} Gbit/s: agent ${agentResults[`${rate}`]}; tcpdump lost ${tcpdumpLoss[`${rate}`]}%; ` +
+        `while sent: node busy ${shares.node_busy}, agent ${shares.agent} of a CPU, session reader ${shares.reader}`,
     );
     if (!complete) break;
     losslessGbit = round(sent.gbit, 2);
@@ -332,6 +350,7 @@ async function singleStream(
     stream_lossless_gbit_per_s_agent: losslessGbit,
     stream_tcpdump_loss_percent_by_gbit_per_s: tcpdumpLoss,
     stream_agent_result_by_gbit_per_s: agentResults,
+    stream_cpu_share_by_gbit_per_s: cpuShares,
   };
 }
 
