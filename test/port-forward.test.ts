@@ -23,6 +23,7 @@ import {
 import { newSessionSecret } from '../src/protocol/agent-launch.js';
 import { PortForwardError, openPortForward } from '../src/platform/kube/port-forward.js';
 import { API_PORT, NODE_IP } from './cluster/layout.js';
+import { waitFor } from './support/wait.js';
 import { containerProcesses, testCluster, type PodInfo, type TestCluster } from './support/kube.js';
 
 const NAMESPACE = 'port-forward';
@@ -123,15 +124,8 @@ interface ConnectionStats {
   buffered: number;
 }
 
-async function until<T>(what: string, probe: () => T | Promise<T>, timeoutMs = 60_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
+/** How long the test waits for a condition of the cluster, and how often it looks. */
+const PATIENCE = { ms: 60_000, everyMs: 100 };
 
 /** Everything a stream delivers until it ends, or the error it fails with. */
 function readAll(stream: Duplex): Promise<Buffer> {
@@ -163,13 +157,17 @@ async function writeRepeated(stream: Duplex, chunk: Buffer, total: number): Prom
 async function settled(sample: () => Promise<number>): Promise<number> {
   let last = -1;
   let same = 0;
-  for (;;) {
-    const value = await sample();
-    same = value === last ? same + 1 : 0;
-    last = value;
-    if (same >= 4) return value;
-    await new Promise((resolve) => setTimeout(resolve, 300));
-  }
+  const { value } = await waitFor(
+    'the count to settle',
+    async () => {
+      const value = await sample();
+      same = value === last ? same + 1 : 0;
+      last = value;
+      return same >= 4 && { value };
+    },
+    { ms: 60_000, everyMs: 300 },
+  );
+  return value;
 }
 
 /** The message of a forward's failure, whether it failed to open or failed once open. */
@@ -310,7 +308,7 @@ describe('port-forward through the real API server, kubelet and containerd', () 
     const { stream, id } = await dataForward({ send: 256 * MiB, receive: 0 }, config, target);
     let received = 0;
     stream.on('data', (chunk: Buffer) => (received += chunk.length));
-    await until('bytes to flow', () => received > MiB);
+    await waitFor('bytes to flow', () => received > MiB, PATIENCE);
     return { stream, id, received: () => received };
   }
 
@@ -410,10 +408,14 @@ describe('port-forward through the real API server, kubelet and containerd', () 
     await writeRepeated(stream, randomBytes(MiB), 10 * MiB + 17);
     stream.end();
     await closed(stream);
-    const stats = await until('the pod to see EOF', async () => {
-      const current = await statsOf(id);
-      return current.ended ? current : undefined;
-    });
+    const stats = await waitFor(
+      'the pod to see EOF',
+      async () => {
+        const current = await statsOf(id);
+        return current.ended ? current : undefined;
+      },
+      PATIENCE,
+    );
     expect(stats.received).toBe(10 * MiB + 17);
   });
 
@@ -546,14 +548,19 @@ describe('port-forward through the real API server, kubelet and containerd', () 
       // Once the server holds the connection, bytes sent stay unread: first in its socket's
       // buffer, then in the kernel's. They go 16 KiB at a time, each once all before it reached
       // the pod, until the kernel holds some: nothing is left on the way when containerd closes.
-      await until('the pod to hold the connection', async () => (await statsOf(id, target)).held);
+      await waitFor(
+        'the pod to hold the connection',
+        async () => (await statsOf(id, target)).held,
+        PATIENCE,
+      );
       let sent = 0;
       while (kernelUnread(pid, DATA_PORT) === 0) {
         stream.write(randomBytes(16 * 1024));
         sent += 16 * 1024;
-        await until(
+        await waitFor(
           `${sent} bytes to reach the pod`,
           async () => (await statsOf(id, target)).buffered + kernelUnread(pid, DATA_PORT) === sent,
+          PATIENCE,
         );
       }
       const finished = outcome(stream);
@@ -577,8 +584,12 @@ describe('port-forward through the real API server, kubelet and containerd', () 
       stream.resume();
       const finished = outcome(stream);
       const writing = writeRepeated(stream, randomBytes(MiB), 512 * MiB).catch(() => undefined);
-      await until('the pod to hold the connection', async () => (await statsOf(id, target)).held);
-      await until('unread bytes in the pod', () => kernelUnread(pid, DATA_PORT) > 0);
+      await waitFor(
+        'the pod to hold the connection',
+        async () => (await statsOf(id, target)).held,
+        PATIENCE,
+      );
+      await waitFor('unread bytes in the pod', () => kernelUnread(pid, DATA_PORT) > 0, PATIENCE);
       process.kill(pid, 'SIGKILL');
       // containerd writes its error text and closes while this side's bytes still arrive: each
       // hop closes with bytes unread, which resets the next one and may drop the text on the
@@ -605,7 +616,11 @@ describe('port-forward through the real API server, kubelet and containerd', () 
       );
       await closed(stream);
       // The API server noticed too: the pod's end of the forwarded connection is gone.
-      await until('the pod connection to close', async () => (await statsOf(id)).closed);
+      await waitFor(
+        'the pod connection to close',
+        async () => (await statsOf(id)).closed,
+        PATIENCE,
+      );
     } finally {
       await relay.close();
     }
@@ -660,11 +675,12 @@ describe('port-forward through the real API server, kubelet and containerd', () 
 
     /** A session through a forward, once the agent listens (until then the dial fails). */
     async function startSession(agent: string, config = kubeConfig): Promise<AgentClient> {
-      await until(
+      await waitFor(
         'the agent container to run',
         async () => (await agentPod(agent)).status?.containerStatuses?.[0]?.state?.running,
+        PATIENCE,
       );
-      return until(
+      return waitFor(
         'the agent to answer through the forward',
         async () => {
           try {
@@ -678,7 +694,7 @@ describe('port-forward through the real API server, kubelet and containerd', () 
             return undefined;
           }
         },
-        120_000,
+        { ...PATIENCE, ms: 120_000 },
       );
     }
 
@@ -688,7 +704,11 @@ describe('port-forward through the real API server, kubelet and containerd', () 
       expect(client.agent.target).toBe(`container ${pod.containers[0]!.containerId}`);
       await client.subscribe(DATA_PORT);
       await client.close();
-      await until('the agent to exit', async () => (await exitCode(agent)) !== undefined);
+      await waitFor(
+        'the agent to exit',
+        async () => (await exitCode(agent)) !== undefined,
+        PATIENCE,
+      );
       expect(await exitCode(agent)).toBe(0);
     });
 
@@ -710,7 +730,11 @@ describe('port-forward through the real API server, kubelet and containerd', () 
           ),
         ]);
         // Its end of the session broke with the connection: the agent exits by itself, failed.
-        await until('the agent to exit', async () => (await exitCode(agent)) !== undefined);
+        await waitFor(
+          'the agent to exit',
+          async () => (await exitCode(agent)) !== undefined,
+          PATIENCE,
+        );
         expect(await exitCode(agent)).toBe(1);
       } finally {
         await relay.close();

@@ -1,5 +1,6 @@
 import { AppsV1Api, CoreV1Api, KubeConfig, RbacAuthorizationV1Api } from '@kubernetes/client-node';
 import { CLUSTER_DOMAIN, DNS_SERVICE_IP, NODE_NAME } from './layout.js';
+import { waitFor } from '../support/wait.js';
 
 /**
  * The cluster's DNS, deployed as kubeadm deploys it (ServiceAccount, ClusterRole, ConfigMap with
@@ -168,12 +169,15 @@ export async function waitUntilReady(
         Boolean(await core.readNamespacedServiceAccount({ name: 'default', namespace: 'default' })),
     ],
   ];
+  // One deadline for all of them.
   for (const [what, ready] of conditions) {
-    for (;;) {
-      check();
-      if (await ready().catch(() => false)) break;
-      if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs / 1000} s`);
-      await new Promise((resolve) => setTimeout(resolve, 250));
-    }
+    await waitFor(
+      what,
+      async () => {
+        check();
+        return ready().catch(() => false);
+      },
+      { ms: Math.max(0, deadline - Date.now()), everyMs: 250 },
+    );
   }
 }

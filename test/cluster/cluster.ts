@@ -24,6 +24,7 @@ import {
   type Component,
 } from './components.js';
 import { setUpHost } from './host.js';
+import { waitFor } from '../support/wait.js';
 import {
   BRIDGE,
   CONTAINERD_SOCKET,
@@ -123,22 +124,6 @@ function probe(url: string): Promise<number> {
   });
 }
 
-async function waitFor(
-  what: string,
-  check: () => Promise<boolean>,
-  timeoutMs: number,
-  alive?: () => void,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    alive?.();
-    if (await check()) return;
-    if (Date.now() > deadline)
-      throw new Error(`${what} was not ready within ${timeoutMs / 1000} s`);
-    await new Promise((resolve) => setTimeout(resolve, 200));
-  }
-}
-
 function startProcess(component: Component, pids: Record<string, number>): number {
   for (const [path, content] of Object.entries(component.files ?? {})) {
     mkdirSync(dirname(path), { recursive: true });
@@ -170,7 +155,14 @@ async function start(
   };
   const health = component.health;
   if (health)
-    await waitFor(component.name, async () => (await probe(health)) === 200, timeoutMs, alive);
+    await waitFor(
+      component.name,
+      async () => {
+        alive();
+        return (await probe(health)) === 200;
+      },
+      { ms: timeoutMs, everyMs: 200 },
+    );
 }
 
 /**
@@ -218,7 +210,10 @@ export async function startCluster(): Promise<string> {
     createPki();
     setUpHost();
     await start(containerd(), pids);
-    await waitFor('containerd', async () => existsSync(CONTAINERD_SOCKET) && ctrAnswers(), 30_000);
+    await waitFor('containerd', async () => existsSync(CONTAINERD_SOCKET) && ctrAnswers(), {
+      ms: 30_000,
+      everyMs: 200,
+    });
     progress('importing images');
     script('images.sh', ['--address', CONTAINERD_SOCKET, '--coredns-bin', join(bin, 'coredns')]);
     await start(etcd(bin), pids);
@@ -284,7 +279,7 @@ export async function ensureCluster(): Promise<string> {
   await waitFor(
     "the running cluster's API server",
     async () => (await probe(apiServer('').health!)) === 200,
-    120_000,
+    { ms: 120_000, everyMs: 200 },
   );
   return ADMIN_KUBECONFIG;
 }
