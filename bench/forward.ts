@@ -31,6 +31,7 @@ import { promisify } from 'node:util';
 import { openPortForward } from '../src/platform/kube/port-forward.js';
 import { PIDS } from '../test/cluster/layout.js';
 import { NODE_IMAGE, containerProcesses, testCluster } from '../test/support/kube.js';
+import { waitFor } from '../test/support/wait.js';
 import { median, progress, round } from './support.js';
 
 const execFileAsync = promisify(execFile);
@@ -184,13 +185,17 @@ export async function benchForward(): Promise<Record<string, unknown>> {
         },
       },
     });
-    const deadline = Date.now() + 120_000;
-    let pod = await cluster.core.readNamespacedPod({ name: 'sender', namespace: NAMESPACE });
-    while (!pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True')) {
-      if (Date.now() > deadline) throw new Error('the sender pod was not ready within 120 s');
-      await new Promise((resolve) => setTimeout(resolve, 250));
-      pod = await cluster.core.readNamespacedPod({ name: 'sender', namespace: NAMESPACE });
-    }
+    const pod = await waitFor(
+      'the sender pod to be ready',
+      async () => {
+        const pod = await cluster.core.readNamespacedPod({ name: 'sender', namespace: NAMESPACE });
+        const ready = pod.status?.conditions?.some(
+          (c) => c.type === 'Ready' && c.status === 'True',
+        );
+        return ready && pod;
+      },
+      { ms: 120_000, everyMs: 250 },
+    );
     const podIp = pod.status!.podIP!;
     const senderPid = containerPid(pod.status!.containerStatuses![0]!.containerID!);
     const pathPids = Object.fromEntries(

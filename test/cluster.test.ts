@@ -11,6 +11,7 @@ import { startCluster, stopCluster } from './cluster/cluster.js';
 import { checkRoutedLocally } from './cluster/host.js';
 import { BRIDGE, NODE_IP, PIDS } from './cluster/layout.js';
 import { isAlive } from '../src/platform/local/netns.js';
+import { waitFor } from './support/wait.js';
 import {
   NODE_IMAGE,
   containerProcesses,
@@ -35,18 +36,17 @@ async function runInPod(cluster: TestCluster, name: string, script: string): Pro
       },
     },
   });
-  const deadline = Date.now() + 120_000;
-  for (;;) {
-    const pod = await cluster.core.readNamespacedPod({ name, namespace: NAMESPACE });
-    const phase = pod.status?.phase;
-    if (phase === 'Succeeded' || phase === 'Failed') {
-      const log = await cluster.core.readNamespacedPodLog({ name, namespace: NAMESPACE });
-      if (phase === 'Failed') throw new Error(`pod ${name} failed: ${log}`);
-      return log;
-    }
-    if (Date.now() > deadline) throw new Error(`pod ${name} still ${phase} after 120 s`);
-    await new Promise((resolve) => setTimeout(resolve, 250));
-  }
+  const phase = await waitFor(
+    `pod ${name} to end`,
+    async () => {
+      const { status } = await cluster.core.readNamespacedPod({ name, namespace: NAMESPACE });
+      return (status?.phase === 'Succeeded' || status?.phase === 'Failed') && status.phase;
+    },
+    { ms: 120_000, everyMs: 250 },
+  );
+  const log = await cluster.core.readNamespacedPodLog({ name, namespace: NAMESPACE });
+  if (phase === 'Failed') throw new Error(`pod ${name} failed: ${log}`);
+  return log;
 }
 
 /** What of the cluster is on this machine now; empty once it is stopped. */
