@@ -69,7 +69,7 @@ export async function modelCluster(hosts: BenchHosts): Promise<() => void> {
   return () => writeFileSync(statsFile, before);
 }
 
-/** CPU seconds a process used so far, all its threads. */
+/** User and system time of a process so far, from its ticks: the meter uses only their split. */
 interface ProcessCpu {
   user: number;
   system: number;
@@ -109,14 +109,6 @@ function threadCpu(pid: number): Map<string, number> {
     }
   }
   return byName;
-}
-
-/** The run time of `pid`'s threads, split into user and system as its ticks are. */
-function processCpu(pid: number): ProcessCpu & { total: number } {
-  let total = 0;
-  for (const seconds of threadCpu(pid).values()) total += seconds;
-  const ticks = ticksOfStat(`/proc/${pid}/stat`);
-  return { ...ticks, total };
 }
 
 /** Run time of the tap's BPF programs so far (every agent's: one runs at a time), in seconds. */
@@ -162,24 +154,27 @@ export interface CostMeter {
  * the tap's BPF run time and the node CPU's busy fraction, until stop().
  */
 export async function meterCost(pid: number | undefined): Promise<CostMeter> {
-  const none = { user: 0, system: 0, total: 0 };
-  const cpu0 = pid ? processCpu(pid) : none;
+  const none = { user: 0, system: 0 };
+  const ticks0 = pid ? ticksOfStat(`/proc/${pid}/stat`) : none;
   const threads0 = pid ? threadCpu(pid) : new Map<string, number>();
   const bpf0 = await tapProgramSeconds();
   const idle0 = idleSeconds(NODE_CPU);
   const wall0 = performance.now();
   return {
     async stop() {
-      const cpu1 = pid ? processCpu(pid) : none;
+      const ticks1 = pid ? ticksOfStat(`/proc/${pid}/stat`) : none;
       const threads1 = pid ? threadCpu(pid) : new Map<string, number>();
       const threads: Record<string, number> = {};
-      for (const [name, seconds] of threads1) threads[name] = seconds - (threads0.get(name) ?? 0);
+      let total = 0;
+      for (const [name, seconds] of threads1) {
+        threads[name] = seconds - (threads0.get(name) ?? 0);
+        total += threads[name];
+      }
       const bpf1 = await tapProgramSeconds();
       const idle1 = idleSeconds(NODE_CPU);
       const wall = (performance.now() - wall0) / 1000;
-      const total = cpu1.total - cpu0.total;
-      const user = cpu1.user - cpu0.user;
-      const system = cpu1.system - cpu0.system;
+      const user = ticks1.user - ticks0.user;
+      const system = ticks1.system - ticks0.system;
       // The ticks' split applied to the measured run time.
       const userShare = user + system > 0 ? user / (user + system) : 1;
       return {
