@@ -265,7 +265,9 @@ export async function testCluster(name: string): Promise<TestCluster> {
       } catch {
         // No Job request yet.
       }
+      // The API server may be part-way through writing the last line: only whole lines count.
       return text
+        .slice(0, text.lastIndexOf('\n') + 1)
         .split('\n')
         .filter(Boolean)
         .map((line) => JSON.parse(line) as AuditEvent)

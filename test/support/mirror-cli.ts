@@ -60,7 +60,9 @@ export function mirrord(args: string[], options: MirrorOptions = {}): MirrorRun 
     stdout: () => stdout,
     output: () => all,
     events: () =>
+      // The last line may still be arriving: only whole lines count.
       stdout
+        .slice(0, stdout.lastIndexOf('\n') + 1)
         .split('\n')
         .filter((line) => line.startsWith('{"event"'))
         .map((line) => JSON.parse(line) as MirrorEventLine),
