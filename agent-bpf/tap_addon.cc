@@ -5,6 +5,7 @@
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <net/if.h>
 #include <net/if_arp.h>
@@ -54,16 +55,18 @@ constexpr __u32 kTcPriority = 0x6d72;   // "mr"
 
 // A slot must hold the largest record (64 KiB of payload and its header) with room to spare.
 constexpr size_t kMinSlotBytes = 128 * 1024;
-// How long the consumer pauses between drains while records flow: (rate / 4,000 records/s)²
-// ms, within these bounds (see Consumer::run). The lower bound is the lag budget: a record waits
-// in the ring up to this long so that one drain, and one wakeup of JavaScript, takes all the
-// records of that time. Each wakeup costs the agent 130 µs or more of CPU on the target's node
-// (a context switch in a VM, the call into JavaScript, a socket write), so draining every
-// millisecond cost a sixth of a CPU at a thousand requests a second; 5 ms keeps the lag well
-// inside the 10 ms the mirror is allowed at 5k requests a second.
+// How long the consumer pauses between drains while records flow: (rate / 2,236 records/s)²
+// ms, within these bounds (see Consumer::run): 5 ms up to 5k records a second, 20 ms at 10k,
+// 45 ms at 15k. The lower bound is the lag budget: a record waits in the ring up to this long
+// so that one drain, and one wakeup of JavaScript, takes all the records of that time. Each
+// drain costs the agent about 400 µs of CPU on the target's node, whatever it carries (a
+// context switch in a VM, the call into JavaScript, a socket write): draining every 5 ms is 8 %
+// of a CPU, so past the rate at which the lag is promised (10 ms at 5k requests a second) the
+// pause grows until the drains' share is small next to the records' own cost. A ring a quarter
+// full wakes the consumer early (tap.bpf.c), so a long pause never overflows it.
 constexpr int kMinPauseMillis = 5;
 constexpr int kMaxPauseMillis = 200;
-constexpr double kRecordsPerSecondForOneMilli = 4000;
+constexpr double kRecordsPerSecondForOneMilli = 2236;
 constexpr int kIdleCheckMillis = 100;
 // The record rate that sets the pause is averaged over about this long: clients send in bursts
 // (a load generator's 32 connections at once), and a rate taken from one drain would read a
@@ -226,7 +229,7 @@ class Consumer {
     // between drains grows with the square of the record rate: while the target has CPU to
     // spare (up to ten thousand records a second or so) it keeps the mirror's lag to a few
     // milliseconds, and when the target is busy, when each wakeup preempts it, it keeps wakeups
-    // to about five a second. The first record after an idle spell starts a pause too, rather
+    // to a few dozen a second. The first record after an idle spell starts a pause too, rather
     // than a drain: it waits the lag budget for the records that follow it.
     void run() {
         pthread_setname_np(pthread_self(), "mirrord-tap");
@@ -735,6 +738,37 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
     std::unique_ptr<TapState> state_;
 };
 
+// deferToTarget() => number of threads changed. Puts every thread of this process (and so the
+// threads it starts later, which inherit it) under SCHED_BATCH: same weight as any task, so the
+// agent still gets its fair share of a busy node and loses nothing (nice 19 did: starved, it
+// lost data), but its wakeups no longer preempt the target in the middle of a request; it runs
+// when the target blocks or its slice ends. No privilege is needed for SCHED_BATCH.
+Napi::Value deferToTarget(const Napi::CallbackInfo &info) {
+    auto env = info.Env();
+    return guarded(env, [&]() -> Napi::Value {
+        DIR *tasks = opendir("/proc/self/task");
+        if (tasks == nullptr)
+            fail("SCHED_FAILED",
+                 std::string("cannot list this process's threads: ") + std::strerror(errno));
+        sched_param param{};
+        int changed = 0;
+        int error = 0;
+        while (dirent *entry = readdir(tasks)) {
+            if (entry->d_name[0] == '.')
+                continue;
+            pid_t tid = static_cast<pid_t>(std::strtol(entry->d_name, nullptr, 10));
+            if (sched_setscheduler(tid, SCHED_BATCH, &param) == 0)
+                changed++;
+            else if (errno != ESRCH) // a thread that ended meanwhile
+                error = errno;
+        }
+        closedir(tasks);
+        if (error != 0)
+            fail("SCHED_FAILED", std::string("cannot set SCHED_BATCH: ") + std::strerror(error));
+        return Napi::Number::New(env, changed);
+    });
+}
+
 // open(target: {pid} | {netns}, onBatch: (slot: number, length: number) => void,
 //      ringBufferBytes: number, attachMode: 'auto' | 'tcx' | 'tc', pool: Buffer[])
 //      => TapHandle & { attachMode, interfaces, release(slot) }
@@ -808,6 +842,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
     auto *ctor = new Napi::FunctionReference(Napi::Persistent(TapHandle::define(env)));
     env.SetInstanceData(ctor);
     exports.Set("open", Napi::Function::New<openTap>(env, "open"));
+    exports.Set("deferToTarget", Napi::Function::New<deferToTarget>(env, "deferToTarget"));
     return exports;
 }
 

@@ -268,6 +268,21 @@ describe('mirrord agent', () => {
     expect(linksAlive(links)).toEqual([]);
   });
 
+  test('every thread of the agent, the ring consumer included, defers to the target (SCHED_BATCH)', async () => {
+    session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
+    const pid = session.agent.pid;
+    const threads = readdirSync(`/proc/${pid}/task`).map((tid) => {
+      const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      // The fields after the command's closing parenthesis start at field 3; policy is field 41.
+      const policy = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[41 - 3]);
+      const name = readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+      return { name, policy };
+    });
+    expect(threads.map((t) => t.name)).toContain('mirrord-tap');
+    const SCHED_BATCH = 3;
+    expect(threads.filter((t) => t.policy !== SCHED_BATCH)).toEqual([]);
+  });
+
   test('a SIGKILLed agent leaves nothing attached', async () => {
     session = await MirrorSession.start({ netns: sandbox.target }, [PORT]);
     const links = linksHeldBy(session.agent.pid);

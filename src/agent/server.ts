@@ -4,7 +4,7 @@ import { AgentSession } from '../protocol/server.js';
 import type { CloseReason, Counters } from '../protocol/messages.js';
 import { Outbox } from './outbox.js';
 import { Reassembler, type ReassemblyLimits } from './reassembly.js';
-import { Tap, TapError, type TapOptions } from './tap.js';
+import { Tap, TapError, deferToTarget, type TapOptions } from './tap.js';
 import { describeNodeTarget, tapNetnsOf, targetPresence } from './target.js';
 import type { AgentReadiness, NodeTarget } from '../protocol/agent-launch.js';
 
@@ -85,6 +85,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
 
   const tapNetns = tapNetnsOf(options.target);
   const targetGone = targetPresence(options.target, tapNetns);
+  deferToTarget();
   const tap = Tap.open(
     tapNetns,
     {

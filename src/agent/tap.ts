@@ -43,7 +43,7 @@ export interface TapHandlers {
 
 /**
  * `code` is one of: NO_SUCH_PROCESS, NO_SUCH_NETNS, BAD_TARGET, NO_PRIVILEGE, NO_BPF, NO_RINGBUF,
- * NO_TCX, NO_INTERFACES, BPF_FAILED, BAD_ARGUMENT, CLOSED, NO_ADDON.
+ * NO_TCX, NO_INTERFACES, BPF_FAILED, BAD_ARGUMENT, CLOSED, NO_ADDON, SCHED_FAILED.
  */
 export class TapError extends Error {
   override name = 'TapError';
@@ -66,6 +66,7 @@ interface NativeHandle {
 }
 
 interface NativeModule {
+  deferToTarget(): number;
   open(
     target: TapNetns,
     onBatch: (slot: number, length: number) => void,
@@ -185,6 +186,20 @@ class Segment implements TapSegment {
       serverPort: b.readUInt16LE(at + OFF_DPORT),
       ifindex: b.readUInt32LE(at + OFF_IFINDEX),
     };
+  }
+}
+
+/**
+ * Puts every thread of this process, and those it starts later, under SCHED_BATCH, so that its
+ * wakeups do not preempt the target it shares a node with: it runs when the target blocks or
+ * its time slice ends, with an ordinary task's share of the CPU (a lower priority starved it on
+ * a busy node, and it lost data). Call it before Tap.open, whose consumer thread inherits it.
+ */
+export function deferToTarget(): void {
+  try {
+    loadNative().deferToTarget();
+  } catch (error) {
+    throw asTapError(error);
   }
 }
 
