@@ -11,6 +11,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LayerChannel, type AppListener } from '../src/session/layer-channel.js';
 import { REPLAY_SOURCE } from '../src/session/replay.js';
+import { waitFor } from './support/wait.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const LAYER = join(ROOT, 'layer', '.output', 'mirrord_layer.so');
@@ -167,11 +168,7 @@ describe('layer channel', () => {
 
   /** Resolves once `check` holds; fails after 10 s. */
   async function until(check: () => boolean, what: string): Promise<void> {
-    const deadline = Date.now() + 10_000;
-    while (!check()) {
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
+    await waitFor(what, check, { ms: 10_000, everyMs: 20 });
   }
 
   test('pre-fork workers see the original client of what they accept, also from a reused source port', async () => {

@@ -29,6 +29,7 @@ import {
   type AgentSessionOptions,
 } from '../src/protocol/server.js';
 import { prng } from './support/prng.js';
+import { waitFor } from './support/wait.js';
 
 // ---- helpers ----
 
@@ -581,11 +582,7 @@ const clientHello = (version = PROTOCOL_VERSION, secret = SECRET): Buffer =>
 const agentHelloFrame = encodeFrame([agentMessageToWire(agentSamples[0] as AgentMessage)]);
 
 async function until(condition: () => boolean, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error('timed out waiting for a condition');
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
+  await waitFor('a condition', condition, { ms: timeoutMs, everyMs: 5 });
 }
 
 describe('sessions', () => {

@@ -20,6 +20,7 @@ import { expectReplayAccounted } from './support/accounting.js';
 import { MirrorSession } from './support/mirror-session.js';
 import { pythonClient, sinkServer, stdinClient, untilAcked } from './support/programs.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
+import { waitFor } from './support/wait.js';
 
 const PORT = 7000;
 const APP_PORT = 34_517;
@@ -178,11 +179,7 @@ function bytesOf(connection: AppConnection): Buffer {
 }
 
 async function until(done: () => boolean, what: string, timeoutMs = 15_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!done()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
+  await waitFor(what, done, { ms: timeoutMs, everyMs: 20 });
 }
 
 describe('replay into a local app', () => {

@@ -8,6 +8,7 @@ import { Tap, TapError, type TapCounters } from '../src/agent/tap.js';
 import { TcpFlag, type FlowEndpoints, type TapSegment } from '../src/agent/segment.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
+import { waitFor } from './support/wait.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const CHILD = join(ROOT, 'test', 'support', 'tap-child.mjs');
@@ -349,14 +350,24 @@ describe('tap', () => {
 
   test('stops copying a port once unsubscribed', async () => {
     theTap().unsubscribe(PORT);
+    let clientPort: number;
     try {
       const data = Buffer.from('not copied');
-      const clientPort = await send(sandbox, sandbox.client, sandbox.targetAddress, PORT, data);
-      await new Promise((resolve) => setTimeout(resolve, 200));
-      expect(collector.of(clientPort)).toEqual([]);
+      clientPort = await send(sandbox, sandbox.client, sandbox.targetAddress, PORT, data);
     } finally {
       theTap().subscribe(PORT);
     }
+    // The ring is in order: once a connection made after subscribing again has arrived, the
+    // first one's segments would have arrived before it, had they been copied.
+    const marker = await send(
+      sandbox,
+      sandbox.client,
+      sandbox.targetAddress,
+      PORT,
+      Buffer.from('copied'),
+    );
+    await collector.waitFor((r) => r.endpoints.clientPort === marker && r.payload.length > 0);
+    expect(collector.of(clientPort)).toEqual([]);
   });
 
   test('taps lo, over IPv4 and IPv6', async () => {
@@ -394,11 +405,11 @@ describe('tap', () => {
     try {
       await upload(sandbox, file);
       // The kernel copied it all (the counters say so) while nothing was handed over.
-      const deadline = Date.now() + 10_000;
-      while (delta(theTap().counters(), before).bytesCopied < data.length) {
-        if (Date.now() > deadline) throw new Error('the kernel did not copy the upload');
-        await new Promise((resolve) => setTimeout(resolve, 50));
-      }
+      await waitFor(
+        'the kernel to copy the upload',
+        () => delta(theTap().counters(), before).bytesCopied >= data.length,
+        { ms: 10_000 },
+      );
       expect(collector.records.length).toBe(firstRecord);
     } finally {
       theTap().resume();
@@ -427,11 +438,11 @@ describe('tap', () => {
     // on their way: wait until every counted record has arrived.
     const copied = () => collector.records.slice(firstRecord);
     const copiedBytes = () => copied().reduce((n, r) => n + r.payload.length, 0);
-    const deadline = Date.now() + 5000;
-    while (delta(theTap().counters(), before).bytesCopied > copiedBytes()) {
-      if (Date.now() > deadline) break;
-      await new Promise((resolve) => setTimeout(resolve, 20));
-    }
+    await waitFor(
+      'every record the kernel counted',
+      () => delta(theTap().counters(), before).bytesCopied <= copiedBytes(),
+      { ms: 5000, everyMs: 20 },
+    );
     // Records that continue each other reach JavaScript joined: fewer, same bytes.
     const counted = delta(theTap().counters(), before);
     expect(counted).toMatchObject({
@@ -495,13 +506,18 @@ describe('tap', () => {
       const file = join(scratch, 'upload');
       writeFileSync(file, randomBytes(20 * 1024 * 1024));
       await upload(sandbox, file);
-      // The FIN itself may have been dropped: give the last segments a moment instead.
-      await new Promise((resolve) => setTimeout(resolve, 200));
-      const deadline = Date.now() + 5000;
-      while (slowTap.counters().segmentsCopied > slow.records.length && Date.now() < deadline) {
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-      const counters = slowTap.counters();
+      // The FIN itself may have been dropped, so the wait is for the counters: every byte of
+      // the upload copied or counted as dropped, and every copied byte handed over.
+      const handedOver = () => slow.records.reduce((n, r) => n + r.payload.length, 0);
+      const counters = await waitFor(
+        'the upload to be copied or counted as dropped, and handed over',
+        () => {
+          const now = slowTap.counters();
+          const whole = now.bytesCopied + now.bytesDropped >= 20 * 1024 * 1024;
+          return whole && now.bytesCopied === handedOver() && now;
+        },
+        { ms: 10_000, everyMs: 20 },
+      );
       expect(counters.segmentsDropped).toBeGreaterThan(0);
       expect(counters.segmentsCopied).toBeGreaterThanOrEqual(slow.records.length);
       expect(counters.bytesCopied).toBe(slow.records.reduce((n, r) => n + r.payload.length, 0));

@@ -11,6 +11,7 @@ import { CGROUP_ROOT, removeCgroupTree } from './support/leftovers.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 import { MirrorSession } from './support/mirror-session.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
+import { waitFor } from './support/wait.js';
 
 const PORT = 7100;
 
@@ -36,14 +37,19 @@ describe('target resolution by container id', () => {
   afterEach(async () => {
     sandbox.destroy();
     // The processes were killed with the netns; cgroupfs lets the dirs go once they are empty.
-    for (let attempt = 0; attempt < 50; attempt += 1) {
-      try {
-        removeCgroupTree(root);
-        return;
-      } catch {
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-    }
+    await waitFor(
+      'the cgroups to be removed',
+      () => {
+        try {
+          removeCgroupTree(root);
+          return true;
+        } catch (error) {
+          // A test that made no cgroup has none to remove.
+          return (error as NodeJS.ErrnoException).code === 'ENOENT';
+        }
+      },
+      { ms: 5000, everyMs: 20 },
+    );
   });
 
   test.each([
