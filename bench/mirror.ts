@@ -44,6 +44,8 @@ import {
   pin,
   showSpread,
   spread,
+  type Cost,
+  type CostMeter,
   type Spread,
 } from './node-model.js';
 import {
@@ -75,6 +77,45 @@ const GIB = 1024 ** 3;
 /** The load of one run, from the client netns (or this one) on the laptop's CPU. */
 function load(origin: string, rate: number | undefined, netns?: string): Promise<Load> {
   return vegetaLoad(netns, origin, rate, SECONDS, CONNECTIONS);
+}
+
+/** A load on the target and what it cost the node over the measured attack. */
+interface Metered {
+  result: Load;
+  spent: Cost;
+  /** Requests the target answered in the measured attack. */
+  served: number;
+  seconds: number;
+}
+
+/**
+ * Loads the target from the client netns, metering `pid` (the agent, tcpdump, or nothing) and
+ * the node from the end of the warm-up to the end of the load: the same window as the
+ * latencies, and as the tap benchmark's. The warm-up's second is where a new agent's JIT
+ * compiles its hot path, once per agent, while a session lasts minutes; each run here starts a
+ * new agent.
+ */
+async function meteredLoad(
+  hosts: BenchHosts,
+  pid: number | undefined,
+  rate: number | undefined,
+): Promise<Metered> {
+  let meter: CostMeter | undefined;
+  let started = 0;
+  const result = await vegetaLoad(
+    hosts.client,
+    `http://${hosts.serverAddress}:${PORT}`,
+    rate,
+    SECONDS,
+    CONNECTIONS,
+    async () => {
+      started = Date.now();
+      meter = await meterCost(pid);
+    },
+  );
+  const spent = await meter!.stop();
+  const seconds = (Date.now() - started) / 1000;
+  return { result, spent, served: result.requests, seconds };
 }
 
 interface Count {
@@ -154,7 +195,7 @@ interface Run extends Load {
   bpf?: number;
   /** The agent's CPU seconds by thread name. */
   threads?: Record<string, number>;
-  /** Requests the target served while the load ran (warm-up included: they are mirrored too). */
+  /** Requests the target answered in the measured attack (after the warm-up). */
   served: number;
   seconds: number;
   bytesCopied?: number;
@@ -218,18 +259,12 @@ async function runMirrored(hosts: BenchHosts, dir: string, rate: number | undefi
     const agent = await agentOf(mirror.pid!);
     await pin(agent, NODE_CPU);
     const agentRss = sampleRss(agent);
-    const servedBefore = target.count.served;
     const copiedBefore = events.findLast((e) => e.event === 'counters')?.bytesCopied ?? 0;
-    const started = Date.now();
-    const cost = await meterCost(agent);
-    const result = await load(`http://${hosts.serverAddress}:${PORT}`, rate, hosts.client);
-    // The node's figures cover the load alone: the agent has copied everything by now, and a
-    // laptop that lags (see node-model.ts) must not stretch the window they are shares of. The
-    // target's count is taken from a line printed after the load ended.
+    // The node's figures cover the load alone: a laptop that lags (see node-model.ts) must not
+    // stretch the window they are shares of.
+    const { result, spent, served, seconds } = await meteredLoad(hosts, agent, rate);
+    // The target's count, from a line printed after the load ended.
     await target.count.next();
-    const spent = await cost.stop();
-    const seconds = (Date.now() - started) / 1000;
-    const served = target.count.served - servedBefore;
     // Until the app has every request the target got, or nothing more came for a while.
     let last = -1;
     let still = Date.now();
@@ -279,18 +314,8 @@ async function runPlain(
   const target = await startTarget(hosts, '/dev/null');
   const tcpdump = withTcpdump ? await startTcpdump(hosts, PORT) : undefined;
   try {
-    const servedBefore = target.count.served;
-    const started = Date.now();
-    const cost = await meterCost(tcpdump?.pid);
-    const result = await load(`http://${hosts.serverAddress}:${PORT}`, rate, hosts.client);
-    await target.count.next();
-    const spent = await cost.stop();
-    const run: Run = {
-      ...result,
-      nodeBusy: spent.nodeBusy,
-      served: target.count.served - servedBefore,
-      seconds: (Date.now() - started) / 1000,
-    };
+    const { result, spent, served, seconds } = await meteredLoad(hosts, tcpdump?.pid, rate);
+    const run: Run = { ...result, nodeBusy: spent.nodeBusy, served, seconds };
     if (!tcpdump) return run;
     const stats = await tcpdump.stats();
     return {
@@ -314,18 +339,12 @@ async function runAgentAlone(hosts: BenchHosts, rate: number | undefined): Promi
   const target = await startTarget(hosts, '/dev/null');
   const session = await startCountingSession(hosts, PORT);
   try {
-    const servedBefore = target.count.served;
     const bytesBefore = session.bytes();
-    const started = Date.now();
-    const cost = await meterCost(session.agent.pid);
-    const result = await load(`http://${hosts.serverAddress}:${PORT}`, rate, hosts.client);
-    await target.count.next();
-    const spent = await cost.stop();
-    const served = target.count.served - servedBefore;
+    const { result, spent, served, seconds } = await meteredLoad(hosts, session.agent.pid, rate);
     if (session.bytes() - bytesBefore < served * 40) {
       throw new Error(`the session received ${session.bytes() - bytesBefore} bytes: no mirroring`);
     }
-    return { ...result, ...spent, served, seconds: (Date.now() - started) / 1000 };
+    return { ...result, ...spent, served, seconds };
   } finally {
     await session.stop();
     await target.stop();

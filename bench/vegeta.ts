@@ -27,6 +27,8 @@ const VEGETA = join(
 const WARMUP_SECONDS = 1;
 
 export interface Load {
+  /** Requests answered in the measured attack (the warm-up's not included). */
+  requests: number;
   requestsPerSecond: number;
   p50Ms: number;
   p99Ms: number;
@@ -99,7 +101,8 @@ async function attack(
 
 /**
  * Load on `origin` from `netns` (or this one) for `seconds` after the warm-up: at `rate`
- * requests/s, or as fast as the target answers. Throws when a request failed.
+ * requests/s, or as fast as the target answers. `afterWarmUp` runs between the two, to open a
+ * measuring window that covers what the latencies cover. Throws when a request failed.
  */
 export async function vegetaLoad(
   netns: string | undefined,
@@ -107,8 +110,10 @@ export async function vegetaLoad(
   rate: number | undefined,
   seconds: number,
   connections: number,
+  afterWarmUp?: () => Promise<void>,
 ): Promise<Load> {
   await attack(netns, `${origin}${WARMUP_PATH}`, rate, WARMUP_SECONDS, connections);
+  await afterWarmUp?.();
   const results = await attack(netns, `${origin}/`, rate, seconds, connections);
   const failed = results.filter((r) => r.code !== 200).length;
   if (failed > 0 || results.length === 0) {
@@ -128,6 +133,7 @@ export async function vegetaLoad(
     .sort((a, b) => a - b);
   const end = results.reduce((latest, r) => Math.max(latest, r.start + r.latency), first);
   return {
+    requests: results.length,
     requestsPerSecond: results.length / ((end - first) / 1e9),
     p50Ms: percentile(latencies, 0.5),
     p99Ms: percentile(latencies, 0.99),
