@@ -99,6 +99,7 @@ async function meteredLoad(
   hosts: BenchHosts,
   pid: number | undefined,
   rate: number | undefined,
+  onWindow?: () => void,
 ): Promise<Metered> {
   let meter: CostMeter | undefined;
   let started = 0;
@@ -109,6 +110,7 @@ async function meteredLoad(
     SECONDS,
     CONNECTIONS,
     async () => {
+      onWindow?.();
       started = Date.now();
       meter = await meterCost(pid);
     },
@@ -204,6 +206,9 @@ interface Run extends Load {
   fractionReachingApp?: number;
   lagP50Ms?: number;
   lagP99Ms?: number;
+  /** The agent alone: from the tap's stamp to the counting session, the node's part of the lag. */
+  nodeLagP50Ms?: number;
+  nodeLagP99Ms?: number;
   cliLagP99Ms?: number | null;
   tcpdumpLoss?: number;
 }
@@ -337,14 +342,28 @@ async function runPlain(
  */
 async function runAgentAlone(hosts: BenchHosts, rate: number | undefined): Promise<Run> {
   const target = await startTarget(hosts, '/dev/null');
-  const session = await startCountingSession(hosts, PORT);
+  const session = await startCountingSession(hosts, PORT, { lag: true });
   try {
     const bytesBefore = session.bytes();
-    const { result, spent, served, seconds } = await meteredLoad(hosts, session.agent.pid, rate);
+    const { result, spent, served, seconds } = await meteredLoad(
+      hosts,
+      session.agent.pid,
+      rate,
+      () => (session.lags.length = 0),
+    );
     if (session.bytes() - bytesBefore < served * 40) {
       throw new Error(`the session received ${session.bytes() - bytesBefore} bytes: no mirroring`);
     }
-    return { ...result, ...spent, served, seconds };
+    // Cut at the load's end: what the agent sends after it (its last drain) is left out.
+    const lags = [...session.lags].sort((a, b) => a - b);
+    return {
+      ...result,
+      ...spent,
+      served,
+      seconds,
+      nodeLagP50Ms: percentile(lags, 0.5),
+      nodeLagP99Ms: percentile(lags, 0.99),
+    };
   } finally {
     await session.stop();
     await target.stop();
@@ -425,6 +444,8 @@ function figuresOf(runs: Record<Config, Run[]>): Record<string, unknown> {
     lag_p50_ms: of(mirror, (run) => run.lagP50Ms),
     lag_p99_ms: of(mirror, (run) => run.lagP99Ms),
     cli_reported_lag_p99_ms: of(mirror, (run) => run.cliLagP99Ms ?? undefined),
+    agent_alone_lag_p50_ms: of(agent, (run) => run.nodeLagP50Ms),
+    agent_alone_lag_p99_ms: of(agent, (run) => run.nodeLagP99Ms),
     tcpdump_loss: of(tcpdump, (run) => run.tcpdumpLoss, 4),
     cli_rss_max_mib: of(mirror, (run) => run.cliRssMiB, 1),
   };
@@ -462,6 +483,9 @@ export async function benchMirror(): Promise<Record<string, unknown>> {
               (run.user === undefined
                 ? ''
                 : `, CPU ${round(run.user + run.system! + (run.bpf ?? 0), 2)} s`) +
+              (run.nodeLagP99Ms === undefined
+                ? ''
+                : `, node lag p50 ${round(run.nodeLagP50Ms!, 2)} ms, p99 ${round(run.nodeLagP99Ms, 2)} ms`) +
               (run.fractionReachingApp === undefined
                 ? ''
                 : `, mirrored ${round(run.fractionReachingApp, 4)}, lag p99 ${round(run.lagP99Ms!, 2)} ms, agent RSS ${round(run.agentRssMiB!, 1)} MiB`),

@@ -5,6 +5,7 @@ import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { createHosts, waitForTcp, type Hosts } from '../src/platform/local/netns.js';
+import { monotonicMicros } from '../src/protocol/clock.js';
 import { encodeFrame, FrameDecoder } from '../src/protocol/framing.js';
 import {
   PROTOCOL_VERSION,
@@ -172,17 +173,25 @@ export interface CountingSession {
   agent: LocalAgent;
   /** Bytes received from the agent so far. */
   bytes(): number;
+  /**
+   * With `lag`: for each data message received, the time from the tap's stamp to its arrival
+   * here (ms; one machine, one clock), the node's part of the mirror's lag. Emptied to start a
+   * window.
+   */
+  lags: number[];
   stop(): Promise<void>;
 }
 
 /**
  * A session whose frames are read and counted but not decoded: in production the CLI runs on the
  * developer's machine, at the far end of a port-forward, so only the agent's work (and not the
- * CLI's decoding) is charged to the target's machine here.
+ * CLI's decoding) is charged to the target's machine here. With `lag`, it decodes every frame
+ * to read the data messages' stamps, at the price of that decoding on the laptop's CPU.
  */
 export async function startCountingSession(
   hosts: BenchHosts,
   port: number,
+  { lag = false }: { lag?: boolean } = {},
 ): Promise<CountingSession> {
   const agent = await startLocalAgent({ netns: hosts.server });
   await pin(agent.pid, NODE_CPU);
@@ -190,11 +199,20 @@ export async function startCountingSession(
   await once(socket, 'connect');
   let received = 0;
   let subscribed = false;
+  const lags: number[] = [];
   const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
   socket.on('data', (chunk: Buffer) => {
     received += chunk.length;
-    // Decoded until the subscription is acknowledged, only counted after.
-    if (!subscribed) subscribed = decoder.push(chunk).some((m) => m.type === 'subscribed');
+    if (lag) {
+      const now = monotonicMicros();
+      for (const message of decoder.push(chunk)) {
+        if (message.type === 'data') lags.push((now - message.tapMicros) / 1000);
+        else if (message.type === 'subscribed') subscribed = true;
+      }
+    } else if (!subscribed) {
+      // Decoded until the subscription is acknowledged, only counted after.
+      subscribed = decoder.push(chunk).some((m) => m.type === 'subscribed');
+    }
   });
   socket.write(
     encodeFrame([
@@ -213,6 +231,7 @@ export async function startCountingSession(
   return {
     agent,
     bytes: () => received,
+    lags,
     async stop() {
       socket.destroy();
       await agent.stop();
