@@ -291,7 +291,7 @@ describe('the agent image (docker/agent.Dockerfile, as built for the test cluste
         '-p',
         `Object.keys(require('${APP}/build/Release/mirrord_tap.node')).join()`,
       ]).trim(),
-    ).toBe('open');
+    ).toBe('open,deferToTarget');
     for (const file of [
       'bin/run.js',
       'dist/commands/agent.js',

@@ -67,6 +67,15 @@ class Collector {
     );
   }
 
+  /**
+   * The FIN of the first connection opened from record `from` on: a FIN alone might still be
+   * an earlier connection's, whose last records arrive late.
+   */
+  async finOfNext(from: number): Promise<Copied> {
+    const syn = await this.waitFor((r) => r.index >= from && hasFlag(r, TcpFlag.SYN));
+    return this.waitFor((r) => r.flowKey === syn.flowKey && hasFlag(r, TcpFlag.FIN));
+  }
+
   waitFor(match: (r: Copied) => boolean, timeoutMs = 20_000): Promise<Copied> {
     const seen = this.records.find(match);
     if (seen) return Promise.resolve(seen);
@@ -414,7 +423,7 @@ describe('tap', () => {
     } finally {
       theTap().resume();
     }
-    const fin = await collector.waitFor((r) => r.index >= firstRecord && hasFlag(r, TcpFlag.FIN));
+    const fin = await collector.finOfNext(firstRecord);
     const records = collector.records.slice(firstRecord).filter((r) => r.flowKey === fin.flowKey);
     expect(reassemble(records).equals(data)).toBe(true);
     expect(delta(theTap().counters(), before).bytesDropped).toBe(0);
@@ -428,7 +437,7 @@ describe('tap', () => {
     const firstRecord = collector.records.length;
 
     await upload(sandbox, file);
-    const fin = await collector.waitFor((r) => r.index >= firstRecord && hasFlag(r, TcpFlag.FIN));
+    const fin = await collector.finOfNext(firstRecord);
     const records = collector.records.slice(firstRecord).filter((r) => r.flowKey === fin.flowKey);
     expect(reassemble(records).equals(data)).toBe(true);
     // GSO/GRO: the veth hands over skbs far larger than one MTU.
@@ -473,7 +482,7 @@ describe('tap', () => {
       const firstRecord = collector.records.length;
       const before = theTap().counters();
       await upload(sandbox, file, sandbox.target, '::1');
-      const fin = await collector.waitFor((r) => r.index >= firstRecord && hasFlag(r, TcpFlag.FIN));
+      const fin = await collector.finOfNext(firstRecord);
       const records = collector.records.slice(firstRecord).filter((r) => r.flowKey === fin.flowKey);
       expect(reassemble(records).equals(data)).toBe(true);
       // Skbs of up to 256 KiB carried the upload and a record holds at most 64 KiB, so the
@@ -537,7 +546,7 @@ describe('tap', () => {
       writeFileSync(file, data);
       const firstRecord = collector.records.length;
       await upload(sandbox, file);
-      const fin = await collector.waitFor((r) => r.index >= firstRecord && hasFlag(r, TcpFlag.FIN));
+      const fin = await collector.finOfNext(firstRecord);
       const records = collector.records.slice(firstRecord).filter((r) => r.flowKey === fin.flowKey);
       expect(reassemble(records).equals(data)).toBe(true);
       // A retransmitted segment arrives after segments that follow it.
