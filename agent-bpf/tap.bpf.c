@@ -75,7 +75,7 @@ volatile __u32 wakeup_sent;
 const volatile __u64 ring_bytes = 0;
 
 /* A wakeup costs the target a context switch, so records do not wake the consumer, which drains
- * on its own schedule while traffic flows (see Consumer::run in tap_addon.cc). Only the first
+ * on its own schedule while traffic flows (see Drainer in tap_addon.cc). Only the first
  * record after an idle spell wakes it, and a ring a quarter full wakes it early. */
 static __always_inline __u64 ringbuf_wakeup(void) {
     if (consumer_idle) {

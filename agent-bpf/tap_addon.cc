@@ -2,6 +2,7 @@
 // every interface of a target network namespace and streams ring buffer records to JavaScript in
 // batches. See tap.h for the record layout and src/agent/tap.ts for the JavaScript side.
 #include <napi.h>
+#include <uv.h>
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -12,7 +13,6 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -21,7 +21,6 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <csignal>
 #include <cstdarg>
 #include <cstdio>
@@ -29,7 +28,6 @@
 #include <cstring>
 #include <exception>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -53,11 +51,11 @@ constexpr auto kTcxIngress = static_cast<enum bpf_attach_type>(46);
 constexpr __u32 kTcHandle = 0x6d697272; // "mirr"
 constexpr __u32 kTcPriority = 0x6d72;   // "mr"
 
-// A slot must hold the largest record (64 KiB of payload and its header) with room to spare.
-constexpr size_t kMinSlotBytes = 128 * 1024;
+// A batch must hold the largest record (64 KiB of payload and its header) with room to spare.
+constexpr size_t kMinBatchBytes = 128 * 1024;
 // How long the consumer pauses between drains while records flow: (rate / 2,236 records/s)²
-// ms, within these bounds (see Consumer::run): 5 ms up to 5k records a second, 20 ms at 10k,
-// 45 ms at 15k. The lower bound is the lag budget: a record waits in the ring up to this long
+// ms, within these bounds (see Drainer::drainAndSchedule): 5 ms up to 5k records a second, 20 ms at
+// 10k, 45 ms at 15k. The lower bound is the lag budget: a record waits in the ring up to this long
 // so that one drain, and one wakeup of JavaScript, takes all the records of that time. Each
 // drain costs the agent about 400 µs of CPU on the target's node, whatever it carries (a
 // context switch in a VM, the call into JavaScript, a socket write): draining every 5 ms is 8 %
@@ -142,201 +140,218 @@ struct Interface {
     int linkFd = -1; // tcx mode
 };
 
-// A consumer thread drains the ring buffer into batches and hands them to JavaScript. Batches
-// are slots of a pool of buffers that JavaScript allocated and gives back (release) once it has
-// processed them: memory stays fixed however fast records arrive, and no garbage is left for V8
-// to collect (fresh external buffers would pile up to V8's external-memory limit between GCs).
-struct Batch {
-    uint32_t slot;
-    uint32_t len;
-};
-
-void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batch *batch);
-using BatchFn = Napi::TypedThreadSafeFunction<std::nullptr_t, Batch, deliverBatch>;
-
-void deliverBatch(Napi::Env env, Napi::Function callback, std::nullptr_t *, Batch *batch) {
-    std::unique_ptr<Batch> owned(batch);
-    // A null env means the thread-safe function is shutting down with this batch still queued.
-    if (static_cast<napi_env>(env) == nullptr)
-        return;
-    callback.Call({Napi::Number::New(env, batch->slot), Napi::Number::New(env, batch->len)});
-}
-
-class Consumer {
+// Drains the ring buffer on JavaScript's own thread and event loop, and hands each drain to
+// JavaScript as a batch in one buffer that JavaScript allocated: one thread wakes per drain
+// (a consumer thread of its own cost a second context switch and a cross-thread handoff each
+// time, a sixth of the agent's CPU at a thousand requests a second), memory stays fixed however
+// fast records arrive, and no garbage is left for V8 to collect. While records flow a timer
+// paces the drains; after an idle spell, and when the ring fills, the BPF program's wakeup ends
+// the wait (watched through an epoll fd of our own, see Drainer()). A batch is valid until the
+// callback returns. While JavaScript has paused the tap nothing is drained: the ring takes what
+// arrives, and once it is full the BPF program counts what it could not copy.
+//
+// Closing may happen inside the callback (a handler that ends the session), that is, inside
+// ring_buffer__consume: close() only stops and marks, and the drainer frees itself once libuv
+// has closed its handles, on a later turn of the loop.
+class Drainer {
   public:
-    Consumer(int ringFd, volatile __u32 *idleFlag, volatile __u32 *wakeupSentFlag, BatchFn fn,
-             std::vector<uint8_t *> slots, size_t slotBytes)
-        : fn_(fn), idleFlag_(idleFlag), wakeupSentFlag_(wakeupSentFlag), slots_(std::move(slots)),
-          slotBytes_(slotBytes), merger_(slotBytes) {
-        for (uint32_t i = 0; i < slots_.size(); i++)
-            free_.push_back(i);
-        rb_ = ring_buffer__new(ringFd, &Consumer::onRecord, this, nullptr);
-        stopFd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    Drainer(napi_env env, int ringFd, volatile __u32 *idleFlag, volatile __u32 *wakeupSentFlag,
+            const Napi::Function &callback, uint8_t *batch, size_t batchBytes)
+        : env_(env), idleFlag_(idleFlag), wakeupSentFlag_(wakeupSentFlag), batch_(batch),
+          batchBytes_(batchBytes), merger_(batchBytes), callback_(Napi::Persistent(callback)),
+          context_(env, "mirrord-tap") {
+        uv_loop_t *loop = nullptr;
+        if (napi_get_uv_event_loop(env, &loop) != napi_ok)
+            fail("BPF_FAILED", "no event loop to drain the ring buffer on");
+        rb_ = ring_buffer__new(ringFd, &Drainer::onRecord, this, nullptr);
         epollFd_ = epoll_create1(EPOLL_CLOEXEC);
-        epoll_event ring{}, stop{};
-        // Edge-triggered on the ring: epoll then reports the BPF program's wakeups only, not a
-        // ring that merely holds records, so a pause between drains is not cut short by each
-        // record that arrives (see run()).
+        epoll_event ring{};
+        // Edge-triggered on the ring: our epoll fd then becomes readable on the BPF program's
+        // wakeups only, not whenever the ring merely holds records, so a pause between drains
+        // is not cut short by each record that arrives.
         ring.events = EPOLLIN | EPOLLET;
-        stop.events = EPOLLIN;
         ring.data.fd = ringFd;
-        stop.data.fd = stopFd_;
-        if (!rb_ || stopFd_ < 0 || epollFd_ < 0 ||
-            epoll_ctl(epollFd_, EPOLL_CTL_ADD, ringFd, &ring) != 0 ||
-            epoll_ctl(epollFd_, EPOLL_CTL_ADD, stopFd_, &stop) != 0) {
+        if (!rb_ || epollFd_ < 0 || epoll_ctl(epollFd_, EPOLL_CTL_ADD, ringFd, &ring) != 0) {
             int err = errno;
-            release();
+            freeRing();
             failBpf("setting up the ring buffer consumer", err);
         }
-        thread_ = std::thread([this] { run(); });
+        uv_timer_init(loop, &timer_);
+        uv_poll_init(loop, &poll_, epollFd_);
+        timer_.data = this;
+        poll_.data = this;
+        uv_poll_start(&poll_, UV_READABLE, &Drainer::onWakeup);
+        // Idle from the start: no port is subscribed yet, so the ring is empty.
+        __atomic_store_n(idleFlag_, 1, __ATOMIC_SEQ_CST);
+        uv_timer_start(&timer_, &Drainer::onTimer, kIdleCheckMillis, 0);
     }
 
-    ~Consumer() {
-        uint64_t one = 1;
-        (void)!write(stopFd_, &one, sizeof(one));
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stopping_ = true;
-        }
-        // Wakes the thread if it waits for a free slot; batches still queued are dropped.
-        freed_.notify_all();
-        fn_.Abort();
-        thread_.join();
-        release();
+    // Stops draining; the drainer deletes itself once libuv has closed its handles.
+    void close() {
+        closing_ = true;
+        uv_timer_stop(&timer_);
+        uv_poll_stop(&poll_);
+        uv_close(reinterpret_cast<uv_handle_t *>(&timer_), &Drainer::onHandleClosed);
+        uv_close(reinterpret_cast<uv_handle_t *>(&poll_), &Drainer::onHandleClosed);
     }
 
-    // JavaScript is done with a slot.
-    void giveBack(uint32_t slot) {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (slot < slots_.size())
-                free_.push_back(slot);
-        }
-        freed_.notify_one();
+    void pause() { paused_ = true; }
+
+    // Drains at the loop's next turn, what waited in the batch first: not from inside resume(),
+    // which JavaScript may call from a batch's handler.
+    void resume() {
+        if (!paused_ || closing_)
+            return;
+        paused_ = false;
+        active_ = true;
+        uv_timer_start(&timer_, &Drainer::onTimer, 0, 0);
     }
 
   private:
-    void release() {
+    ~Drainer() { freeRing(); }
+
+    void freeRing() {
         if (rb_)
             ring_buffer__free(rb_);
+        rb_ = nullptr;
         if (epollFd_ >= 0)
-            close(epollFd_);
-        if (stopFd_ >= 0)
-            close(stopFd_);
+            ::close(epollFd_);
+        epollFd_ = -1;
     }
 
-    // Drains on a schedule while records flow and sleeps until woken when they stop. The pause
-    // between drains grows with the square of the record rate: while the target has CPU to
-    // spare (up to ten thousand records a second or so) it keeps the mirror's lag to a few
-    // milliseconds, and when the target is busy, when each wakeup preempts it, it keeps wakeups
-    // to a few dozen a second. The first record after an idle spell starts a pause too, rather
-    // than a drain: it waits the lag budget for the records that follow it.
-    void run() {
-        pthread_setname_np(pthread_self(), "mirrord-tap");
-        epoll_event events[2];
-        bool active = false;
-        int pauseMillis = kMinPauseMillis;
-        double recordsPerSecond = 0;
-        auto lastDrain = std::chrono::steady_clock::now();
-        for (;;) {
-            if (!active) {
-                __atomic_store_n(idleFlag_, 1, __ATOMIC_SEQ_CST);
-                // A record committed before the program saw the flag sent no wakeup: take it now
-                // rather than at the next idle check.
-                int late = ring_buffer__consume(rb_);
-                if (late < 0 || !flush())
-                    return;
-                if (late > 0) {
-                    __atomic_store_n(idleFlag_, 0, __ATOMIC_SEQ_CST);
-                    active = true;
-                }
-            }
-            // Idle, the wait still ends now and then, as a last resort against a lost wakeup.
-            int n = epoll_wait(epollFd_, events, 2, active ? pauseMillis : kIdleCheckMillis);
-            for (int i = 0; i < n; i++)
-                if (events[i].data.fd == stopFd_)
-                    return;
-            if (n < 0 && errno != EINTR)
-                return;
-            if (!active && n > 0) {
-                // The first record after an idle spell: gather for the lag budget before draining.
-                // Not for the last pause: the rate it came from may be long gone.
-                active = true;
-                pauseMillis = kMinPauseMillis;
-                continue;
-            }
-            // Before draining: a ring that fills again meanwhile may wake us once more.
-            __atomic_store_n(wakeupSentFlag_, 0, __ATOMIC_SEQ_CST);
-            int records = ring_buffer__consume(rb_);
-            if (records < 0 || !flush())
-                return;
-            auto now = std::chrono::steady_clock::now();
-            double seconds = std::chrono::duration<double>(now - lastDrain).count();
-            lastDrain = now;
-            active = records > 0;
-            if (!active)
-                continue;
+    static void onHandleClosed(uv_handle_t *handle) {
+        auto *self = static_cast<Drainer *>(handle->data);
+        if (++self->handlesClosed_ == 2)
+            delete self;
+    }
+
+    // The BPF program's wakeup: the first record after an idle spell, or a ring a quarter full.
+    static void onWakeup(uv_poll_t *poll, int, int) {
+        auto *self = static_cast<Drainer *>(poll->data);
+        epoll_event events[1];
+        // Takes the edge, so that our fd is quiet until the next wakeup.
+        while (epoll_wait(self->epollFd_, events, 1, 0) > 0) {
+        }
+        if (self->paused_ || self->closing_)
+            return;
+        if (!self->active_) {
+            // The first record after an idle spell: gather for the lag budget before draining.
+            // Not for the last pause: the rate it came from may be long gone.
+            self->active_ = true;
+            __atomic_store_n(self->idleFlag_, 0, __ATOMIC_SEQ_CST);
+            self->pauseMillis_ = kMinPauseMillis;
+            uv_timer_start(&self->timer_, &Drainer::onTimer, kMinPauseMillis, 0);
+            return;
+        }
+        self->drainAndSchedule();
+    }
+
+    static void onTimer(uv_timer_t *timer) {
+        static_cast<Drainer *>(timer->data)->drainAndSchedule();
+    }
+
+    // Drains, then waits a pause that grows with the square of the record rate: while the
+    // target has CPU to spare it keeps the mirror's lag to a few milliseconds, and when the
+    // target is busy, when each wakeup preempts it, it keeps wakeups to a few dozen a second.
+    void drainAndSchedule() {
+        if (paused_ || closing_)
+            return;
+        auto now = std::chrono::steady_clock::now();
+        double seconds = std::chrono::duration<double>(now - lastDrain_).count();
+        lastDrain_ = now;
+        size_t records = drain();
+        if (closing_ || paused_)
+            return;
+        if (records == 0) {
+            goIdle();
+            return;
+        }
+        seconds = std::max(seconds, 1e-4);
+        double weight = 1 - std::exp(-seconds / kRateAverageSeconds);
+        recordsPerSecond_ += weight * (records / seconds - recordsPerSecond_);
+        double load = recordsPerSecond_ / kRecordsPerSecondForOneMilli;
+        pauseMillis_ = std::clamp(static_cast<int>(load * load), kMinPauseMillis, kMaxPauseMillis);
+        uv_timer_start(&timer_, &Drainer::onTimer, static_cast<uint64_t>(pauseMillis_), 0);
+    }
+
+    // No records in a drain: wait for the BPF program's wakeup.
+    void goIdle() {
+        active_ = false;
+        __atomic_store_n(idleFlag_, 1, __ATOMIC_SEQ_CST);
+        // A record committed before the program saw the flag sent no wakeup: take it now.
+        if (drain() > 0 && !closing_ && !paused_) {
             __atomic_store_n(idleFlag_, 0, __ATOMIC_SEQ_CST);
-            seconds = std::max(seconds, 1e-4);
-            double weight = 1 - std::exp(-seconds / kRateAverageSeconds);
-            recordsPerSecond += weight * (records / seconds - recordsPerSecond);
-            double load = recordsPerSecond / kRecordsPerSecondForOneMilli;
-            pauseMillis =
-                std::clamp(static_cast<int>(load * load), kMinPauseMillis, kMaxPauseMillis);
+            active_ = true;
+            uv_timer_start(&timer_, &Drainer::onTimer, static_cast<uint64_t>(pauseMillis_), 0);
+            return;
         }
+        // One committed while this drain read the ring, after the program had read the flag,
+        // sent none either: the idle check takes it, as a last resort.
+        if (!closing_ && !paused_)
+            uv_timer_start(&timer_, &Drainer::onTimer, kIdleCheckMillis, 0);
     }
 
+    // Hands over what waited in the batch, then what the ring holds; the records taken.
+    size_t drain() {
+        records_ = 0;
+        if (merger_.stagedBytes() > 0 && !deliver())
+            return records_;
+        // Before draining: a ring that fills again meanwhile may wake us once more.
+        __atomic_store_n(wakeupSentFlag_, 0, __ATOMIC_SEQ_CST);
+        ring_buffer__consume(rb_);
+        if (!closing_ && !paused_ && merger_.stagedBytes() > 0)
+            deliver();
+        return records_;
+    }
+
+    // Stops consuming (-1) once JavaScript paused or closed the tap during a batch; the record
+    // at hand is kept in the batch, not lost.
     static int onRecord(void *ctx, void *data, size_t size) {
-        auto *self = static_cast<Consumer *>(ctx);
-        if (self->merger_.stagedBytes() + RecordMerger::padded(size) > self->slotBytes_ &&
-            !self->flush())
-            return -ECANCELED;
-        self->merger_.add(data, size);
-        return 0;
-    }
-
-    // Blocks while every slot is with JavaScript: then the ring buffer fills and the BPF program
-    // counts drops, which is how a slow agent loses data without growing. -1 once closing.
-    int takeSlot() {
-        std::unique_lock<std::mutex> lock(mutex_);
-        freed_.wait(lock, [this] { return stopping_ || !free_.empty(); });
-        if (stopping_)
+        auto *self = static_cast<Drainer *>(ctx);
+        if (self->merger_.stagedBytes() + RecordMerger::padded(size) > self->batchBytes_)
+            self->deliver();
+        if (self->closing_)
             return -1;
-        auto slot = static_cast<int>(free_.back());
-        free_.pop_back();
-        return slot;
+        self->merger_.add(data, size);
+        self->records_++;
+        return self->paused_ ? -1 : 0;
     }
 
-    // Hands what was staged to JavaScript as one batch.
-    bool flush() {
-        if (merger_.stagedBytes() == 0)
-            return true;
-        int slot = takeSlot();
-        if (slot < 0)
-            return false;
-        size_t length = merger_.writeTo(slots_[slot]);
-        auto *batch = new Batch{static_cast<uint32_t>(slot), static_cast<uint32_t>(length)};
-        if (fn_.BlockingCall(batch) != napi_ok) {
-            delete batch;
-            return false;
+    // Calls JavaScript with the batch; false when it paused or closed the tap meanwhile.
+    bool deliver() {
+        size_t length = merger_.writeTo(batch_);
+        Napi::HandleScope scope(env_);
+        try {
+            callback_.MakeCallback(Napi::Env(env_).Global(),
+                                   {Napi::Number::New(env_, static_cast<double>(length))},
+                                   context_);
+        } catch (const Napi::Error &error) {
+            // As for any callback from the loop: the process's uncaught exception.
+            napi_fatal_exception(env_, error.Value());
         }
-        return true;
+        return !closing_ && !paused_;
     }
 
-    BatchFn fn_;
+    napi_env env_;
     volatile __u32 *idleFlag_;
     volatile __u32 *wakeupSentFlag_;
-    ring_buffer *rb_ = nullptr;
-    int stopFd_ = -1;
-    int epollFd_ = -1;
-    std::vector<uint8_t *> slots_;
-    size_t slotBytes_;
+    uint8_t *batch_;
+    size_t batchBytes_;
     RecordMerger merger_;
-    std::mutex mutex_;
-    std::condition_variable freed_;
-    std::vector<uint32_t> free_;
-    bool stopping_ = false;
-    std::thread thread_;
+    Napi::FunctionReference callback_;
+    Napi::AsyncContext context_;
+    ring_buffer *rb_ = nullptr;
+    int epollFd_ = -1;
+    uv_timer_t timer_{};
+    uv_poll_t poll_{};
+    int handlesClosed_ = 0;
+    bool active_ = false;
+    bool paused_ = false;
+    bool closing_ = false;
+    size_t records_ = 0;
+    int pauseMillis_ = kMinPauseMillis;
+    double recordsPerSecond_ = 0;
+    std::chrono::steady_clock::time_point lastDrain_ = std::chrono::steady_clock::now();
 };
 
 struct Target {
@@ -474,8 +489,7 @@ class TapState {
 
     static std::unique_ptr<TapState> open(Napi::Env env, const Napi::Object &target,
                                           const Napi::Function &callback, size_t ringBytes,
-                                          Mode mode, std::vector<uint8_t *> slots,
-                                          size_t slotBytes) {
+                                          Mode mode, uint8_t *batch, size_t batchBytes) {
         auto t = std::make_unique<TapState>();
         Target tgt = openTarget(target);
         t->nsFd_ = tgt.nsFd;
@@ -504,24 +518,22 @@ class TapState {
             t->nsFd_ = -1;
         }
 
-        // No queue bound here: the pool of slots bounds what can be queued.
-        auto fn = BatchFn::New(env, callback, "mirrord-tap", 0, 1);
-        try {
-            t->consumer_ = std::make_unique<Consumer>(
-                bpf_map__fd(t->skel_->maps.events), &t->skel_->bss->consumer_idle,
-                &t->skel_->bss->wakeup_sent, fn, std::move(slots), slotBytes);
-        } catch (...) {
-            fn.Abort();
-            throw;
-        }
+        t->drainer_ =
+            new Drainer(env, bpf_map__fd(t->skel_->maps.events), &t->skel_->bss->consumer_idle,
+                        &t->skel_->bss->wakeup_sent, callback, batch, batchBytes);
         return t;
     }
 
     bool tcMode() const { return tcMode_; }
 
-    void giveBack(uint32_t slot) {
-        if (consumer_)
-            consumer_->giveBack(slot);
+    void pause() {
+        if (drainer_)
+            drainer_->pause();
+    }
+
+    void resume() {
+        if (drainer_)
+            drainer_->resume();
     }
     const std::vector<Interface> &interfaces() const { return ifaces_; }
 
@@ -554,7 +566,10 @@ class TapState {
 
     void close() {
         detach();
-        consumer_.reset();
+        if (drainer_) {
+            drainer_->close();
+            drainer_ = nullptr;
+        }
         if (skel_) {
             tap_bpf__destroy(skel_);
             skel_ = nullptr;
@@ -630,7 +645,8 @@ class TapState {
     std::string nsLabel_;
     bool tcMode_ = false;
     std::vector<Interface> ifaces_;
-    std::unique_ptr<Consumer> consumer_;
+    // Deletes itself once closed (see Drainer).
+    Drainer *drainer_ = nullptr;
 };
 
 // Runs fn, turning a TapFailure into a JavaScript Error whose `code` names the cause.
@@ -659,7 +675,8 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
                                InstanceMethod<&TapHandle::subscribe>("subscribe"),
                                InstanceMethod<&TapHandle::unsubscribe>("unsubscribe"),
                                InstanceMethod<&TapHandle::counters>("counters"),
-                               InstanceMethod<&TapHandle::release>("release"),
+                               InstanceMethod<&TapHandle::pause>("pause"),
+                               InstanceMethod<&TapHandle::resume>("resume"),
                                InstanceMethod<&TapHandle::close>("close"),
                            });
     }
@@ -668,10 +685,10 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
     explicit TapHandle(const Napi::CallbackInfo &info)
         : Napi::ObjectWrap<TapHandle>(info), env_(info.Env()) {
         state_.reset(info[0].As<Napi::External<TapState>>().Data());
-        // The consumer thread writes into these buffers: they must outlive it.
-        pool_ = Napi::Persistent(info[1].As<Napi::Object>());
+        // The drainer writes batches into this buffer: it must outlive the drainer.
+        batch_ = Napi::Persistent(info[1].As<Napi::Object>());
         // Closes the tap when the environment (main thread or worker) is torn down without
-        // close(). Registered after the thread-safe function was created, so it runs first.
+        // close().
         napi_add_env_cleanup_hook(env_, &TapHandle::onEnvTeardown, this);
     }
 
@@ -721,9 +738,15 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
         return out;
     }
 
-    Napi::Value release(const Napi::CallbackInfo &info) {
-        if (state_ && info[0].IsNumber())
-            state_->giveBack(info[0].As<Napi::Number>().Uint32Value());
+    Napi::Value pause(const Napi::CallbackInfo &info) {
+        if (state_)
+            state_->pause();
+        return info.Env().Undefined();
+    }
+
+    Napi::Value resume(const Napi::CallbackInfo &info) {
+        if (state_)
+            state_->resume();
         return info.Env().Undefined();
     }
 
@@ -733,8 +756,7 @@ class TapHandle : public Napi::ObjectWrap<TapHandle> {
     }
 
     napi_env env_;
-    // Declared before state_ so that it is released after the consumer thread stopped.
-    Napi::ObjectReference pool_;
+    Napi::ObjectReference batch_;
     std::unique_ptr<TapState> state_;
 };
 
@@ -769,30 +791,18 @@ Napi::Value deferToTarget(const Napi::CallbackInfo &info) {
     });
 }
 
-// open(target: {pid} | {netns}, onBatch: (slot: number, length: number) => void,
-//      ringBufferBytes: number, attachMode: 'auto' | 'tcx' | 'tc', pool: Buffer[])
-//      => TapHandle & { attachMode, interfaces, release(slot) }
+// open(target: {pid} | {netns}, onBatch: (length: number) => void,
+//      ringBufferBytes: number, attachMode: 'auto' | 'tcx' | 'tc', batch: Buffer)
+//      => TapHandle & { attachMode, interfaces, pause(), resume() }
 Napi::Value openTap(const Napi::CallbackInfo &info) {
     auto env = info.Env();
     return guarded(env, [&]() -> Napi::Value {
         if (!info[0].IsObject() || !info[1].IsFunction() || !info[2].IsNumber() ||
-            !info[3].IsString() || !info[4].IsArray())
-            fail("BAD_ARGUMENT", "open(target, onBatch, ringBufferBytes, attachMode, pool)");
-        auto pool = info[4].As<Napi::Array>();
-        std::vector<uint8_t *> slots;
-        size_t slotBytes = 0;
-        for (uint32_t i = 0; i < pool.Length(); i++) {
-            Napi::Value item = pool[i];
-            if (!item.IsBuffer())
-                fail("BAD_ARGUMENT", "pool must hold Buffers of one size");
-            auto buffer = item.As<Napi::Buffer<uint8_t>>();
-            if (i > 0 && buffer.Length() != slotBytes)
-                fail("BAD_ARGUMENT", "pool must hold Buffers of one size");
-            slotBytes = buffer.Length();
-            slots.push_back(buffer.Data());
-        }
-        if (slots.empty() || slotBytes < kMinSlotBytes)
-            fail("BAD_ARGUMENT", "pool must hold Buffers of at least 128 KiB");
+            !info[3].IsString() || !info[4].IsBuffer())
+            fail("BAD_ARGUMENT", "open(target, onBatch, ringBufferBytes, attachMode, batch)");
+        auto batch = info[4].As<Napi::Buffer<uint8_t>>();
+        if (batch.Length() < kMinBatchBytes)
+            fail("BAD_ARGUMENT", "batch must be a Buffer of at least 128 KiB");
         double ring = info[2].As<Napi::Number>().DoubleValue();
         // The kernel wants a power of 2 multiple of the page size; from 256 KiB up, any power of
         // 2 is one on every page size Linux uses.
@@ -811,7 +821,7 @@ Napi::Value openTap(const Napi::CallbackInfo &info) {
             fail("BAD_ARGUMENT", "attachMode must be 'auto', 'tcx' or 'tc'");
 
         auto state = TapState::open(env, info[0].As<Napi::Object>(), info[1].As<Napi::Function>(),
-                                    static_cast<size_t>(ring), mode, std::move(slots), slotBytes);
+                                    static_cast<size_t>(ring), mode, batch.Data(), batch.Length());
         auto ifaces = Napi::Array::New(env, state->interfaces().size());
         for (size_t i = 0; i < state->interfaces().size(); i++) {
             auto entry = Napi::Object::New(env);
@@ -821,7 +831,7 @@ Napi::Value openTap(const Napi::CallbackInfo &info) {
         }
         auto modeValue = Napi::String::New(env, state->tcMode() ? "tc" : "tcx");
         auto *ctor = env.GetInstanceData<Napi::FunctionReference>();
-        auto handle = ctor->New({Napi::External<TapState>::New(env, state.release()), pool});
+        auto handle = ctor->New({Napi::External<TapState>::New(env, state.release()), batch});
         handle.Set("attachMode", modeValue);
         handle.Set("interfaces", ifaces);
         return handle;

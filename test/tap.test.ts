@@ -403,8 +403,8 @@ describe('tap', () => {
     }
   });
 
-  test('paused, batches wait in the pool and the ring; resumed, they arrive in order, whole', async () => {
-    // 8 MiB: more than the pool's four 1 MiB slots, less than the test's 32 MiB ring.
+  test('paused, records wait in the ring; resumed, they arrive in order, whole', async () => {
+    // 8 MiB: more than the 1 MiB batch buffer, less than the test's 32 MiB ring.
     const data = randomBytes(8 * 1024 * 1024);
     const file = join(scratch, 'paused-upload');
     writeFileSync(file, data);

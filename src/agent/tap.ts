@@ -34,7 +34,8 @@ export interface TapCounters {
 export interface TapHandlers {
   /**
    * `segment.payload` is a view into a buffer that is refilled once the batch's onBatchEnd has
-   * returned: copy whatever must outlive the batch.
+   * returned: copy whatever must outlive the batch. Called on the loop's own turn, never from
+   * inside a call into the tap.
    */
   onSegment(segment: TapSegment): void;
   /** Called after the last segment of each batch: a good time to flush work queued per segment. */
@@ -61,7 +62,8 @@ interface NativeHandle {
   subscribe(port: number): void;
   unsubscribe(port: number): void;
   counters(): [number, number, number, number];
-  release(slot: number): void;
+  pause(): void;
+  resume(): void;
   close(): void;
 }
 
@@ -69,10 +71,10 @@ interface NativeModule {
   deferToTarget(): number;
   open(
     target: TapNetns,
-    onBatch: (slot: number, length: number) => void,
+    onBatch: (length: number) => void,
     ringBufferBytes: number,
     attachMode: string,
-    pool: Buffer[],
+    batch: Buffer,
   ): NativeHandle;
 }
 
@@ -115,9 +117,8 @@ const OFF_SADDR = TAP_RECORD_FIELDS.saddr.offset;
 const OFF_DADDR = TAP_RECORD_FIELDS.daddr.offset;
 
 const DEFAULT_RING_BYTES = 8 * 1024 * 1024;
-/** Batches in flight between the consumer thread and JavaScript; it waits when all are out. */
-const POOL_SLOTS = 4;
-const SLOT_BYTES = 1024 * 1024;
+/** The buffer the addon writes each batch into; a drain larger than it comes as several. */
+const BATCH_BYTES = 1024 * 1024;
 
 let native: NativeModule | undefined;
 
@@ -216,13 +217,10 @@ function closeAllOnExit(): void {
  */
 export class Tap {
   private closed = false;
-  private paused = false;
-  /** Batches (slot, length) that arrived while paused, in order. */
-  private readonly held: [number, number][] = [];
   private finalCounters: TapCounters | undefined;
   private readonly native: NativeHandle;
-  /** The buffers the addon fills with batches, each given back once its batch is processed. */
-  private readonly pool = Array.from({ length: POOL_SLOTS }, () => Buffer.alloc(SLOT_BYTES));
+  /** The buffer the addon writes each batch into, valid until the batch's handlers return. */
+  private readonly batch = Buffer.alloc(BATCH_BYTES);
 
   readonly interfaces: TapInterface[];
   readonly attachMode: 'tcx' | 'tc';
@@ -236,10 +234,10 @@ export class Tap {
     try {
       this.native = mod.open(
         target,
-        (slot, length) => this.onBatch(slot, length),
+        (length) => this.onBatch(length),
         options.ringBufferBytes ?? DEFAULT_RING_BYTES,
         options.attachMode ?? 'auto',
-        this.pool,
+        this.batch,
       );
     } catch (error) {
       throw asTapError(error);
@@ -273,21 +271,17 @@ export class Tap {
   }
 
   /**
-   * Stops handing batches to the handlers. They wait in their pool slots, so once the slots are
-   * full the addon stops draining, the ring buffer takes what follows, and only when that is
-   * full too does the kernel count segments it could not copy.
+   * Stops handing batches to the handlers (within a batch's handlers: after that batch). The
+   * addon stops draining, the ring buffer takes what follows, and only when that is full does
+   * the kernel count segments it could not copy.
    */
   pause(): void {
-    this.paused = true;
+    if (!this.closed) this.native.pause();
   }
 
-  /** Hands over the batches held while paused, then goes on as they come. */
+  /** Goes on at the loop's next turn, with what was drained and not yet handed over first. */
   resume(): void {
-    this.paused = false;
-    while (!this.paused && !this.closed && this.held.length > 0) {
-      const [slot, length] = this.held.shift()!;
-      this.process(slot, length);
-    }
+    if (!this.closed) this.native.resume();
   }
 
   /** After close(), the values at the time of closing. */
@@ -306,22 +300,15 @@ export class Tap {
     if (openTaps.size === 0) process.removeListener('exit', closeAllOnExit);
   }
 
-  private onBatch(slot: number, length: number): void {
-    if (this.paused || this.held.length > 0) this.held.push([slot, length]);
-    else this.process(slot, length);
-  }
-
-  private process(slot: number, length: number): void {
+  private onBatch(length: number): void {
     try {
-      this.deliver(this.pool[slot]!.subarray(0, length));
+      this.deliver(this.batch.subarray(0, length));
     } catch (error) {
-      // Node only warns about an exception thrown into a native callback (DEP0168); thrown again
-      // outside of it, a handler's bug fails the process like any uncaught exception.
+      // Thrown again outside of the addon's call, a handler's bug fails the process like any
+      // uncaught exception, and the addon's drain is not left half done.
       process.nextTick(() => {
         throw error;
       });
-    } finally {
-      if (!this.closed) this.native.release(slot);
     }
   }
 
