@@ -176,8 +176,12 @@ class Drainer {
             freeRing();
             failBpf("setting up the ring buffer consumer", err);
         }
+        int err = uv_poll_init(loop, &poll_, epollFd_);
+        if (err != 0) {
+            freeRing();
+            fail("BPF_FAILED", std::string("watching the ring buffer: ") + uv_strerror(err));
+        }
         uv_timer_init(loop, &timer_);
-        uv_poll_init(loop, &poll_, epollFd_);
         timer_.data = this;
         poll_.data = this;
         uv_poll_start(&poll_, UV_READABLE, &Drainer::onWakeup);

@@ -194,7 +194,8 @@ class Segment implements TapSegment {
  * Puts every thread of this process, and those it starts later, under SCHED_BATCH, so that its
  * wakeups do not preempt the target it shares a node with: it runs when the target blocks or
  * its time slice ends, with an ordinary task's share of the CPU (a lower priority starved it on
- * a busy node, and it lost data). Call it before Tap.open, whose consumer thread inherits it.
+ * a busy node, and it lost data). Call it early: a thread started later inherits the policy of
+ * the thread that started it.
  */
 export function deferToTarget(): void {
   try {
