@@ -26,7 +26,28 @@ require('http')
   .listen(${port}, '127.0.0.1');`;
 const APP = appOn(PORT);
 
-const pause = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+/** A port as /proc/net/tcp{,6} print it after an address. */
+const procPort = (port: number): string => `:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+
+/**
+ * Whether the app has accepted the connection from `clientPort` to its `appPort`: the kernel
+ * gives a connection's socket an inode (the tenth column of /proc/net/tcp{,6}) only when accept()
+ * makes a file of it.
+ */
+function accepted(appPort: number, clientPort: number): boolean {
+  const local = procPort(appPort);
+  const remote = procPort(clientPort);
+  return ['/proc/net/tcp', '/proc/net/tcp6'].some((table) =>
+    readFileSync(table, 'latin1')
+      .split('\n')
+      .some((row) => {
+        const [, from, to, , , , , , , inode] = row.trim().split(/\s+/);
+        return (
+          from?.endsWith(local) && to?.endsWith(remote) && inode !== undefined && inode !== '0'
+        );
+      }),
+  );
+}
 
 function request(
   port: number,
@@ -53,8 +74,13 @@ describe('layer channel', () => {
   const children: ChildProcess[] = [];
   const servers: net.Server[] = [];
 
+  /** Replayed connections (`sourcePort/localPort`) a process asked for and waits for. */
+  const asked = new Set<string>();
+  const keyOf = (socket: net.Socket): string => `${socket.localPort}/${socket.remotePort}`;
+
   beforeEach(async () => {
     channel = await LayerChannel.open();
+    channel.on('waiting', ({ sourcePort, localPort }) => asked.add(`${sourcePort}/${localPort}`));
   });
 
   afterEach(async () => {
@@ -66,8 +92,47 @@ describe('layer channel', () => {
       }
     }
     for (const server of servers.splice(0)) server.close();
+    asked.clear();
     await channel.close();
   });
+
+  /** Tells the app who the original client of the replayed connection `socket` is. */
+  function announce(socket: net.Socket, original: { address: string; port: number }): void {
+    asked.delete(keyOf(socket));
+    channel.announcePeer(socket.localPort!, socket.remotePort!, original);
+  }
+
+  /**
+   * The same, late (as a busy session may announce): once the app has asked and waits. For a
+   * process that asks: a pre-fork worker, or one of several accepting on the port.
+   */
+  async function announceOnceAsked(
+    socket: net.Socket,
+    original: { address: string; port: number },
+  ): Promise<void> {
+    await waitFor(
+      `the app to ask for the client of port ${socket.localPort}`,
+      () => asked.has(keyOf(socket)),
+      { ms: 10_000, everyMs: 5 },
+    );
+    announce(socket, original);
+  }
+
+  /**
+   * The same, late: once the app has accepted the connection. For a process that listens alone,
+   * which waits for the client to be pushed to it, without asking.
+   */
+  async function announceOnceAccepted(
+    socket: net.Socket,
+    original: { address: string; port: number },
+  ): Promise<void> {
+    await waitFor(
+      `the app to accept the connection from port ${socket.localPort}`,
+      () => accepted(socket.remotePort!, socket.localPort!),
+      { ms: 10_000, everyMs: 5 },
+    );
+    announce(socket, original);
+  }
 
   function startApp(token = channel.token, user?: number): ChildProcess {
     const env = {
@@ -96,7 +161,7 @@ describe('layer channel', () => {
     expect(channel.listening()).toEqual([listener]);
 
     const seen = await request(listener.localPort, (socket) =>
-      channel.announcePeer(socket.localPort!, socket.remotePort!, {
+      announce(socket, {
         address: '10.213.9.9',
         port: 40000,
       }),
@@ -119,7 +184,7 @@ describe('layer channel', () => {
     expect(listener.port).toBe(PORT);
     expect(listener.localPort).not.toBe(PORT);
     const seen = await request(listener.localPort, (socket) =>
-      channel.announcePeer(socket.localPort!, socket.remotePort!, {
+      announce(socket, {
         address: '10.213.9.10',
         port: 40001,
       }),
@@ -130,14 +195,23 @@ describe('layer channel', () => {
   test('an app that dropped privileges still reaches the session; a wrong token is not heard', async () => {
     const heard: AppListener[] = [];
     channel.on('listen', (listener) => heard.push(listener));
-    const impostor = startApp('0'.repeat(32));
-    await once(impostor, 'spawn');
+    startApp('0'.repeat(32));
+    // It answers once its listen() has returned, so its layer has sent its report by then: the
+    // channel reads that before the report of an app started after it.
+    await waitFor(
+      'the impostor to answer',
+      () =>
+        fetch(`http://127.0.0.1:${PORT}/`).then(
+          (response) => response.ok,
+          () => false,
+        ),
+      { ms: 10_000 },
+    );
     const listening = once(channel, 'listen') as Promise<[AppListener]>;
     const nobody = startApp(channel.token, 65534);
     const [listener] = await listening;
+    // It asked for PORT too, and listens elsewhere: the impostor has it. Only it was heard.
     expect(listener).toMatchObject({ pid: nobody.pid, port: PORT });
-    // The impostor listens too (on another port: ours is taken), but was never heard.
-    await new Promise((resolve) => setTimeout(resolve, 300));
     expect(heard.map((l) => l.pid)).toEqual([nobody.pid]);
   });
 
@@ -182,7 +256,7 @@ describe('layer channel', () => {
     const answers = await Promise.all(
       Array.from({ length: 40 }, (_, i) =>
         request(listener.localPort, (socket) =>
-          channel.announcePeer(socket.localPort!, socket.remotePort!, {
+          announce(socket, {
             address: `10.213.9.${i + 1}`,
             port: 40000 + i,
           }),
@@ -201,7 +275,7 @@ describe('layer channel', () => {
     const first = await request(
       listener.localPort,
       (socket) =>
-        channel.announcePeer(socket.localPort!, socket.remotePort!, {
+        announce(socket, {
           address: '10.213.8.1',
           port: 41000,
         }),
@@ -210,13 +284,7 @@ describe('layer channel', () => {
     expect(first).toMatch(/^10\.213\.8\.1:41000 /);
     const second = await request(
       listener.localPort,
-      async (socket) => {
-        await new Promise((resolve) => setTimeout(resolve, 200));
-        channel.announcePeer(socket.localPort!, socket.remotePort!, {
-          address: '10.213.8.2',
-          port: 41001,
-        });
-      },
+      (socket) => announceOnceAsked(socket, { address: '10.213.8.2', port: 41001 }),
       { localPort },
     );
     expect(second).toMatch(/^10\.213\.8\.2:41001 /);
@@ -247,7 +315,7 @@ describe('layer channel', () => {
             request(
               listener.localPort,
               (socket) =>
-                channel.announcePeer(socket.localPort!, socket.remotePort!, {
+                announce(socket, {
                   address: `10.213.7.${i + 1}`,
                   port: 42000 + i,
                 }),
@@ -261,13 +329,10 @@ describe('layer channel', () => {
         for (let i = count; i < count + 6; i += 1) {
           await request(
             listener.localPort,
-            async (socket) => {
-              await new Promise((resolve) => setTimeout(resolve, 200));
-              channel.announcePeer(socket.localPort!, socket.remotePort!, {
-                address: `10.213.7.${i + 1}`,
-                port: 42000 + i,
-              });
-            },
+            // Asked for by the process that accepts: the port is shared by now (a worker asked
+            // in the first round, and with rr the primary accepts but the workers ask).
+            (socket) =>
+              announceOnceAsked(socket, { address: `10.213.7.${i + 1}`, port: 42000 + i }),
             { path: `/r${i}`, localPort },
           );
         }
@@ -303,7 +368,7 @@ describe('layer channel', () => {
       await request(
         ports[1]!,
         (socket) =>
-          channel.announcePeer(socket.localPort!, socket.remotePort!, {
+          announce(socket, {
             address: '10.213.6.2',
             port: 43002,
           }),
@@ -314,13 +379,7 @@ describe('layer channel', () => {
     expect(
       await request(
         ports[0]!,
-        async (socket) => {
-          await pause(200);
-          channel.announcePeer(socket.localPort!, socket.remotePort!, {
-            address: '10.213.6.1',
-            port: 43001,
-          });
-        },
+        (socket) => announceOnceAccepted(socket, { address: '10.213.6.1', port: 43001 }),
         { localPort },
       ),
     ).toBe('10.213.6.1:43001');
@@ -338,17 +397,16 @@ describe('layer channel', () => {
     await until(() => app.out().split('worker').length > 3, 'three accepting processes');
     const base = 36000 + Math.floor(Math.random() * 2000);
     const sourcePorts = Array.from({ length: 30 }, (_, i) => base + i);
-    const round = (subnet: number, announceAfterMs: number) =>
+    const round = (subnet: number, late: boolean) =>
       Promise.all(
         sourcePorts.map((localPort, i) =>
           request(
             listener.localPort,
-            async (socket) => {
-              if (announceAfterMs) await pause(announceAfterMs);
-              channel.announcePeer(socket.localPort!, socket.remotePort!, {
-                address: `10.213.${subnet}.${i + 1}`,
-                port: 44000 + i,
-              });
+            (socket) => {
+              const original = { address: `10.213.${subnet}.${i + 1}`, port: 44000 + i };
+              // Every process asks by then: the workers always, the parent since a worker did.
+              if (late) return announceOnceAsked(socket, original);
+              announce(socket, original);
             },
             { localPort },
             // Closed on both sides: forgotten, as the session forgets its replayed connections.
@@ -360,8 +418,8 @@ describe('layer channel', () => {
       );
     // Announced at once, then the same source ports again, announced late: whichever process
     // accepts must wait for that connection's client, not take a copy left by the first round.
-    const first = await round(5, 0);
-    const second = await round(4, 200);
+    const first = await round(5, false);
+    const second = await round(4, true);
     first.forEach((answer, i) =>
       expect(answer).toMatch(new RegExp(`^10\\.213\\.5\\.${i + 1}:${44000 + i} worker=\\d+$`)),
     );

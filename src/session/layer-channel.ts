@@ -20,6 +20,12 @@ export interface LayerChannelEvents {
   listen: [AppListener];
   /** The app stopped listening on `port` (closed it, or the process is gone). */
   close: [{ pid: number; port: number }];
+  /**
+   * A process asked for the client of the replayed connection from `sourcePort` to the app's
+   * `localPort` before it was announced (or while an earlier connection's entry stood): it waits
+   * for announcePeer, for up to two seconds.
+   */
+  waiting: [{ sourcePort: number; localPort: number }];
 }
 
 /** Lines longer than this are not the layer's: the connection is dropped. */
@@ -307,6 +313,7 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       }, LOOKUP_WAIT_MS),
     };
     this.#lookups.set(key, [...(this.#lookups.get(key) ?? []), lookup]);
+    this.emit('waiting', { sourcePort, localPort });
   }
 
   #answer(
