@@ -83,8 +83,6 @@ function load(origin: string, rate: number | undefined, netns?: string): Promise
 interface Metered {
   result: Load;
   spent: Cost;
-  /** Requests the target answered in the measured attack. */
-  served: number;
   seconds: number;
 }
 
@@ -117,31 +115,25 @@ async function meteredLoad(
   );
   const spent = await meter!.stop();
   const seconds = (Date.now() - started) / 1000;
-  return { result, spent, served: result.requests, seconds };
+  return { result, spent, seconds };
 }
 
 interface Count {
   /** Requests noted (measured ones). */
   value: number;
-  /** Every request answered, warm-up ones too. */
-  served: number;
   /** Resolves with the next count printed. */
   next(): Promise<number>;
 }
 
-/** Follows the `count N served M` lines a stamping server prints. */
+/** Follows the `count N` lines a stamping server prints. */
 function counted(child: ResultPromise): Count {
   let waiting: ((value: number) => void)[] = [];
   const count: Count = {
     value: 0,
-    served: 0,
     next: () => new Promise((resolve) => waiting.push(resolve)),
   };
   child.stdout?.on('data', (chunk: Buffer) => {
-    for (const match of chunk.toString().matchAll(/count (\d+) served (\d+)/g)) {
-      count.value = Number(match[1]);
-      count.served = Number(match[2]);
-    }
+    for (const match of chunk.toString().matchAll(/count (\d+)/g)) count.value = Number(match[1]);
     const resolvers = waiting;
     waiting = [];
     for (const resolve of resolvers) resolve(count.value);
@@ -197,8 +189,6 @@ interface Run extends Load {
   bpf?: number;
   /** The agent's CPU seconds by thread name. */
   threads?: Record<string, number>;
-  /** Requests the target answered in the measured attack (after the warm-up). */
-  served: number;
   seconds: number;
   bytesCopied?: number;
   agentRssMiB?: number;
@@ -267,7 +257,7 @@ async function runMirrored(hosts: BenchHosts, dir: string, rate: number | undefi
     const copiedBefore = events.findLast((e) => e.event === 'counters')?.bytesCopied ?? 0;
     // The node's figures cover the load alone: a laptop that lags (see node-model.ts) must not
     // stretch the window they are shares of.
-    const { result, spent, served, seconds } = await meteredLoad(hosts, agent, rate);
+    const { result, spent, seconds } = await meteredLoad(hosts, agent, rate);
     // The target's count, from a line printed after the load ended.
     await target.count.next();
     // Until the app has every request the target got, or nothing more came for a while.
@@ -293,7 +283,6 @@ async function runMirrored(hosts: BenchHosts, dir: string, rate: number | undefi
     return {
       ...result,
       ...spent,
-      served,
       seconds,
       bytesCopied: (totals?.bytesCopied ?? 0) - copiedBefore,
       agentRssMiB,
@@ -319,8 +308,8 @@ async function runPlain(
   const target = await startTarget(hosts, '/dev/null');
   const tcpdump = withTcpdump ? await startTcpdump(hosts, PORT) : undefined;
   try {
-    const { result, spent, served, seconds } = await meteredLoad(hosts, tcpdump?.pid, rate);
-    const run: Run = { ...result, nodeBusy: spent.nodeBusy, served, seconds };
+    const { result, spent, seconds } = await meteredLoad(hosts, tcpdump?.pid, rate);
+    const run: Run = { ...result, nodeBusy: spent.nodeBusy, seconds };
     if (!tcpdump) return run;
     const stats = await tcpdump.stats();
     return {
@@ -345,13 +334,13 @@ async function runAgentAlone(hosts: BenchHosts, rate: number | undefined): Promi
   const session = await startCountingSession(hosts, PORT, { lag: true });
   try {
     const bytesBefore = session.bytes();
-    const { result, spent, served, seconds } = await meteredLoad(
+    const { result, spent, seconds } = await meteredLoad(
       hosts,
       session.agent.pid,
       rate,
       () => (session.lags.length = 0),
     );
-    if (session.bytes() - bytesBefore < served * 40) {
+    if (session.bytes() - bytesBefore < result.requests * 40) {
       throw new Error(`the session received ${session.bytes() - bytesBefore} bytes: no mirroring`);
     }
     // Cut at the load's end: what the agent sends after it (its last drain) is left out.
@@ -359,7 +348,6 @@ async function runAgentAlone(hosts: BenchHosts, rate: number | undefined): Promi
     return {
       ...result,
       ...spent,
-      served,
       seconds,
       nodeLagP50Ms: percentile(lags, 0.5),
       nodeLagP99Ms: percentile(lags, 0.99),
@@ -423,18 +411,18 @@ function figuresOf(runs: Record<Config, Run[]>): Record<string, unknown> {
     },
     node_cpu_busy: byConfig((run) => run.nodeBusy, 3),
     agent_cpu_s_per_1k_requests: {
-      user: of(mirror, (run) => (run.user! / run.served) * 1000, 4),
-      system: of(mirror, (run) => (run.system! / run.served) * 1000, 4),
-      bpf: of(mirror, (run) => (run.bpf! / run.served) * 1000, 4),
-      total: of(mirror, (run) => (cpu(run) / run.served) * 1000, 4),
+      user: of(mirror, (run) => (run.user! / run.requests) * 1000, 4),
+      system: of(mirror, (run) => (run.system! / run.requests) * 1000, 4),
+      bpf: of(mirror, (run) => (run.bpf! / run.requests) * 1000, 4),
+      total: of(mirror, (run) => (cpu(run) / run.requests) * 1000, 4),
     },
     agent_cpu_s_per_1k_requests_by_thread: Object.fromEntries(
       [...new Set(mirror.flatMap((run) => Object.keys(run.threads ?? {})))].map((name) => [
         name,
-        of(mirror, (run) => ((run.threads?.[name] ?? 0) / run.served) * 1000, 4),
+        of(mirror, (run) => ((run.threads?.[name] ?? 0) / run.requests) * 1000, 4),
       ]),
     ),
-    tcpdump_cpu_s_per_1k_requests: of(tcpdump, (run) => (cpu(run) / run.served) * 1000, 4),
+    tcpdump_cpu_s_per_1k_requests: of(tcpdump, (run) => (cpu(run) / run.requests) * 1000, 4),
     agent_cpu_s_per_gib: of(mirror, (run) => cpu(run) / (run.bytesCopied! / GIB), 1),
     agent_share_of_node_cpu: of(mirror, (run) => cpu(run) / run.seconds),
     agent_alone_share_of_node_cpu: of(agent, (run) => cpu(run) / run.seconds),

@@ -5,9 +5,8 @@
  * noted). Under mirrord the local app sees the original client's port (the layer's getpeername),
  * so the two sides' keys meet.
  *
- * `node stamping-server.js HOST PORT STAMPS_FILE`: once listening, prints `count N served M` every
- * 200 ms (noted requests, and every request including warm-up ones); on SIGTERM or
- * SIGINT writes `key arrivalMicros` lines (CLOCK_MONOTONIC, as in src/protocol/clock.ts) to
+ * `node stamping-server.js HOST PORT STAMPS_FILE`: once listening, prints `count N` (the noted
+ * requests) every 200 ms; on SIGTERM or SIGINT writes `key arrivalMicros` lines (CLOCK_MONOTONIC, as in src/protocol/clock.ts) to
  * STAMPS_FILE and exits.
  */
 import { writeFileSync } from 'node:fs';
@@ -19,10 +18,8 @@ const [host = '0.0.0.0', port = '8080', stampsFile = '/dev/null'] = process.argv
 const keys: string[] = [];
 const arrivals: number[] = [];
 const requestsOn = new WeakMap<object, number>();
-let served = 0;
 
 const server = http.createServer((request, response) => {
-  served += 1;
   if (request.url === WARMUP_PATH) {
     request.resume();
     request.on('end', () => response.end('ok'));
@@ -40,7 +37,7 @@ server.keepAliveTimeout = 60_000;
 // Counts start once it listens: its first line says that it does.
 let counter: NodeJS.Timeout | undefined;
 server.listen(Number(port), host, () => {
-  counter = setInterval(() => process.stdout.write(`count ${keys.length} served ${served}\n`), 200);
+  counter = setInterval(() => process.stdout.write(`count ${keys.length}\n`), 200);
 });
 
 function finish(): void {

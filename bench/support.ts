@@ -203,15 +203,13 @@ export async function startCountingSession(
   const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
   socket.on('data', (chunk: Buffer) => {
     received += chunk.length;
-    if (lag) {
-      const now = monotonicMicros();
-      for (const message of decoder.push(chunk)) {
-        if (message.type === 'data') lags.push((now - message.tapMicros) / 1000);
-        else if (message.type === 'subscribed') subscribed = true;
-      }
-    } else if (!subscribed) {
-      // Decoded until the subscription is acknowledged, only counted after.
-      subscribed = decoder.push(chunk).some((m) => m.type === 'subscribed');
+    // Decoded until the subscription is acknowledged; after that only counted, or with `lag`
+    // decoded for the stamps.
+    if (subscribed && !lag) return;
+    const now = monotonicMicros();
+    for (const message of decoder.push(chunk)) {
+      if (message.type === 'subscribed') subscribed = true;
+      else if (message.type === 'data') lags.push((now - message.tapMicros) / 1000);
     }
   });
   socket.write(
