@@ -11,6 +11,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LayerChannel, type AppListener } from '../src/session/layer-channel.js';
 import { REPLAY_SOURCE } from '../src/session/replay.js';
+import { untilAccepted } from './support/accepted.js';
 import { waitFor } from './support/wait.js';
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -25,29 +26,6 @@ require('http')
   .createServer((req, res) => res.end(req.socket.remoteAddress + ':' + req.socket.remotePort))
   .listen(${port}, '127.0.0.1');`;
 const APP = appOn(PORT);
-
-/** A port as /proc/net/tcp{,6} print it after an address. */
-const procPort = (port: number): string => `:${port.toString(16).toUpperCase().padStart(4, '0')}`;
-
-/**
- * Whether the app has accepted the connection from `clientPort` to its `appPort`: the kernel
- * gives a connection's socket an inode (the tenth column of /proc/net/tcp{,6}) only when accept()
- * makes a file of it.
- */
-function accepted(appPort: number, clientPort: number): boolean {
-  const local = procPort(appPort);
-  const remote = procPort(clientPort);
-  return ['/proc/net/tcp', '/proc/net/tcp6'].some((table) =>
-    readFileSync(table, 'latin1')
-      .split('\n')
-      .some((row) => {
-        const [, from, to, , , , , , , inode] = row.trim().split(/\s+/);
-        return (
-          from?.endsWith(local) && to?.endsWith(remote) && inode !== undefined && inode !== '0'
-        );
-      }),
-  );
-}
 
 function request(
   port: number,
@@ -126,11 +104,7 @@ describe('layer channel', () => {
     socket: net.Socket,
     original: { address: string; port: number },
   ): Promise<void> {
-    await waitFor(
-      `the app to accept the connection from port ${socket.localPort}`,
-      () => accepted(socket.remotePort!, socket.localPort!),
-      { ms: 10_000, everyMs: 5 },
-    );
+    await untilAccepted(socket.remotePort!, socket.localPort!);
     announce(socket, original);
   }
 

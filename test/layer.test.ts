@@ -3,6 +3,7 @@ import { chmodSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { untilAccepted } from './support/accepted.js';
 
 // The LD_PRELOAD layer (layer/layer.c) in real programs: node and python3 servers, real sockets,
 // loopback only. A small unix-socket server stands in for the session. Build first: make -C layer.
@@ -224,8 +225,6 @@ function exchange(
   });
 }
 
-const delay = (ms: number) => new Promise((ok) => setTimeout(ok, ms));
-
 // A node HTTP server that answers with the peer it sees and its own view of its port.
 const NODE_ECHO = `
 const http = require('http');
@@ -364,9 +363,9 @@ describe('accept reports the original client', () => {
     await app.line(/ready/);
     const ev = await session.listenEvent(port);
 
-    // Mapping sent 20 ms after connecting: the app's accept has to wait for it.
+    // Mapping sent once the app has accepted: its accept has to wait for it.
     const mapped = await exchange(ev.local_port!, async (localPort) => {
-      await delay(20);
+      await untilAccepted(ev.local_port!, localPort);
       session.sendPeer(ev.conn, localPort, ev.local_port!, '10.213.9.9', 40000);
     });
     expect(mapped).toMatch(/\r\n\r\n10\.213\.9\.9:40000 local \d+$/);
@@ -476,7 +475,8 @@ else:
     expect(child.conn).not.toBe(parent.conn);
     const closed = await session.closeEvent(childPort);
     expect(closed).toMatchObject({ pid: Number(childPid), conn: child.conn });
-    await delay(100);
+    // The child closed the parent's listener before it listened on its own port, and its
+    // connection delivers in order: a close of the parent's port would have come before these.
     expect(session.events.filter((e) => e.port === parentPort).map((e) => e.event)).toEqual([
       'listen',
     ]);
