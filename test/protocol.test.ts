@@ -9,6 +9,7 @@ import {
   MAX_MESSAGES_PER_FRAME,
   encodeFrame,
 } from '../src/protocol/framing.js';
+import { FrameMemory } from '../src/protocol/frame-memory.js';
 import {
   PROTOCOL_VERSION,
   ProtocolError,
@@ -277,6 +278,79 @@ describe('incremental decoding', () => {
     expect(() =>
       small.push({ type: 'data', id: 0, bytes: Buffer.alloc(64 * 1024), tapMicros: 7 }),
     ).toThrow(RangeError);
+  });
+
+  test('frameBytes seals a frame before it passes the size, unless one message alone does', () => {
+    const encoder = new FrameEncoder(agentMessageToWire, { frameBytes: 50_000 });
+    for (let i = 0; i < 10; i++)
+      encoder.push({ type: 'data', id: i, bytes: Buffer.alloc(20_000, i), tapMicros: 7 });
+    encoder.push({ type: 'data', id: 10, bytes: Buffer.alloc(70_000, 10), tapMicros: 7 });
+    const frames = encoder.takeFrames();
+    // Two 20 kB messages per frame, then the 70 kB message alone.
+    expect(frames.map((f) => agentDecoder().push(f).length)).toEqual([2, 2, 2, 2, 2, 1]);
+    for (const f of frames.slice(0, -1)) expect(f.length).toBeLessThanOrEqual(50_000);
+    const ids = frames.flatMap((f) =>
+      agentDecoder()
+        .push(f)
+        .map((m) => (m as DataMessage).id),
+    );
+    expect(ids).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  });
+});
+
+describe('frame memory', () => {
+  const dataFrame = (memory: FrameMemory, id: number, bytes: Buffer): Buffer => {
+    const wire = agentMessageToWire({ type: 'data', id, bytes, tapMicros: 7 });
+    return encodeFrame([wire], memory, bytes.length + 64);
+  };
+
+  test('a frame keeps its bytes until written; written memory is cut again', () => {
+    const memory = new FrameMemory();
+    const random = prng(3);
+    const held: { frame: Buffer; bytes: Buffer }[] = [];
+    // 4 MiB of frames held at once (as a socket that does not take them would), then written.
+    for (let i = 0; i < 64; i++) {
+      const bytes = randomBytes(random, 60_000 + i);
+      held.push({ frame: dataFrame(memory, i, bytes), bytes });
+    }
+    for (const [i, { frame, bytes }] of held.entries()) {
+      const [message] = agentDecoder().push(frame) as [DataMessage];
+      expect(message.id).toBe(i);
+      expect(message.bytes.equals(bytes)).toBe(true);
+    }
+    const slabs = new Set(held.map(({ frame }) => frame.buffer));
+    expect(slabs.size).toBeGreaterThan(8);
+    for (const { frame } of held) memory.written(frame);
+    // A few slabs stay for the next burst; the others are left to the GC.
+    expect(memory.allocatedBytes).toBeLessThanOrEqual(5 * 256 * 1024);
+
+    // Written at once, as a socket that keeps up: the same memory over and over.
+    const reused = new Set<ArrayBufferLike>();
+    for (let i = 0; i < 1000; i++) {
+      const frame = dataFrame(memory, i, Buffer.alloc(60_000, i));
+      reused.add(frame.buffer);
+      memory.written(frame);
+    }
+    expect(reused.size).toBe(1);
+    expect(slabs.has([...reused][0]!)).toBe(true);
+  });
+
+  test('a frame too large for a slab gets memory of its own', () => {
+    const memory = new FrameMemory();
+    const frame = dataFrame(memory, 1, Buffer.alloc(200_000, 1));
+    expect(memory.allocatedBytes).toBe(0);
+    memory.written(frame);
+    // msgpackr's own buffer is not frame memory: the next frame outside the pool does not
+    // land in the slab that the last pooled frame came from.
+    const pooled = dataFrame(memory, 2, Buffer.alloc(1000, 2));
+    const outside = encodeFrame([agentMessageToWire(agentSamples[14] as AgentMessage)]);
+    expect(outside.buffer).not.toBe(pooled.buffer);
+    memory.written(pooled);
+    const next = dataFrame(memory, 3, Buffer.alloc(1000, 3));
+    expect(hexed(agentDecoder().push(outside))).toEqual(hexed([agentSamples[14]]));
+    expect((agentDecoder().push(next)[0] as DataMessage).bytes.equals(Buffer.alloc(1000, 3))).toBe(
+      true,
+    );
   });
 });
 
@@ -612,7 +686,7 @@ describe('sessions', () => {
       const opened = agentSamples[5] as Extract<AgentMessage, { type: 'opened' }>;
       const connection = withoutType(opened);
       session.sendOpened(connection);
-      const big = randomBytes(prng(9), 3 * 1024 * 1024 + 5); // split into 1 MiB data messages
+      const big = randomBytes(prng(9), 3 * 1024 * 1024 + 5); // split into messages of < 64 KiB
       session.sendData(0, Buffer.from('hello'), 1);
       session.sendData(0, big, 1);
       session.sendClosed(0, 'fin');
@@ -622,7 +696,9 @@ describe('sessions', () => {
       await until(() => events.some((e) => (e as AgentMessage).type === 'error'));
       expect(events[0]).toEqual(opened);
       const data = events.filter((e) => (e as AgentMessage).type === 'data') as DataMessage[];
-      expect(data.length).toBe(5);
+      // Every frame fits in one 64 KiB socket read, header included.
+      expect(data.length).toBeGreaterThan(48);
+      for (const d of data) expect(d.bytes.length).toBeLessThan(64 * 1024 - 64);
       const mirrored = Buffer.concat(data.map((d) => d.bytes));
       expect(mirrored.equals(Buffer.concat([Buffer.from('hello'), big]))).toBe(true);
       expect(events).toContainEqual({ type: 'closed', id: 0, reason: 'fin', gapBytes: 0 });
@@ -816,17 +892,29 @@ describe('sessions', () => {
       const client = await AgentClient.start(socket, { secret: SECRET });
       const session = await sessionReady;
       const connection = withoutType(agentSamples[5] as Extract<AgentMessage, { type: 'opened' }>);
-      let received = 0;
-      client.on('data', (m) => (received += m.bytes.length));
+      const received: Buffer[] = [];
+      let receivedBytes = 0;
+      client.on('data', (m) => {
+        received.push(Buffer.from(m.bytes));
+        receivedBytes += m.bytes.length;
+      });
       // The client stops reading: what the agent sends piles up in the sockets.
       socket.pause();
       session.sendOpened(connection);
-      const chunk = Buffer.alloc(64 * 1024);
-      let sent = 0;
+      // Distinct bytes in every chunk, and one reused source buffer as the tap's batch is: a
+      // frame whose memory were reused before the socket wrote it would show up as wrong bytes.
+      const source = Buffer.alloc(100_000);
+      const random = prng(11);
+      const sent: Buffer[] = [];
+      let sentBytes = 0;
       for (let i = 0; i < 10_000; i++) {
+        const chunk = source.subarray(0, 1 + Math.floor(random() * source.length));
+        for (let j = 0; j < chunk.length; j += 997) chunk[j] = Math.floor(random() * 256);
+        sent.push(Buffer.from(chunk));
+        sentBytes += chunk.length;
         session.sendData(0, chunk, 1);
-        sent += chunk.length;
-        if (!session.flush()) break;
+        // Past needsDrain, as the agent goes on up to its pause: frames wait in the stream.
+        if (!session.flush() && session.backlogBytes > 2 * 1024 * 1024) break;
         // Let the socket move bytes to the kernel, as the agent's event loop would.
         if (i % 16 === 0) await new Promise(setImmediate);
       }
@@ -834,7 +922,8 @@ describe('sessions', () => {
       const drained = once(session, 'drain');
       socket.resume();
       await drained;
-      await until(() => received === sent);
+      await until(() => receivedBytes === sentBytes);
+      expect(Buffer.concat(received).equals(Buffer.concat(sent))).toBe(true);
       await client.close();
     } finally {
       await agent.close();

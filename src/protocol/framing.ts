@@ -6,6 +6,7 @@
  */
 import type { Writable } from 'node:stream';
 import { Packr, RESERVE_START_SPACE, Unpackr } from 'msgpackr';
+import { FrameMemory } from './frame-memory.js';
 import { ProtocolError, type WireMessage, type WireValue } from './messages.js';
 
 /** Largest frame body accepted or produced. */
@@ -31,6 +32,11 @@ const MAX_LIST_ITEMS = 256;
 const MAX_VALUES_PER_FRAME = MAX_MESSAGES_PER_FRAME * 16;
 
 const HEADER_BYTES = 4;
+/**
+ * What a frame spanning chunks gets at once: a frame up to this size is copied once, into one
+ * buffer; a longer one grows by doubling as its bytes arrive.
+ */
+const FIRST_BODY_BYTES = 256 * 1024;
 /** Upper bound of a msgpack array32 / str32 / bin32 header. */
 const MSGPACK_HEADER_BYTES = 5;
 
@@ -41,6 +47,18 @@ export interface FrameLimits {
   maxMessagesPerFrame?: number;
 }
 
+export interface FrameEncoderOptions extends FrameLimits {
+  /**
+   * A frame is sealed before it would pass this many bytes, unless one message alone does
+   * (default: only the limits cut frames). The reader decodes a frame that fits in one of its
+   * chunks in place and copies one that spans chunks, so a sender of bulk data keeps its
+   * frames to a socket read's size.
+   */
+  frameBytes?: number;
+  /** Cut frames from reused memory (see FrameMemory): for a sender of bulk data. */
+  reuseMemory?: boolean;
+}
+
 // Standard msgpack only: no records, and the decoder never sees an extension (scanBody rejects
 // them), so no msgpackr-specific type can come in or go out.
 const packr = new Packr({ useRecords: false });
@@ -48,12 +66,36 @@ const packr = new Packr({ useRecords: false });
 // ones beyond 2^53 as non-integers instead of facing a bigint.
 const unpackr = new Unpackr({ useRecords: false, int64AsType: 'number' });
 
-/** Encodes messages as one frame. The payloads are copied once, into the frame. */
-export function encodeFrame(messages: readonly WireMessage[]): Buffer {
+/** What msgpackr may need beyond a value's size before it starts a buffer of its own. */
+const PACK_SLACK_BYTES = 0x800 + 16;
+/** Whether msgpackr's (module-wide) buffer is frame memory: see encodeFrame. */
+let packingIntoFrameMemory = false;
+
+/**
+ * Encodes messages as one frame. The payloads are copied once, into the frame. With `memory`
+ * and `sizeBound` (an upper bound of the body, see messageSize), the frame is cut from that
+ * memory: give it back with `memory.written(frame)` once the stream has written it.
+ */
+export function encodeFrame(
+  messages: readonly WireMessage[],
+  memory?: FrameMemory,
+  sizeBound = 0,
+): Buffer {
+  const room = memory?.room(HEADER_BYTES + sizeBound + PACK_SLACK_BYTES);
+  if (room !== undefined) {
+    packr.useBuffer(room);
+    packingIntoFrameMemory = true;
+  } else if (packingIntoFrameMemory) {
+    // msgpackr goes on packing where its last frame ended: that frame memory may be reused
+    // while this frame lives, so this frame gets a buffer of msgpackr's usual first size.
+    packr.useBuffer(Buffer.allocUnsafeSlow(8192));
+    packingIntoFrameMemory = false;
+  }
   // The reserved start space lets msgpackr write the body right after room for the length, so
   // the frame is never copied again to prepend it.
   const frame = packr.pack(messages, RESERVE_START_SPACE | HEADER_BYTES);
   frame.writeUInt32BE(frame.length - HEADER_BYTES, 0);
+  if (room !== undefined) memory!.cut(frame);
   return frame;
 }
 
@@ -86,15 +128,19 @@ export class FrameEncoder<M> {
   readonly #toWire: (message: M) => WireMessage;
   readonly #maxFrameSize: number;
   readonly #maxMessages: number;
+  readonly #frameBytes: number;
+  readonly #memory: FrameMemory | undefined;
   #batch: WireMessage[] = [];
   #batchBytes = MSGPACK_HEADER_BYTES;
   #frames: Buffer[] = [];
   #framesBytes = 0;
 
-  constructor(toWire: (message: M) => WireMessage, limits: FrameLimits = {}) {
+  constructor(toWire: (message: M) => WireMessage, options: FrameEncoderOptions = {}) {
     this.#toWire = toWire;
-    this.#maxFrameSize = limits.maxFrameSize ?? MAX_FRAME_SIZE;
-    this.#maxMessages = limits.maxMessagesPerFrame ?? MAX_MESSAGES_PER_FRAME;
+    this.#maxFrameSize = options.maxFrameSize ?? MAX_FRAME_SIZE;
+    this.#maxMessages = options.maxMessagesPerFrame ?? MAX_MESSAGES_PER_FRAME;
+    this.#frameBytes = Math.min(this.#maxFrameSize, options.frameBytes ?? this.#maxFrameSize);
+    this.#memory = options.reuseMemory ? new FrameMemory() : undefined;
   }
 
   /** Bytes queued (an upper bound for the messages not yet encoded). */
@@ -113,7 +159,7 @@ export class FrameEncoder<M> {
     if (MSGPACK_HEADER_BYTES + size > this.#maxFrameSize) {
       throw new RangeError(`a message of up to ${size} bytes cannot fit in a frame`);
     }
-    if (this.#batch.length >= this.#maxMessages || this.#batchBytes + size > this.#maxFrameSize) {
+    if (this.#batch.length >= this.#maxMessages || this.#batchBytes + size > this.#frameBytes) {
       this.#seal();
     }
     this.#batch.push(wire);
@@ -129,8 +175,14 @@ export class FrameEncoder<M> {
     return frames;
   }
 
+  /** The stream has written `frame`, one of {@link takeFrames}: its memory may be reused. */
+  written(frame: Buffer): void {
+    this.#memory?.written(frame);
+  }
+
   /** Forgets everything queued. */
   clear(): void {
+    for (const frame of this.#frames) this.written(frame);
     this.#batch = [];
     this.#batchBytes = MSGPACK_HEADER_BYTES;
     this.#frames = [];
@@ -139,7 +191,7 @@ export class FrameEncoder<M> {
 
   #seal(): void {
     if (this.#batch.length === 0) return;
-    const frame = encodeFrame(this.#batch);
+    const frame = encodeFrame(this.#batch, this.#memory, this.#batchBytes);
     this.#batch = [];
     this.#batchBytes = MSGPACK_HEADER_BYTES;
     this.#frames.push(frame);
@@ -147,7 +199,7 @@ export class FrameEncoder<M> {
   }
 }
 
-export interface FrameWriterOptions extends FrameLimits {
+export interface FrameWriterOptions extends FrameEncoderOptions {
   /** Longest a queued message waits before it is written anyway; 0 disables the timer. */
   flushIntervalMs?: number;
   /** Write as soon as this many bytes are queued. */
@@ -197,7 +249,8 @@ export class FrameWriter<M> {
     }
     const frames = this.#encoder.takeFrames();
     if (frames.length > 1) stream.cork();
-    for (const frame of frames) stream.write(frame);
+    // The callback runs once the stream has written the frame, or failed to.
+    for (const frame of frames) stream.write(frame, () => this.#encoder.written(frame));
     if (frames.length > 1) stream.uncork();
     return !stream.writableNeedDrain;
   }
@@ -447,7 +500,10 @@ export class FrameDecoder<M> {
     const needed = this.#bodyFill + n;
     let body = this.#body;
     if (body === undefined || body.length < needed) {
-      const size = Math.min(this.#bodyLength, Math.max(needed, 2 * (body?.length ?? 32 * 1024)));
+      const size = Math.min(
+        this.#bodyLength,
+        Math.max(needed, body === undefined ? FIRST_BODY_BYTES : 2 * body.length),
+      );
       const grown = Buffer.allocUnsafe(size);
       if (body !== undefined) body.copy(grown, 0, 0, this.#bodyFill);
       this.#body = body = grown;
