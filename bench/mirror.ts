@@ -331,7 +331,7 @@ async function runPlain(
  */
 async function runAgentAlone(hosts: BenchHosts, rate: number | undefined): Promise<Run> {
   const target = await startTarget(hosts, '/dev/null');
-  const session = await startCountingSession(hosts, PORT, { lag: true });
+  const session = await startCountingSession(hosts, PORT, { decode: true });
   try {
     const bytesBefore = session.bytes();
     const { result, spent, seconds } = await meteredLoad(

@@ -12,6 +12,7 @@ import {
   clientMessageToWire,
   parseAgentMessage,
   type AgentMessage,
+  type Counters,
 } from '../src/protocol/messages.js';
 import { NODE_CPU, onCpu, pin } from './node-model.js';
 import { waitFor } from '../test/support/wait.js';
@@ -168,50 +169,95 @@ export async function startTcpdump(hosts: BenchHosts, port: number): Promise<Tcp
   };
 }
 
+/** How a connection of a counting session ended, and the payload bytes it carried. */
+export interface CountedConnection {
+  bytes: number;
+  reason: string;
+  gapBytes: number;
+}
+
 /** An agent on the node's CPU serving a session that only counts what it receives. */
 export interface CountingSession {
   agent: LocalAgent;
   /** Bytes received from the agent so far. */
   bytes(): number;
   /**
-   * With `lag`: for each data message received, the time from the tap's stamp to its arrival
-   * here (ms; one machine, one clock), the node's part of the mirror's lag. Emptied to start a
-   * window.
+   * With `decode`: for each data message received, the time from the tap's stamp to its
+   * arrival here (ms; one machine, one clock), the node's part of the mirror's lag. Emptied to
+   * start a window.
    */
   lags: number[];
+  /** With `decode`: the next connection to close. */
+  nextClosed(): Promise<CountedConnection>;
+  /** The first counters the agent sends after this call (it sends them every second). */
+  nextCounters(): Promise<Counters>;
   stop(): Promise<void>;
 }
+
+/** What the counting session reads into, again and again. */
+const READ_BUFFER_BYTES = 1024 * 1024;
 
 /**
  * A session whose frames are read and counted but not decoded: in production the CLI runs on the
  * developer's machine, at the far end of a port-forward, so only the agent's work (and not the
- * CLI's decoding) is charged to the target's machine here. With `lag`, it decodes every frame
- * to read the data messages' stamps, at the price of that decoding on the laptop's CPU.
+ * CLI's decoding) is charged to the target's machine here. With `decode`, it decodes every frame
+ * (the data messages' stamps, each connection's bytes and end), at the price of that decoding on
+ * the laptop's CPU. It reads into one reused buffer and keeps no payload, so unlike the CLI's
+ * client it allocates nothing per read: it stands for a reader that keeps up (see the README's
+ * stream figures).
  */
 export async function startCountingSession(
   hosts: BenchHosts,
   port: number,
-  { lag = false }: { lag?: boolean } = {},
+  { decode = false }: { decode?: boolean } = {},
 ): Promise<CountingSession> {
   const agent = await startLocalAgent({ netns: hosts.server });
   await pin(agent.pid, NODE_CPU);
-  const socket = net.connect(agent.readiness.port, agent.readiness.address);
-  await once(socket, 'connect');
   let received = 0;
   let subscribed = false;
   const lags: number[] = [];
+  const connectionBytes = new Map<number, number>();
+  const closing: ((connection: CountedConnection) => void)[] = [];
+  let counters: Counters | undefined;
+  let countersSeen = 0;
   const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
-  socket.on('data', (chunk: Buffer) => {
+  const onChunk = (chunk: Buffer): void => {
     received += chunk.length;
-    // Decoded until the subscription is acknowledged; after that only counted, or with `lag`
-    // decoded for the stamps.
-    if (subscribed && !lag) return;
+    // Decoded until the subscription is acknowledged; after that only counted, or with
+    // `decode` decoded (payloads are views into the read buffer, counted and let go).
+    if (subscribed && !decode) return;
     const now = monotonicMicros();
     for (const message of decoder.push(chunk)) {
       if (message.type === 'subscribed') subscribed = true;
-      else if (message.type === 'data') lags.push((now - message.tapMicros) / 1000);
+      else if (message.type === 'data') {
+        lags.push((now - message.tapMicros) / 1000);
+        connectionBytes.set(
+          message.id,
+          (connectionBytes.get(message.id) ?? 0) + message.bytes.length,
+        );
+      } else if (message.type === 'closed') {
+        const bytes = connectionBytes.get(message.id) ?? 0;
+        connectionBytes.delete(message.id);
+        closing.shift()?.({ bytes, reason: message.reason, gapBytes: message.gapBytes });
+      } else if (message.type === 'counters') {
+        counters = message;
+        countersSeen += 1;
+      }
     }
+  };
+  const readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  const socket = net.connect({
+    port: agent.readiness.port,
+    host: agent.readiness.address,
+    onread: {
+      buffer: readBuffer,
+      callback: (length) => {
+        onChunk(readBuffer.subarray(0, length));
+        return true;
+      },
+    },
   });
+  await once(socket, 'connect');
   socket.write(
     encodeFrame([
       clientMessageToWire({
@@ -230,6 +276,13 @@ export async function startCountingSession(
     agent,
     bytes: () => received,
     lags,
+    nextClosed: () => new Promise((resolve) => closing.push(resolve)),
+    nextCounters: () => {
+      const before = countersSeen;
+      return waitFor("the agent's next counters", () => countersSeen > before && counters, {
+        ms: 5_000,
+      });
+    },
     async stop() {
       socket.destroy();
       await agent.stop();

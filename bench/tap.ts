@@ -10,9 +10,10 @@
  *     a rotating order so that drift on a noisy machine hits all alike; each figure is given as
  *     its median and range over the rounds (MIRRORD_BENCH_ROUNDS, default 7).
  * (b) one TCP stream paced at rising rates (SO_MAX_PACING_RATE): the highest rate at which the
- *     agent delivers 100% of the bytes of the connection, and tcpdump's capture loss at each rate;
- *     while each is sent, the node's busy share and the CPU the agent and the session's reader
- *     take.
+ *     agent delivers 100% of the bytes of the connection, to a session read in place (the agent's
+ *     side) and to mirrord's own client (as the CLI reads), and tcpdump's capture loss at each
+ *     rate; while each is sent, the node's busy share and the CPU the agent and the session's
+ *     reader take.
  * The agent's peak RSS is taken throughout.
  */
 import type { Counters } from '../src/protocol/messages.js';
@@ -86,14 +87,9 @@ interface Capture {
   stop(): Promise<void>;
 }
 
-/** A session that reads everything the agent mirrors, as the CLI would. */
-interface DrainingSession extends Capture {
-  agent: LocalAgent;
+/** A session read by mirrord's own client, as the CLI reads it. */
+interface DrainingSession extends StreamSession {
   client: AgentClient;
-  /** Resolves with the bytes and close reason of the next connection that closes. */
-  nextClosed(): Promise<{ bytes: number; reason: string; gapBytes: number }>;
-  /** The first counters the agent sends after this call (it sends them every second). */
-  nextCounters(): Promise<Counters>;
 }
 
 async function startDrainingSession(hosts: BenchHosts, port: number): Promise<DrainingSession> {
@@ -284,6 +280,79 @@ async function sendPacedStream(
   return { gbit: (Number(sent) * 8) / Number(seconds) / 1e9, bytes: Number(sent) };
 }
 
+/** Who reads the session in the stream test. */
+type StreamReader = 'in_place' | 'cli_client';
+const STREAM_READERS: readonly StreamReader[] = ['in_place', 'cli_client'];
+
+interface StreamRun {
+  complete: boolean;
+  gbit: number;
+  result: string;
+  shares: { node_busy: number; agent: number; reader: number };
+  rss: number;
+}
+
+/** A session for the stream: how each connection ends, and the agent's counters. */
+interface StreamSession extends Capture {
+  agent: LocalAgent;
+  nextClosed(): Promise<{ bytes: number; reason: string; gapBytes: number }>;
+  nextCounters(): Promise<Counters>;
+}
+
+/** Sends one paced stream at `rate` Gbit/s through an agent to `reader`. */
+async function streamOnce(
+  hosts: BenchHosts,
+  rate: number,
+  reader: StreamReader,
+): Promise<StreamRun> {
+  const session: StreamSession =
+    reader === 'in_place'
+      ? await startCountingSession(hosts, STREAM_PORT, { decode: true })
+      : await startDrainingSession(hosts, STREAM_PORT);
+  try {
+    const rss = sampleRss(session.agent.pid);
+    const closed = session.nextClosed();
+    // While the stream is sent: the node's busy share, and the shares of a CPU the agent and
+    // this process (the session's reader, on the laptop's CPU) take, to tell who falls behind.
+    const cost = await meterCost(session.agent.pid);
+    const readerBefore = process.cpuUsage();
+    const started = performance.now();
+    const sent = await sendPacedStream(hosts, rate);
+    const spent = await cost.stop();
+    const readerSpent = process.cpuUsage(readerBefore);
+    const seconds = (performance.now() - started) / 1000;
+    const outcome = await Promise.race([
+      closed,
+      new Promise<undefined>((resolve) => setTimeout(resolve, 10_000)),
+    ]);
+    const peakRss = rss.stop();
+    // Sent after the stream ended, so they cover all of it.
+    const dropped = await session.nextCounters();
+    const complete = outcome?.reason === 'fin' && outcome.bytes === sent.bytes;
+    return {
+      complete,
+      gbit: sent.gbit,
+      result: complete
+        ? `100% at ${sent.gbit.toFixed(2)} Gbit/s`
+        : `${(((outcome?.bytes ?? 0) / sent.bytes) * 100).toFixed(1)}% (${outcome?.reason ?? 'no close'}; ` +
+          `kernel dropped ${dropped.bytesDroppedKernel} bytes, agent ${dropped.bytesDroppedAgent})`,
+      shares: {
+        node_busy: round(spent.nodeBusy, 2),
+        agent: round((spent.user + spent.system) / seconds, 2),
+        reader: round((readerSpent.user + readerSpent.system) / 1e6 / seconds, 2),
+      },
+      rss: peakRss,
+    };
+  } finally {
+    await session.stop();
+  }
+}
+
+/**
+ * The stream at rising rates, read two ways: by a session that decodes each frame in place in
+ * one reused read buffer (the agent's side: a reader that keeps up), and by mirrord's own
+ * client, as the CLI reads; and tcpdump's loss at each rate. A reader stops at its first loss.
+ */
 async function singleStream(
   hosts: BenchHosts,
   agentRss: number[],
@@ -298,58 +367,37 @@ async function singleStream(
     ]),
   );
   await waitForTcp(hosts.client, hosts.serverAddress, STREAM_PORT);
-  let losslessGbit = 0;
+  const lossless: Record<StreamReader, number> = { in_place: 0, cli_client: 0 };
+  const broken = new Set<StreamReader>();
   const tcpdumpLoss: Record<string, number> = {};
-  const agentResults: Record<string, string> = {};
-  const cpuShares: Record<string, { node_busy: number; agent: number; reader: number }> = {};
+  const results: Record<string, Partial<Record<StreamReader, string>>> = {};
+  const cpuShares: Record<string, Partial<Record<StreamReader, StreamRun['shares']>>> = {};
   for (const rate of RATES_GBIT) {
-    const session = await startDrainingSession(hosts, STREAM_PORT);
-    const rss = sampleRss(session.agent.pid);
-    const closed = session.nextClosed();
-    // While the stream is sent: the node's busy share, and the shares of a CPU the agent and
-    // this process (the session's reader, on the laptop's CPU) take, to tell who falls behind.
-    const cost = await meterCost(session.agent.pid);
-    const readerBefore = process.cpuUsage();
-    const started = performance.now();
-    const sent = await sendPacedStream(hosts, rate);
-    const spent = await cost.stop();
-    const reader = process.cpuUsage(readerBefore);
-    const seconds = (performance.now() - started) / 1000;
-    cpuShares[`${rate}`] = {
-      node_busy: round(spent.nodeBusy, 2),
-      agent: round((spent.user + spent.system) / seconds, 2),
-      reader: round((reader.user + reader.system) / 1e6 / seconds, 2),
-    };
-    const outcome = await Promise.race([
-      closed,
-      new Promise<undefined>((resolve) => setTimeout(resolve, 10_000)),
-    ]);
-    agentRss.push(rss.stop());
-    // Sent after the stream ended, so they cover all of it.
-    const dropped = await session.nextCounters();
-    await session.stop();
-    const complete = outcome?.reason === 'fin' && outcome.bytes === sent.bytes;
-    agentResults[`${rate}`] = complete
-      ? `100% at ${sent.gbit.toFixed(2)} Gbit/s`
-      : `${(((outcome?.bytes ?? 0) / sent.bytes) * 100).toFixed(1)}% (${outcome?.reason ?? 'no close'}; ` +
-        `kernel dropped ${dropped.bytesDroppedKernel} bytes, agent ${dropped.bytesDroppedAgent})`;
-
+    results[`${rate}`] = {};
+    cpuShares[`${rate}`] = {};
+    for (const reader of STREAM_READERS.filter((r) => !broken.has(r))) {
+      const run = await streamOnce(hosts, rate, reader);
+      agentRss.push(run.rss);
+      results[`${rate}`]![reader] = run.result;
+      cpuShares[`${rate}`]![reader] = run.shares;
+      if (run.complete) lossless[reader] = round(run.gbit, 2);
+      else broken.add(reader);
+      progress(
+        `  ${rate} Gbit/s, ${reader}: agent ${run.result}; while sent: node busy ` +
+          `${run.shares.node_busy}, agent ${run.shares.agent} of a CPU, reader ${run.shares.reader}`,
+      );
+    }
     const tcpdump = await startTcpdump(hosts, STREAM_PORT);
     await sendPacedStream(hosts, rate);
     const stats = await tcpdump.stats();
     tcpdumpLoss[`${rate}`] = round((stats.dropped / (stats.captured + stats.dropped)) * 100, 2);
-    const shares = cpuShares[`${rate}`]!;
-    progress(
-      `  ${rate} Gbit/s: agent ${agentResults[`${rate}`]}; tcpdump lost ${tcpdumpLoss[`${rate}`]}%; ` +
-        `while sent: node busy ${shares.node_busy}, agent ${shares.agent} of a CPU, session reader ${shares.reader}`,
-    );
-    if (!complete) break;
-    losslessGbit = round(sent.gbit, 2);
+    progress(`  ${rate} Gbit/s: tcpdump lost ${tcpdumpLoss[`${rate}`]}%`);
+    if (broken.size === STREAM_READERS.length) break;
   }
   return {
-    stream_lossless_gbit_per_s_agent: losslessGbit,
+    stream_lossless_gbit_per_s: lossless,
     stream_tcpdump_loss_percent_by_gbit_per_s: tcpdumpLoss,
-    stream_agent_result_by_gbit_per_s: agentResults,
+    stream_result_by_gbit_per_s: results,
     stream_cpu_share_by_gbit_per_s: cpuShares,
   };
 }
