@@ -27,10 +27,11 @@ export class FrameMemory {
   #current: Slab | undefined;
 
   /**
-   * Room for a frame of at most `bytes`, or undefined when a frame that large should get memory
-   * of its own. Give what the frame used to {@link cut}.
+   * Where a frame of at most `bytes` may be encoded: a slab and the offset of its free part, or
+   * undefined when a frame that large should get memory of its own. Give the frame to
+   * {@link cut}.
    */
-  room(bytes: number): Buffer | undefined {
+  room(bytes: number): { slab: Buffer; offset: number } | undefined {
     if (bytes > SLAB_BYTES / 2) return undefined;
     let slab = this.#current;
     if (slab === undefined || SLAB_BYTES - slab.used < bytes) {
@@ -38,12 +39,12 @@ export class FrameMemory {
       slab = this.#spare.pop() ?? this.#newSlab();
       this.#current = slab;
     }
-    return slab.memory.subarray(slab.used);
+    return { slab: slab.memory, offset: slab.used };
   }
 
   /**
-   * Records that `frame` was encoded at the start of the last {@link room}: that memory is taken
-   * until {@link written}. A frame the encoder put elsewhere is ignored.
+   * Records that `frame` was encoded in the last {@link room}: that memory is taken until
+   * {@link written}. A frame the encoder put elsewhere is ignored.
    */
   cut(frame: Buffer): void {
     const slab = this.#current;

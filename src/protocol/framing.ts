@@ -83,7 +83,9 @@ export function encodeFrame(
 ): Buffer {
   const room = memory?.room(HEADER_BYTES + sizeBound + PACK_SLACK_BYTES);
   if (room !== undefined) {
-    packr.useBuffer(room);
+    // The whole slab, whose DataView msgpackr then keeps, and the position to start at.
+    packr.useBuffer(room.slab);
+    packr.position = room.offset;
     packingIntoFrameMemory = true;
   } else if (packingIntoFrameMemory) {
     // msgpackr goes on packing where its last frame ended: that frame memory may be reused
@@ -175,14 +177,15 @@ export class FrameEncoder<M> {
     return frames;
   }
 
-  /** The stream has written `frame`, one of {@link takeFrames}: its memory may be reused. */
-  written(frame: Buffer): void {
-    this.#memory?.written(frame);
+  /** The stream has written `frames`, from {@link takeFrames}: their memory may be reused. */
+  written(frames: readonly Buffer[]): void {
+    if (this.#memory === undefined) return;
+    for (const frame of frames) this.#memory.written(frame);
   }
 
   /** Forgets everything queued. */
   clear(): void {
-    for (const frame of this.#frames) this.written(frame);
+    this.written(this.#frames);
     this.#batch = [];
     this.#batchBytes = MSGPACK_HEADER_BYTES;
     this.#frames = [];
@@ -249,8 +252,10 @@ export class FrameWriter<M> {
     }
     const frames = this.#encoder.takeFrames();
     if (frames.length > 1) stream.cork();
-    // The callback runs once the stream has written the frame, or failed to.
-    for (const frame of frames) stream.write(frame, () => this.#encoder.written(frame));
+    const last = frames.length - 1;
+    // A stream writes in order: once the last frame is written (or the stream failed), all are.
+    for (let i = 0; i < last; i++) stream.write(frames[i]);
+    if (last >= 0) stream.write(frames[last], () => this.#encoder.written(frames));
     if (frames.length > 1) stream.uncork();
     return !stream.writableNeedDrain;
   }
