@@ -97,7 +97,7 @@ export function encodeFrame(
   // the frame is never copied again to prepend it.
   const frame = packr.pack(messages, RESERVE_START_SPACE | HEADER_BYTES);
   frame.writeUInt32BE(frame.length - HEADER_BYTES, 0);
-  if (room !== undefined) memory!.cut(frame);
+  if (room !== undefined) memory?.cut(frame);
   return frame;
 }
 
