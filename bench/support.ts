@@ -169,11 +169,50 @@ export async function startTcpdump(hosts: BenchHosts, port: number): Promise<Tcp
   };
 }
 
-/** How a connection of a counting session ended, and the payload bytes it carried. */
+/** How a connection of a session ended, and the payload bytes it carried. */
 export interface CountedConnection {
   bytes: number;
   reason: string;
   gapBytes: number;
+}
+
+/**
+ * Follows a session's decoded messages: each connection's payload bytes until it closes, and
+ * the agent's counters, for the sessions of the benchmarks (whichever reader decodes them).
+ */
+export class SessionTally {
+  readonly #bytes = new Map<number, number>();
+  readonly #closing: ((connection: CountedConnection) => void)[] = [];
+  #counters: Counters | undefined;
+  #countersSeen = 0;
+
+  take(message: AgentMessage): void {
+    if (message.type === 'data') {
+      this.#bytes.set(message.id, (this.#bytes.get(message.id) ?? 0) + message.bytes.length);
+    } else if (message.type === 'closed') {
+      const bytes = this.#bytes.get(message.id) ?? 0;
+      this.#bytes.delete(message.id);
+      this.#closing.shift()?.({ bytes, reason: message.reason, gapBytes: message.gapBytes });
+    } else if (message.type === 'counters') {
+      this.#counters = message;
+      this.#countersSeen += 1;
+    }
+  }
+
+  /** The next connection to close. */
+  nextClosed(): Promise<CountedConnection> {
+    return new Promise((resolve) => this.#closing.push(resolve));
+  }
+
+  /** The first counters the agent sends after this call (it sends them every second). */
+  nextCounters(): Promise<Counters> {
+    const before = this.#countersSeen;
+    return waitFor(
+      "the agent's next counters",
+      () => this.#countersSeen > before && this.#counters,
+      { ms: 5_000 },
+    );
+  }
 }
 
 /** An agent on the node's CPU serving a session that only counts what it receives. */
@@ -216,10 +255,7 @@ export async function startCountingSession(
   let received = 0;
   let subscribed = false;
   const lags: number[] = [];
-  const connectionBytes = new Map<number, number>();
-  const closing: ((connection: CountedConnection) => void)[] = [];
-  let counters: Counters | undefined;
-  let countersSeen = 0;
+  const tally = new SessionTally();
   const decoder = new FrameDecoder<AgentMessage>(parseAgentMessage, {});
   const onChunk = (chunk: Buffer): void => {
     received += chunk.length;
@@ -229,20 +265,8 @@ export async function startCountingSession(
     const now = monotonicMicros();
     for (const message of decoder.push(chunk)) {
       if (message.type === 'subscribed') subscribed = true;
-      else if (message.type === 'data') {
-        lags.push((now - message.tapMicros) / 1000);
-        connectionBytes.set(
-          message.id,
-          (connectionBytes.get(message.id) ?? 0) + message.bytes.length,
-        );
-      } else if (message.type === 'closed') {
-        const bytes = connectionBytes.get(message.id) ?? 0;
-        connectionBytes.delete(message.id);
-        closing.shift()?.({ bytes, reason: message.reason, gapBytes: message.gapBytes });
-      } else if (message.type === 'counters') {
-        counters = message;
-        countersSeen += 1;
-      }
+      else if (message.type === 'data') lags.push((now - message.tapMicros) / 1000);
+      tally.take(message);
     }
   };
   const readBuffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
@@ -276,13 +300,8 @@ export async function startCountingSession(
     agent,
     bytes: () => received,
     lags,
-    nextClosed: () => new Promise((resolve) => closing.push(resolve)),
-    nextCounters: () => {
-      const before = countersSeen;
-      return waitFor("the agent's next counters", () => countersSeen > before && counters, {
-        ms: 5_000,
-      });
-    },
+    nextClosed: () => tally.nextClosed(),
+    nextCounters: () => tally.nextCounters(),
     async stop() {
       socket.destroy();
       await agent.stop();

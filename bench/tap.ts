@@ -17,10 +17,9 @@
  * The agent's peak RSS is taken throughout.
  */
 import type { Counters } from '../src/protocol/messages.js';
-import { connectToAgent, type AgentClient } from '../src/protocol/client.js';
+import { connectToAgent } from '../src/protocol/client.js';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { waitForTcp } from '../src/platform/local/netns.js';
-import { waitFor } from '../test/support/wait.js';
 import {
   NODE_CPU,
   meterCost,
@@ -39,6 +38,8 @@ import {
   startCountingSession,
   startTcpdump,
   wrk,
+  SessionTally,
+  type CountedConnection,
   type BenchHosts,
 } from './support.js';
 
@@ -84,49 +85,32 @@ while True:
     conn.close()
 `;
 
-interface Capture {
+/** A session for the stream: how each connection ends, and the agent's counters. */
+interface StreamSession {
+  agent: LocalAgent;
+  nextClosed(): Promise<CountedConnection>;
+  nextCounters(): Promise<Counters>;
   stop(): Promise<void>;
 }
 
 /** A session read by mirrord's own client, as the CLI reads it. */
-interface DrainingSession extends StreamSession {
-  client: AgentClient;
-}
-
-async function startDrainingSession(hosts: BenchHosts, port: number): Promise<DrainingSession> {
+async function startDrainingSession(hosts: BenchHosts, port: number): Promise<StreamSession> {
   const agent = await startLocalAgent({ netns: hosts.server });
   await pin(agent.pid, NODE_CPU);
   const client = await connectToAgent(agent.readiness.address, agent.readiness.port, {
     clientName: 'bench',
     secret: agent.secret,
   });
-  const bytes = new Map<number, number>();
-  const waiting: ((closed: { bytes: number; reason: string; gapBytes: number }) => void)[] = [];
-  client.on('opened', (c) => bytes.set(c.id, 0));
-  client.on('data', (d) => bytes.set(d.id, (bytes.get(d.id) ?? 0) + d.bytes.length));
-  client.on('closed', (c) => {
-    const total = bytes.get(c.id) ?? 0;
-    bytes.delete(c.id);
-    waiting.shift()?.({ bytes: total, reason: c.reason, gapBytes: c.gapBytes });
-  });
+  const tally = new SessionTally();
+  client.on('data', (message) => tally.take(message));
+  client.on('closed', (message) => tally.take(message));
+  client.on('counters', (message) => tally.take(message));
   client.on('error', (error) => progress(`  session error: ${error.message}`));
-  let counters: Counters | undefined;
-  let countersSeen = 0;
-  client.on('counters', (c) => {
-    counters = c;
-    countersSeen += 1;
-  });
   await client.subscribe(port);
   return {
     agent,
-    client,
-    nextClosed: () => new Promise((resolve) => waiting.push(resolve)),
-    nextCounters: () => {
-      const before = countersSeen;
-      return waitFor("the agent's next counters", () => countersSeen > before && counters, {
-        ms: 5_000,
-      });
-    },
+    nextClosed: () => tally.nextClosed(),
+    nextCounters: () => tally.nextCounters(),
     async stop() {
       await client.close();
       await agent.stop();
@@ -291,13 +275,6 @@ interface StreamRun {
   result: string;
   shares: { node_busy: number; agent: number; reader: number };
   rss: number;
-}
-
-/** A session for the stream: how each connection ends, and the agent's counters. */
-interface StreamSession extends Capture {
-  agent: LocalAgent;
-  nextClosed(): Promise<{ bytes: number; reason: string; gapBytes: number }>;
-  nextCounters(): Promise<Counters>;
 }
 
 /** Sends one paced stream at `rate` Gbit/s through an agent to `reader`. */
