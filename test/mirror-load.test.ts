@@ -343,11 +343,16 @@ describe('mirrord mirror under load and failure', () => {
     await untilMirroring(run, sandbox, port);
     const probes = connectionsOn(run, port).opened.length;
 
-    // At the speed of a 1 Gbit/s link (100 MB/s), about two seconds.
+    // 50 MB/s, about four seconds. The test is about exactness, not capacity (`bench -- tap`
+    // measures that): at 100 MB/s curl, the target, the agent, the CLI and the app together
+    // need about 1.5 of this machine's 2 cores, and while the test cluster is busy (just
+    // started, or removing the kube tests' pods) the mirror's side was starved past what the
+    // 8 MiB ring holds in 2 of 3 runs (the kernel dropped, or the app fell 16 MiB behind);
+    // at 50 MB/s, 9 of 9 passed in the same conditions.
     const answer = await sandbox.runAsync(sandbox.client, 'curl', [
       '-sS',
       '--limit-rate',
-      '100M',
+      '50M',
       '-T',
       upload,
       `http://${sandbox.targetAddress}:${port}/upload`,
