@@ -112,6 +112,8 @@ const clientSamples: ClientMessage[] = [
   { type: 'unsubscribe', port: 65535 },
   { type: 'ping', nonce: 2 ** 40 },
   { type: 'bye' },
+  { type: 'request', id: 1, feature: 'env', body: null },
+  { type: 'request', id: 2 ** 40, feature: 'files', body: ['open', '/etc/é', [1, true, -2.5]] },
 ];
 
 const agentSamples: AgentMessage[] = [
@@ -169,6 +171,16 @@ const agentSamples: AgentMessage[] = [
   { type: 'error', code: 'tap', message: 'interface lo went away', fatal: false },
   { type: 'error', code: 'target-gone', message: 'the target exited', fatal: true },
   { type: 'pong', nonce: 0, clockMicros: 2 ** 45 },
+  {
+    type: 'reply',
+    id: 1,
+    error: null,
+    body: [
+      ['A', '1'],
+      ['B', 'é='],
+    ],
+  },
+  { type: 'reply', id: 2, error: 'no such file', body: null },
 ];
 
 /** The agent samples as a stream of several frames of different sizes. */
@@ -483,7 +495,7 @@ describe('hostile input', () => {
     const depth = 1_000_000;
     const arrays = Buffer.alloc(depth + 1, 0x91);
     arrays[depth] = 0xc0;
-    expect(decodeError(agentDecoder(), rawFrame(arrays)).message).toMatch(/nested deeper than 3/);
+    expect(decodeError(agentDecoder(), rawFrame(arrays)).message).toMatch(/nested deeper than 8/);
     // { "": { "": … } } inside a message
     const maps = Buffer.alloc(2 + depth * 2 + 1, 0xa0);
     maps.set([0x91, 0x91]);
@@ -716,6 +728,55 @@ describe('sessions', () => {
       await client.close();
       expect(await ended).toEqual([undefined]);
       await clientEnded;
+    } finally {
+      await agent.close();
+    }
+  });
+
+  test("a feature's requests: answered in any order, failed, refused when not served, timed out, ended", async () => {
+    const agent = await startAgent({ capabilities: ['ipv6', 'env', 'slow', 'broken', 'silent'] });
+    try {
+      const sessionReady = agent.nextSession();
+      const client = await connectToAgent('127.0.0.1', agent.port, {
+        secret: SECRET,
+        requestTimeoutMs: 300,
+      });
+      client.on('error', () => undefined);
+      const session = await sessionReady;
+      const asked: string[] = [];
+      session.on('request', (id, feature, body) => {
+        asked.push(feature);
+        if (feature === 'env')
+          session.reply(id, [
+            ['A', '1'],
+            ['B', 'é'],
+          ]);
+        else if (feature === 'slow') setTimeout(() => session.reply(id, body), 50);
+        else if (feature === 'broken') session.failRequest(id, 'cannot read /proc/1/environ');
+      });
+      const slow = client.request('slow', ['x', 1, [true]]);
+      const env = client.request('env', null);
+      expect(await env).toEqual([
+        ['A', '1'],
+        ['B', 'é'],
+      ]);
+      expect(await slow).toEqual(['x', 1, [true]]);
+      await expect(client.request('broken', null)).rejects.toMatchObject({
+        code: 'request-failed',
+        message: 'the agent: cannot read /proc/1/environ',
+      });
+      await expect(client.request('files', null)).rejects.toMatchObject({
+        code: 'request-failed',
+        message: expect.stringMatching(/does not serve "files".*env/),
+      });
+      await expect(client.request('silent', null)).rejects.toMatchObject({
+        code: 'request-timeout',
+      });
+      // Never sent: the agent does not claim it.
+      expect(asked).toEqual(['slow', 'env', 'broken', 'silent']);
+      const pending = client.request('silent', null);
+      await client.close();
+      await expect(pending).rejects.toMatchObject({ code: 'closed' });
     } finally {
       await agent.close();
     }

@@ -1,6 +1,6 @@
 /**
- * The CLI's end of a session with an agent: the handshake, keep-alive pings, subscribe and
- * unsubscribe as promises, and the agent's messages as events. The CLI's session
+ * The CLI's end of a session with an agent: the handshake, keep-alive pings, subscribe,
+ * unsubscribe and features' requests as promises, and the agent's messages as events. The CLI's session
  * (src/session/mirror.ts) starts one over the agent's stream with {@link AgentClient.start} and
  * hands it to a Replay, which listens to 'opened', 'data' and 'closed'. The agent stream is
  * never paused: the Replay keeps a slow local app's cost to that app's own connections.
@@ -29,6 +29,7 @@ import {
   type DataMessage,
   type ErrorMessage,
   type OpenedMessage,
+  type WireValue,
 } from './messages.js';
 
 export type AgentClientErrorCode =
@@ -41,9 +42,11 @@ export type AgentClientErrorCode =
   | 'agent'
   /** The connection ended without the agent saying why, or failed. */
   | 'closed'
-  /** A subscribe/unsubscribe got no answer within `requestTimeoutMs`. */
+  /** A subscribe/unsubscribe or a feature's request got no answer within `requestTimeoutMs`. */
   | 'request-timeout'
-  | 'subscribe-failed';
+  | 'subscribe-failed'
+  /** The agent answered a feature's request with an error (its text is the message). */
+  | 'request-failed';
 
 export class AgentClientError extends Error {
   override name = 'AgentClientError';
@@ -70,7 +73,7 @@ export interface AgentClientOptions extends FrameLimits {
   keepAliveIntervalMs?: number;
   /** The agent is declared dead when nothing at all came from it for this long (default 20 s). */
   deadAfterMs?: number;
-  /** How long subscribe()/unsubscribe() wait for the agent's answer (default 10 s). */
+  /** How long subscribe()/unsubscribe()/request() wait for the agent's answer (default 10 s). */
   requestTimeoutMs?: number;
 }
 
@@ -99,7 +102,7 @@ export interface AgentClientEvents {
 }
 
 interface PendingRequest {
-  resolve: () => void;
+  resolve: (body: WireValue) => void;
   reject: (error: Error) => void;
   timer: NodeJS.Timeout;
 }
@@ -125,6 +128,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   #keepAlive: NodeJS.Timeout | undefined;
   #watchdog: NodeJS.Timeout | undefined;
   #nonce = 0;
+  #requestId = 0;
   /** When the hello was sent: its answer is the first clock sample. */
   #helloSentMicros = 0;
   /** When each unanswered ping was sent, by nonce: each pong is a clock sample. */
@@ -206,13 +210,39 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   }
 
   /** Resolves once the agent's tap copies connections to `port`. */
-  subscribe(port: number): Promise<void> {
-    return this.#request('subscribe', port);
+  async subscribe(port: number): Promise<void> {
+    await this.#request(`subscribe ${port}`, `subscribe:${port}`, { type: 'subscribe', port });
   }
 
   /** Resolves once the agent copies no new connections to `port`. */
-  unsubscribe(port: number): Promise<void> {
-    return this.#request('unsubscribe', port);
+  async unsubscribe(port: number): Promise<void> {
+    await this.#request(`unsubscribe ${port}`, `unsubscribe:${port}`, {
+      type: 'unsubscribe',
+      port,
+    });
+  }
+
+  /**
+   * Asks one of the agent's features (see src/features/); resolves with the reply's body, which
+   * the feature's messages module checks. Fails with `request-failed` when the agent answered
+   * with an error, and before anything is sent when the agent does not serve `feature`.
+   */
+  request(feature: string, body: WireValue): Promise<WireValue> {
+    if (this.#phase === 'open' && !this.agent.capabilities.includes(feature)) {
+      return Promise.reject(
+        new AgentClientError(
+          'request-failed',
+          `the agent does not serve "${feature}" (it serves: ${this.agent.capabilities.join(', ')}): it is of another mirrord version`,
+        ),
+      );
+    }
+    const id = ++this.#requestId;
+    return this.#request(`a ${feature} request`, `request:${id}`, {
+      type: 'request',
+      id,
+      feature,
+      body,
+    });
   }
 
   /**
@@ -241,35 +271,38 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
     return this.#closed;
   }
 
-  #request(kind: 'subscribe' | 'unsubscribe', port: number): Promise<void> {
+  /** Sends `message` and waits for the answer settled under `key` (see #dispatch). */
+  #request(what: string, key: string, message: ClientMessage): Promise<WireValue> {
     if (this.#phase !== 'open') {
-      return Promise.reject(new AgentClientError('closed', `cannot ${kind}: the session is over`));
+      return Promise.reject(
+        new AgentClientError('closed', `cannot send ${what}: the session is over`),
+      );
     }
-    return new Promise<void>((resolve, reject) => {
-      const key = `${kind}:${port}`;
+    return new Promise<WireValue>((resolve, reject) => {
       const queue = this.#pending.get(key) ?? [];
       const request: PendingRequest = {
         resolve,
         reject,
         timer: setTimeout(() => {
           queue.splice(queue.indexOf(request), 1);
-          reject(
-            new AgentClientError('request-timeout', `the agent did not answer ${kind} ${port}`),
-          );
+          if (queue.length === 0) this.#pending.delete(key);
+          reject(new AgentClientError('request-timeout', `the agent did not answer ${what}`));
         }, this.#requestTimeoutMs),
       };
       queue.push(request);
       this.#pending.set(key, queue);
-      this.#send({ type: kind, port });
+      this.#send(message);
     });
   }
 
-  #settle(key: string, error?: Error): void {
-    const request = this.#pending.get(key)?.shift();
+  #settle(key: string, error?: Error, body: WireValue = null): void {
+    const queue = this.#pending.get(key);
+    const request = queue?.shift();
     if (request === undefined) return; // answer to a request that already timed out
+    if (queue?.length === 0) this.#pending.delete(key);
     clearTimeout(request.timer);
     if (error) request.reject(error);
-    else request.resolve();
+    else request.resolve(body);
   }
 
   #send(message: ClientMessage): void {
@@ -469,6 +502,15 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       case 'pong':
         // Any byte received already proved the agent alive; a pong is also a clock sample.
         this.#onPong(message.nonce, message.clockMicros);
+        return;
+      case 'reply':
+        this.#settle(
+          `request:${message.id}`,
+          message.error === null
+            ? undefined
+            : new AgentClientError('request-failed', `the agent: ${message.error}`),
+          message.body,
+        );
         return;
       case 'hello':
       case 'refused':

@@ -20,14 +20,18 @@ export const MAX_FRAME_SIZE = 16 * 1024 * 1024;
 export const MAX_MESSAGES_PER_FRAME = 16384;
 
 /**
- * Frame body → message → list of strings (hello's capabilities). Nothing deeper exists, and
+ * Frame body → message → a feature's body → its lists (env's reply: body → pairs → pair is 5).
  * msgpackr decodes recursively, so checking this before decoding is what keeps a hostile
  * nesting from overflowing the stack.
  */
-const MAX_DEPTH = 3;
+const MAX_DEPTH = 8;
 /** Longest message (opened: code + 8 fields), with room for hello to grow. */
 const MAX_MESSAGE_FIELDS = 16;
-const MAX_LIST_ITEMS = 256;
+/**
+ * A target's environment can hold thousands of variables (Kubernetes adds seven for each
+ * Service of the namespace); the frame's count of values bounds the memory either way.
+ */
+const MAX_LIST_ITEMS = 65536;
 /** Bounds the decoded heap size of a frame regardless of how its values are nested. */
 const MAX_VALUES_PER_FRAME = MAX_MESSAGES_PER_FRAME * 16;
 
@@ -104,9 +108,9 @@ export function encodeFrame(
 function valueSize(value: WireValue): number {
   if (typeof value === 'string') return MSGPACK_HEADER_BYTES + 3 * value.length;
   if (value instanceof Uint8Array) return MSGPACK_HEADER_BYTES + value.length;
-  if (typeof value === 'object') {
+  if (value !== null && typeof value === 'object') {
     let size = MSGPACK_HEADER_BYTES;
-    for (const s of value) size += MSGPACK_HEADER_BYTES + 3 * s.length;
+    for (const item of value) size += valueSize(item);
     return size;
   }
   return 9;

@@ -16,12 +16,14 @@ import { isIP } from 'node:net';
  * `hello` messages never changes, and `hello` tolerates trailing fields, so that a newer peer
  * is told "wrong version" instead of "malformed message".
  */
-export const PROTOCOL_VERSION = 4;
+export const PROTOCOL_VERSION = 5;
 
 /**
  * What this build supports. Informational: a peer must tolerate names it does not know.
  * `ipv6`: connections to IPv6 addresses are mirrored. `mid-stream`: connections already open
- * when the tap started are mirrored from the first byte seen (`opened.midStream`).
+ * when the tap started are mirrored from the first byte seen (`opened.midStream`). The agent
+ * adds the name of each feature it serves (`request.feature`, see src/features/), so that a
+ * CLI can tell a user what an older or newer agent lacks before it asks.
  */
 export const CAPABILITIES: readonly string[] = ['ipv6', 'mid-stream'];
 
@@ -77,8 +79,26 @@ export interface ByeMessage {
   type: 'bye';
 }
 
+/**
+ * A request to one of the agent's features (src/features/<feature>/): the envelope is the
+ * protocol's, `body` the feature's own, which its messages module checks. Answered by one
+ * `reply` with the same id.
+ */
+export interface RequestMessage {
+  type: 'request';
+  /** Chosen by the client, unique among its unanswered requests. */
+  id: number;
+  feature: string;
+  body: WireValue;
+}
+
 export type ClientMessage =
-  ClientHelloMessage | SubscribeMessage | UnsubscribeMessage | PingMessage | ByeMessage;
+  | ClientHelloMessage
+  | SubscribeMessage
+  | UnsubscribeMessage
+  | PingMessage
+  | ByeMessage
+  | RequestMessage;
 
 // ---- agent → client (CLI) ----
 
@@ -239,6 +259,15 @@ export interface PongMessage {
   clockMicros: number;
 }
 
+/** The answer to a `request`: its feature's body, or why there is none. */
+export interface ReplyMessage {
+  type: 'reply';
+  id: number;
+  /** Null when the request was served; else what went wrong, for a human. */
+  error: string | null;
+  body: WireValue;
+}
+
 export type AgentMessage =
   | AgentHelloMessage
   | RefusedMessage
@@ -250,12 +279,13 @@ export type AgentMessage =
   | ClosedMessage
   | CountersMessage
   | ErrorMessage
-  | PongMessage;
+  | PongMessage
+  | ReplyMessage;
 
 // ---- wire form ----
 
-/** One field of a message on the wire; only these msgpack kinds are ever used. */
-export type WireValue = number | boolean | string | Uint8Array | readonly string[];
+/** One field of a message on the wire; only these msgpack kinds are ever used (no maps). */
+export type WireValue = number | boolean | string | null | Uint8Array | readonly WireValue[];
 export type WireMessage = readonly WireValue[];
 
 /**
@@ -268,6 +298,7 @@ export const MessageCode = {
   unsubscribe: 0x03,
   ping: 0x04,
   bye: 0x05,
+  request: 0x06,
   agentHello: 0x10,
   refused: 0x11,
   subscribed: 0x12,
@@ -279,6 +310,7 @@ export const MessageCode = {
   counters: 0x18,
   error: 0x19,
   pong: 0x1a,
+  reply: 0x1b,
 } as const;
 
 const C = MessageCode;
@@ -295,6 +327,8 @@ export function clientMessageToWire(m: ClientMessage): WireMessage {
       return [C.ping, m.nonce];
     case 'bye':
       return [C.bye];
+    case 'request':
+      return [C.request, m.id, m.feature, m.body];
   }
 }
 
@@ -352,6 +386,8 @@ export function agentMessageToWire(m: AgentMessage): WireMessage {
       return [C.error, m.code, m.message, m.fatal];
     case 'pong':
       return [C.pong, m.nonce, m.clockMicros];
+    case 'reply':
+      return [C.reply, m.id, m.error, m.body];
   }
 }
 
@@ -471,6 +507,14 @@ export function parseClientMessage(value: unknown): ClientMessage {
     case C.bye:
       arity(w, 'bye', 0);
       return { type: 'bye' };
+    case C.request:
+      arity(w, 'request', 3);
+      return {
+        type: 'request',
+        id: uint(w, 1, 'request', 'id'),
+        feature: str(w, 2, 'request', 'feature'),
+        body: w[3] as WireValue, // the feature checks it
+      };
     default:
       return wrongDirection(w[0], 'client');
   }
@@ -588,6 +632,19 @@ export function parseAgentMessage(value: unknown): AgentMessage {
         nonce: uint(w, 1, 'pong', 'nonce'),
         clockMicros: uint(w, 2, 'pong', 'clockMicros'),
       };
+    case C.reply: {
+      arity(w, 'reply', 3);
+      const error = w[2];
+      if (error !== null && typeof error !== 'string') {
+        return fail('reply', 'error', 'nil or a string', error);
+      }
+      return {
+        type: 'reply',
+        id: uint(w, 1, 'reply', 'id'),
+        error,
+        body: w[3] as WireValue, // the feature checks it
+      };
+    }
     default:
       return wrongDirection(w[0], 'agent');
   }

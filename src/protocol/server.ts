@@ -1,6 +1,6 @@
 /**
  * The agent's end of a session: the handshake, the client's requests as events (each answered
- * with ackSubscribe, failSubscribe or ackUnsubscribe), and the agent's messages batched into
+ * with ackSubscribe, failSubscribe or ackUnsubscribe; a feature's with reply or failRequest), and the agent's messages batched into
  * frames. It knows nothing about the tap or reassembly: src/agent/server.ts glues those to it,
  * sends each tap batch's messages and flushes them, and stops reading the tap while the client
  * is behind (`backlogBytes`) until 'drain'.
@@ -23,6 +23,7 @@ import {
   type CloseReason,
   type Counters,
   type OpenedMessage,
+  type WireValue,
 } from './messages.js';
 
 /**
@@ -90,6 +91,8 @@ export interface AgentSessionEvents {
   unsubscribe: [port: number];
   /** Already answered with a pong; for liveness bookkeeping only. */
   ping: [nonce: number];
+  /** A feature's request (see src/features/): answer with reply() or failRequest(). */
+  request: [id: number, feature: string, body: WireValue];
   /** The stream's buffer emptied after needsDrain: resume reading the tap. */
   drain: [];
   /**
@@ -213,6 +216,14 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
 
   sendCounters(counters: Counters): void {
     this.#send({ type: 'counters', ...counters });
+  }
+
+  reply(id: number, body: WireValue): void {
+    this.#sendNow({ type: 'reply', id, error: null, body });
+  }
+
+  failRequest(id: number, error: string): void {
+    this.#sendNow({ type: 'reply', id, error: error.slice(0, MAX_ERROR_TEXT), body: null });
   }
 
   /** A non-fatal problem; for a fatal one use close({ code, message }). */
@@ -384,6 +395,9 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
           if (!this.#stream.writableNeedDrain)
             this.#sendNow({ type: 'pong', nonce: message.nonce, clockMicros: monotonicMicros() });
           this.emit('ping', message.nonce);
+          break;
+        case 'request':
+          this.emit('request', message.id, message.feature, message.body);
           break;
         case 'bye':
           this.close();
