@@ -138,6 +138,10 @@ describe('mirrord.json', () => {
     ports: [['80:8080', 'x'], 'ports[1] "x" is not REMOTE[:LOCAL] with ports from 1 to 65535'],
     ignorePorts: [[80, 0], 'ignorePorts[1] 0 is not a port from 1 to 65535'],
     midStream: [1, '"midStream" must be true or false'],
+    env: ['no', '"env" must be true or false'],
+    envIncludes: [['DB_*', ''], 'envIncludes[1] "" is not a glob of variable names'],
+    envExcludes: ['SECRET_*', '"envExcludes" must be a list'],
+    envOverrides: [['A=1', 'B'], 'envOverrides[1] "B" is not NAME=VALUE with a non-empty NAME'],
   };
 
   test.each(CONFIG_KEYS)('a bad "%s" is named with the file', (key) => {
@@ -187,7 +191,7 @@ describe('mirrord.json', () => {
     // What help groups under Kubernetes, the targets aside, is what a local target refuses.
     const targets: readonly string[] = TARGET_FLAGS;
     const kubeGrouped = Object.keys(flags).filter(
-      (flag) => flags[flag]?.helpGroup && !targets.includes(flag),
+      (flag) => flags[flag]?.helpGroup?.includes('KUBERNETES') && !targets.includes(flag),
     );
     expect(kubeGrouped.sort()).toEqual([...KUBE_ONLY_FLAGS].sort());
   });

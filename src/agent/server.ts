@@ -1,7 +1,8 @@
 import net from 'node:net';
 import { hostname } from 'node:os';
 import { AgentSession } from '../protocol/server.js';
-import type { CloseReason, Counters } from '../protocol/messages.js';
+import { CAPABILITIES, type CloseReason, type Counters } from '../protocol/messages.js';
+import { agentFeatures } from '../features/agent.js';
 import { Outbox } from './outbox.js';
 import { Reassembler, type ReassemblyLimits } from './reassembly.js';
 import { Tap, TapError, deferToTarget, type TapOptions } from './tap.js';
@@ -84,6 +85,10 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   );
 
   const tapNetns = tapNetnsOf(options.target);
+  const features = agentFeatures({
+    pid: 'pid' in tapNetns ? tapNetns.pid : undefined,
+    name: targetName,
+  });
   const targetGone = targetPresence(options.target, tapNetns);
   deferToTarget();
   const tap = Tap.open(
@@ -187,6 +192,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       target: targetName,
       interfaces: interfaceNames,
       secret: options.secret,
+      capabilities: [...CAPABILITIES, ...features.keys()],
     }).then(
       (accepted) => {
         if (session || ended) {
@@ -216,6 +222,17 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
             accepted.sendWarning('unsubscribe-failed', error.message);
           }
           accepted.ackUnsubscribe(port);
+        });
+        accepted.on('request', (id, feature, body) => {
+          const serve = features.get(feature);
+          if (!serve) {
+            accepted.failRequest(id, `this agent serves no feature "${feature}"`);
+            return;
+          }
+          serve(body).then(
+            (reply) => accepted.reply(id, reply),
+            (error: Error) => accepted.failRequest(id, error.message),
+          );
         });
         accepted.on('end', (error) => {
           session = undefined;

@@ -2,6 +2,8 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PULL_POLICIES, type PullPolicy } from '../platform/kube/agent-job.js';
 import { TARGET_KINDS } from '../platform/kube/target-kinds.js';
+import { ENV_OVERRIDE } from '../features/env/flags.js';
+import { overrideOf } from '../features/env/selection.js';
 import { UsageError } from './base-command.js';
 
 /** What `mirrord.json` may hold: the `mirror` command's settings. Flags win over it. */
@@ -27,6 +29,10 @@ export interface MirrorConfig {
   agentIdleTimeout?: number;
   agentStartupTimeout?: number;
   requestTimeout?: number;
+  env?: boolean;
+  envIncludes?: string[];
+  envExcludes?: string[];
+  envOverrides?: string[];
 }
 export type ConfigKey = keyof MirrorConfig;
 
@@ -143,6 +149,14 @@ const SETTINGS: { [Key in ConfigKey]-?: Setting } = {
   ),
   ignorePorts: list('any', isPort, 'a port from 1 to 65535'),
   midStream: one('any', isBoolean, 'true or false'),
+  env: one('any', isBoolean, 'true or false'),
+  envIncludes: list('any', isText, 'a glob of variable names'),
+  envExcludes: list('any', isText, 'a glob of variable names'),
+  envOverrides: list(
+    'any',
+    (item) => typeof item === 'string' && overrideOf(item) !== undefined,
+    ENV_OVERRIDE,
+  ),
 };
 
 export const CONFIG_KEYS = Object.keys(SETTINGS) as ConfigKey[];

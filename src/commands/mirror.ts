@@ -1,29 +1,23 @@
 import { Flags } from '@oclif/core';
 import { EXIT, MirrordCommand, UsageError } from '../cli/base-command.js';
-import { clusterFlags, kubeName } from '../cli/cluster-flags.js';
 import { runMirror, type MirrorEvent } from '../session/mirror.js';
-import { placeLocalAgent } from '../platform/local/agent-process.js';
-import type { AgentPlacer } from '../platform/placed-agent.js';
 import { StatusLine } from '../cli/status-line.js';
 import { SessionTerminal } from '../cli/terminal.js';
 import {
   CONFIG_FILE,
-  KUBE_ONLY_KEYS,
   PORT_MAPPING,
-  configFileName,
   loadMirrorConfig,
   portMappingOf,
   type PortMapping,
 } from '../cli/config.js';
 import {
-  KUBE_ONLY_FLAGS,
-  TARGET_FLAGS,
   commandProblem,
   kubeAgentOptions,
   localPrivilegesProblem,
-  targetOf,
 } from '../cli/mirror-settings.js';
-import { AGENT_DEFAULTS, PULL_POLICIES } from '../platform/kube/agent-job.js';
+import { agentPlacer, resolveTarget, targetFlags } from '../cli/target-flags.js';
+import { appEnvironmentOf } from '../features/env/cli.js';
+import { envFlags } from '../features/env/flags.js';
 
 /** --port REMOTE[:LOCAL]. */
 const portMapping = Flags.custom<PortMapping>({
@@ -33,9 +27,6 @@ const portMapping = Flags.custom<PortMapping>({
     return mapping;
   },
 });
-
-const KUBE = 'KUBERNETES';
-const AGENT = 'AGENT (KUBERNETES)';
 
 export default class MirrorCommand extends MirrordCommand {
   static override summary = "Mirror a target's incoming TCP connections into a local process.";
@@ -56,84 +47,10 @@ export default class MirrorCommand extends MirrordCommand {
   static override strict = false;
 
   static override flags = {
-    pid: Flags.integer({
-      summary: 'Mirror the network namespace of this local process.',
-      helpValue: 'PID',
-      min: 1,
-    }),
-    netns: Flags.string({
-      summary: 'Mirror this named network namespace (ip netns).',
-      helpValue: 'NAME',
-    }),
-    pod: kubeName({
-      summary: 'Mirror this pod.',
-      helpValue: 'NAME',
-      helpGroup: KUBE,
-    }),
-    deployment: kubeName({
-      summary: 'Mirror the newest running, ready pod of this deployment.',
-      helpValue: 'NAME',
-      helpGroup: KUBE,
-    }),
-    statefulset: kubeName({
-      summary: 'Mirror the newest running, ready pod of this statefulset.',
-      helpValue: 'NAME',
-      helpGroup: KUBE,
-    }),
-    container: kubeName({
-      summary: 'The container to mirror (default: the first that is not a mesh sidecar).',
-      helpValue: 'NAME',
-      helpGroup: KUBE,
-    }),
-    namespace: kubeName({
-      char: 'n',
-      summary: "The target's namespace (default: the context's, else default).",
-      helpValue: 'NAME',
-      helpGroup: KUBE,
-    }),
-    ...clusterFlags(KUBE),
+    ...targetFlags,
     'dry-run': Flags.boolean({
       summary: 'Print the agent Job that would be created (YAML) and create nothing.',
-      helpGroup: KUBE,
-    }),
-    'agent-image': Flags.string({
-      summary: 'The agent image (default: the agent image of this version).',
-      helpValue: 'IMAGE',
-      helpGroup: AGENT,
-    }),
-    'agent-pull-policy': Flags.option({
-      summary: "The agent image's pull policy (default: the cluster's).",
-      options: PULL_POLICIES,
-      helpGroup: AGENT,
-    })(),
-    'agent-pull-secret': kubeName({
-      summary: 'An image pull secret for the agent image (repeatable).',
-      helpValue: 'NAME',
-      multiple: true,
-      helpGroup: AGENT,
-    }),
-    'agent-privileged': Flags.boolean({
-      summary:
-        'Run the agent privileged, where a cluster does not grant the capabilities it asks for by default.',
-      helpGroup: AGENT,
-    }),
-    'agent-ttl': Flags.integer({
-      summary: `Seconds Kubernetes keeps the finished agent Job (default: ${AGENT_DEFAULTS.ttlSeconds}).`,
-      helpValue: 'SECONDS',
-      min: 0,
-      helpGroup: AGENT,
-    }),
-    'agent-idle-timeout': Flags.integer({
-      summary: `Seconds the agent waits for its session before it exits (default: ${AGENT_DEFAULTS.idleTimeoutSeconds}).`,
-      helpValue: 'SECONDS',
-      min: 1,
-      helpGroup: AGENT,
-    }),
-    'agent-startup-timeout': Flags.integer({
-      summary: `Seconds to wait for the agent to start (default: ${AGENT_DEFAULTS.startupTimeoutSeconds}).`,
-      helpValue: 'SECONDS',
-      min: 1,
-      helpGroup: AGENT,
+      helpGroup: 'KUBERNETES',
     }),
     port: portMapping({
       summary: 'Mirror remote port REMOTE into local port LOCAL (default: the same).',
@@ -151,6 +68,7 @@ export default class MirrorCommand extends MirrordCommand {
       summary: 'Also replay connections that were already open when mirroring started.',
       allowNo: true,
     }),
+    ...envFlags,
     json: Flags.boolean({
       summary:
         'Print the session’s events (ready, listen, opened, closed, counters) as JSON lines on stdout.',
@@ -181,38 +99,12 @@ export default class MirrorCommand extends MirrordCommand {
         `unexpected argument "${String(argv[0])}": COMMAND and its arguments go after --, as in ${this.config.bin} mirror --netns staging -- node server.js`,
       );
     }
-    const targetFlags = TARGET_FLAGS.filter((flag) => flags[flag] !== undefined);
-    if (targetFlags.length > 1) {
-      throw new UsageError(
-        `give one target, not ${targetFlags.map((flag) => `--${flag}`).join(' and ')}`,
-      );
-    }
     const config = loadMirrorConfig(flags.config);
     // loadMirrorConfig checked every entry of `ports`.
     const mappings = flags.port ?? config.ports?.map((port) => portMappingOf(port)!) ?? [];
     const ports = new Map(mappings.map(({ remote, local }) => [remote, local]));
-    const target = targetOf(flags) ?? targetOf(config);
-    if (!target) {
-      throw new UsageError(
-        `no target: give --pod, --deployment, --statefulset, --pid or --netns (or the same key in ${CONFIG_FILE})`,
-      );
-    }
-    if ('local' in target) {
-      const given = flags as Record<string, unknown>;
-      const kubeFlag = KUBE_ONLY_FLAGS.find((flag) => given[flag] !== undefined);
-      if (kubeFlag) {
-        throw new UsageError(
-          `--${kubeFlag} applies to Kubernetes targets (--pod, --deployment, --statefulset), not to --pid or --netns`,
-        );
-      }
-      // From a file that names no target: ignored here, as the flags would be, so refused.
-      const kubeKey = KUBE_ONLY_KEYS.find((key) => config[key] !== undefined);
-      if (kubeKey) {
-        throw new UsageError(
-          `${configFileName(flags.config)}: "${kubeKey}" applies to Kubernetes targets (pod, deployment, statefulset), not to --pid or --netns`,
-        );
-      }
-    }
+    const target = resolveTarget(flags, config);
+    const env = appEnvironmentOf(target, flags, config);
     // Found out before anything is placed next to the target, not once the agent is ready.
     const commandIssue = command[0] === undefined ? undefined : commandProblem(command[0]);
     if (commandIssue) throw new UsageError(commandIssue);
@@ -233,18 +125,14 @@ export default class MirrorCommand extends MirrordCommand {
         });
       }
     });
-    let placeAgent: AgentPlacer;
-    if ('kube' in target) {
+    if ('kube' in target && flags['dry-run']) {
       const kube = await import('../platform/kube/place-kube-agent.js');
-      const options = kubeAgentOptions(target.kube, flags, config, abort.signal);
-      if (flags['dry-run']) {
-        process.stdout.write(await kube.agentJobYaml(options));
-        return;
-      }
-      placeAgent = kube.placeKubeAgent(options);
-    } else {
-      placeAgent = placeLocalAgent(target.local);
+      process.stdout.write(
+        await kube.agentJobYaml(kubeAgentOptions(target.kube, flags, config, abort.signal)),
+      );
+      return;
     }
+    const placeAgent = await agentPlacer(target, flags, config, abort.signal);
     const ignorePorts = new Set(flags['ignore-port'] ?? config.ignorePorts ?? []);
     // Without --json, a live status at the bottom of the terminal; the app's output that shows
     // on that terminal comes through it, so that the status is redrawn below it.
@@ -266,6 +154,7 @@ export default class MirrorCommand extends MirrordCommand {
         ports,
         ignorePorts,
         midStream: flags['mid-stream'] ?? config.midStream ?? false,
+        appEnvironment: env,
         log: (line) => terminal.note(line),
         onEvent,
         appOutput: live

@@ -4,6 +4,7 @@ import type { AgentPlacer, PlacedAgent } from '../platform/placed-agent.js';
 import { layerPath } from '../package-root.js';
 import { AgentClient, AgentClientError } from '../protocol/client.js';
 import type { Counters, Endpoint } from '../protocol/messages.js';
+import type { EnvironmentSource } from '../features/env/cli.js';
 import { LayerChannel, type AppListener } from './layer-channel.js';
 import { Replay, type ReplayStats, type ReplayDestination } from './replay.js';
 
@@ -17,6 +18,8 @@ export interface MirrorOptions {
   /** Remote ports never mirrored, even when the app listens on them. */
   ignorePorts: Set<number>;
   midStream: boolean;
+  /** The app's environment (see src/features/env/); without it, the CLI's own. */
+  appEnvironment?: EnvironmentSource;
   /** Human-readable notes (stderr). */
   log(line: string): void;
   /** What happens, for --json and the status line. */
@@ -247,6 +250,17 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     if (options.command && layer) {
       const [command = '', ...args] = options.command;
       file = command;
+      const environment = await options.appEnvironment?.(session).catch((error: Error) => {
+        throw new MirrorError(
+          `cannot give the app the target's environment: ${error.message} (--no-env starts it with the local one)`,
+        );
+      });
+      if (environment) {
+        const names = environment.fromTarget;
+        progress(
+          `the app gets ${names.length} variable${names.length === 1 ? '' : 's'} from ${agent.target}${names.length ? ` (${abbreviate(names)})` : ''}`,
+        );
+      }
       const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
       // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
       const output = options.appOutput;
@@ -256,7 +270,11 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         stderr: output?.stderr ? 'pipe' : 'inherit',
         // Handed over as it comes (see handAppOutput), never kept.
         buffer: { stdout: false, stderr: false },
+        // With the target's, the environment is the one appEnvironment made (it holds the
+        // local variables it kept), not added to the CLI's own.
+        extendEnv: environment === undefined,
         env: {
+          ...environment?.env,
           LD_PRELOAD: preload,
           MIRRORD_LAYER_SOCKET: layer.path,
           MIRRORD_LAYER_TOKEN: layer.token,
@@ -335,6 +353,12 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     await agent?.stop();
     await channel?.close();
   }
+}
+
+/** A list of names for a line: the first few, and how many more. */
+function abbreviate(names: string[]): string {
+  const shown = names.slice(0, 5).join(', ');
+  return names.length > 5 ? `${shown} and ${names.length - 5} more` : shown;
 }
 
 /** How an app ended, for a sentence: "exited with code 0", "was killed by SIGSEGV". */

@@ -14,8 +14,9 @@ export interface GuardedOptions {
   stdin: 'inherit' | 'ignore' | 'pipe';
   stdout: 'inherit' | 'ignore' | 'pipe';
   stderr: 'inherit' | 'ignore' | 'pipe';
-  /** Added to this process's environment. */
+  /** Added to this process's environment, or with `extendEnv: false` the whole of it. */
   env?: Record<string, string>;
+  extendEnv?: boolean;
   /** Keep stdout and stderr (false: the caller reads them as they come). */
   buffer?: boolean | { stdout?: boolean; stderr?: boolean };
   /** SIGKILL the guard, hence the program, this long after a kill() (default: never). */
