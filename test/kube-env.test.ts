@@ -1,0 +1,129 @@
+/**
+ * The environment of a real pod in the local app: what the pod got from a ConfigMap and a
+ * Secret (envFrom), the downward API, its spec and the namespace's Services, read by the agent
+ * from the container's process on the real test cluster.
+ */
+import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { testCluster, type TestCluster } from './support/kube.js';
+import { CLI, mirrord, tempDir, untilAsync } from './support/mirror-cli.js';
+
+const NAMESPACE = 'kube-env';
+const run = promisify(execFile);
+
+describe("a pod's environment (real cluster)", () => {
+  let cluster: TestCluster;
+  let serviceIp: string;
+  const dir = tempDir('kube-env');
+
+  beforeAll(async () => {
+    cluster = await testCluster(NAMESPACE);
+    await cluster.core.createNamespacedConfigMap({
+      namespace: NAMESPACE,
+      body: { metadata: { name: 'api-config' }, data: { LOG_LEVEL: 'debug', REGION: 'eu-1' } },
+    });
+    await cluster.core.createNamespacedSecret({
+      namespace: NAMESPACE,
+      body: { metadata: { name: 'api-secret' }, stringData: { DB_PASSWORD: "p@ss'w=rd\n" } },
+    });
+    // Made before the pod, so that the kubelet gives the pod its variables.
+    const service = await cluster.core.createNamespacedService({
+      namespace: NAMESPACE,
+      body: {
+        metadata: { name: 'db' },
+        spec: { selector: { app: 'db' }, ports: [{ port: 5432, name: 'pg' }] },
+      },
+    });
+    serviceIp = service.spec!.clusterIP!;
+    await cluster.core.createNamespacedPod({
+      namespace: NAMESPACE,
+      body: {
+        metadata: { name: 'api', labels: { app: 'api' } },
+        spec: {
+          terminationGracePeriodSeconds: 1,
+          containers: [
+            {
+              name: 'api',
+              image: 'mirrord.test/node:20',
+              imagePullPolicy: 'Never',
+              command: [
+                'node',
+                '-e',
+                "require('net').createServer((s) => s.resume()).listen(8080)",
+              ],
+              readinessProbe: { tcpSocket: { port: 8080 }, periodSeconds: 1 },
+              envFrom: [
+                { configMapRef: { name: 'api-config' } },
+                { secretRef: { name: 'api-secret' } },
+              ],
+              env: [
+                { name: 'POD_NAME', valueFrom: { fieldRef: { fieldPath: 'metadata.name' } } },
+                { name: 'MODE', value: 'staging' },
+              ],
+            },
+          ],
+        },
+      },
+    });
+    await cluster.readyPods('api', 1);
+  }, 300_000);
+
+  afterAll(async () => {
+    dir.remove();
+    await cluster?.remove();
+  }, 300_000);
+
+  const kube = (...args: string[]) => [
+    ...args,
+    '-n',
+    NAMESPACE,
+    '--kubeconfig',
+    cluster.kubeconfig,
+  ];
+  /** The agent's Job, Secret and pod go once the command is done (the pod after its grace). */
+  const nothingLeft = () =>
+    untilAsync(
+      async () => (await cluster.mirrordObjects()).length === 0,
+      'no mirrord Job, Secret or pod left',
+    );
+  const expected = () => ({
+    LOG_LEVEL: 'debug',
+    REGION: 'eu-1',
+    DB_PASSWORD: "p@ss'w=rd\n",
+    POD_NAME: 'api',
+    MODE: 'staging',
+    DB_SERVICE_HOST: serviceIp,
+    DB_SERVICE_PORT_PG: '5432',
+  });
+
+  test('mirrord env prints the pod’s variables over the local ones', async () => {
+    const { stdout } = await run(process.execPath, [CLI, ...kube('env', '--pod', 'api', '--json')]);
+    const env = JSON.parse(stdout) as Record<string, string>;
+    expect(env).toMatchObject(expected());
+    expect(env.KUBERNETES_SERVICE_HOST).toMatch(/^10\.213\./);
+    expect(env.PATH).toBe(process.env.PATH);
+    expect(env.HOSTNAME).not.toBe('api');
+    await nothingLeft();
+  }, 180_000);
+
+  test('the app mirrored from the pod starts with them', async () => {
+    const file = join(dir.path, 'app-env');
+    const session = mirrord([
+      ...kube('--pod', 'api'),
+      '--',
+      process.execPath,
+      '-e',
+      `require('fs').writeFileSync(${JSON.stringify(file)}, JSON.stringify(process.env))`,
+    ]);
+    expect({ code: await session.exited, output: session.output() }).toEqual({
+      code: 0,
+      output: expect.stringMatching(/the app gets \d+ variables from pod kube-env\/api/),
+    });
+    const env = JSON.parse(readFileSync(file, 'utf8')) as Record<string, string>;
+    expect(env).toMatchObject(expected());
+    expect(env.HOME).toBe(process.env.HOME);
+    await nothingLeft();
+  }, 180_000);
+});
