@@ -73,7 +73,7 @@ test('--no-env keeps the local environment, overrides still apply', () => {
   expect(fromTarget).toEqual([]);
 });
 
-test('every built-in local name is one a machine sets, and overrides parse NAME=VALUE', () => {
+test('built-in local names are plain names or prefixes; overrides parse NAME=VALUE', () => {
   for (const glob of LOCAL_VARIABLES) expect(glob).toMatch(/^[A-Z_]+\*?$/);
   expect(overrideOf('A=b=c')).toEqual(['A', 'b=c']);
   expect(overrideOf('A=')).toEqual(['A', '']);
