@@ -40,6 +40,8 @@ COPY --from=build /src/bin/ bin/
 COPY --from=build /src/dist/ dist/
 # The addon embeds the BPF object (bpftool skeleton): agent-bpf/.output is not needed here.
 COPY --from=build /src/build/Release/mirrord_tap.node build/Release/
+# The files feature's openat2 (src/features/files/in_root.cc).
+COPY --from=build /src/build/Release/mirrord_files.node build/Release/
 # The Job's command is `mirrord agent ...`: this puts `mirrord` on PATH.
 COPY docker/mirrord /usr/local/bin/mirrord
 ENTRYPOINT ["mirrord"]

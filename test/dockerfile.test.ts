@@ -282,6 +282,7 @@ describe('the agent image (docker/agent.Dockerfile, as built for the test cluste
     ]);
     expect(readdirSync(join(rootfs, APP, 'build'), { recursive: true }).sort()).toEqual([
       'Release',
+      'Release/mirrord_files.node',
       'Release/mirrord_tap.node',
     ]);
     // The addon links libbpf and libelf, which the runtime stage installs.
@@ -292,6 +293,13 @@ describe('the agent image (docker/agent.Dockerfile, as built for the test cluste
         `Object.keys(require('${APP}/build/Release/mirrord_tap.node')).join()`,
       ]).trim(),
     ).toBe('open,deferToTarget');
+    expect(
+      inImage([
+        'node',
+        '-p',
+        `Object.keys(require('${APP}/build/Release/mirrord_files.node')).join()`,
+      ]).trim(),
+    ).toBe('openInRoot,readLinkAt');
     for (const file of [
       'bin/run.js',
       'dist/commands/agent.js',

@@ -85,10 +85,10 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   );
 
   const tapNetns = tapNetnsOf(options.target);
-  const features = agentFeatures({
-    pid: 'pid' in tapNetns ? tapNetns.pid : undefined,
-    name: targetName,
-  });
+  const features = agentFeatures(
+    { pid: 'pid' in tapNetns ? tapNetns.pid : undefined, name: targetName },
+    (code, message) => session?.sendWarning(code, message),
+  );
   const targetGone = targetPresence(options.target, tapNetns);
   deferToTarget();
   const tap = Tap.open(
@@ -224,18 +224,19 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
           accepted.ackUnsubscribe(port);
         });
         accepted.on('request', (id, feature, body) => {
-          const serve = features.get(feature);
-          if (!serve) {
+          const handler = features.get(feature);
+          if (!handler) {
             accepted.failRequest(id, `this agent serves no feature "${feature}"`);
             return;
           }
-          serve(body).then(
+          handler.serve(body).then(
             (reply) => accepted.reply(id, reply),
             (error: Error) => accepted.failRequest(id, error.message),
           );
         });
         accepted.on('end', (error) => {
           session = undefined;
+          for (const feature of features.values()) void feature.close?.();
           outbox.clear();
           end(error ? { error: `session ended: ${error.message}` } : {});
         });

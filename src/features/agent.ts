@@ -5,8 +5,14 @@
 import type { WireValue } from '../protocol/messages.js';
 import { targetEnvironment } from './env/agent.js';
 import { ENV_FEATURE, envReplyBody } from './env/messages.js';
+import { TargetFiles } from './files/agent.js';
+import { FILES_FEATURE, fileReplyBody, parseFileRequest } from './files/messages.js';
 
-export type FeatureHandler = (body: WireValue) => Promise<WireValue>;
+export interface AgentFeature {
+  serve(body: WireValue): Promise<WireValue>;
+  /** Releases what the session held (open files); the agent serves one session. */
+  close?(): Promise<void>;
+}
 
 /** What the features need to know of the target. */
 export interface FeatureTarget {
@@ -16,14 +22,30 @@ export interface FeatureTarget {
   name: string;
 }
 
-export function agentFeatures(target: FeatureTarget): Map<string, FeatureHandler> {
+/** `warn`: a line for the session (a refused path), which goes on. */
+export function agentFeatures(
+  target: FeatureTarget,
+  warn: (code: string, message: string) => void,
+): Map<string, AgentFeature> {
   const process = (): number => {
     if (target.pid === undefined) {
       throw new Error(`${target.name} is a network namespace: it has no process to take this from`);
     }
     return target.pid;
   };
-  return new Map<string, FeatureHandler>([
-    [ENV_FEATURE, async () => envReplyBody(await targetEnvironment(process()))],
+  let files: TargetFiles | undefined;
+  return new Map<string, AgentFeature>([
+    [ENV_FEATURE, { serve: async () => envReplyBody(await targetEnvironment(process())) }],
+    [
+      FILES_FEATURE,
+      {
+        serve: async (body) => {
+          const request = parseFileRequest(body);
+          files ??= new TargetFiles(process(), (message) => warn(FILES_FEATURE, message));
+          return fileReplyBody(request.op, await files.serve(request));
+        },
+        close: async () => files?.close(),
+      },
+    ],
   ]);
 }
