@@ -2,18 +2,19 @@
 //
 // Hooks bind/listen/accept/accept4/getsockname/getpeername/close/dup/dup2/dup3 for TCP
 // sockets (AF_INET, AF_INET6) so that:
-//  1. the session learns which ports the app listens on: one JSON line per event on a unix
-//     stream socket named by MIRRORD_LAYER_SOCKET (one connection per process, opened with a
-//     hello carrying MIRRORD_LAYER_TOKEN);
+//  1. the session learns which ports the app listens on: one msgpack message per event on a
+//     unix stream socket named by MIRRORD_LAYER_SOCKET (one connection per process, opened with
+//     a hello carrying MIRRORD_LAYER_TOKEN), in the agent protocol's framing (a u32 big-endian
+//     length and a msgpack array of messages, each [code, ...fields]; the codes and fields are
+//     those of src/session/layer-messages.ts), written and read with msgpack-c, linked in;
 //  2. a bind to a taken (EADDRINUSE) or privileged (EACCES) port still works: it binds the same
 //     address with port 0 and getsockname reports the requested port;
 //  3. accept/getpeername report the original remote client of each replayed connection, known
 //     by the source port of the session's local replay connection and the app's port it reached:
-//     the session pushes it ({"peer":{...}} lines) to the processes that listen on that port,
-//     for one that listens alone, and any other asks for it ({"event":"lookup"}): a pre-fork
-//     worker that inherited the listener, one of several processes the session said listen on
-//     the port ({"shared":...}), or a process handed the accepted socket (a Node cluster
-//     primary passes it to a worker).
+//     the session pushes it (`peer`) to the processes that listen on that port, for one that
+//     listens alone, and any other asks for it (`lookup`): a pre-fork worker that inherited the
+//     listener, one of several processes the session said listen on the port (`shared`), or a
+//     process handed the accepted socket (a Node cluster primary passes it to a worker).
 // Without MIRRORD_LAYER_SOCKET, or when the session cannot be reached, the app runs as if the
 // layer were not there. Nothing is printed unless MIRRORD_LAYER_DEBUG=1.
 
@@ -37,6 +38,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <msgpack.h>
+
 #include "replay_source.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -51,6 +54,18 @@
 #define PEER_WAIT_MS 1000
 #define PEER_TTL_MS 30000
 #define LINE_MAX_LEN 512
+// The session's frames are a few dozen bytes; one this long is not the session's.
+#define FRAME_MAX 4096
+
+// Message codes: src/session/layer-messages.ts (LayerCode).
+enum {
+    LAYER_HELLO = 0x01,
+    LAYER_LISTEN = 0x02,
+    LAYER_CLOSE = 0x03,
+    LAYER_LOOKUP = 0x04,
+    SESSION_PEER = 0x10,
+    SESSION_SHARED = 0x11,
+};
 
 // ---- real functions, resolved lazily (a hook may run before any constructor) ----
 
@@ -363,33 +378,38 @@ static int obj_get_or_new(int fd) {
 
 // ---- the unix connection to the session ----
 
-static void handle_line(char *line);
+static void handle_frame(const char *body, size_t size);
 static void after_dup(int oldfd, int newfd);
 
 static void *reader_main(void *arg) {
     int fd = (int)(intptr_t)arg;
-    char buf[4096];
+    char buf[4 + FRAME_MAX];
     size_t len = 0;
     for (;;) {
-        ssize_t n = recv(fd, buf + len, sizeof buf - 1 - len, 0);
+        ssize_t n = recv(fd, buf + len, sizeof buf - len, 0);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             break;
         len += (size_t)n;
-        buf[len] = 0;
-        char *start = buf;
-        char *nl;
-        while ((nl = memchr(start, '\n', len - (size_t)(start - buf))) != NULL) {
-            *nl = 0;
-            handle_line(start);
-            start = nl + 1;
+        size_t at = 0;
+        while (len - at >= 4) {
+            uint32_t size;
+            memcpy(&size, buf + at, 4);
+            size = ntohl(size);
+            if (size > FRAME_MAX) {
+                dbg("a frame of %u bytes is not the session's", size);
+                goto gone;
+            }
+            if (len - at < 4 + (size_t)size)
+                break;
+            handle_frame(buf + at + 4, size);
+            at += 4 + (size_t)size;
         }
-        len -= (size_t)(start - buf);
-        memmove(buf, start, len);
-        if (len >= sizeof buf - 1) // a line longer than the buffer: drop it
-            len = 0;
+        len -= at;
+        memmove(buf, buf + at, len);
     }
+gone:
     dbg("session connection closed");
     pthread_mutex_lock(&send_mu);
     if (conn_fd == fd) {
@@ -399,6 +419,53 @@ static void *reader_main(void *arg) {
     }
     pthread_mutex_unlock(&send_mu);
     return NULL;
+}
+
+// ---- messages to the session: one frame each, packed on the stack (no malloc: close() may
+// run in a signal handler) ----
+
+struct frame {
+    char data[LINE_MAX_LEN];
+    size_t size;
+    int overflow;
+    msgpack_packer pk;
+};
+
+static int frame_write(void *data, const char *buf, size_t len) {
+    struct frame *f = data;
+    if (f->size + len > sizeof f->data) {
+        f->overflow = 1;
+        return -1;
+    }
+    memcpy(f->data + f->size, buf, len);
+    f->size += len;
+    return 0;
+}
+
+// Starts a frame of one message [code, pid, ...]: `fields` more follow the pid.
+static void frame_begin(struct frame *f, int code, uint32_t fields) {
+    f->size = 4; // the length, set by frame_end
+    f->overflow = 0;
+    msgpack_packer_init(&f->pk, f, frame_write);
+    msgpack_pack_array(&f->pk, 1);
+    msgpack_pack_array(&f->pk, 2 + fields);
+    msgpack_pack_int(&f->pk, code);
+    msgpack_pack_int(&f->pk, (int)getpid());
+}
+
+static void pack_str(struct frame *f, const char *s) {
+    size_t n = strlen(s);
+    msgpack_pack_str(&f->pk, n);
+    msgpack_pack_str_body(&f->pk, s, n);
+}
+
+// The frame's bytes, or 0 when it did not fit.
+static size_t frame_end(struct frame *f) {
+    if (f->overflow)
+        return 0;
+    uint32_t size = htonl((uint32_t)(f->size - 4));
+    memcpy(f->data, &size, 4);
+    return f->size;
 }
 
 // Call with send_mu held. Connects when not connected; returns conn_fd or -1.
@@ -446,10 +513,11 @@ static int ensure_connected(void) {
     }
     // The socket is reachable by other users (an app may drop privileges), so the session
     // listens only to connections that first show the token it gave the app.
-    char hello[LINE_MAX_LEN];
-    int n = snprintf(hello, sizeof hello, "{\"event\":\"hello\",\"pid\":%d,\"token\":\"%s\"}\n",
-                     (int)getpid(), layer_token);
-    if (n <= 0 || (size_t)n >= sizeof hello || send(fd, hello, (size_t)n, MSG_NOSIGNAL) != n) {
+    struct frame hello;
+    frame_begin(&hello, LAYER_HELLO, 1);
+    pack_str(&hello, layer_token);
+    size_t n = frame_end(&hello);
+    if (n == 0 || send(fd, hello.data, n, MSG_NOSIGNAL) != (ssize_t)n) {
         dbg("cannot greet the session: %s", strerror(errno));
         shutdown(fd, SHUT_RDWR); // the reader thread sees it and closes the fd
         return -1;
@@ -460,13 +528,16 @@ static int ensure_connected(void) {
     return fd;
 }
 
-static void send_line(const char *line, size_t len) {
+static void send_frame(struct frame *f) {
+    size_t len = frame_end(f);
+    if (len == 0)
+        return;
     pthread_mutex_lock(&send_mu);
     int fd = ensure_connected();
     if (fd >= 0) {
         size_t off = 0;
         while (off < len) {
-            ssize_t n = send(fd, line + off, len - off, MSG_NOSIGNAL);
+            ssize_t n = send(fd, f->data + off, len - off, MSG_NOSIGNAL);
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0) {
@@ -481,72 +552,26 @@ static void send_line(const char *line, size_t len) {
 }
 
 static void report_listen(uint16_t port, uint16_t local_port, int family, const char *address) {
-    char line[LINE_MAX_LEN];
-    int n = snprintf(line, sizeof line,
-                     "{\"event\":\"listen\",\"pid\":%d,\"port\":%u,\"local_port\":%u,\"family\":%d,"
-                     "\"address\":\"%s\"}\n",
-                     (int)getpid(), port, local_port, family, address);
-    if (n > 0 && (size_t)n < sizeof line)
-        send_line(line, (size_t)n);
+    struct frame f;
+    frame_begin(&f, LAYER_LISTEN, 4);
+    msgpack_pack_uint16(&f.pk, port);
+    msgpack_pack_uint16(&f.pk, local_port);
+    msgpack_pack_int(&f.pk, family);
+    pack_str(&f, address);
+    send_frame(&f);
 }
 
 static void report_close(uint16_t port) {
-    char line[LINE_MAX_LEN];
-    int n = snprintf(line, sizeof line, "{\"event\":\"close\",\"pid\":%d,\"port\":%u}\n",
-                     (int)getpid(), port);
-    if (n > 0 && (size_t)n < sizeof line)
-        send_line(line, (size_t)n);
+    struct frame f;
+    frame_begin(&f, LAYER_CLOSE, 1);
+    msgpack_pack_uint16(&f.pk, port);
+    send_frame(&f);
 }
 
-// ---- peer lines:
-// {"peer":{"source_port":54321,"local_port":8080,"address":"10.1.2.3","port":40000}} (the replay's
-// source port, the app's port it reached, the original client) ----
-
-// Finds "key" in s and returns the text after its ':' (whitespace skipped), or NULL.
-static const char *json_value(const char *s, const char *key) {
-    char pat[32];
-    snprintf(pat, sizeof pat, "\"%s\"", key);
-    const char *p = strstr(s, pat);
-    if (!p)
-        return NULL;
-    p += strlen(pat);
-    while (*p == ' ' || *p == '\t')
-        p++;
-    if (*p != ':')
-        return NULL;
-    p++;
-    while (*p == ' ' || *p == '\t')
-        p++;
-    return p;
-}
-
-static long json_int(const char *s, const char *key) {
-    const char *p = json_value(s, key);
-    if (!p || *p < '0' || *p > '9')
-        return -1;
-    char *end;
-    long v = strtol(p, &end, 10);
-    return v;
-}
-
-static int json_str(const char *s, const char *key, char *out, size_t n) {
-    const char *p = json_value(s, key);
-    if (!p || *p != '"')
-        return -1;
-    p++;
-    const char *q = strchr(p, '"');
-    if (!q || (size_t)(q - p) >= n)
-        return -1;
-    memcpy(out, p, (size_t)(q - p));
-    out[q - p] = 0;
-    return 0;
-}
-
-// {"shared":{"local_port":N}}: other processes listen on N too (Node cluster workers handed one
-// listener, SO_REUSEPORT): peers pushed here may have been for them, so accepts on it ask.
-static void handle_shared(const char *shared) {
-    long local_port = json_int(shared, "local_port");
-    if (local_port <= 0 || local_port > 65535)
+// `shared`: other processes listen on local_port too (Node cluster workers handed one listener,
+// SO_REUSEPORT): peers pushed here may have been for them, so accepts on it ask.
+static void handle_shared(uint64_t local_port) {
+    if (local_port == 0 || local_port > 65535)
         return;
     pthread_mutex_lock(&mu);
     for (int i = 0; i < OBJ_MAX; i++) {
@@ -554,7 +579,7 @@ static void handle_shared(const char *shared) {
             objs[i].shared = 1;
     }
     pthread_mutex_unlock(&mu);
-    dbg("other processes listen on local port %ld too", local_port);
+    dbg("other processes listen on local port %llu too", (unsigned long long)local_port);
 }
 
 static int peer_live(const struct peer_entry *e) {
@@ -578,22 +603,14 @@ static struct peer_entry *peer_way(struct peer_entry *set, uint16_t local_port) 
     return oldest;
 }
 
-static void handle_line(char *line) {
-    const char *shared = json_value(line, "shared");
-    if (shared && *shared == '{') {
-        handle_shared(shared);
-        return;
-    }
-    const char *peer = json_value(line, "peer");
-    if (!peer || *peer != '{')
-        return; // other lines are ignored (room for later messages)
-    long source_port = json_int(peer, "source_port");
-    long local_port = json_int(peer, "local_port");
-    long port = json_int(peer, "port");
-    char addr[INET6_ADDRSTRLEN + 1];
-    if (source_port <= 0 || source_port > 65535 || local_port <= 0 || local_port > 65535 ||
-        port < 0 || port > 65535 || json_str(peer, "address", addr, sizeof addr) != 0) {
-        dbg("bad peer line: %s", line);
+// `peer`: the original client of the replayed connection from source_port to the app's
+// local_port; with `socket`, the answer to a lookup about that socket.
+static void handle_peer(uint64_t source_port, uint64_t local_port, const char *addr, uint64_t port,
+                        const char *id) {
+    if (source_port == 0 || source_port > 65535 || local_port == 0 || local_port > 65535 ||
+        port > 65535) {
+        dbg("bad peer: ports %llu %llu %llu", (unsigned long long)source_port,
+            (unsigned long long)local_port, (unsigned long long)port);
         return;
     }
     struct sockaddr_storage ss;
@@ -610,8 +627,7 @@ static void handle_line(char *line) {
         dbg("bad peer address: %s", addr);
         return;
     }
-    char id[24];
-    if (json_str(peer, "socket", id, sizeof id) == 0) {
+    if (id) {
         // The answer to a lookup: for the thread that asked about this socket.
         unsigned long long socket = strtoull(id, NULL, 10);
         pthread_mutex_lock(&mu);
@@ -624,7 +640,7 @@ static void handle_line(char *line) {
         }
         pthread_cond_broadcast(&peer_cv);
         pthread_mutex_unlock(&mu);
-        dbg("peer of socket %llu: %s:%ld", socket, addr, port);
+        dbg("peer of socket %llu: %s:%llu", socket, addr, (unsigned long long)port);
         return;
     }
     pthread_mutex_lock(&mu);
@@ -645,7 +661,61 @@ static void handle_line(char *line) {
     }
     pthread_cond_broadcast(&peer_cv);
     pthread_mutex_unlock(&mu);
-    dbg("peer for source port %ld to local port %ld: %s:%ld", source_port, local_port, addr, port);
+    dbg("peer for source port %llu to local port %llu: %s:%llu", (unsigned long long)source_port,
+        (unsigned long long)local_port, addr, (unsigned long long)port);
+}
+
+// A msgpack string as a C string in `out`; -1 when it is not a string or does not fit.
+static int str_of(const msgpack_object *o, char *out, size_t n) {
+    if (o->type != MSGPACK_OBJECT_STR || o->via.str.size >= n)
+        return -1;
+    memcpy(out, o->via.str.ptr, o->via.str.size);
+    out[o->via.str.size] = 0;
+    return 0;
+}
+
+static int uint_of(const msgpack_object *o, uint64_t *out) {
+    if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+        return -1;
+    *out = o->via.u64;
+    return 0;
+}
+
+// One frame from the session: an array of messages [code, ...fields]. Messages of other codes
+// are skipped (room for later ones).
+static void handle_frame(const char *body, size_t size) {
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    size_t off = 0;
+    if (msgpack_unpack_next(&u, body, size, &off) != MSGPACK_UNPACK_SUCCESS ||
+        u.data.type != MSGPACK_OBJECT_ARRAY) {
+        dbg("a frame from the session that is no array of messages");
+        msgpack_unpacked_destroy(&u);
+        return;
+    }
+    for (uint32_t i = 0; i < u.data.via.array.size; i++) {
+        const msgpack_object *m = &u.data.via.array.ptr[i];
+        uint64_t code;
+        if (m->type != MSGPACK_OBJECT_ARRAY || m->via.array.size == 0 ||
+            uint_of(&m->via.array.ptr[0], &code) != 0)
+            continue;
+        const msgpack_object *f = m->via.array.ptr;
+        uint64_t source_port, local_port, port;
+        char addr[INET6_ADDRSTRLEN + 1], id[24];
+        if (code == SESSION_SHARED && m->via.array.size == 2 && uint_of(&f[1], &local_port) == 0) {
+            handle_shared(local_port);
+        } else if (code == SESSION_PEER && m->via.array.size == 6 &&
+                   uint_of(&f[1], &source_port) == 0 && uint_of(&f[2], &local_port) == 0 &&
+                   str_of(&f[3], addr, sizeof addr) == 0 && uint_of(&f[4], &port) == 0 &&
+                   (f[5].type == MSGPACK_OBJECT_NIL || str_of(&f[5], id, sizeof id) == 0)) {
+            handle_peer(source_port, local_port, addr, port,
+                        f[5].type == MSGPACK_OBJECT_NIL ? NULL : id);
+        } else {
+            dbg("a message from the session of code %llu that is not understood",
+                (unsigned long long)code);
+        }
+    }
+    msgpack_unpacked_destroy(&u);
 }
 
 // Call with mu held. Takes (removes) the entry of the connection from source_port to
@@ -734,13 +804,14 @@ static int lookup_peer(int fd, uint16_t sport, uint16_t lport, struct sockaddr_s
         dbg("too many lookups at once");
         return 0;
     }
-    char line[LINE_MAX_LEN];
-    int n = snprintf(line, sizeof line,
-                     "{\"event\":\"lookup\",\"pid\":%d,\"source_port\":%u,\"local_port\":%u,"
-                     "\"socket\":\"%llu\"}\n",
-                     (int)getpid(), sport, lport, socket);
-    if (n > 0 && (size_t)n < sizeof line)
-        send_line(line, (size_t)n); // connects first when this process has no connection yet
+    struct frame f;
+    frame_begin(&f, LAYER_LOOKUP, 3);
+    msgpack_pack_uint16(&f.pk, sport);
+    msgpack_pack_uint16(&f.pk, lport);
+    char id[24];
+    snprintf(id, sizeof id, "%llu", socket);
+    pack_str(&f, id);
+    send_frame(&f); // connects first when this process has no connection yet
     struct timespec dl;
     deadline_in(&dl, PEER_WAIT_MS);
     pthread_mutex_lock(&mu);

@@ -3,10 +3,13 @@ import { chmodSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { FrameDecoder, encodeFrame } from '../src/protocol/framing.js';
+import { parseLayerMessage, sessionMessageToWire } from '../src/session/layer-messages.js';
 import { untilAccepted } from './support/accepted.js';
 
 // The LD_PRELOAD layer (layer/layer.c) in real programs: node and python3 servers, real sockets,
-// loopback only. A small unix-socket server stands in for the session. Build first: make -C layer.
+// loopback only. A small unix-socket server stands in for the session, speaking the channel's
+// messages (src/session/layer-messages.ts). Build first: make -C layer.
 
 const LAYER = resolve('layer/.output/mirrord_layer.so');
 const PYTHON = '/usr/bin/python3'; // not the pyenv shim: it must also run as nobody
@@ -49,17 +52,20 @@ class FakeSession {
 
   private accept(c: net.Socket): void {
     const id = this.conns.push(c) - 1;
-    let buf = '';
-    c.setEncoding('utf8');
-    c.on('data', (d: string) => {
-      buf += d;
-      let nl: number;
-      while ((nl = buf.indexOf('\n')) >= 0) {
-        const event = { ...JSON.parse(buf.slice(0, nl)), conn: id } as LayerEvent;
+    const decoder = new FrameDecoder(parseLayerMessage);
+    c.on('data', (d: Buffer) => {
+      for (const message of decoder.push(d)) {
+        const { type, ...fields } = message;
+        const event: LayerEvent = {
+          event: type,
+          port: 0,
+          ...fields,
+          ...('localPort' in fields ? { local_port: fields.localPort } : {}),
+          conn: id,
+        };
         // Every connection opens with a hello; the events under test are what follows it.
         if (event.event === 'hello') this.hellos.push(event);
         else this.events.push(event);
-        buf = buf.slice(nl + 1);
       }
       this.wake();
     });
@@ -111,9 +117,11 @@ class FakeSession {
     address: string,
     port: number,
   ): void {
-    const peer = { source_port: sourcePort, local_port: localPort, address, port };
-    const line = JSON.stringify({ peer });
-    this.conns[conn]!.write(line + '\n');
+    this.conns[conn]!.write(
+      encodeFrame([
+        sessionMessageToWire({ type: 'peer', sourcePort, localPort, address, port, socket: null }),
+      ]),
+    );
   }
 
   dump(): string {

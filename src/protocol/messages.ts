@@ -391,7 +391,7 @@ export function agentMessageToWire(m: AgentMessage): WireMessage {
   }
 }
 
-// ---- validation ----
+// ---- validation (also of the layer channel's messages, src/session/layer-messages.ts) ----
 
 const CODE_NAMES = new Map<number, string>(Object.entries(MessageCode).map(([k, v]) => [v, k]));
 
@@ -412,7 +412,12 @@ function fail(message: string, field: string, expected: string, value: unknown):
   throw new ProtocolError(`${message}.${field}: expected ${expected}, got ${describe(value)}`);
 }
 
-function arity(wire: readonly unknown[], message: string, fields: number, exact = true): void {
+export function arity(
+  wire: readonly unknown[],
+  message: string,
+  fields: number,
+  exact = true,
+): void {
   if (wire.length - 1 < fields || (exact && wire.length - 1 !== fields)) {
     throw new ProtocolError(
       `${message}: expected ${exact ? '' : 'at least '}${fields} fields, got ${wire.length - 1}`,
@@ -420,19 +425,19 @@ function arity(wire: readonly unknown[], message: string, fields: number, exact 
   }
 }
 
-function uint(wire: readonly unknown[], i: number, message: string, field: string): number {
+export function uint(wire: readonly unknown[], i: number, message: string, field: string): number {
   const v = wire[i];
   if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return v;
   return fail(message, field, 'a non-negative integer', v);
 }
 
-function port(wire: readonly unknown[], i: number, message: string, field: string): number {
+export function port(wire: readonly unknown[], i: number, message: string, field: string): number {
   const v = wire[i];
   if (typeof v === 'number' && Number.isInteger(v) && v >= 1 && v <= 65535) return v;
   return fail(message, field, 'a port number (1–65535)', v);
 }
 
-function str(wire: readonly unknown[], i: number, message: string, field: string): string {
+export function str(wire: readonly unknown[], i: number, message: string, field: string): string {
   const v = wire[i];
   if (typeof v === 'string') return v;
   return fail(message, field, 'a string', v);
@@ -462,7 +467,7 @@ function address(
   return fail(message, field, `an IPv${family} address`, v);
 }
 
-function messageCode(wire: unknown): readonly unknown[] & { 0: number } {
+export function messageCode(wire: unknown): readonly unknown[] & { 0: number } {
   if (!Array.isArray(wire) || wire.length === 0) {
     throw new ProtocolError(`expected a message [typeCode, ...fields], got ${describe(wire)}`);
   }

@@ -4,6 +4,13 @@ import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { FrameDecoder, encodeFrame } from '../protocol/framing.js';
+import {
+  parseLayerMessage,
+  sessionMessageToWire,
+  type LayerMessage,
+  type SessionMessage,
+} from './layer-messages.js';
 
 /** A listening socket of the local app, as the layer reported it. */
 export interface AppListener {
@@ -28,8 +35,8 @@ export interface LayerChannelEvents {
   waiting: [{ sourcePort: number; localPort: number }];
 }
 
-/** Lines longer than this are not the layer's: the connection is dropped. */
-const MAX_LINE = 4096;
+/** Frames longer than this are not the layer's: the connection is dropped. */
+const MAX_FRAME_BYTES = 4096;
 
 /**
  * How long a lookup waits for its connection to be announced (the layer itself waits 1 s): the
@@ -69,8 +76,8 @@ const keyOf = (sourcePort: number, localPort: number): string => `${sourcePort}/
 
 /**
  * The CLI's end of the layer's unix socket (see layer/layer.c): each process of the local app
- * connects on its own and reports, one JSON line each, the ports it starts and stops listening
- * on; the CLI answers on the same connection with the original peer of each replayed
+ * connects on its own and reports, in msgpack messages (layer-messages.ts), the ports it starts
+ * and stops listening on; the CLI answers on the same connection with the original peer of each replayed
  * connection, which the app's accept() then reports.
  *
  * A replayed connection is known by its source port and the app's port it reached: the kernel
@@ -88,7 +95,7 @@ const keyOf = (sourcePort: number, localPort: number): string => `${sourcePort}/
  * An app may drop privileges (a server started as root that becomes `nobody` to bind port 80),
  * so the socket is open to every user, in a directory they may enter but not list. What keeps
  * other users out is the token in the app's environment (MIRRORD_LAYER_TOKEN, readable only by
- * the app's own user): a connection's first line must carry it, or it is dropped unheard.
+ * the app's own user): a connection's first message must carry it, or it is dropped unheard.
  */
 export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   readonly #server = net.createServer();
@@ -143,15 +150,16 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
     const key = keyOf(sourcePort, localPort);
     const entry: Peer = { address: original.address, port: original.port };
     this.#peers.set(key, entry);
-    const peer = {
-      source_port: sourcePort,
-      local_port: localPort,
+    const frame = frameOf({
+      type: 'peer',
+      sourcePort,
+      localPort,
       address: original.address,
       port: original.port,
-    };
-    const line = `${JSON.stringify({ peer })}\n`;
+      socket: null,
+    });
     // Also to those told to ask: one may accept before it has read that it should.
-    for (const connection of this.#holders(localPort)) connection.socket.write(line);
+    for (const connection of this.#holders(localPort)) connection.socket.write(frame);
     const waiting = this.#lookups.get(key);
     const first = waiting?.shift();
     if (!first) return;
@@ -188,16 +196,17 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       shared: new Set(),
     };
     this.#connections.add(connection);
-    let pending = '';
-    socket.setEncoding('utf8');
-    socket.on('data', (chunk: string) => {
-      pending += chunk;
-      let newline: number;
-      while ((newline = pending.indexOf('\n')) >= 0) {
-        this.#onLine(connection, pending.slice(0, newline));
-        pending = pending.slice(newline + 1);
+    const decoder = new FrameDecoder(parseLayerMessage, { maxFrameSize: MAX_FRAME_BYTES });
+    socket.on('data', (chunk: Buffer) => {
+      let messages: LayerMessage[];
+      try {
+        messages = decoder.push(chunk);
+      } catch {
+        // Not the layer: whatever it is gets nothing more.
+        socket.destroy();
+        return;
       }
-      if (pending.length > MAX_LINE) socket.destroy();
+      for (const message of messages) this.#onMessage(connection, message);
     });
     socket.on('error', () => socket.destroy());
     // A process that exits cannot say close: its connection ending says it for every port.
@@ -210,54 +219,37 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
     });
   }
 
-  #onLine(connection: LayerConnection, line: string): void {
-    let event: Record<string, unknown>;
-    try {
-      event = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
+  #onMessage(connection: LayerConnection, message: LayerMessage): void {
+    if (connection.socket.destroyed) return;
     if (!connection.greeted) {
-      const token = Buffer.from(typeof event.token === 'string' ? event.token : '');
+      const token = Buffer.from(message.type === 'hello' ? message.token : '');
       const expected = Buffer.from(this.token);
-      if (
-        event.event !== 'hello' ||
-        token.length !== expected.length ||
-        !timingSafeEqual(token, expected)
-      ) {
+      if (token.length !== expected.length || !timingSafeEqual(token, expected)) {
         connection.socket.destroy();
         return;
       }
       connection.greeted = true;
       return;
     }
-    if (event.event === 'lookup') {
-      const { source_port: sourcePort, local_port: localPort, socket } = event;
-      if (
-        typeof sourcePort === 'number' &&
-        typeof localPort === 'number' &&
-        typeof socket === 'string'
-      ) {
-        this.#lookup(connection, sourcePort, localPort, socket);
+    switch (message.type) {
+      case 'lookup':
+        this.#lookup(connection, message.sourcePort, message.localPort, message.socket);
+        return;
+      case 'listen': {
+        const { type, ...listener } = message;
+        connection.ports.set(listener.port, listener);
+        const holders = this.#holders(listener.localPort);
+        if (holders.length > 1) this.#share(holders, listener.localPort);
+        this.emit('listen', listener);
+        return;
       }
-      return;
-    }
-    const { pid, port } = event;
-    if (typeof pid !== 'number' || typeof port !== 'number') return;
-    if (event.event === 'listen') {
-      const listener: AppListener = {
-        pid,
-        port,
-        localPort: typeof event.local_port === 'number' ? event.local_port : port,
-        family: event.family === 6 ? 6 : 4,
-        address: typeof event.address === 'string' ? event.address : '127.0.0.1',
-      };
-      connection.ports.set(port, listener);
-      const holders = this.#holders(listener.localPort);
-      if (holders.length > 1) this.#share(holders, listener.localPort);
-      this.emit('listen', listener);
-    } else if (event.event === 'close' && connection.ports.delete(port)) {
-      this.emit('close', { pid, port });
+      case 'close':
+        if (connection.ports.delete(message.port)) {
+          this.emit('close', { pid: message.pid, port: message.port });
+        }
+        return;
+      case 'hello':
+        return; // once is enough
     }
   }
 
@@ -276,11 +268,11 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
    * connection from the same source port. Each is told to ask instead, once.
    */
   #share(holders: LayerConnection[], localPort: number): void {
-    const line = `${JSON.stringify({ shared: { local_port: localPort } })}\n`;
+    const frame = frameOf({ type: 'shared', localPort });
     for (const holder of holders) {
       if (holder.shared.has(localPort)) continue;
       holder.shared.add(localPort);
-      holder.socket.write(line);
+      holder.socket.write(frame);
     }
   }
 
@@ -324,13 +316,21 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
     entry: Peer,
   ): void {
     entry.socket = socket;
-    const peer = {
-      source_port: sourcePort,
-      local_port: localPort,
-      address: entry.address,
-      port: entry.port,
-      socket,
-    };
-    if (!connection.socket.destroyed) connection.socket.write(`${JSON.stringify({ peer })}\n`);
+    if (connection.socket.destroyed) return;
+    connection.socket.write(
+      frameOf({
+        type: 'peer',
+        sourcePort,
+        localPort,
+        address: entry.address,
+        port: entry.port,
+        socket,
+      }),
+    );
   }
+}
+
+/** A frame of one message: each goes out as soon as it is known. */
+function frameOf(message: SessionMessage): Buffer {
+  return encodeFrame([sessionMessageToWire(message)]);
 }
