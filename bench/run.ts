@@ -6,6 +6,7 @@ const benches: Record<string, () => Promise<Record<string, unknown>>> = {
   tap: async () => (await import('./tap.js')).benchTap(),
   forward: async () => (await import('./forward.js')).benchForward(),
   mirror: async () => (await import('./mirror.js')).benchMirror(),
+  files: async () => (await import('./files.js')).benchFiles(),
 };
 
 const name = process.argv[2] ?? '';

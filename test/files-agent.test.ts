@@ -10,6 +10,7 @@ import { mkdirSync, readlinkSync, symlinkSync, writeFileSync, chmodSync } from '
 import { join } from 'node:path';
 import { MAX_OPEN_FILES } from '../src/features/files/agent.js';
 import { RemoteFiles } from '../src/features/files/cli.js';
+import { MAX_READ_BYTES } from '../src/features/files/messages.js';
 import { placeLocalAgent } from '../src/platform/local/agent-process.js';
 import type { PlacedAgent } from '../src/platform/placed-agent.js';
 import { AgentClient } from '../src/protocol/client.js';
@@ -192,28 +193,41 @@ describe("the target's files, through the agent", () => {
     expect(await files.readFile('/app/empty')).toEqual({ errno: null, bytes: Buffer.alloc(0) });
   });
 
-  test('a session holds at most 1,024 files open; a closed one frees its place', async () => {
+  test('a small file comes whole with its open; a session holds at most 1,024 large ones open', async () => {
+    const small = await files.ask({ op: 'open', path: '/app/config.json' });
+    expect(small).toMatchObject({
+      errno: null,
+      result: { handle: 0, head: Buffer.from('{"feature": true}') },
+    });
     const opened = await Promise.all(
       Array.from({ length: MAX_OPEN_FILES }, () =>
-        files.ask({ op: 'open', path: '/app/config.json' }),
+        files.ask({ op: 'open', path: '/data/big.bin' }),
       ),
     );
-    expect(opened.every((reply) => reply.errno === null)).toBe(true);
-    expect(await files.ask({ op: 'open', path: '/app/config.json' })).toEqual({
+    expect(opened.every((reply) => reply.errno === null && reply.result.handle > 0)).toBe(true);
+    expect(opened[0]!.result!.head.length).toBe(MAX_READ_BYTES);
+    expect(await files.ask({ op: 'open', path: '/data/big.bin' })).toEqual({
       errno: 'EMFILE',
       result: null,
     });
+    // Small files need no place: they are closed before the reply.
+    expect((await files.ask({ op: 'open', path: '/app/config.json' })).errno).toBeNull();
     const [first, ...rest] = opened.map((reply) => reply.result!.handle);
     expect(await files.ask({ op: 'close', handle: first! })).toEqual({ errno: null, result: null });
-    const again = await files.ask({ op: 'open', path: '/app/config.json' });
+    const again = await files.ask({ op: 'open', path: '/data/big.bin' });
     expect(again.errno).toBeNull();
     const read = await files.ask({
       op: 'read',
       handle: again.result!.handle,
-      offset: 2,
+      offset: MAX_READ_BYTES,
       length: 7,
     });
-    expect(read).toEqual({ errno: null, result: Buffer.from('feature') });
+    const direct = execFileSync(
+      'dd',
+      [`if=${join(root, 'data/big.bin')}`, 'bs=1', `skip=${MAX_READ_BYTES}`, 'count=7'],
+      { stdio: ['ignore', 'pipe', 'ignore'] },
+    );
+    expect(read).toEqual({ errno: null, result: direct });
     await Promise.all(
       [...rest, again.result!.handle].map((handle) => files.ask({ op: 'close', handle })),
     );

@@ -60,7 +60,8 @@ describe('files messages', () => {
     }
     const replies = [
       ['stat', { errno: null, result: stat }],
-      ['open', { errno: null, result: { handle: 3, stat } }],
+      ['open', { errno: null, result: { handle: 3, stat, head: Buffer.from('first') } }],
+      ['open', { errno: null, result: { handle: 0, stat, head: Buffer.alloc(0) } }],
       ['read', { errno: null, result: Buffer.from('bytes') }],
       ['close', { errno: null, result: null }],
       [

@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import { AgentSession } from '../protocol/server.js';
 import { CAPABILITIES, type CloseReason, type Counters } from '../protocol/messages.js';
 import { agentFeatures } from '../features/agent.js';
+import { FeatureHost } from '../features/host.js';
 import { Outbox } from './outbox.js';
 import { Reassembler, type ReassemblyLimits } from './reassembly.js';
 import { Tap, TapError, deferToTarget, type TapOptions } from './tap.js';
@@ -223,20 +224,11 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
           }
           accepted.ackUnsubscribe(port);
         });
-        accepted.on('request', (id, feature, body) => {
-          const handler = features.get(feature);
-          if (!handler) {
-            accepted.failRequest(id, `this agent serves no feature "${feature}"`);
-            return;
-          }
-          handler.serve(body).then(
-            (reply) => accepted.reply(id, reply),
-            (error: Error) => accepted.failRequest(id, error.message),
-          );
-        });
+        const host = new FeatureHost(features, accepted);
+        accepted.on('request', (id, feature, body) => host.request(id, feature, body));
         accepted.on('end', (error) => {
           session = undefined;
-          for (const feature of features.values()) void feature.close?.();
+          void host.close();
           outbox.clear();
           end(error ? { error: `session ended: ${error.message}` } : {});
         });

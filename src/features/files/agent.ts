@@ -83,6 +83,12 @@ async function statOf(fd: number): Promise<FileStat> {
   };
 }
 
+async function readAt(fd: number, offset: number, length: number): Promise<Buffer> {
+  const buffer = Buffer.allocUnsafe(Math.min(length, MAX_READ_BYTES));
+  const { bytesRead } = await read(fd, buffer, 0, buffer.length, offset);
+  return buffer.subarray(0, bytesRead);
+}
+
 export class TargetFiles {
   readonly #root: string;
   readonly #warn: (message: string) => void;
@@ -123,24 +129,25 @@ export class TargetFiles {
         return this.#with(request.path, flags, statOf);
       }
       case 'open': {
-        if (this.#open.size >= MAX_OPEN_FILES) throw new Failure('EMFILE');
         const fd = await this.#openInRoot(request.path, constants.O_RDONLY);
+        let handle = 0;
         try {
           const stat = await statOf(fd);
           if (stat.kind === 'dir') throw new Failure('EISDIR');
-          const handle = this.#nextHandle++;
-          this.#open.set(handle, fd);
-          return { handle, stat };
-        } catch (error) {
-          await close(fd);
-          throw error;
+          const head = await readAt(fd, 0, MAX_READ_BYTES);
+          // All of it (a short read is the end): nothing is left to read by handle.
+          if (head.length === MAX_READ_BYTES) {
+            if (this.#open.size >= MAX_OPEN_FILES) throw new Failure('EMFILE');
+            handle = this.#nextHandle++;
+            this.#open.set(handle, fd);
+          }
+          return { handle, stat, head };
+        } finally {
+          if (handle === 0) await close(fd);
         }
       }
       case 'read': {
-        const fd = this.#fd(request.handle);
-        const buffer = Buffer.allocUnsafe(Math.min(request.length, MAX_READ_BYTES));
-        const { bytesRead } = await read(fd, buffer, 0, buffer.length, request.offset);
-        return buffer.subarray(0, bytesRead);
+        return readAt(this.#fd(request.handle), request.offset, request.length);
       }
       case 'close': {
         const fd = this.#fd(request.handle);

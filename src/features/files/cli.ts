@@ -10,7 +10,7 @@ import {
 } from './messages.js';
 
 /** Reads of one file in flight at once: enough to hide a port-forward's round trip. */
-const READS_IN_FLIGHT = 4;
+const READS_IN_FLIGHT = 8;
 
 export class RemoteFiles {
   readonly #client: AgentClient;
@@ -27,36 +27,46 @@ export class RemoteFiles {
   }
 
   /**
-   * A whole file, read `MAX_READ_BYTES` at a time with a few reads in flight; the errno when it
-   * cannot be opened or read.
+   * A whole file: its first bytes come with the open, the rest `MAX_READ_BYTES` at a time with a
+   * few reads in flight, each copied once into its place; the errno when it cannot be opened
+   * or read.
    */
   async readFile(path: string): Promise<{ errno: null; bytes: Buffer } | { errno: string }> {
     const opened = await this.ask({ op: 'open', path });
     if (opened.errno !== null) return { errno: opened.errno };
-    const { handle } = opened.result;
+    const { handle, stat, head } = opened.result;
+    if (handle === 0) return { errno: null, bytes: head };
     try {
-      const parts: Buffer[] = [];
-      let total = 0;
-      for (let offset = 0; ; offset += READS_IN_FLIGHT * MAX_READ_BYTES) {
-        const reads = Array.from({ length: READS_IN_FLIGHT }, (_, i) =>
-          this.ask({
-            op: 'read',
-            handle,
-            offset: offset + i * MAX_READ_BYTES,
-            length: MAX_READ_BYTES,
-          }),
-        );
-        let short = false;
+      // The size stat gave; a file that grows meanwhile is read as far as it was.
+      const bytes = Buffer.allocUnsafe(Math.max(stat.size, head.length));
+      head.copy(bytes);
+      let end = head.length;
+      while (end < bytes.length) {
+        const reads = [];
+        for (
+          let at = end;
+          at < bytes.length && reads.length < READS_IN_FLIGHT;
+          at += MAX_READ_BYTES
+        ) {
+          reads.push(
+            this.ask({
+              op: 'read',
+              handle,
+              offset: at,
+              length: Math.min(MAX_READ_BYTES, bytes.length - at),
+            }),
+          );
+        }
         for (const reply of await Promise.all(reads)) {
           if (reply.errno !== null) return { errno: reply.errno };
-          if (short) continue;
-          parts.push(reply.result);
-          total += reply.result.length;
-          // A short read is the end (a file that grows meanwhile is read as far as it was).
-          short = reply.result.length < MAX_READ_BYTES;
+          reply.result.copy(bytes, end);
+          end += reply.result.length;
+          // A short read is the end: the file shrank.
+          if (reply.result.length < MAX_READ_BYTES && end < bytes.length)
+            return { errno: null, bytes: bytes.subarray(0, end) };
         }
-        if (short) return { errno: null, bytes: Buffer.concat(parts, total) };
       }
+      return { errno: null, bytes };
     } finally {
       await this.ask({ op: 'close', handle }).catch(() => undefined);
     }

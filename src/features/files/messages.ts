@@ -41,7 +41,11 @@ export type FileRequest =
 
 export interface FileResults {
   stat: FileStat;
-  open: { handle: number; stat: FileStat };
+  /**
+   * The file's first bytes come with it (up to MAX_READ_BYTES): a small file takes one round
+   * trip. When they are all of it, the agent has closed it already and `handle` is 0.
+   */
+  open: { handle: number; stat: FileStat; head: Buffer };
   read: Buffer;
   close: null;
   list: [name: string, kind: FileKind][];
@@ -159,7 +163,7 @@ export function fileReplyBody<Op extends FileRequest['op']>(
       return [null, statToWire(result as FileStat)];
     case 'open': {
       const opened = result as FileResults['open'];
-      return [null, [opened.handle, statToWire(opened.stat)]];
+      return [null, [opened.handle, statToWire(opened.stat), opened.head]];
     }
     case 'list':
       return [null, result as FileResults['list']];
@@ -182,8 +186,15 @@ export function parseFileReply<Op extends FileRequest['op']>(
     case 'stat':
       return ok(statFromWire(value));
     case 'open': {
-      if (!Array.isArray(value) || value.length !== 2) bad('open reply: expected [handle, stat]');
-      return ok({ handle: count(value[0], 'open reply: handle'), stat: statFromWire(value[1]) });
+      if (!Array.isArray(value) || value.length !== 3 || !(value[2] instanceof Uint8Array)) {
+        bad('open reply: expected [handle, stat, head]');
+      }
+      const head = value[2] as Uint8Array;
+      return ok({
+        handle: count(value[0], 'open reply: handle'),
+        stat: statFromWire(value[1]),
+        head: Buffer.from(head.buffer, head.byteOffset, head.byteLength),
+      });
     }
     case 'read':
       if (!(value instanceof Uint8Array)) bad('read reply: expected bytes');
