@@ -14,6 +14,7 @@ import {
   parseAgentMessage,
   type AgentMessage,
   type ReplyMessage,
+  type WireValue,
 } from '../src/protocol/messages.js';
 import { AgentSession } from '../src/protocol/server.js';
 import { waitFor } from './support/wait.js';
@@ -49,7 +50,6 @@ test('a burst of 1 MiB replies waits for the socket, then all arrive', async () 
   const client = net.connect((server.address() as net.AddressInfo).port, '127.0.0.1');
   try {
     await once(client, 'connect');
-    client.setRecvBufferSize?.(64 * 1024);
     client.write(
       encodeFrame([
         clientMessageToWire({
@@ -100,7 +100,7 @@ test('a burst of 1 MiB replies waits for the socket, then all arrive', async () 
 }, 60_000);
 
 /** A reply's bytes outlive the chunk they were decoded from. */
-function copy(body: unknown): unknown {
+function copy(body: WireValue): WireValue {
   if (Array.isArray(body)) return body.map(copy);
   return body instanceof Uint8Array ? Buffer.from(body) : body;
 }
