@@ -16,15 +16,16 @@
  * Both kinds alternate which goes first in each round (MIRRORD_BENCH_ROUNDS, default 7), and
  * every figure is the median over the rounds with its range.
  */
-import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, readlinkSync, rmSync } from 'node:fs';
+import type { ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RemoteFiles } from '../src/features/files/cli.js';
 import { placeLocalAgent } from '../src/platform/local/agent-process.js';
 import { AgentClient } from '../src/protocol/client.js';
-import { waitFor } from '../test/support/wait.js';
+import { startChrootedTarget } from '../test/support/chrooted-target.js';
 import { median, percentile, progress, round } from './support.js';
 
 const ROUNDS = Number(process.env.MIRRORD_BENCH_ROUNDS ?? 7);
@@ -74,43 +75,24 @@ export async function benchFiles(): Promise<Record<string, unknown>> {
   );
   const dir = mkdtempSync(join(tmpdir(), 'mirrord-bench-files-'));
   const root = join(dir, 'root');
-  const make = [
-    `mkdir -p ${root}/usr ${root}/data`,
-    `ln -s usr/lib ${root}/lib`,
-    `ln -s usr/lib64 ${root}/lib64`,
-  ];
-  execFileSync('sh', ['-c', make.join(' && ')]);
-  // The files are made inside the target's namespace, on its own tmpfs.
-  const script = [
-    `mount --rbind /usr ${root}/usr`,
-    `mount -t tmpfs data ${root}/data`,
-    `mkdir ${root}/data/small`,
-    `for i in $(seq 0 ${FILES - 1}); do head -c $((256 + (i * 7919) % 16128)) /dev/urandom > ${root}/data/small/$i; done`,
-    `head -c ${LARGE_MIB * 1024 * 1024} /dev/urandom > ${root}/data/large`,
-    `exec chroot ${root} /usr/bin/sleep 3600`,
-  ].join(' && ');
-  const target = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], {
-    stdio: 'ignore',
-  });
+  let target: ChildProcess | undefined;
   let client: AgentClient | undefined;
   let stopAgent: (() => Promise<void>) | undefined;
   try {
-    await waitFor(
-      'the target to run chrooted',
-      () => {
-        try {
-          return readlinkSync(`/proc/${target.pid}/root`) === root;
-        } catch {
-          return false;
-        }
-      },
-      { ms: 60_000 },
-    );
-    const agent = await placeLocalAgent({ pid: target.pid! })(() => undefined);
+    // The files are made inside the target's namespace, on its own tmpfs.
+    target = await startChrootedTarget(root, [
+      `mkdir ${root}/data`,
+      `mount -t tmpfs data ${root}/data`,
+      `mkdir ${root}/data/small`,
+      `for i in $(seq 0 ${FILES - 1}); do head -c $((256 + (i * 7919) % 16128)) /dev/urandom > ${root}/data/small/$i; done`,
+      `head -c ${LARGE_MIB * 1024 * 1024} /dev/urandom > ${root}/data/large`,
+    ]);
+    const pid = target.pid!;
+    const agent = await placeLocalAgent({ pid })(() => undefined);
     stopAgent = () => agent.stop();
     client = await AgentClient.start(await agent.connect(), { secret: agent.secret });
     const files = new RemoteFiles(client);
-    const direct: Read = (path) => readFile(`/proc/${target.pid}/root${path}`);
+    const direct: Read = (path) => readFile(`/proc/${pid}/root${path}`);
     const session: Read = async (path) => {
       const read = await files.readFile(path);
       if (read.errno !== null) throw new Error(`${path}: ${read.errno}`);
@@ -157,12 +139,10 @@ export async function benchFiles(): Promise<Record<string, unknown>> {
   } finally {
     await client?.close();
     await stopAgent?.();
-    target.kill('SIGKILL');
-    await new Promise((resolve) =>
-      target.exitCode !== null || target.signalCode !== null
-        ? resolve(null)
-        : target.once('exit', resolve),
-    );
+    if (target) {
+      const exited = once(target, 'exit');
+      if (target.kill('SIGKILL')) await exited;
+    }
     rmSync(dir, { recursive: true, force: true });
   }
 }

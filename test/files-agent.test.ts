@@ -4,9 +4,9 @@
  * /usr and /proc bound in; the CLI's client reads through it, and every answer is compared with
  * what programs inside the target's namespace see (nsenter --root).
  */
-import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdirSync, readlinkSync, symlinkSync, writeFileSync, chmodSync } from 'node:fs';
+import { chmodSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MAX_OPEN_FILES } from '../src/features/files/agent.js';
 import { RemoteFiles } from '../src/features/files/cli.js';
@@ -16,6 +16,7 @@ import type { PlacedAgent } from '../src/platform/placed-agent.js';
 import { AgentClient } from '../src/protocol/client.js';
 import type { ErrorMessage } from '../src/protocol/messages.js';
 import { tempDir } from './support/mirror-cli.js';
+import { startChrootedTarget } from './support/chrooted-target.js';
 import { waitFor } from './support/wait.js';
 
 const BIG_BYTES = 100 * 1024 * 1024;
@@ -44,8 +45,6 @@ describe("the target's files, through the agent", () => {
     for (const sub of ['usr', 'proc', 'etc', 'app/lib', 'data', 'secrets']) {
       mkdirSync(join(root, sub), { recursive: true });
     }
-    symlinkSync('usr/lib', join(root, 'lib'));
-    symlinkSync('usr/lib64', join(root, 'lib64'));
     writeFileSync(join(root, 'etc/app.conf'), 'listen = 8080\nregion = "eu-1"\n');
     writeFileSync(join(root, 'app/config.json'), '{"feature": true}');
     writeFileSync(join(root, 'app/empty'), '');
@@ -64,24 +63,12 @@ describe("the target's files, through the agent", () => {
     bigSha = createHash('sha256')
       .update(execFileSync('cat', [join(root, 'data/big.bin')], { maxBuffer: BIG_BYTES + 1 }))
       .digest('hex');
-    // /usr and /proc bound into the root and a tmpfs that only this mount namespace has.
-    const script = [
-      `mount --rbind /usr ${root}/usr`,
+    // /proc bound in, and a tmpfs that only this mount namespace has.
+    target = await startChrootedTarget(root, [
       `mount --rbind /proc ${root}/proc`,
       `mount -t tmpfs secrets ${root}/secrets`,
       `printf 's3cr=t\\n' > ${root}/secrets/token`,
-      `exec chroot ${root} /usr/bin/sleep 600`,
-    ].join(' && ');
-    target = spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', script], {
-      stdio: 'ignore',
-    });
-    await waitFor('the target to run chrooted', () => {
-      try {
-        return readlinkSync(`/proc/${target.pid}/root`) === root;
-      } catch {
-        return false;
-      }
-    });
+    ]);
     agent = await placeLocalAgent({ pid: target.pid! })(() => undefined);
     client = await AgentClient.start(await agent.connect(), { secret: agent.secret });
     client.on('warning', (warning) => warnings.push(warning));
@@ -96,7 +83,7 @@ describe("the target's files, through the agent", () => {
   });
 
   test('a file only the target’s mount namespace has is read byte-exact, and stat agrees', async () => {
-    expect(await files.readFile('/secrets/token')).toEqual({
+    expect(await files.readFile('/secrets/token')).toMatchObject({
       errno: null,
       bytes: Buffer.from('s3cr=t\n'),
     });
@@ -160,7 +147,7 @@ describe("the target's files, through the agent", () => {
       '/../../../etc/app.conf',
       'etc/app.conf',
     ]) {
-      expect({ path, read: await files.readFile(path) }).toEqual({
+      expect({ path, read: await files.readFile(path) }).toMatchObject({
         path,
         read: { errno: null, bytes: conf },
       });
@@ -190,7 +177,10 @@ describe("the target's files, through the agent", () => {
       errno: 'EBADF',
       result: null,
     });
-    expect(await files.readFile('/app/empty')).toEqual({ errno: null, bytes: Buffer.alloc(0) });
+    expect(await files.readFile('/app/empty')).toMatchObject({
+      errno: null,
+      bytes: Buffer.alloc(0),
+    });
   });
 
   test('a small file comes whole with its open; a session holds at most 1,024 large ones open', async () => {

@@ -21,9 +21,22 @@ import {
   type FileStat,
 } from './messages.js';
 
+/** What in_root.cc's openInRoot gives: a negative errno, or the file (fd -1 once closed). */
+type Opened = { errno: number } | { fd: number; stat: number[]; head?: Buffer };
+
+/** What openInRoot does after the open (in_root.cc's After). */
+const KEEP = 0;
+const STAT = 1;
+const HEAD = 2;
+
 interface NativeFiles {
-  /** A descriptor, or -errno. */
-  openInRoot(root: string, path: string, flags: number): Promise<number>;
+  openInRoot(
+    root: string,
+    path: string,
+    flags: number,
+    after: typeof KEEP | typeof STAT | typeof HEAD,
+    headBytes: number,
+  ): Promise<Opened>;
   /** The symlink's target, or -errno. */
   readLinkAt(fd: number): string | number;
 }
@@ -47,7 +60,6 @@ class Failure extends Error {
   }
 }
 
-const fstatAsync = promisify(fs.fstat);
 const close = promisify(fs.close);
 const read = promisify(fs.read);
 /** Not in Node's constants: a descriptor that only names a file (Linux, every architecture but a few). */
@@ -66,20 +78,23 @@ function kindOf(mode: number): FileKind {
   }
 }
 
-async function statOf(fd: number): Promise<FileStat> {
-  const s = await fstatAsync(fd, { bigint: true });
+/** in_root.cc's stat fields: mode, size, uid, gid, ino, nlink, dev, then seconds and ns of each time. */
+function statOf(fields: number[]): FileStat {
+  const [mode = 0, size = 0, uid = 0, gid = 0, ino = 0, nlink = 0, dev = 0] = fields;
+  const time = (at: number): bigint =>
+    BigInt(fields[at] ?? 0) * 1_000_000_000n + BigInt(fields[at + 1] ?? 0);
   return {
-    kind: kindOf(Number(s.mode)),
-    mode: Number(s.mode),
-    size: Number(s.size),
-    uid: Number(s.uid),
-    gid: Number(s.gid),
-    ino: Number(s.ino),
-    nlink: Number(s.nlink),
-    dev: Number(s.dev),
-    atimeNs: s.atimeNs,
-    mtimeNs: s.mtimeNs,
-    ctimeNs: s.ctimeNs,
+    kind: kindOf(mode),
+    mode,
+    size,
+    uid,
+    gid,
+    ino,
+    nlink,
+    dev,
+    atimeNs: time(7),
+    mtimeNs: time(9),
+    ctimeNs: time(11),
   };
 }
 
@@ -126,29 +141,28 @@ export class TargetFiles {
     switch (request.op) {
       case 'stat': {
         const flags = O_PATH | (request.follow ? 0 : constants.O_NOFOLLOW);
-        return this.#with(request.path, flags, statOf);
+        return statOf((await this.#openInRoot(request.path, flags, STAT)).stat);
       }
       case 'open': {
-        const fd = await this.#openInRoot(request.path, constants.O_RDONLY);
-        let handle = 0;
-        try {
-          const stat = await statOf(fd);
-          if (stat.kind === 'dir') throw new Failure('EISDIR');
-          const head = await readAt(fd, 0, MAX_READ_BYTES);
-          // All of it (a short read is the end): nothing is left to read by handle.
-          if (head.length === MAX_READ_BYTES) {
-            if (this.#open.size >= MAX_OPEN_FILES) throw new Failure('EMFILE');
-            handle = this.#nextHandle++;
-            this.#open.set(handle, fd);
+        const opened = await this.#openInRoot(request.path, constants.O_RDONLY, HEAD);
+        const result = {
+          handle: 0,
+          stat: statOf(opened.stat),
+          head: opened.head ?? Buffer.alloc(0),
+        };
+        // Still open: there is more than the head to read, by handle.
+        if (opened.fd >= 0) {
+          if (this.#open.size >= MAX_OPEN_FILES) {
+            await close(opened.fd);
+            throw new Failure('EMFILE');
           }
-          return { handle, stat, head };
-        } finally {
-          if (handle === 0) await close(fd);
+          result.handle = this.#nextHandle++;
+          this.#open.set(result.handle, opened.fd);
         }
+        return result;
       }
-      case 'read': {
+      case 'read':
         return readAt(this.#fd(request.handle), request.offset, request.length);
-      }
       case 'close': {
         const fd = this.#fd(request.handle);
         this.#open.delete(request.handle);
@@ -156,23 +170,27 @@ export class TargetFiles {
         return null;
       }
       case 'list':
-        return this.#with(request.path, constants.O_RDONLY | constants.O_DIRECTORY, async (fd) => {
-          const entries = await readdir(`/proc/self/fd/${fd}`, { withFileTypes: true });
-          return entries.map((entry): [string, FileKind] => [
-            entry.name,
-            entry.isFile()
-              ? 'file'
-              : entry.isDirectory()
-                ? 'dir'
-                : entry.isSymbolicLink()
-                  ? 'symlink'
-                  : 'other',
-          ]);
-        });
+        return this.#with(
+          request.path,
+          constants.O_RDONLY | constants.O_DIRECTORY,
+          async ({ fd }) => {
+            const entries = await readdir(`/proc/self/fd/${fd}`, { withFileTypes: true });
+            return entries.map((entry): [string, FileKind] => [
+              entry.name,
+              entry.isFile()
+                ? 'file'
+                : entry.isDirectory()
+                  ? 'dir'
+                  : entry.isSymbolicLink()
+                    ? 'symlink'
+                    : 'other',
+            ]);
+          },
+        );
       case 'readlink':
-        return this.#with(request.path, O_PATH | constants.O_NOFOLLOW, async (fd) => {
+        return this.#with(request.path, O_PATH | constants.O_NOFOLLOW, async ({ fd, stat }) => {
           // readlink(2) of what is not a link is EINVAL; readlinkat on its descriptor says ENOENT.
-          if ((await statOf(fd)).kind !== 'symlink') throw new Failure('EINVAL');
+          if (statOf(stat).kind !== 'symlink') throw new Failure('EINVAL');
           const target = loadNative().readLinkAt(fd);
           if (typeof target === 'number') throw new Failure(getSystemErrorName(target));
           return target;
@@ -186,25 +204,35 @@ export class TargetFiles {
     return fd;
   }
 
-  async #with<T>(path: string, flags: number, use: (fd: number) => Promise<T>): Promise<T> {
-    const fd = await this.#openInRoot(path, flags);
+  async #with<T>(
+    path: string,
+    flags: number,
+    use: (opened: { fd: number; stat: number[] }) => Promise<T>,
+  ): Promise<T> {
+    const opened = await this.#openInRoot(path, flags, KEEP);
     try {
-      return await use(fd);
+      return await use(opened);
     } finally {
-      await close(fd);
+      await close(opened.fd);
     }
   }
 
-  async #openInRoot(path: string, flags: number): Promise<number> {
+  async #openInRoot(
+    path: string,
+    flags: number,
+    after: typeof KEEP | typeof STAT | typeof HEAD,
+  ): Promise<{ fd: number; stat: number[]; head?: Buffer }> {
     // openat2 refuses any flag but O_DIRECTORY and O_NOFOLLOW beside O_PATH; O_NOCTTY keeps a
     // terminal of the target's from becoming the agent's.
-    const fd = await loadNative().openInRoot(
+    const opened = await loadNative().openInRoot(
       this.#root,
       path,
       flags & O_PATH ? flags : flags | constants.O_NOCTTY,
+      after,
+      after === HEAD ? MAX_READ_BYTES : 0,
     );
-    if (fd >= 0) return fd;
-    const errno = getSystemErrorName(fd);
+    if (!('errno' in opened)) return opened;
+    const errno = getSystemErrorName(opened.errno);
     // RESOLVE_NO_MAGICLINKS and a loop of symlinks both say ELOOP; either way the app gets
     // the refusal a sandbox gives, and the session a line saying which path.
     if (errno === 'ELOOP') {

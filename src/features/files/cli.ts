@@ -7,6 +7,7 @@ import {
   parseFileReply,
   type FileReply,
   type FileRequest,
+  type FileStat,
 } from './messages.js';
 
 /** Reads of one file in flight at once: enough to hide a port-forward's round trip. */
@@ -31,12 +32,16 @@ export class RemoteFiles {
    * few reads in flight, each copied once into its place; the errno when it cannot be opened
    * or read.
    */
-  async readFile(path: string): Promise<{ errno: null; bytes: Buffer } | { errno: string }> {
+  async readFile(
+    path: string,
+    maxBytes = Number.MAX_SAFE_INTEGER,
+  ): Promise<{ errno: null; bytes: Buffer; stat: FileStat } | { errno: string }> {
     const opened = await this.ask({ op: 'open', path });
     if (opened.errno !== null) return { errno: opened.errno };
     const { handle, stat, head } = opened.result;
-    if (handle === 0) return { errno: null, bytes: head };
+    if (handle === 0) return { errno: null, bytes: head, stat };
     try {
+      if (stat.size > maxBytes) return { errno: 'EFBIG' };
       // The size stat gave; a file that grows meanwhile is read as far as it was.
       const bytes = Buffer.allocUnsafe(Math.max(stat.size, head.length));
       head.copy(bytes);
@@ -63,10 +68,10 @@ export class RemoteFiles {
           end += reply.result.length;
           // A short read is the end: the file shrank.
           if (reply.result.length < MAX_READ_BYTES && end < bytes.length)
-            return { errno: null, bytes: bytes.subarray(0, end) };
+            return { errno: null, bytes: bytes.subarray(0, end), stat };
         }
       }
-      return { errno: null, bytes };
+      return { errno: null, bytes, stat };
     } finally {
       await this.ask({ op: 'close', handle }).catch(() => undefined);
     }
