@@ -40,6 +40,7 @@
 
 #include <msgpack.h>
 
+#include "channel.h"
 #include "replay_source.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -54,18 +55,9 @@
 #define PEER_WAIT_MS 1000
 #define PEER_TTL_MS 30000
 #define LINE_MAX_LEN 512
-// The session's frames are a few dozen bytes; one this long is not the session's.
-#define FRAME_MAX 4096
-
-// Message codes: src/session/layer-messages.ts (LayerCode).
-enum {
-    LAYER_HELLO = 0x01,
-    LAYER_LISTEN = 0x02,
-    LAYER_CLOSE = 0x03,
-    LAYER_LOOKUP = 0x04,
-    SESSION_PEER = 0x10,
-    SESSION_SHARED = 0x11,
-};
+// The session's frames: a few dozen bytes, or a file's contents in pieces of 60 KiB; one
+// longer than this is not the session's.
+#define FRAME_MAX (64 * 1024)
 
 // ---- real functions, resolved lazily (a hook may run before any constructor) ----
 
@@ -186,7 +178,7 @@ struct lookup {
 };
 static struct lookup lookups[LOOKUP_MAX];
 
-static void dbg(const char *fmt, ...) {
+void dbg(const char *fmt, ...) {
     if (!debug_on)
         return;
     char buf[LINE_MAX_LEN];
@@ -220,6 +212,7 @@ static void atfork_parent(void) {
 // were announced by the parent, so the child does not report their close, and asks for the
 // peers of the connections it accepts on them (a pre-fork worker).
 static void atfork_child(void) {
+    files_after_fork_child();
     pthread_mutex_init(&mu, NULL);
     pthread_mutex_init(&send_mu, NULL);
     if (conn_fd >= 0)
@@ -249,6 +242,7 @@ static void do_init(void) {
     pthread_cond_init(&peer_cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+    files_init();
 }
 
 static void init(void) { pthread_once(&init_once, do_init); }
@@ -383,10 +377,13 @@ static void after_dup(int oldfd, int newfd);
 
 static void *reader_main(void *arg) {
     int fd = (int)(intptr_t)arg;
-    char buf[4 + FRAME_MAX];
+    // Not on the thread's 64 KiB stack.
+    char *buf = malloc(4 + FRAME_MAX);
     size_t len = 0;
+    if (!buf)
+        goto gone;
     for (;;) {
-        ssize_t n = recv(fd, buf + len, sizeof buf - len, 0);
+        ssize_t n = recv(fd, buf + len, 4 + FRAME_MAX - len, 0);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -410,6 +407,7 @@ static void *reader_main(void *arg) {
         memmove(buf, buf + at, len);
     }
 gone:
+    free(buf);
     dbg("session connection closed");
     pthread_mutex_lock(&send_mu);
     if (conn_fd == fd) {
@@ -424,13 +422,6 @@ gone:
 // ---- messages to the session: one frame each, packed on the stack (no malloc: close() may
 // run in a signal handler) ----
 
-struct frame {
-    char data[LINE_MAX_LEN];
-    size_t size;
-    int overflow;
-    msgpack_packer pk;
-};
-
 static int frame_write(void *data, const char *buf, size_t len) {
     struct frame *f = data;
     if (f->size + len > sizeof f->data) {
@@ -443,7 +434,7 @@ static int frame_write(void *data, const char *buf, size_t len) {
 }
 
 // Starts a frame of one message [code, pid, ...]: `fields` more follow the pid.
-static void frame_begin(struct frame *f, int code, uint32_t fields) {
+void frame_begin(struct frame *f, int code, uint32_t fields) {
     f->size = 4; // the length, set by frame_end
     f->overflow = 0;
     msgpack_packer_init(&f->pk, f, frame_write);
@@ -453,7 +444,7 @@ static void frame_begin(struct frame *f, int code, uint32_t fields) {
     msgpack_pack_int(&f->pk, (int)getpid());
 }
 
-static void pack_str(struct frame *f, const char *s) {
+void pack_str(struct frame *f, const char *s) {
     size_t n = strlen(s);
     msgpack_pack_str(&f->pk, n);
     msgpack_pack_str_body(&f->pk, s, n);
@@ -528,7 +519,9 @@ static int ensure_connected(void) {
     return fd;
 }
 
-static void send_frame(struct frame *f) {
+int channel_up(void) { return __atomic_load_n(&conn_up, __ATOMIC_ACQUIRE); }
+
+void send_frame(struct frame *f) {
     size_t len = frame_end(f);
     if (len == 0)
         return;
@@ -710,6 +703,8 @@ static void handle_frame(const char *body, size_t size) {
                    (f[5].type == MSGPACK_OBJECT_NIL || str_of(&f[5], id, sizeof id) == 0)) {
             handle_peer(source_port, local_port, addr, port,
                         f[5].type == MSGPACK_OBJECT_NIL ? NULL : id);
+        } else if (code == SESSION_FILE_REPLY || code == SESSION_FILE_DATA) {
+            files_on_message(code, f, m->via.array.size);
         } else {
             dbg("a message from the session of code %llu that is not understood",
                 (unsigned long long)code);
@@ -1196,6 +1191,10 @@ EXPORT long syscall(long number, ...) {
         init();
         before_close((int)a1);
     }
+    long rc;
+    if (number == SYS_statx &&
+        files_statx((int)a1, (const char *)a2, (int)a3, (struct statx *)a5, &rc))
+        return rc;
     syscall_fn f = real_syscall();
     if (!f) {
         errno = ENOSYS;

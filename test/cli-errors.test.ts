@@ -142,6 +142,9 @@ describe('mirrord.json', () => {
     envIncludes: [['DB_*', ''], 'envIncludes[1] "" is not a glob of variable names'],
     envExcludes: ['SECRET_*', '"envExcludes" must be a list'],
     envOverrides: [['A=1', 'B'], 'envOverrides[1] "B" is not NAME=VALUE with a non-empty NAME'],
+    fs: ['write', '"fs" must be read or local'],
+    fsLocals: [[''], 'fsLocals[0] "" is not a glob of paths'],
+    fsRemotes: ['/etc/*', '"fsRemotes" must be a list'],
   };
 
   test.each(CONFIG_KEYS)('a bad "%s" is named with the file', (key) => {

@@ -4,6 +4,8 @@ import { PULL_POLICIES, type PullPolicy } from '../platform/kube/agent-job.js';
 import { TARGET_KINDS } from '../platform/kube/target-kinds.js';
 import { ENV_OVERRIDE } from '../features/env/flags.js';
 import { overrideOf } from '../features/env/selection.js';
+import { FS_MODES } from '../features/files/flags.js';
+import type { FsMode } from '../features/files/policy.js';
 import { UsageError } from './base-command.js';
 
 /** What `mirrord.json` may hold: the `mirror` command's settings. Flags win over it. */
@@ -33,6 +35,9 @@ export interface MirrorConfig {
   envIncludes?: string[];
   envExcludes?: string[];
   envOverrides?: string[];
+  fs?: FsMode;
+  fsLocals?: string[];
+  fsRemotes?: string[];
 }
 export type ConfigKey = keyof MirrorConfig;
 
@@ -157,6 +162,9 @@ const SETTINGS: { [Key in ConfigKey]-?: Setting } = {
     (item) => typeof item === 'string' && overrideOf(item) !== undefined,
     ENV_OVERRIDE,
   ),
+  fs: one('any', (v) => (FS_MODES as readonly unknown[]).includes(v), 'read or local'),
+  fsLocals: list('any', isText, 'a glob of paths'),
+  fsRemotes: list('any', isText, 'a glob of paths'),
 };
 
 export const CONFIG_KEYS = Object.keys(SETTINGS) as ConfigKey[];

@@ -18,6 +18,7 @@ import {
 import { agentPlacer, resolveTarget, targetFlags } from '../cli/target-flags.js';
 import { appEnvironmentOf } from '../features/env/cli.js';
 import { envFlags } from '../features/env/flags.js';
+import { fsFlags, fsSettingsOf } from '../features/files/flags.js';
 
 /** --port REMOTE[:LOCAL]. */
 const portMapping = Flags.custom<PortMapping>({
@@ -69,6 +70,7 @@ export default class MirrorCommand extends MirrordCommand {
       allowNo: true,
     }),
     ...envFlags,
+    ...fsFlags,
     json: Flags.boolean({
       summary:
         'Print the session’s events (ready, listen, opened, closed, counters) as JSON lines on stdout.',
@@ -105,6 +107,7 @@ export default class MirrorCommand extends MirrordCommand {
     const ports = new Map(mappings.map(({ remote, local }) => [remote, local]));
     const target = resolveTarget(flags, config);
     const env = appEnvironmentOf(target, flags, config);
+    const files = fsSettingsOf(target, flags, config);
     // Found out before anything is placed next to the target, not once the agent is ready.
     const commandIssue = command[0] === undefined ? undefined : commandProblem(command[0]);
     if (commandIssue) throw new UsageError(commandIssue);
@@ -155,6 +158,7 @@ export default class MirrorCommand extends MirrordCommand {
         ignorePorts,
         midStream: flags['mid-stream'] ?? config.midStream ?? false,
         appEnvironment: env,
+        files,
         log: (line) => terminal.note(line),
         onEvent,
         appOutput: live

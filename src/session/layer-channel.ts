@@ -33,6 +33,16 @@ export interface LayerChannelEvents {
    * for announcePeer, for up to two seconds.
    */
   waiting: [{ sourcePort: number; localPort: number }];
+  /**
+   * A process of the app calls on one of the target's paths (src/features/files/layer.ts):
+   * answer with `reply` on that process's connection.
+   */
+  file: [request: Extract<LayerMessage, { type: 'file' }>, reply: LayerReply];
+}
+
+/** Answers one process of the app; `send` resolves once the socket can take more. */
+export interface LayerReply {
+  send(message: SessionMessage): Promise<void>;
 }
 
 /** Frames longer than this are not the layer's: the connection is dropped. */
@@ -247,6 +257,23 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
         if (connection.ports.delete(message.port)) {
           this.emit('close', { pid: message.pid, port: message.port });
         }
+        return;
+      case 'file':
+        this.emit('file', message, {
+          send: (reply) =>
+            new Promise<void>((resolve) => {
+              const socket = connection.socket;
+              if (socket.destroyed || socket.write(frameOf(reply))) {
+                resolve();
+                return;
+              }
+              const done = (): void => {
+                socket.off('drain', done).off('close', done);
+                resolve();
+              };
+              socket.on('drain', done).on('close', done);
+            }),
+        });
         return;
       case 'hello':
         return; // once is enough

@@ -20,9 +20,16 @@ export const LayerCode = {
   listen: 0x02,
   close: 0x03,
   lookup: 0x04,
+  file: 0x05,
   peer: 0x10,
   shared: 0x11,
+  fileReply: 0x12,
+  fileData: 0x13,
 } as const;
+
+/** What the layer asks of the target's files (src/features/files/layer.ts answers). */
+export const LAYER_FILE_OPS = ['open', 'stat', 'lstat', 'readlink'] as const;
+export type LayerFileOp = (typeof LAYER_FILE_OPS)[number];
 
 /** From a process of the app. */
 export type LayerMessage =
@@ -40,7 +47,15 @@ export type LayerMessage =
     }
   | { type: 'close'; pid: number; port: number }
   /** Who is the client of the app's `socket` (an inode), accepted from `sourcePort`? */
-  | { type: 'lookup'; pid: number; sourcePort: number; localPort: number; socket: string };
+  | { type: 'lookup'; pid: number; sourcePort: number; localPort: number; socket: string }
+  /** A call of the app on one of the target's paths; answered by `fileReply` with the same id. */
+  | { type: 'file'; pid: number; id: number; op: LayerFileOp; path: string };
+
+/**
+ * A file's stat as the layer fills `struct stat`: mode, size, uid, gid, ino, nlink, dev, then
+ * the seconds and nanoseconds of atime, mtime and ctime.
+ */
+export type LayerStat = readonly number[];
 
 /** From the session. */
 export type SessionMessage =
@@ -57,7 +72,20 @@ export type SessionMessage =
       socket: string | null;
     }
   /** Other processes accept on `localPort` too: ask for its peers rather than take pushed ones. */
-  | { type: 'shared'; localPort: number };
+  | { type: 'shared'; localPort: number }
+  /**
+   * The answer to `file`: the errno the app's call fails with, or the file's stat; for `open`,
+   * `size` bytes follow in `fileData` messages; for `readlink`, `text` is the link's target.
+   */
+  | {
+      type: 'fileReply';
+      id: number;
+      errno: string | null;
+      stat: LayerStat | null;
+      size: number;
+      text: string | null;
+    }
+  | { type: 'fileData'; id: number; offset: number; bytes: Buffer };
 
 const C = LayerCode;
 
@@ -67,6 +95,10 @@ export function sessionMessageToWire(m: SessionMessage): WireMessage {
       return [C.peer, m.sourcePort, m.localPort, m.address, m.port, m.socket];
     case 'shared':
       return [C.shared, m.localPort];
+    case 'fileReply':
+      return [C.fileReply, m.id, m.errno, m.stat, m.size, m.text];
+    case 'fileData':
+      return [C.fileData, m.id, m.offset, m.bytes];
   }
 }
 
@@ -104,6 +136,20 @@ export function parseLayerMessage(value: unknown): LayerMessage {
         localPort: port(w, 3, 'lookup', 'localPort'),
         socket: str(w, 4, 'lookup', 'socket'),
       };
+    case C.file: {
+      arity(w, 'file', 4);
+      const op = str(w, 3, 'file', 'op');
+      if (!(LAYER_FILE_OPS as readonly string[]).includes(op)) {
+        throw new ProtocolError(`file.op: expected ${LAYER_FILE_OPS.join('|')}, got ${op}`);
+      }
+      return {
+        type: 'file',
+        pid: uint(w, 1, 'file', 'pid'),
+        id: uint(w, 2, 'file', 'id'),
+        op: op as LayerFileOp,
+        path: str(w, 4, 'file', 'path'),
+      };
+    }
     default:
       throw new ProtocolError(`no layer message has code ${w[0]}`);
   }

@@ -5,6 +5,9 @@ import { layerPath } from '../package-root.js';
 import { AgentClient, AgentClientError } from '../protocol/client.js';
 import type { Counters, Endpoint } from '../protocol/messages.js';
 import type { EnvironmentSource } from '../features/env/cli.js';
+import { RemoteFiles } from '../features/files/cli.js';
+import { serveAppFiles } from '../features/files/layer.js';
+import { layerFsEnvironment, type FsSettings } from '../features/files/policy.js';
 import { LayerChannel, type AppListener } from './layer-channel.js';
 import { Replay, type ReplayStats, type ReplayDestination } from './replay.js';
 
@@ -20,6 +23,8 @@ export interface MirrorOptions {
   midStream: boolean;
   /** The app's environment (see src/features/env/); without it, the CLI's own. */
   appEnvironment?: EnvironmentSource;
+  /** Which of the app's paths are the target's (see src/features/files/); default: none. */
+  files?: FsSettings;
   /** Human-readable notes (stderr). */
   log(line: string): void;
   /** What happens, for --json and the status line. */
@@ -262,6 +267,10 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         );
       }
       const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
+      // The target's files for the app, through this session's agent (a replacement agent's
+      // session is not followed: files opened before it stay as they were read).
+      const appFiles = options.files ? layerFsEnvironment(options.files, process.cwd()) : {};
+      if (appFiles.MIRRORD_FS) serveAppFiles(layer, new RemoteFiles(session), log);
       // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
       const output = options.appOutput;
       app = execaGuarded(file, args, {
@@ -275,6 +284,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         extendEnv: environment === undefined,
         env: {
           ...environment?.env,
+          ...appFiles,
           LD_PRELOAD: preload,
           MIRRORD_LAYER_SOCKET: layer.path,
           MIRRORD_LAYER_TOKEN: layer.token,

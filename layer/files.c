@@ -1,0 +1,640 @@
+// The files feature in the app: its calls on the target's paths are answered from the target
+// (src/features/files/), the others go to the local file system as if the layer were not there.
+//
+// One decision per call (is_remote): with MIRRORD_FS=read, an absolute path is the target's
+// unless it matches a glob of MIRRORD_FS_LOCAL (the defaults and --fs-local, from
+// src/features/files/policy.ts), and one of MIRRORD_FS_REMOTE (--fs-remote) makes it the
+// target's again. Globs are fnmatch(3)'s without FNM_PATHNAME: `*` crosses `/`.
+//
+// A remote file that is opened becomes a memfd holding its contents, so read, pread, lseek,
+// mmap and fstat need no hooks. Opened for writing, it is the app's private copy: writes never
+// reach the target. stat, lstat, statx and access answer from the target's stat; readlink
+// from its link. A call that gets no answer in FILE_WAIT_MS, or whose session is gone, fails
+// with EIO: the app is never hung. Directories are not listed remotely yet: opendir and its
+// kin see the local file system.
+
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "channel.h"
+
+#define EXPORT __attribute__((visibility("default")))
+#define FILE_WAIT_MS 10000
+#define REQUESTS_MAX 64
+#define GLOBS_MAX 256
+
+static int files_on;
+static const char *local_globs[GLOBS_MAX];
+static const char *remote_globs[GLOBS_MAX];
+
+// A call waiting for the session's answer.
+struct request {
+    int used;
+    int done;
+    uint32_t id;
+    int error;     // errno, 0 when served
+    int memfd;     // open: where the contents go
+    uint64_t size; // open: the bytes to come
+    uint64_t received;
+    uint64_t stat[13]; // see LayerStat in src/session/layer-messages.ts
+    int have_stat;
+    char text[PATH_MAX]; // readlink
+    size_t text_len;
+};
+
+static pthread_mutex_t files_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t files_cv;
+static struct request requests[REQUESTS_MAX];
+static uint32_t next_id = 1;
+
+static void split_globs(const char *value, const char **out) {
+    if (!value || !*value)
+        return;
+    // Never freed: the settings live as long as the process.
+    char *copy = strdup(value);
+    int n = 0;
+    for (char *save = NULL, *glob = strtok_r(copy, "\n", &save); glob && n < GLOBS_MAX - 1;
+         glob = strtok_r(NULL, "\n", &save))
+        out[n++] = glob;
+    out[n] = NULL;
+}
+
+void files_init(void) {
+    const char *mode = getenv("MIRRORD_FS");
+    files_on = mode && strcmp(mode, "read") == 0 && getenv("MIRRORD_LAYER_SOCKET");
+    if (!files_on)
+        return;
+    split_globs(getenv("MIRRORD_FS_LOCAL"), local_globs);
+    split_globs(getenv("MIRRORD_FS_REMOTE"), remote_globs);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&files_cv, &ca);
+    pthread_condattr_destroy(&ca);
+}
+
+void files_after_fork_child(void) {
+    pthread_mutex_init(&files_mu, NULL);
+    memset(requests, 0, sizeof requests);
+}
+
+static int matches(const char **globs, const char *path) {
+    for (int i = 0; globs[i]; i++) {
+        if (fnmatch(globs[i], path, 0) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+// The one decision: is this path (as the app named it, from `dirfd`) the target's?
+static int is_remote(int dirfd, const char *path) {
+    if (!files_on || !path || path[0] != '/')
+        return 0; // relative paths are the app's own, from its working directory
+    (void)dirfd;  // an absolute path ignores it
+    if (matches(remote_globs, path))
+        return 1;
+    return !matches(local_globs, path);
+}
+
+// ---- requests ----
+
+static struct request *request_new(int memfd) {
+    struct request *r = NULL;
+    pthread_mutex_lock(&files_mu);
+    for (int i = 0; i < REQUESTS_MAX && !r; i++) {
+        if (!requests[i].used) {
+            r = &requests[i];
+            memset(r, 0, sizeof *r);
+            r->used = 1;
+            r->id = next_id++;
+            r->memfd = memfd;
+        }
+    }
+    pthread_mutex_unlock(&files_mu);
+    return r;
+}
+
+// Sends the call and waits for its answer; 0, or -1 with errno (EIO when none came).
+static int ask(struct request *r, const char *op, const char *path) {
+    struct frame f;
+    frame_begin(&f, LAYER_FILE, 3);
+    msgpack_pack_uint32(&f.pk, r->id);
+    pack_str(&f, op);
+    pack_str(&f, path);
+    send_frame(&f);
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += FILE_WAIT_MS / 1000;
+    pthread_mutex_lock(&files_mu);
+    while (!r->done && channel_up()) {
+        if (pthread_cond_timedwait(&files_cv, &files_mu, &deadline) == ETIMEDOUT)
+            break;
+    }
+    int done = r->done, error = r->error;
+    pthread_mutex_unlock(&files_mu);
+    if (!done) {
+        dbg("no answer for %s %s", op, path);
+        errno = EIO;
+        return -1;
+    }
+    if (error) {
+        errno = error;
+        return -1;
+    }
+    return 0;
+}
+
+static void request_free(struct request *r) {
+    pthread_mutex_lock(&files_mu);
+    r->used = 0;
+    pthread_mutex_unlock(&files_mu);
+}
+
+static struct request *request_by_id(uint64_t id) {
+    for (int i = 0; i < REQUESTS_MAX; i++) {
+        if (requests[i].used && requests[i].id == id)
+            return &requests[i];
+    }
+    return NULL;
+}
+
+static int errno_of(const msgpack_object *o) {
+    static const struct {
+        const char *name;
+        int value;
+    } names[] = {
+        {"ENOENT", ENOENT},
+        {"EACCES", EACCES},
+        {"ENOTDIR", ENOTDIR},
+        {"EISDIR", EISDIR},
+        {"ELOOP", ELOOP},
+        {"EINVAL", EINVAL},
+        {"ENAMETOOLONG", ENAMETOOLONG},
+        {"EMFILE", EMFILE},
+        {"EFBIG", EFBIG},
+        {"EPERM", EPERM},
+        {"EBADF", EBADF},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        size_t n = strlen(names[i].name);
+        if (o->via.str.size == n && memcmp(o->via.str.ptr, names[i].name, n) == 0)
+            return names[i].value;
+    }
+    return EIO;
+}
+
+// Called by the channel's reader thread: fileReply [code, id, errno|nil, stat|nil, size,
+// text|nil] and fileData [code, id, offset, bytes].
+void files_on_message(uint64_t code, const msgpack_object *f, uint32_t count) {
+    pthread_mutex_lock(&files_mu);
+    struct request *r = count > 1 && f[1].type == MSGPACK_OBJECT_POSITIVE_INTEGER
+                            ? request_by_id(f[1].via.u64)
+                            : NULL;
+    if (!r || r->done) {
+        pthread_mutex_unlock(&files_mu);
+        return; // an answer that came too late
+    }
+    if (code == SESSION_FILE_REPLY && count == 6) {
+        if (f[2].type == MSGPACK_OBJECT_STR) {
+            r->error = errno_of(&f[2]);
+        } else {
+            if (f[3].type == MSGPACK_OBJECT_ARRAY && f[3].via.array.size == 13) {
+                for (int i = 0; i < 13; i++)
+                    r->stat[i] = f[3].via.array.ptr[i].via.u64;
+                r->have_stat = 1;
+            }
+            if (f[4].type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+                r->size = f[4].via.u64;
+            if (f[5].type == MSGPACK_OBJECT_STR && f[5].via.str.size < sizeof r->text) {
+                memcpy(r->text, f[5].via.str.ptr, f[5].via.str.size);
+                r->text_len = f[5].via.str.size;
+            }
+        }
+        r->done = r->error != 0 || r->size == 0;
+    } else if (code == SESSION_FILE_DATA && count == 4 && r->memfd >= 0 &&
+               f[2].type == MSGPACK_OBJECT_POSITIVE_INTEGER && f[3].type == MSGPACK_OBJECT_BIN) {
+        const char *bytes = f[3].via.bin.ptr;
+        size_t left = f[3].via.bin.size;
+        off_t at = (off_t)f[2].via.u64;
+        while (left > 0) {
+            ssize_t n = pwrite(r->memfd, bytes, left, at);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                r->error = EIO;
+                break;
+            }
+            bytes += n;
+            left -= (size_t)n;
+            at += n;
+        }
+        r->received += f[3].via.bin.size;
+        r->done = r->error != 0 || r->received >= r->size;
+    }
+    if (r->done)
+        pthread_cond_broadcast(&files_cv);
+    pthread_mutex_unlock(&files_mu);
+}
+
+// ---- the calls ----
+
+static void fill_stat(const struct request *r, struct stat *st) {
+    memset(st, 0, sizeof *st);
+    st->st_mode = (mode_t)r->stat[0];
+    st->st_size = (off_t)r->stat[1];
+    st->st_uid = (uid_t)r->stat[2];
+    st->st_gid = (gid_t)r->stat[3];
+    st->st_ino = (ino_t)r->stat[4];
+    st->st_nlink = (nlink_t)r->stat[5];
+    st->st_dev = (dev_t)r->stat[6];
+    st->st_atim.tv_sec = (time_t)r->stat[7];
+    st->st_atim.tv_nsec = (long)r->stat[8];
+    st->st_mtim.tv_sec = (time_t)r->stat[9];
+    st->st_mtim.tv_nsec = (long)r->stat[10];
+    st->st_ctim.tv_sec = (time_t)r->stat[11];
+    st->st_ctim.tv_nsec = (long)r->stat[12];
+    st->st_blksize = 4096;
+    st->st_blocks = (blkcnt_t)((r->stat[1] + 511) / 512);
+}
+
+static int remote_stat(const char *path, int follow, struct stat *st) {
+    struct request *r = request_new(-1);
+    if (!r) {
+        errno = EAGAIN;
+        return -1;
+    }
+    int rc = ask(r, follow ? "stat" : "lstat", path);
+    if (rc == 0)
+        fill_stat(r, st);
+    request_free(r);
+    return rc;
+}
+
+// The target's file as a memfd of its contents: sealed against writes when opened for reading,
+// the app's private copy when opened for writing.
+static int remote_open(const char *path, int flags) {
+    if (flags & O_DIRECTORY) {
+        errno = ENOTSUP; // directories are listed locally (see the top)
+        return -2;
+    }
+    int writing = (flags & O_ACCMODE) != O_RDONLY;
+    const char *name = strrchr(path, '/');
+    int memfd = memfd_create(name && name[1] ? name + 1 : "mirrord",
+                             MFD_ALLOW_SEALING | ((flags & O_CLOEXEC) ? MFD_CLOEXEC : 0));
+    if (memfd < 0)
+        return -1;
+    if (writing && (flags & O_TRUNC))
+        return memfd; // its old contents do not matter
+    struct request *r = request_new(memfd);
+    if (!r) {
+        close(memfd);
+        errno = EAGAIN;
+        return -1;
+    }
+    int rc = ask(r, "open", path);
+    int error = errno;
+    unsigned long long size = r->size;
+    request_free(r);
+    if (rc != 0 && !(writing && (flags & O_CREAT) && error == ENOENT)) {
+        close(memfd);
+        errno = error;
+        return -1;
+    }
+    if (writing) {
+        if (flags & O_APPEND)
+            fcntl(memfd, F_SETFL, O_APPEND);
+    } else {
+        fcntl(memfd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL);
+    }
+    dbg("open %s: the target's, %llu bytes", path, size);
+    return memfd;
+}
+
+typedef int (*openat_fn)(int, const char *, int, ...);
+static void *real_openat_slot, *real_openat64_slot, *real_open_slot, *real_open64_slot;
+
+static int open_hook(void **slot, const char *name, int dirfd, const char *path, int flags,
+                     mode_t mode, int at) {
+    if (is_remote(dirfd, path)) {
+        int fd = remote_open(path, flags);
+        if (fd != -2)
+            return fd;
+    }
+    void *real = real_symbol(slot, name);
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    if (at)
+        return ((openat_fn)real)(dirfd, path, flags, mode);
+    return ((int (*)(const char *, int, ...))real)(path, flags, mode);
+}
+
+#define MODE_ARG(flags)                                                                            \
+    mode_t mode = 0;                                                                               \
+    if ((flags) & (O_CREAT | __O_TMPFILE)) {                                                       \
+        va_list ap;                                                                                \
+        va_start(ap, flags);                                                                       \
+        mode = va_arg(ap, mode_t);                                                                 \
+        va_end(ap);                                                                                \
+    }
+
+EXPORT int open(const char *path, int flags, ...) {
+    MODE_ARG(flags)
+    return open_hook(&real_open_slot, "open", AT_FDCWD, path, flags, mode, 0);
+}
+
+EXPORT int open64(const char *path, int flags, ...) {
+    MODE_ARG(flags)
+    return open_hook(&real_open64_slot, "open64", AT_FDCWD, path, flags, mode, 0);
+}
+
+EXPORT int openat(int dirfd, const char *path, int flags, ...) {
+    MODE_ARG(flags)
+    return open_hook(&real_openat_slot, "openat", dirfd, path, flags, mode, 1);
+}
+
+EXPORT int openat64(int dirfd, const char *path, int flags, ...) {
+    MODE_ARG(flags)
+    return open_hook(&real_openat64_slot, "openat64", dirfd, path, flags, mode, 1);
+}
+
+// What _FORTIFY_SOURCE makes of open and openat.
+EXPORT int __open_2(const char *path, int flags) { return open64(path, flags); }
+EXPORT int __open64_2(const char *path, int flags) { return open64(path, flags); }
+EXPORT int __openat_2(int dirfd, const char *path, int flags) {
+    return openat64(dirfd, path, flags);
+}
+EXPORT int __openat64_2(int dirfd, const char *path, int flags) {
+    return openat64(dirfd, path, flags);
+}
+
+// fopen's mode as open's flags.
+static int fopen_flags(const char *mode) {
+    int flags = 0;
+    switch (mode[0]) {
+    case 'r':
+        flags = O_RDONLY;
+        break;
+    case 'w':
+        flags = O_WRONLY | O_CREAT | O_TRUNC;
+        break;
+    case 'a':
+        flags = O_WRONLY | O_CREAT | O_APPEND;
+        break;
+    default:
+        return -1;
+    }
+    for (const char *c = mode + 1; *c; c++) {
+        if (*c == '+')
+            flags = (flags & ~O_ACCMODE) | O_RDWR;
+        else if (*c == 'e')
+            flags |= O_CLOEXEC;
+        else if (*c == 'x')
+            flags |= O_EXCL;
+    }
+    return flags;
+}
+
+typedef FILE *(*fopen_fn)(const char *, const char *);
+static void *real_fopen_slot, *real_fopen64_slot;
+
+static FILE *fopen_hook(void **slot, const char *name, const char *path, const char *mode) {
+    int flags = mode ? fopen_flags(mode) : -1;
+    if (flags >= 0 && is_remote(AT_FDCWD, path)) {
+        int fd = remote_open(path, flags);
+        if (fd == -1)
+            return NULL;
+        if (fd >= 0) {
+            FILE *file = fdopen(fd, mode);
+            if (!file)
+                close(fd);
+            return file;
+        }
+    }
+    fopen_fn real = (fopen_fn)real_symbol(slot, name);
+    if (!real) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    return real(path, mode);
+}
+
+EXPORT FILE *fopen(const char *path, const char *mode) {
+    return fopen_hook(&real_fopen_slot, "fopen", path, mode);
+}
+
+EXPORT FILE *fopen64(const char *path, const char *mode) {
+    return fopen_hook(&real_fopen64_slot, "fopen64", path, mode);
+}
+
+// ---- stat and its kin ----
+
+typedef int (*fstatat_fn)(int, const char *, struct stat *, int);
+static void *real_fstatat_slot, *real_fstatat64_slot, *real_stat_slot, *real_stat64_slot,
+    *real_lstat_slot, *real_lstat64_slot;
+
+static int stat_hook(void **slot, const char *name, int dirfd, const char *path, struct stat *st,
+                     int flags, int at, int follow) {
+    if (is_remote(dirfd, path) && !(flags & AT_EMPTY_PATH && path[0] == 0))
+        return remote_stat(path, follow && !(flags & AT_SYMLINK_NOFOLLOW), st);
+    void *real = real_symbol(slot, name);
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    if (at)
+        return ((fstatat_fn)real)(dirfd, path, st, flags);
+    return ((int (*)(const char *, struct stat *))real)(path, st);
+}
+
+EXPORT int stat(const char *path, struct stat *st) {
+    return stat_hook(&real_stat_slot, "stat", AT_FDCWD, path, st, 0, 0, 1);
+}
+EXPORT int stat64(const char *path, struct stat64 *st) {
+    return stat_hook(&real_stat64_slot, "stat64", AT_FDCWD, path, (struct stat *)st, 0, 0, 1);
+}
+EXPORT int lstat(const char *path, struct stat *st) {
+    return stat_hook(&real_lstat_slot, "lstat", AT_FDCWD, path, st, 0, 0, 0);
+}
+EXPORT int lstat64(const char *path, struct stat64 *st) {
+    return stat_hook(&real_lstat64_slot, "lstat64", AT_FDCWD, path, (struct stat *)st, 0, 0, 0);
+}
+EXPORT int fstatat(int dirfd, const char *path, struct stat *st, int flags) {
+    return stat_hook(&real_fstatat_slot, "fstatat", dirfd, path, st, flags, 1, 1);
+}
+EXPORT int fstatat64(int dirfd, const char *path, struct stat64 *st, int flags) {
+    return stat_hook(&real_fstatat64_slot, "fstatat64", dirfd, path, (struct stat *)st, flags, 1,
+                     1);
+}
+
+// Binaries built against glibc before 2.33 call these instead.
+typedef int (*xstat_fn)(int, const char *, struct stat *);
+static void *real_xstat_slot, *real_xstat64_slot, *real_lxstat_slot, *real_lxstat64_slot;
+
+static int xstat_hook(void **slot, const char *name, int ver, const char *path, struct stat *st,
+                      int follow) {
+    if (is_remote(AT_FDCWD, path))
+        return remote_stat(path, follow, st);
+    xstat_fn real = (xstat_fn)real_symbol(slot, name);
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(ver, path, st);
+}
+
+EXPORT int __xstat(int ver, const char *path, struct stat *st) {
+    return xstat_hook(&real_xstat_slot, "__xstat", ver, path, st, 1);
+}
+EXPORT int __xstat64(int ver, const char *path, struct stat64 *st) {
+    return xstat_hook(&real_xstat64_slot, "__xstat64", ver, path, (struct stat *)st, 1);
+}
+EXPORT int __lxstat(int ver, const char *path, struct stat *st) {
+    return xstat_hook(&real_lxstat_slot, "__lxstat", ver, path, st, 0);
+}
+EXPORT int __lxstat64(int ver, const char *path, struct stat64 *st) {
+    return xstat_hook(&real_lxstat64_slot, "__lxstat64", ver, path, (struct stat *)st, 0);
+}
+
+static void fill_statx(const struct stat *st, struct statx *sx) {
+    memset(sx, 0, sizeof *sx);
+    sx->stx_mask = STATX_BASIC_STATS;
+    sx->stx_blksize = (uint32_t)st->st_blksize;
+    sx->stx_nlink = (uint32_t)st->st_nlink;
+    sx->stx_uid = st->st_uid;
+    sx->stx_gid = st->st_gid;
+    sx->stx_mode = (uint16_t)st->st_mode;
+    sx->stx_ino = st->st_ino;
+    sx->stx_size = (uint64_t)st->st_size;
+    sx->stx_blocks = (uint64_t)st->st_blocks;
+    sx->stx_atime.tv_sec = st->st_atim.tv_sec;
+    sx->stx_atime.tv_nsec = (uint32_t)st->st_atim.tv_nsec;
+    sx->stx_mtime.tv_sec = st->st_mtim.tv_sec;
+    sx->stx_mtime.tv_nsec = (uint32_t)st->st_mtim.tv_nsec;
+    sx->stx_ctime.tv_sec = st->st_ctim.tv_sec;
+    sx->stx_ctime.tv_nsec = (uint32_t)st->st_ctim.tv_nsec;
+    sx->stx_dev_major = major(st->st_dev);
+    sx->stx_dev_minor = minor(st->st_dev);
+}
+
+// statx for a remote path: 1 when answered (rc in *rc), 0 when the path is local.
+int files_statx(int dirfd, const char *path, int flags, struct statx *sx, long *rc) {
+    if (!is_remote(dirfd, path) || (flags & AT_EMPTY_PATH && path[0] == 0))
+        return 0;
+    struct stat st;
+    *rc = remote_stat(path, !(flags & AT_SYMLINK_NOFOLLOW), &st);
+    if (*rc == 0)
+        fill_statx(&st, sx);
+    return 1;
+}
+
+typedef int (*statx_fn)(int, const char *, int, unsigned int, struct statx *);
+static void *real_statx_slot;
+
+EXPORT int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *sx) {
+    long rc;
+    if (files_statx(dirfd, path, flags, sx, &rc))
+        return (int)rc;
+    statx_fn real = (statx_fn)real_symbol(&real_statx_slot, "statx");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(dirfd, path, flags, mask, sx);
+}
+
+// ---- access and readlink ----
+
+static int remote_access(const char *path, int mode) {
+    struct stat st;
+    if (remote_stat(path, 1, &st) != 0)
+        return -1;
+    // The target's files are readable through the agent, and writable as the app's private
+    // copy; executable as their mode says.
+    if ((mode & X_OK) && !(st.st_mode & 0111)) {
+        errno = EACCES;
+        return -1;
+    }
+    return 0;
+}
+
+typedef int (*access_fn)(const char *, int);
+typedef int (*faccessat_fn)(int, const char *, int, int);
+static void *real_access_slot, *real_faccessat_slot;
+
+EXPORT int access(const char *path, int mode) {
+    if (is_remote(AT_FDCWD, path))
+        return remote_access(path, mode);
+    access_fn real = (access_fn)real_symbol(&real_access_slot, "access");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(path, mode);
+}
+
+EXPORT int faccessat(int dirfd, const char *path, int mode, int flags) {
+    if (is_remote(dirfd, path))
+        return remote_access(path, mode);
+    faccessat_fn real = (faccessat_fn)real_symbol(&real_faccessat_slot, "faccessat");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(dirfd, path, mode, flags);
+}
+
+static ssize_t remote_readlink(const char *path, char *buf, size_t size) {
+    struct request *r = request_new(-1);
+    if (!r) {
+        errno = EAGAIN;
+        return -1;
+    }
+    ssize_t rc = ask(r, "readlink", path);
+    if (rc == 0) {
+        rc = (ssize_t)(r->text_len < size ? r->text_len : size);
+        memcpy(buf, r->text, (size_t)rc); // readlink(2) does not terminate it either
+    }
+    request_free(r);
+    return rc;
+}
+
+typedef ssize_t (*readlink_fn)(const char *, char *, size_t);
+typedef ssize_t (*readlinkat_fn)(int, const char *, char *, size_t);
+static void *real_readlink_slot, *real_readlinkat_slot;
+
+EXPORT ssize_t readlink(const char *path, char *buf, size_t size) {
+    if (is_remote(AT_FDCWD, path))
+        return remote_readlink(path, buf, size);
+    readlink_fn real = (readlink_fn)real_symbol(&real_readlink_slot, "readlink");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(path, buf, size);
+}
+
+EXPORT ssize_t readlinkat(int dirfd, const char *path, char *buf, size_t size) {
+    if (is_remote(dirfd, path))
+        return remote_readlink(path, buf, size);
+    readlinkat_fn real = (readlinkat_fn)real_symbol(&real_readlinkat_slot, "readlinkat");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(dirfd, path, buf, size);
+}
