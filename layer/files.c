@@ -10,10 +10,11 @@
 // mmap and fstat need no hooks. Opened for writing, it is the app's private copy: writes never
 // reach the target. stat, lstat, statx and access answer from the target's stat; readlink
 // from its link. A call that gets no answer in FILE_WAIT_MS, or whose session is gone, fails
-// with EIO: the app is never hung. Directories are not listed remotely yet: opendir and its
-// kin see the local file system.
+// with EIO: the app is never hung. A remote directory's listing is read whole at opendir (or
+// scandir, which libuv uses) and handed out by readdir.
 
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <fcntl.h>
 #include <fnmatch.h>
 #include <limits.h>
@@ -637,4 +638,242 @@ EXPORT ssize_t readlinkat(int dirfd, const char *path, char *buf, size_t size) {
         return -1;
     }
     return real(dirfd, path, buf, size);
+}
+
+// ---- directories: a remote one's listing, read whole at opendir ----
+
+// What opendir returns for a remote directory; readdir and its kin tell it from glibc's DIR by
+// the registry below.
+struct remote_dir {
+    char *entries; // the listing: a kind letter, the name and a NUL each
+    size_t size;
+    size_t at;
+    long index; // entries returned, "." and ".." first (telldir/seekdir)
+    int fd;     // what dirfd gives: the memfd the listing came in
+    struct dirent64 entry;
+};
+
+#define DIRS_MAX 256
+static struct remote_dir *dirs[DIRS_MAX];
+
+static int dir_slot(const void *dir) {
+    for (int i = 0; i < DIRS_MAX; i++) {
+        if (dir && dirs[i] == dir)
+            return i;
+    }
+    return -1;
+}
+
+static struct remote_dir *remote_opendir(const char *path) {
+    int memfd = memfd_create("mirrord-dir", MFD_CLOEXEC);
+    if (memfd < 0)
+        return NULL;
+    struct request *r = request_new(memfd);
+    if (!r) {
+        close(memfd);
+        errno = EAGAIN;
+        return NULL;
+    }
+    int rc = ask(r, "list", path);
+    int error = errno;
+    size_t size = (size_t)r->size;
+    request_free(r);
+    struct remote_dir *d = rc == 0 ? calloc(1, sizeof *d) : NULL;
+    if (d)
+        d->entries = malloc(size ? size : 1);
+    if (!d || !d->entries || pread(memfd, d->entries, size, 0) != (ssize_t)size) {
+        if (d)
+            free(d->entries);
+        free(d);
+        close(memfd);
+        errno = rc == 0 ? EIO : error;
+        return NULL;
+    }
+    d->size = size;
+    d->fd = memfd;
+    pthread_mutex_lock(&files_mu);
+    int slot = -1;
+    for (int i = 0; i < DIRS_MAX && slot < 0; i++) {
+        if (!dirs[i])
+            slot = i;
+    }
+    if (slot >= 0)
+        dirs[slot] = d;
+    pthread_mutex_unlock(&files_mu);
+    if (slot < 0) {
+        free(d->entries);
+        free(d);
+        close(memfd);
+        errno = EMFILE;
+        return NULL;
+    }
+    return d;
+}
+
+static struct dirent64 *remote_readdir(struct remote_dir *d) {
+    struct dirent64 *e = &d->entry;
+    memset(e, 0, sizeof *e);
+    if (d->index < 2) {
+        strcpy(e->d_name, d->index == 0 ? "." : "..");
+        e->d_type = DT_DIR;
+    } else {
+        if (d->at >= d->size)
+            return NULL;
+        char kind = d->entries[d->at];
+        const char *name = d->entries + d->at + 1;
+        size_t len = strnlen(name, d->size - d->at - 1);
+        d->at += len + 2;
+        snprintf(e->d_name, sizeof e->d_name, "%.*s", (int)len, name);
+        e->d_type = kind == 'f' ? DT_REG : kind == 'd' ? DT_DIR : kind == 'l' ? DT_LNK : DT_UNKNOWN;
+    }
+    d->index++;
+    e->d_ino = (ino64_t)d->index; // not the target's inode (stat says it): never 0, which hides
+    e->d_off = d->index;
+    e->d_reclen = sizeof *e;
+    return e;
+}
+
+typedef DIR *(*opendir_fn)(const char *);
+typedef struct dirent *(*readdir_fn)(DIR *);
+typedef struct dirent64 *(*readdir64_fn)(DIR *);
+typedef int (*closedir_fn)(DIR *);
+typedef int (*dirfd_fn)(DIR *);
+typedef void (*rewinddir_fn)(DIR *);
+static void *real_opendir_slot, *real_readdir_slot, *real_readdir64_slot, *real_closedir_slot,
+    *real_dirfd_slot, *real_rewinddir_slot, *real_scandir_slot, *real_scandir64_slot;
+
+EXPORT DIR *opendir(const char *path) {
+    if (is_remote(AT_FDCWD, path))
+        return (DIR *)remote_opendir(path);
+    opendir_fn real = (opendir_fn)real_symbol(&real_opendir_slot, "opendir");
+    if (!real) {
+        errno = ENOSYS;
+        return NULL;
+    }
+    return real(path);
+}
+
+EXPORT struct dirent *readdir(DIR *dir) {
+    if (dir_slot(dir) >= 0)
+        return (struct dirent *)remote_readdir((struct remote_dir *)dir);
+    readdir_fn real = (readdir_fn)real_symbol(&real_readdir_slot, "readdir");
+    return real ? real(dir) : NULL;
+}
+
+EXPORT struct dirent64 *readdir64(DIR *dir) {
+    if (dir_slot(dir) >= 0)
+        return remote_readdir((struct remote_dir *)dir);
+    readdir64_fn real = (readdir64_fn)real_symbol(&real_readdir64_slot, "readdir64");
+    return real ? real(dir) : NULL;
+}
+
+EXPORT int closedir(DIR *dir) {
+    pthread_mutex_lock(&files_mu);
+    int slot = dir_slot(dir);
+    if (slot >= 0)
+        dirs[slot] = NULL;
+    pthread_mutex_unlock(&files_mu);
+    if (slot >= 0) {
+        struct remote_dir *d = (struct remote_dir *)dir;
+        close(d->fd);
+        free(d->entries);
+        free(d);
+        return 0;
+    }
+    closedir_fn real = (closedir_fn)real_symbol(&real_closedir_slot, "closedir");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(dir);
+}
+
+EXPORT int dirfd(DIR *dir) {
+    if (dir_slot(dir) >= 0)
+        return ((struct remote_dir *)dir)->fd;
+    dirfd_fn real = (dirfd_fn)real_symbol(&real_dirfd_slot, "dirfd");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(dir);
+}
+
+EXPORT void rewinddir(DIR *dir) {
+    if (dir_slot(dir) >= 0) {
+        struct remote_dir *d = (struct remote_dir *)dir;
+        d->at = 0;
+        d->index = 0;
+        return;
+    }
+    rewinddir_fn real = (rewinddir_fn)real_symbol(&real_rewinddir_slot, "rewinddir");
+    if (real)
+        real(dir);
+}
+
+typedef int (*scandir_fn)(const char *, struct dirent ***, int (*)(const struct dirent *),
+                          int (*)(const struct dirent **, const struct dirent **));
+
+// scandir of a remote directory: its entries through `filter`, sorted by `compar`, each in
+// memory of its own as the caller frees it.
+static int remote_scandir(const char *path, struct dirent ***out,
+                          int (*filter)(const struct dirent *),
+                          int (*compar)(const struct dirent **, const struct dirent **)) {
+    struct remote_dir *d = remote_opendir(path);
+    if (!d)
+        return -1;
+    size_t count = 0, room = 16;
+    struct dirent **list = malloc(room * sizeof *list);
+    struct dirent64 *e;
+    while (list && (e = remote_readdir(d)) != NULL) {
+        if (filter && !filter((struct dirent *)e))
+            continue;
+        if (count == room) {
+            struct dirent **grown = realloc(list, (room *= 2) * sizeof *list);
+            if (!grown)
+                break;
+            list = grown;
+        }
+        struct dirent *copy = malloc(sizeof *copy);
+        if (!copy)
+            break;
+        memcpy(copy, e, sizeof *copy);
+        list[count++] = copy;
+    }
+    closedir((DIR *)d);
+    if (!list) {
+        errno = ENOMEM;
+        return -1;
+    }
+    if (compar)
+        qsort(list, count, sizeof *list, (int (*)(const void *, const void *))compar);
+    *out = list;
+    return (int)count;
+}
+
+EXPORT int scandir(const char *path, struct dirent ***out, int (*filter)(const struct dirent *),
+                   int (*compar)(const struct dirent **, const struct dirent **)) {
+    if (is_remote(AT_FDCWD, path))
+        return remote_scandir(path, out, filter, compar);
+    scandir_fn real = (scandir_fn)real_symbol(&real_scandir_slot, "scandir");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(path, out, filter, compar);
+}
+
+EXPORT int scandir64(const char *path, struct dirent64 ***out,
+                     int (*filter)(const struct dirent64 *),
+                     int (*compar)(const struct dirent64 **, const struct dirent64 **)) {
+    if (is_remote(AT_FDCWD, path))
+        return remote_scandir(path, (struct dirent ***)out, (int (*)(const struct dirent *))filter,
+                              (int (*)(const struct dirent **, const struct dirent **))compar);
+    scandir_fn real = (scandir_fn)real_symbol(&real_scandir64_slot, "scandir64");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(path, (struct dirent ***)out, (int (*)(const struct dirent *))filter,
+                (int (*)(const struct dirent **, const struct dirent **))compar);
 }

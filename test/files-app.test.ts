@@ -22,7 +22,7 @@ describe("the target's files in the app", () => {
   let bigSha = '';
 
   beforeAll(async () => {
-    for (const sub of ['usr', 'etc', 'app', 'data', 'secrets', 'proc']) {
+    for (const sub of ['usr', 'etc', 'app/sub', 'data', 'secrets', 'proc']) {
       mkdirSync(join(root, sub), { recursive: true });
     }
     writeFileSync(join(root, 'etc/app.conf'), CONF);
@@ -82,6 +82,10 @@ describe("the target's files in the app", () => {
         for (const [name, path] of [['missing', '/nowhere'], ['escape', '/app/through-proc']]) {
           try { fs.readFileSync(path); out[name] = 'read'; } catch (e) { out[name] = e.code; }
         }
+        out.listing = fs.readdirSync('/app').sort();
+        out.kinds = fs.readdirSync('/app', { withFileTypes: true }).map((e) => e.name + ':' + (e.isFile() ? 'f' : e.isDirectory() ? 'd' : e.isSymbolicLink() ? 'l' : 'o')).sort();
+        out.opendir = [];
+        for await (const entry of await fs.promises.opendir('/secrets')) out.opendir.push(entry.name);
         out.bigSha = crypto.createHash('sha256').update(fs.readFileSync('/data/big.bin')).digest('hex');
         out.local = fs.readFileSync(${JSON.stringify(local)}, 'utf8');
         console.log(JSON.stringify(out));
@@ -102,6 +106,9 @@ describe("the target's files in the app", () => {
       exists: [true, false],
       missing: 'ENOENT',
       escape: 'EACCES',
+      listing: ['absolute', 'config.json', 'sub', 'through-proc'],
+      kinds: ['absolute:l', 'config.json:f', 'sub:d', 'through-proc:l'],
+      opendir: ['token'],
       bigSha,
       local: 'this machine',
     });
@@ -112,6 +119,8 @@ describe("the target's files in the app", () => {
       'import json, os',
       'out = {"conf": open("/etc/app.conf").read(), "token": open("/secrets/token", "rb").read().decode()}',
       'out["size"] = os.stat("/app/config.json").st_size',
+      'out["listdir"] = sorted(os.listdir("/app"))',
+      'out["scandir"] = sorted(e.name for e in os.scandir("/secrets") if e.is_file())',
       'out["exists"] = [os.path.exists("/etc/app.conf"), os.path.isfile("/app/config.json"), os.path.exists("/nowhere")]',
       'try:\n    open("/nowhere")\nexcept OSError as e:\n    out["missing"] = e.errno',
       'print(json.dumps(out))',
@@ -124,12 +133,14 @@ describe("the target's files in the app", () => {
       conf: CONF,
       token: 's3cr=t\n',
       size: 17,
+      listdir: ['absolute', 'config.json', 'sub', 'through-proc'],
+      scandir: ['token'],
       exists: [true, true, false],
       missing: 2,
     });
   }, 60_000);
 
-  test('a C program (fopen, fgets) and cat', async () => {
+  test('a C program (fopen, fgets), cat and ls', async () => {
     const source = join(dir.path, 'first-line.c');
     const binary = join(dir.path, 'first-line');
     writeFileSync(
@@ -141,6 +152,8 @@ describe("the target's files in the app", () => {
     expect(await inApp(['cat', '/secrets/token', '/app/config.json'])).toBe(
       's3cr=t\n{"feature": true}',
     );
+    expect(await inApp(['ls', '-1', '/app'])).toBe('absolute\nconfig.json\nsub\nthrough-proc\n');
+    expect(await inApp(['ls', '-A', '/secrets'])).toBe('token\n');
     // With --fs local the app sees this machine's files only.
     const run = mirrord([
       '--pid',

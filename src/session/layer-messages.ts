@@ -28,7 +28,7 @@ export const LayerCode = {
 } as const;
 
 /** What the layer asks of the target's files (src/features/files/layer.ts answers). */
-export const LAYER_FILE_OPS = ['open', 'stat', 'lstat', 'readlink'] as const;
+export const LAYER_FILE_OPS = ['open', 'stat', 'lstat', 'readlink', 'list'] as const;
 export type LayerFileOp = (typeof LAYER_FILE_OPS)[number];
 
 /** From a process of the app. */
@@ -75,7 +75,8 @@ export type SessionMessage =
   | { type: 'shared'; localPort: number }
   /**
    * The answer to `file`: the errno the app's call fails with, or the file's stat; for `open`,
-   * `size` bytes follow in `fileData` messages; for `readlink`, `text` is the link's target.
+   * `size` bytes follow in `fileData` messages (for `list`, the entries: a kind letter, `f` `d`
+   * `l` or `o`, the name and a NUL each); for `readlink`, `text` is the link's target.
    */
   | {
       type: 'fileReply';

@@ -5,7 +5,7 @@
 import type { LayerChannel, LayerReply } from '../../session/layer-channel.js';
 import type { LayerMessage, LayerStat } from '../../session/layer-messages.js';
 import type { RemoteFiles } from './cli.js';
-import type { FileStat } from './messages.js';
+import type { FileKind, FileStat } from './messages.js';
 
 /**
  * Largest file the app is given: it gets the whole of it at open (the layer's private copy),
@@ -14,6 +14,8 @@ import type { FileStat } from './messages.js';
 export const MAX_APP_FILE_BYTES = 256 * 1024 * 1024;
 /** The bytes of one `fileData` message: well under the layer's frame limit. */
 const DATA_BYTES = 60 * 1024;
+/** How a listing names each entry's kind (layer/files.c reads them as d_type). */
+const KIND_LETTERS: Record<FileKind, string> = { file: 'f', dir: 'd', symlink: 'l', other: 'o' };
 
 function layerStat(stat: FileStat): LayerStat {
   const time = (ns: bigint): number[] => [Number(ns / 1_000_000_000n), Number(ns % 1_000_000_000n)];
@@ -89,6 +91,14 @@ async function answer(
         text: got.result,
       });
     }
+    case 'list': {
+      const got = await files.ask({ op: 'list', path });
+      if (got.errno !== null) return fail(got.errno);
+      const entries = Buffer.from(
+        got.result.map(([name, kind]) => `${KIND_LETTERS[kind]}${name}\0`).join(''),
+      );
+      return sendBytes(reply, id, null, entries);
+    }
     case 'open': {
       const got = await files.readFile(path, MAX_APP_FILE_BYTES);
       if (got.errno !== null) {
@@ -99,23 +109,25 @@ async function answer(
         }
         return fail(got.errno);
       }
-      const { bytes, stat } = got;
-      await reply.send({
-        type: 'fileReply',
-        id,
-        errno: null,
-        stat: layerStat(stat),
-        size: bytes.length,
-        text: null,
-      });
-      for (let offset = 0; offset < bytes.length; offset += DATA_BYTES) {
-        await reply.send({
-          type: 'fileData',
-          id,
-          offset,
-          bytes: bytes.subarray(offset, offset + DATA_BYTES),
-        });
-      }
+      return sendBytes(reply, id, layerStat(got.stat), got.bytes);
     }
+  }
+}
+
+/** A reply whose `size` bytes follow in `fileData` messages, each sent once the socket takes it. */
+async function sendBytes(
+  reply: LayerReply,
+  id: number,
+  stat: LayerStat | null,
+  bytes: Buffer,
+): Promise<void> {
+  await reply.send({ type: 'fileReply', id, errno: null, stat, size: bytes.length, text: null });
+  for (let offset = 0; offset < bytes.length; offset += DATA_BYTES) {
+    await reply.send({
+      type: 'fileData',
+      id,
+      offset,
+      bytes: bytes.subarray(offset, offset + DATA_BYTES),
+    });
   }
 }
