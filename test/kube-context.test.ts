@@ -1,8 +1,10 @@
 /**
- * The environment of a real pod in the local app: what the pod got from a ConfigMap and a
- * Secret (envFrom), the downward API, its spec and the namespace's Services, read by the agent
- * from the container's process on the real test cluster.
+ * A real pod's context in the local app, on the real test cluster: its environment (what it
+ * got from a ConfigMap and a Secret through envFrom, the downward API, its spec and the
+ * namespace's Services) and its files (a Secret volume, a ConfigMap volume, a file it wrote
+ * in an emptyDir), read by the agent from the container's process.
  */
+import { createHash } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -10,13 +12,15 @@ import { promisify } from 'node:util';
 import { testCluster, type TestCluster } from './support/kube.js';
 import { CLI, mirrord, tempDir, untilAsync } from './support/mirror-cli.js';
 
-const NAMESPACE = 'kube-env';
+const NAMESPACE = 'kube-context';
+/** What the pod writes in its emptyDir: byte i is i % 251. */
+const BIG_BYTES = 100 * 1024 * 1024;
 const run = promisify(execFile);
 
-describe("a pod's environment (real cluster)", () => {
+describe("a pod's environment and files (real cluster)", () => {
   let cluster: TestCluster;
   let serviceIp: string;
-  const dir = tempDir('kube-env');
+  const dir = tempDir('kube-context');
 
   beforeAll(async () => {
     cluster = await testCluster(NAMESPACE);
@@ -27,6 +31,13 @@ describe("a pod's environment (real cluster)", () => {
     await cluster.core.createNamespacedSecret({
       namespace: NAMESPACE,
       body: { metadata: { name: 'api-secret' }, stringData: { DB_PASSWORD: "p@ss'w=rd\n" } },
+    });
+    await cluster.core.createNamespacedConfigMap({
+      namespace: NAMESPACE,
+      body: {
+        metadata: { name: 'api-files' },
+        data: { 'app.yaml': 'replicas: 3\nregion: eu-1\n' },
+      },
     });
     // Made before the pod, so that the kubelet gives the pod its variables.
     const service = await cluster.core.createNamespacedService({
@@ -51,7 +62,13 @@ describe("a pod's environment (real cluster)", () => {
               command: [
                 'node',
                 '-e',
-                "require('net').createServer((s) => s.resume()).listen(8080)",
+                `require('fs').writeFileSync('/data/big.bin', Buffer.alloc(${BIG_BYTES}).map((_, i) => i % 251));
+                 require('net').createServer((s) => s.resume()).listen(8080)`,
+              ],
+              volumeMounts: [
+                { name: 'secret', mountPath: '/etc/secret', readOnly: true },
+                { name: 'config', mountPath: '/etc/config', readOnly: true },
+                { name: 'data', mountPath: '/data' },
               ],
               readinessProbe: { tcpSocket: { port: 8080 }, periodSeconds: 1 },
               envFrom: [
@@ -63,6 +80,11 @@ describe("a pod's environment (real cluster)", () => {
                 { name: 'MODE', value: 'staging' },
               ],
             },
+          ],
+          volumes: [
+            { name: 'secret', secret: { secretName: 'api-secret' } },
+            { name: 'config', configMap: { name: 'api-files' } },
+            { name: 'data', emptyDir: {} },
           ],
         },
       },
@@ -119,11 +141,40 @@ describe("a pod's environment (real cluster)", () => {
     ]);
     expect({ code: await session.exited, output: session.output() }).toEqual({
       code: 0,
-      output: expect.stringMatching(/the app gets \d+ variables from pod kube-env\/api/),
+      output: expect.stringMatching(/the app gets \d+ variables from pod kube-context\/api/),
     });
     const env = JSON.parse(readFileSync(file, 'utf8')) as Record<string, string>;
     expect(env).toMatchObject(expected());
     expect(env.HOME).toBe(process.env.HOME);
+    await nothingLeft();
+  }, 180_000);
+
+  test('the app mirrored from the pod reads its Secret and ConfigMap volumes and its files', async () => {
+    const file = join(dir.path, 'app-files');
+    const program = `
+      const fs = require('fs');
+      const out = {
+        password: fs.readFileSync('/etc/secret/DB_PASSWORD', 'utf8'),
+        yaml: fs.readFileSync('/etc/config/app.yaml', 'utf8'),
+        config: fs.readdirSync('/etc/config').filter((name) => !name.startsWith('..')),
+        size: fs.statSync('/data/big.bin').size,
+        sha: require('crypto').createHash('sha256').update(fs.readFileSync('/data/big.bin')).digest('hex'),
+        missing: fs.existsSync('/etc/secret/nothing'),
+      };
+      fs.writeFileSync(${JSON.stringify(file)}, JSON.stringify(out));`;
+    const session = mirrord([...kube('--pod', 'api'), '--', process.execPath, '-e', program]);
+    expect({ code: await session.exited, output: session.output() }).toMatchObject({ code: 0 });
+    const expectedSha = createHash('sha256')
+      .update(Buffer.alloc(BIG_BYTES).map((_, i) => i % 251))
+      .digest('hex');
+    expect(JSON.parse(readFileSync(file, 'utf8'))).toEqual({
+      password: "p@ss'w=rd\n",
+      yaml: 'replicas: 3\nregion: eu-1\n',
+      config: ['app.yaml'],
+      size: BIG_BYTES,
+      sha: expectedSha,
+      missing: false,
+    });
     await nothingLeft();
   }, 180_000);
 });
