@@ -13,26 +13,53 @@
  *   file, p50 and p99 per round.
  * - a large file (LARGE_MIB MiB) read whole: throughput.
  *
+ * Read four ways (see Config): by this process directly and through a session's client (the
+ * agent's and the CLI's share), and by an app directly and mirrored (what a user's app sees).
+ *
  * Both kinds alternate which goes first in each round (MIRRORD_BENCH_ROUNDS, default 7), and
  * every figure is the median over the rounds with its range.
  */
-import type { ChildProcess } from 'node:child_process';
+import { execFile, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import { RemoteFiles } from '../src/features/files/cli.js';
 import { placeLocalAgent } from '../src/platform/local/agent-process.js';
 import { AgentClient } from '../src/protocol/client.js';
 import { startChrootedTarget } from '../test/support/chrooted-target.js';
 import { median, percentile, progress, round } from './support.js';
 
+const execFileAsync = promisify(execFile);
 const ROUNDS = Number(process.env.MIRRORD_BENCH_ROUNDS ?? 7);
 const FILES = 500;
 const LARGE_MIB = 256;
 
 type Read = (path: string) => Promise<Buffer>;
+/**
+ * direct and client: this process reads, from the target's root or through a session's client;
+ * app_direct and app_mirrored: an app (file-reader.mjs) reads, from the target's root or
+ * mirrored from the target (its own calls through the layer, the CLI and the agent).
+ */
+type Config = 'direct' | 'client' | 'app_direct' | 'app_mirrored';
+interface Figures {
+  p50: number;
+  p99: number;
+  mbps: number;
+}
+
+const READER = fileURLToPath(new URL('../../bench/file-reader.mjs', import.meta.url));
+const CLI = fileURLToPath(new URL('../../bin/run.js', import.meta.url));
+
+/** Runs the reader app and takes its figures (its last line). */
+async function appReads(command: string[]): Promise<Figures> {
+  const [file, ...args] = command;
+  const { stdout } = await execFileAsync(file!, args, { maxBuffer: 1024 * 1024 });
+  return JSON.parse(stdout.trim().split('\n').at(-1)!) as Figures;
+}
 
 function spread(
   values: number[],
@@ -101,40 +128,76 @@ export async function benchFiles(): Promise<Record<string, unknown>> {
     // Warm-up: the JIT and the page cache, once for each path.
     await smallRound(direct);
     await smallRound(session);
-
-    const small = {
-      direct: { p50: [] as number[], p99: [] as number[] },
-      session: { p50: [] as number[], p99: [] as number[] },
+    const configs: Record<Config, () => Promise<Figures>> = {
+      direct: async () => ({ ...(await smallRound(direct)), mbps: await largeRound(direct) }),
+      client: async () => ({ ...(await smallRound(session)), mbps: await largeRound(session) }),
+      app_direct: () => appReads([process.execPath, READER, `/proc/${pid}/root`, String(FILES)]),
+      app_mirrored: () =>
+        appReads([
+          process.execPath,
+          CLI,
+          'mirror',
+          '--pid',
+          String(pid),
+          '--',
+          process.execPath,
+          READER,
+          '',
+          String(FILES),
+        ]),
     };
-    const large = { direct: [] as number[], session: [] as number[] };
-    const ratios = { smallP99: [] as number[], large: [] as number[] };
+    const names = Object.keys(configs) as Config[];
+    const figures = Object.fromEntries(names.map((name) => [name, [] as Figures[]])) as Record<
+      Config,
+      Figures[]
+    >;
     for (let r = 0; r < ROUNDS; r++) {
-      const order =
-        r % 2 === 0 ? (['direct', 'session'] as const) : (['session', 'direct'] as const);
-      const got: Record<string, { p50: number; p99: number; mbps: number }> = {};
-      for (const kind of order) {
-        const read = kind === 'direct' ? direct : session;
-        const latency = await smallRound(read);
-        got[kind] = { ...latency, mbps: await largeRound(read) };
-        small[kind].p50.push(latency.p50);
-        small[kind].p99.push(latency.p99);
-        large[kind].push(got[kind].mbps);
+      // A rotating order: drift on a noisy machine hits every configuration alike.
+      for (let k = 0; k < names.length; k++) {
+        const name = names[(r + k) % names.length]!;
+        figures[name].push(await configs[name]());
       }
-      ratios.smallP99.push(got.session!.p99 / got.direct!.p99);
-      ratios.large.push(got.session!.mbps / got.direct!.mbps);
-      progress(
-        `  round ${r + 1}/${ROUNDS}: small p50/p99 direct ${got.direct!.p50.toFixed(3)}/${got.direct!.p99.toFixed(3)} ms, session ${got.session!.p50.toFixed(3)}/${got.session!.p99.toFixed(3)} ms; large direct ${got.direct!.mbps.toFixed(0)} MB/s, session ${got.session!.mbps.toFixed(0)} MB/s`,
-      );
+      const line = names
+        .map((name) => {
+          const f = figures[name].at(-1)!;
+          return `${name} ${f.p50.toFixed(3)}/${f.p99.toFixed(3)} ms ${f.mbps.toFixed(0)} MB/s`;
+        })
+        .join('; ');
+      progress(`  round ${r + 1}/${ROUNDS}: small p50/p99, large: ${line}`);
     }
+    const ratio = (over: Config, under: Config, key: 'p99' | 'mbps') =>
+      spread(
+        figures[over].map((f, i) => f[key] / figures[under][i]![key]),
+        2,
+      );
     return {
       machine,
-      small_file_ms: {
-        direct: { p50: spread(small.direct.p50), p99: spread(small.direct.p99) },
-        session: { p50: spread(small.session.p50), p99: spread(small.session.p99) },
+      small_file_ms: Object.fromEntries(
+        names.map((name) => [
+          name,
+          {
+            p50: spread(figures[name].map((f) => f.p50)),
+            p99: spread(figures[name].map((f) => f.p99)),
+          },
+        ]),
+      ),
+      large_file_mb_per_s: Object.fromEntries(
+        names.map((name) => [
+          name,
+          spread(
+            figures[name].map((f) => f.mbps),
+            0,
+          ),
+        ]),
+      ),
+      small_file_p99_over_direct: {
+        client: ratio('client', 'direct', 'p99'),
+        app: ratio('app_mirrored', 'app_direct', 'p99'),
       },
-      small_file_p99_session_over_direct: spread(ratios.smallP99, 2),
-      large_file_mb_per_s: { direct: spread(large.direct, 0), session: spread(large.session, 0) },
-      large_file_session_over_direct: spread(ratios.large, 2),
+      large_file_over_direct: {
+        client: ratio('client', 'direct', 'mbps'),
+        app: ratio('app_mirrored', 'app_direct', 'mbps'),
+      },
     };
   } finally {
     await client?.close();

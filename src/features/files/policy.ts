@@ -17,7 +17,8 @@ import { homedir } from 'node:os';
  * - name resolution (hosts, resolv.conf, host.conf, gai.conf): until outgoing traffic and DNS
  *   go through the target (issue 15), names resolve here;
  * - the working directory and the home directory: the app's own code, its dependencies, the
- *   developer's configuration and caches.
+ *   developer's configuration and caches; and the directories above them, which a runtime
+ *   resolving a path below them looks at.
  * Everything else (/etc/app.conf, /app, /srv, /var/run/secrets, /config, …) is the target's.
  */
 export const LOCAL_DIRECTORIES: readonly string[] = [
@@ -76,6 +77,15 @@ const tree = (directory: string): string[] => {
 };
 
 /**
+ * The directories above `directory`, `/` included, each alone: a runtime resolving a path
+ * below it (node's realpath lstats every component) must find them here too.
+ */
+const ancestors = (directory: string): string[] => {
+  const parts = directory.split('/').filter(Boolean);
+  return ['/', ...parts.slice(0, -1).map((_, i) => `/${parts.slice(0, i + 1).join('/')}`)];
+};
+
+/**
  * The environment that tells the layer which paths are the target's: MIRRORD_FS (`read`, else
  * the feature is off), MIRRORD_FS_LOCAL and MIRRORD_FS_REMOTE (globs, one a line).
  */
@@ -85,7 +95,9 @@ export function layerFsEnvironment(settings: FsSettings, cwd: string): Record<st
     ...LOCAL_DIRECTORIES.flatMap(tree),
     ...LOCAL_FILES,
     ...tree(cwd),
+    ...ancestors(cwd),
     ...tree(homedir()),
+    ...ancestors(homedir()),
     ...settings.local,
   ];
   return {
