@@ -61,13 +61,22 @@ static pthread_cond_t files_cv;
 static struct request requests[REQUESTS_MAX];
 static uint32_t next_id = 1;
 
-static void split_globs(const char *value, const char **out) {
+// The globs, copied out of the environment: no malloc here, since init can run inside the
+// app's allocator (jemalloc calls syscall(), which initialises the layer, from within malloc).
+static char globs_text[2][32 * 1024];
+
+static void split_globs(const char *value, char *text, size_t room, const char **out) {
     if (!value || !*value)
         return;
-    // Never freed: the settings live as long as the process.
-    char *copy = strdup(value);
+    size_t length = strlen(value);
+    if (length >= room) {
+        dbg("more globs than fit (%zu bytes): the last are ignored", length);
+        length = room - 1;
+    }
+    memcpy(text, value, length);
+    text[length] = 0;
     int n = 0;
-    for (char *save = NULL, *glob = strtok_r(copy, "\n", &save); glob && n < GLOBS_MAX - 1;
+    for (char *save = NULL, *glob = strtok_r(text, "\n", &save); glob && n < GLOBS_MAX - 1;
          glob = strtok_r(NULL, "\n", &save))
         out[n++] = glob;
     out[n] = NULL;
@@ -78,8 +87,8 @@ void files_init(void) {
     files_on = mode && strcmp(mode, "read") == 0 && getenv("MIRRORD_LAYER_SOCKET");
     if (!files_on)
         return;
-    split_globs(getenv("MIRRORD_FS_LOCAL"), local_globs);
-    split_globs(getenv("MIRRORD_FS_REMOTE"), remote_globs);
+    split_globs(getenv("MIRRORD_FS_LOCAL"), globs_text[0], sizeof globs_text[0], local_globs);
+    split_globs(getenv("MIRRORD_FS_REMOTE"), globs_text[1], sizeof globs_text[1], remote_globs);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -243,7 +252,8 @@ void files_on_message(uint64_t code, const msgpack_object *f, uint32_t count) {
             at += n;
         }
         r->received += f[3].via.bin.size;
-        r->done = r->error != 0 || r->received >= r->size;
+        // An empty piece is the end, before `size` when the file shrank meanwhile.
+        r->done = r->error != 0 || r->received >= r->size || f[3].via.bin.size == 0;
     }
     if (r->done)
         pthread_cond_broadcast(&files_cv);

@@ -55,9 +55,9 @@
 #define PEER_WAIT_MS 1000
 #define PEER_TTL_MS 30000
 #define LINE_MAX_LEN 512
-// The session's frames: a few dozen bytes, or a file's contents in pieces of 60 KiB; one
-// longer than this is not the session's.
-#define FRAME_MAX (64 * 1024)
+// The session's frames: a few dozen bytes, or a file's contents in pieces of up to a MiB (the
+// agent's reads); one longer than this is not the session's.
+#define FRAME_MAX (1024 * 1024 + 1024)
 
 // ---- real functions, resolved lazily (a hook may run before any constructor) ----
 

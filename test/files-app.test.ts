@@ -154,6 +154,32 @@ describe("the target's files in the app", () => {
     );
     expect(await inApp(['ls', '-1', '/app'])).toBe('absolute\nconfig.json\nsub\nthrough-proc\n');
     expect(await inApp(['ls', '-A', '/secrets'])).toBe('token\n');
+    // --fs-local keeps a target's path here (this machine has no /app: ENOENT), --fs-remote
+    // reads one of this machine's own from the target (the target's /usr/bin is this
+    // machine's, bound in: the same bytes either way, so /tmp is what tells them apart).
+    const kept = mirrord([
+      '--pid',
+      String(target.pid),
+      '--fs-local',
+      '/app/*',
+      '--',
+      'cat',
+      '/app/config.json',
+    ]);
+    expect(await kept.exited).toBe(1);
+    expect(kept.output()).toMatch(/cat: \/app\/config.json: No such file or directory/);
+    writeFileSync(join(dir.path, 'here.txt'), 'this machine');
+    const remote = mirrord([
+      '--pid',
+      String(target.pid),
+      '--fs-remote',
+      '/tmp/*',
+      '--',
+      'cat',
+      join(dir.path, 'here.txt'),
+    ]);
+    expect(await remote.exited).toBe(1);
+    expect(remote.output()).toMatch(/No such file or directory/);
     // With --fs local the app sees this machine's files only.
     const run = mirrord([
       '--pid',

@@ -13,6 +13,12 @@ import {
 /** Reads of one file in flight at once: enough to hide a port-forward's round trip. */
 const READS_IN_FLIGHT = 8;
 
+/** Where streamFile hands a file: its size to expect, then its pieces in order. */
+export interface FileSink {
+  opened(stat: FileStat, size: number): Promise<void>;
+  piece(bytes: Buffer, offset: number): Promise<void>;
+}
+
 export class RemoteFiles {
   readonly #client: AgentClient;
 
@@ -28,52 +34,73 @@ export class RemoteFiles {
   }
 
   /**
-   * A whole file: its first bytes come with the open, the rest `MAX_READ_BYTES` at a time with a
-   * few reads in flight, each copied once into its place; the errno when it cannot be opened
-   * or read.
+   * A whole file, handed to `sink` piece by piece as it comes: its first bytes with the open,
+   * the rest `MAX_READ_BYTES` at a time with a few reads in flight, each piece awaited (the
+   * sink's backpressure). `opened` gets the size to expect (stat's: a file that grows meanwhile
+   * is read as far as it was); the result is the bytes handed over (fewer when it shrank), or
+   * the errno. A file larger than `maxBytes` is EFBIG.
    */
-  async readFile(
+  async streamFile(
     path: string,
-    maxBytes = Number.MAX_SAFE_INTEGER,
-  ): Promise<{ errno: null; bytes: Buffer; stat: FileStat } | { errno: string }> {
+    maxBytes: number,
+    sink: FileSink,
+  ): Promise<{ errno: string } | { errno: null; bytes: number }> {
     const opened = await this.ask({ op: 'open', path });
     if (opened.errno !== null) return { errno: opened.errno };
     const { handle, stat, head } = opened.result;
-    if (handle === 0) return { errno: null, bytes: head, stat };
     try {
-      if (stat.size > maxBytes) return { errno: 'EFBIG' };
-      // The size stat gave; a file that grows meanwhile is read as far as it was.
-      const bytes = Buffer.allocUnsafe(Math.max(stat.size, head.length));
-      head.copy(bytes);
-      let end = head.length;
-      while (end < bytes.length) {
-        const reads = [];
-        for (
-          let at = end;
-          at < bytes.length && reads.length < READS_IN_FLIGHT;
-          at += MAX_READ_BYTES
-        ) {
+      const size = handle === 0 ? head.length : Math.max(stat.size, head.length);
+      if (size > maxBytes) return { errno: 'EFBIG' };
+      await sink.opened(stat, size);
+      await sink.piece(head, 0);
+      let done = head.length;
+      let next = head.length;
+      const reads: Promise<FileReply<'read'>>[] = [];
+      const issue = (): void => {
+        while (handle !== 0 && reads.length < READS_IN_FLIGHT && next < size) {
           reads.push(
             this.ask({
               op: 'read',
               handle,
-              offset: at,
-              length: Math.min(MAX_READ_BYTES, bytes.length - at),
+              offset: next,
+              length: Math.min(MAX_READ_BYTES, size - next),
             }),
           );
+          next += MAX_READ_BYTES;
         }
-        for (const reply of await Promise.all(reads)) {
-          if (reply.errno !== null) return { errno: reply.errno };
-          reply.result.copy(bytes, end);
-          end += reply.result.length;
-          // A short read is the end: the file shrank.
-          if (reply.result.length < MAX_READ_BYTES && end < bytes.length)
-            return { errno: null, bytes: bytes.subarray(0, end), stat };
-        }
+      };
+      issue();
+      while (reads.length > 0) {
+        const reply = await reads.shift()!;
+        if (reply.errno !== null) return { errno: reply.errno };
+        const wanted = Math.min(MAX_READ_BYTES, size - done);
+        await sink.piece(reply.result, done);
+        done += reply.result.length;
+        // A short read is the end: the file shrank; the reads after it find nothing.
+        if (reply.result.length < wanted) break;
+        issue();
       }
-      return { errno: null, bytes, stat };
+      return { errno: null, bytes: done };
     } finally {
-      await this.ask({ op: 'close', handle }).catch(() => undefined);
+      if (handle !== 0) await this.ask({ op: 'close', handle }).catch(() => undefined);
     }
+  }
+
+  /** A whole file in memory (see streamFile). */
+  async readFile(
+    path: string,
+    maxBytes = Number.MAX_SAFE_INTEGER,
+  ): Promise<{ errno: null; bytes: Buffer; stat: FileStat } | { errno: string }> {
+    let bytes = Buffer.alloc(0);
+    let stat: FileStat | undefined;
+    const read = await this.streamFile(path, maxBytes, {
+      opened: async (opened, size) => {
+        stat = opened;
+        bytes = Buffer.allocUnsafe(size);
+      },
+      piece: async (piece, offset) => void piece.copy(bytes, offset),
+    });
+    if (read.errno !== null) return read;
+    return { errno: null, bytes: bytes.subarray(0, read.bytes), stat: stat! };
   }
 }

@@ -5,15 +5,15 @@
 import type { LayerChannel, LayerReply } from '../../session/layer-channel.js';
 import type { LayerMessage, LayerStat } from '../../session/layer-messages.js';
 import type { RemoteFiles } from './cli.js';
-import type { FileKind, FileStat } from './messages.js';
+import { MAX_READ_BYTES, type FileKind, type FileStat } from './messages.js';
 
 /**
- * Largest file the app is given: it gets the whole of it at open (the layer's private copy),
- * and the CLI holds it while it goes; a larger one fails as too big (EFBIG) with a line.
+ * Largest file the app is given: it gets the whole of it at open, in memory (the layer's memfd);
+ * a larger one fails as too big (EFBIG) with a line.
  */
 export const MAX_APP_FILE_BYTES = 256 * 1024 * 1024;
-/** The bytes of one `fileData` message: well under the layer's frame limit. */
-const DATA_BYTES = 60 * 1024;
+/** The bytes of one `fileData` message of a listing: a file's pieces are the agent's reads. */
+const DATA_BYTES = MAX_READ_BYTES;
 /** How a listing names each entry's kind (layer/files.c reads them as d_type). */
 const KIND_LETTERS: Record<FileKind, string> = { file: 'f', dir: 'd', symlink: 'l', other: 'o' };
 
@@ -100,16 +100,37 @@ async function answer(
       return sendBytes(reply, id, null, entries);
     }
     case 'open': {
-      const got = await files.readFile(path, MAX_APP_FILE_BYTES);
-      if (got.errno !== null) {
-        if (got.errno === 'EFBIG') {
-          log(
-            `mirrord: ${path} is larger than ${MAX_APP_FILE_BYTES / 1024 / 1024} MiB: the app's open fails (EFBIG)`,
-          );
-        }
-        return fail(got.errno);
+      // Streamed: each piece goes to the app as it comes from the agent.
+      let announced = 0;
+      const streamed = await files.streamFile(path, MAX_APP_FILE_BYTES, {
+        opened: (stat, size) => {
+          announced = size;
+          return reply.send({
+            type: 'fileReply',
+            id,
+            errno: null,
+            stat: layerStat(stat),
+            size,
+            text: null,
+          });
+        },
+        // Nothing for an empty piece: the layer takes one as the end.
+        piece: async (bytes, offset) => {
+          if (bytes.length > 0) await reply.send({ type: 'fileData', id, offset, bytes });
+        },
+      });
+      if (streamed.errno === 'EFBIG') {
+        log(
+          `mirrord: ${path} is larger than ${MAX_APP_FILE_BYTES / 1024 / 1024} MiB: the app's open fails (EFBIG)`,
+        );
       }
-      return sendBytes(reply, id, layerStat(got.stat), got.bytes);
+      // After the reply went, a second reply with the errno fails the open all the same.
+      if (streamed.errno !== null) return fail(streamed.errno);
+      // The file shrank meanwhile: an empty piece tells the layer that this is all.
+      if (streamed.bytes < announced) {
+        await reply.send({ type: 'fileData', id, offset: streamed.bytes, bytes: Buffer.alloc(0) });
+      }
+      return;
     }
   }
 }

@@ -11,7 +11,8 @@ import { homedir } from 'node:os';
  *   scratch space;
  * - /usr, /lib*, /bin, /sbin: the local runtime, its libraries and programs (the app runs on
  *   this machine's, not the target's);
- * - the loader's, the C library's and TLS's configuration (ld.so.*, passwd, group, nsswitch,
+ * - the loader's, the allocator's, the C library's and TLS's configuration (ld.so.*,
+ *   malloc.conf, passwd, group, nsswitch,
  *   localtime, ssl, ca-certificates, pki, alternatives, locale, mime types): they describe this
  *   machine, and the local runtime needs its own;
  * - name resolution (hosts, resolv.conf, host.conf, gai.conf): until outgoing traffic and DNS
@@ -44,6 +45,7 @@ export const LOCAL_FILES: readonly string[] = [
   '/etc/ld.so.cache',
   '/etc/ld.so.conf',
   '/etc/ld.so.preload',
+  '/etc/malloc.conf',
   '/etc/passwd',
   '/etc/group',
   '/etc/shadow',
