@@ -69,7 +69,11 @@ test('a burst of 1 MiB replies waits for the socket, then all arrive', async () 
     await waitFor('the first replies to be served', () => served >= 8);
     let highest = 0;
     const watch = setInterval(() => (highest = Math.max(highest, session?.backlogBytes ?? 0)), 5);
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    // Replies stop at the host's threshold: the ones served since wait for 'drain'.
+    await waitFor(
+      'the replies to wait for the socket',
+      () => (session?.backlogBytes ?? 0) >= 512 * 1024,
+    );
     // Under the threshold, plus the one reply written when it was crossed.
     expect(highest).toBeLessThan(512 * 1024 + REPLY_BYTES + 1024);
     expect(served).toBeLessThan(REQUESTS);
