@@ -74,19 +74,11 @@ typedef int (*dup3_fn)(int, int, int);
 typedef long (*syscall_fn)(long, ...);
 typedef int (*fcntl_fn)(int, int, ...);
 
-static void *resolve(void **slot, const char *name) {
-    void *p = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
-    if (!p) {
-        p = dlsym(RTLD_NEXT, name);
-        __atomic_store_n(slot, p, __ATOMIC_RELEASE);
-    }
-    return p;
-}
-
+// The next definition of each wrapped function (see real_symbol in channel.h).
 #define REAL(type, name)                                                                           \
     static void *real_##name##_slot;                                                               \
     static type real_##name(void) {                                                                \
-        type f = (type)resolve(&real_##name##_slot, #name);                                        \
+        type f = (type)real_symbol(&real_##name##_slot, #name);                                    \
         return f;                                                                                  \
     }
 

@@ -4,8 +4,7 @@ import { PULL_POLICIES, type PullPolicy } from '../platform/kube/agent-job.js';
 import { TARGET_KINDS } from '../platform/kube/target-kinds.js';
 import { ENV_OVERRIDE } from '../features/env/flags.js';
 import { overrideOf } from '../features/env/selection.js';
-import { FS_MODES } from '../features/files/flags.js';
-import type { FsMode } from '../features/files/policy.js';
+import { FS_MODES, type FsMode } from '../features/files/policy.js';
 import { UsageError } from './base-command.js';
 
 /** What `mirrord.json` may hold: the `mirror` command's settings. Flags win over it. */

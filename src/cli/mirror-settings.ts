@@ -49,6 +49,14 @@ export function targetOf(
   return undefined;
 }
 
+/**
+ * The name of the network namespace a `--netns` target is: a bare namespace, with no process
+ * and so no environment or file system of its own; undefined for every other target.
+ */
+export function bareNetns(target: Target): string | undefined {
+  return 'local' in target && 'netns' in target.local ? target.local.netns : undefined;
+}
+
 /** The flags that name a target: the same as their mirrord.json keys. */
 export const TARGET_FLAGS = [...LOCAL_TARGET_KEYS, ...KUBE_TARGET_KEYS] as const;
 /** Flags that only mean something for a Kubernetes target. */

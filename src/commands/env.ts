@@ -1,7 +1,7 @@
 import { Flags } from '@oclif/core';
 import { EXIT, MirrordCommand, UsageError } from '../cli/base-command.js';
 import { CONFIG_FILE, loadMirrorConfig } from '../cli/config.js';
-import { localPrivilegesProblem } from '../cli/mirror-settings.js';
+import { bareNetns, localPrivilegesProblem } from '../cli/mirror-settings.js';
 import { agentPlacer, resolveTarget, targetFlags } from '../cli/target-flags.js';
 import { targetVariables } from '../features/env/cli.js';
 import { envFlags, envSettingsOf } from '../features/env/flags.js';
@@ -44,9 +44,10 @@ export default class EnvCommand extends MirrordCommand {
     const { flags } = await this.parse(EnvCommand);
     const config = loadMirrorConfig(flags.config);
     const target = resolveTarget(flags, config);
-    if ('local' in target && 'netns' in target.local) {
+    const netns = bareNetns(target);
+    if (netns !== undefined) {
       throw new UsageError(
-        `network namespace "${target.local.netns}" has no process and so no environment: give --pid, --pod, --deployment or --statefulset`,
+        `network namespace "${netns}" has no process and so no environment: give --pid, --pod, --deployment or --statefulset`,
       );
     }
     const settings = envSettingsOf(flags, config);

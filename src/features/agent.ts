@@ -27,7 +27,7 @@ export function agentFeatures(
   target: FeatureTarget,
   warn: (code: string, message: string) => void,
 ): Map<string, AgentFeature> {
-  const process = (): number => {
+  const targetPid = (): number => {
     if (target.pid === undefined) {
       throw new Error(`${target.name} is a network namespace: it has no process to take this from`);
     }
@@ -35,13 +35,13 @@ export function agentFeatures(
   };
   let files: TargetFiles | undefined;
   return new Map<string, AgentFeature>([
-    [ENV_FEATURE, { serve: async () => envReplyBody(await targetEnvironment(process())) }],
+    [ENV_FEATURE, { serve: async () => envReplyBody(await targetEnvironment(targetPid())) }],
     [
       FILES_FEATURE,
       {
         serve: async (body) => {
           const request = parseFileRequest(body);
-          files ??= new TargetFiles(process(), (message) => warn(FILES_FEATURE, message));
+          files ??= new TargetFiles(targetPid(), (message) => warn(FILES_FEATURE, message));
           return fileReplyBody(request.op, await files.serve(request));
         },
         close: async () => files?.close(),

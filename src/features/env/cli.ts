@@ -1,6 +1,6 @@
 /** The CLI's side of the `env` feature: asks the agent for the target's environment. */
 import { UsageError } from '../../cli/base-command.js';
-import type { Target } from '../../cli/mirror-settings.js';
+import { bareNetns, type Target } from '../../cli/mirror-settings.js';
 import type { AgentClient } from '../../protocol/client.js';
 import { envGiven, envSettingsOf, type EnvConfig, type EnvFlags } from './flags.js';
 import { ENV_FEATURE, parseEnvReply, type Variables } from './messages.js';
@@ -24,10 +24,11 @@ export function appEnvironmentOf(
   config: EnvConfig,
 ): EnvironmentSource | undefined {
   const settings = envSettingsOf(flags, config);
-  if ('local' in target && 'netns' in target.local) {
+  const netns = bareNetns(target);
+  if (netns !== undefined) {
     if (envGiven(flags, config) && settings.fromTarget) {
       throw new UsageError(
-        `the target's environment needs a target with a process (--pid, --pod, --deployment, --statefulset): network namespace "${target.local.netns}" has none`,
+        `the target's environment needs a target with a process (--pid, --pod, --deployment, --statefulset): network namespace "${netns}" has none`,
       );
     }
     return undefined;

@@ -98,6 +98,12 @@ function statOf(fields: number[]): FileStat {
   };
 }
 
+function kindOfEntry(entry: fs.Dirent): FileKind {
+  if (entry.isFile()) return 'file';
+  if (entry.isDirectory()) return 'dir';
+  return entry.isSymbolicLink() ? 'symlink' : 'other';
+}
+
 async function readAt(fd: number, offset: number, length: number): Promise<Buffer> {
   const buffer = Buffer.allocUnsafe(Math.min(length, MAX_READ_BYTES));
   const { bytesRead } = await read(fd, buffer, 0, buffer.length, offset);
@@ -175,16 +181,7 @@ export class TargetFiles {
           constants.O_RDONLY | constants.O_DIRECTORY,
           async ({ fd }) => {
             const entries = await readdir(`/proc/self/fd/${fd}`, { withFileTypes: true });
-            return entries.map((entry): [string, FileKind] => [
-              entry.name,
-              entry.isFile()
-                ? 'file'
-                : entry.isDirectory()
-                  ? 'dir'
-                  : entry.isSymbolicLink()
-                    ? 'symlink'
-                    : 'other',
-            ]);
+            return entries.map((entry): [string, FileKind] => [entry.name, kindOfEntry(entry)]);
           },
         );
       case 'readlink':

@@ -4,11 +4,10 @@
  */
 import { Flags } from '@oclif/core';
 import { UsageError } from '../../cli/base-command.js';
-import type { Target } from '../../cli/mirror-settings.js';
-import type { FsSettings } from './policy.js';
+import { bareNetns, type Target } from '../../cli/mirror-settings.js';
+import { FS_MODES, type FsMode, type FsSettings } from './policy.js';
 
 const FILES = 'FILES';
-export const FS_MODES = ['read', 'local'] as const;
 
 export const fsFlags = {
   fs: Flags.option({
@@ -32,13 +31,13 @@ export const fsFlags = {
 };
 
 export interface FsFlags {
-  fs?: (typeof FS_MODES)[number];
+  fs?: FsMode;
   'fs-local'?: string[];
   'fs-remote'?: string[];
 }
 
 export interface FsConfig {
-  fs?: (typeof FS_MODES)[number];
+  fs?: FsMode;
   fsLocals?: string[];
   fsRemotes?: string[];
 }
@@ -49,10 +48,11 @@ export interface FsConfig {
  */
 export function fsSettingsOf(target: Target, flags: FsFlags, config: FsConfig): FsSettings {
   const mode = flags.fs ?? config.fs;
-  if ('local' in target && 'netns' in target.local) {
+  const netns = bareNetns(target);
+  if (netns !== undefined) {
     if (mode === 'read') {
       throw new UsageError(
-        `--fs read needs a target with a process (--pid, --pod, --deployment, --statefulset): network namespace "${target.local.netns}" has no file system of its own`,
+        `--fs read needs a target with a process (--pid, --pod, --deployment, --statefulset): network namespace "${netns}" has no file system of its own`,
       );
     }
     return { mode: 'local', local: [], remote: [] };

@@ -61,7 +61,8 @@ export const LOCAL_FILES: readonly string[] = [
   '/etc/gai.conf',
 ];
 
-export type FsMode = 'read' | 'local';
+export const FS_MODES = ['read', 'local'] as const;
+export type FsMode = (typeof FS_MODES)[number];
 
 export interface FsSettings {
   /** `read`: the target's paths are read from it; `local`: the app sees this machine's only. */
