@@ -395,8 +395,12 @@ static void *reader_main(void *arg) {
             handle_frame(buf + at + 4, size);
             at += 4 + (size_t)size;
         }
-        len -= at;
-        memmove(buf, buf + at, len);
+        // Only once a frame was taken: a MiB frame arrives in many reads, and moving what came
+        // of it onto itself after each one cost more than the frame's own copies.
+        if (at > 0) {
+            len -= at;
+            memmove(buf, buf + at, len);
+        }
     }
 gone:
     free(buf);

@@ -8,10 +8,16 @@
  * slabs, and a slab whose frames have all been written is cut again from its start.
  */
 
-/** A slab holds several frames of the agent's 64 KiB; larger frames get memory of their own. */
+/** A slab holds several frames of the agent's 64 KiB; a larger frame gets a slab of its own. */
 const SLAB_BYTES = 256 * 1024;
 /** Slabs kept for reuse after a burst; beyond these, written slabs are left to the GC. */
 const SPARE_SLABS = 4;
+/**
+ * Slabs of one large frame each (a file's 1 MiB pieces) kept for reuse, and the step their
+ * sizes are rounded up to so that pieces of nearly the same size share them.
+ */
+const SPARE_LARGE_SLABS = 4;
+const LARGE_SLAB_STEP = 256 * 1024;
 
 interface Slab {
   memory: Buffer;
@@ -24,15 +30,24 @@ interface Slab {
 export class FrameMemory {
   readonly #slabs = new Map<ArrayBufferLike, Slab>();
   readonly #spare: Slab[] = [];
+  readonly #spareLarge: Slab[] = [];
   #current: Slab | undefined;
+  /** The large slab of the last {@link room}, until {@link cut}. */
+  #large: Slab | undefined;
 
   /**
-   * Where a frame of at most `bytes` may be encoded: a slab and the offset of its free part, or
-   * undefined when a frame that large should get memory of its own. Give the frame to
-   * {@link cut}.
+   * Where a frame of at most `bytes` may be encoded: a slab and the offset of its free part.
+   * Give the frame to {@link cut}.
    */
-  room(bytes: number): { slab: Buffer; offset: number } | undefined {
-    if (bytes > SLAB_BYTES / 2) return undefined;
+  room(bytes: number): { slab: Buffer; offset: number } {
+    if (bytes > SLAB_BYTES / 2) {
+      const at = this.#spareLarge.findIndex((spare) => spare.memory.length >= bytes);
+      this.#large =
+        at >= 0
+          ? this.#spareLarge.splice(at, 1)[0]!
+          : this.#newSlab(Math.ceil(bytes / LARGE_SLAB_STEP) * LARGE_SLAB_STEP);
+      return { slab: this.#large.memory, offset: 0 };
+    }
     let slab = this.#current;
     if (slab === undefined || SLAB_BYTES - slab.used < bytes) {
       if (slab !== undefined) this.#retire(slab);
@@ -47,6 +62,13 @@ export class FrameMemory {
    * {@link written}. A frame the encoder put elsewhere is ignored.
    */
   cut(frame: Buffer): void {
+    const large = this.#large;
+    this.#large = undefined;
+    if (large !== undefined) {
+      if (frame.buffer === large.memory.buffer) large.unwritten = 1;
+      else this.#retire(large);
+      return;
+    }
     const slab = this.#current;
     if (slab === undefined || frame.buffer !== slab.memory.buffer) return;
     // 8-byte aligned starts, as the encoder aligns its own buffers for faster copies.
@@ -66,11 +88,13 @@ export class FrameMemory {
 
   /** Bytes of slab memory allocated and not yet given up to the GC (for tests). */
   get allocatedBytes(): number {
-    return this.#slabs.size * SLAB_BYTES;
+    let bytes = 0;
+    for (const slab of this.#slabs.values()) bytes += slab.memory.length;
+    return bytes;
   }
 
-  #newSlab(): Slab {
-    const slab: Slab = { memory: Buffer.allocUnsafeSlow(SLAB_BYTES), used: 0, unwritten: 0 };
+  #newSlab(bytes = SLAB_BYTES): Slab {
+    const slab: Slab = { memory: Buffer.allocUnsafeSlow(bytes), used: 0, unwritten: 0 };
     this.#slabs.set(slab.memory.buffer, slab);
     return slab;
   }
@@ -80,7 +104,11 @@ export class FrameMemory {
     if (this.#current === slab) this.#current = undefined;
     if (slab.unwritten > 0) return;
     slab.used = 0;
-    if (this.#spare.length < SPARE_SLABS) this.#spare.push(slab);
+    const [spare, most] =
+      slab.memory.length > SLAB_BYTES
+        ? [this.#spareLarge, SPARE_LARGE_SLABS]
+        : [this.#spare, SPARE_SLABS];
+    if (spare.length < most) spare.push(slab);
     else this.#slabs.delete(slab.memory.buffer);
   }
 }

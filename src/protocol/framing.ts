@@ -37,10 +37,12 @@ const MAX_VALUES_PER_FRAME = MAX_MESSAGES_PER_FRAME * 16;
 
 const HEADER_BYTES = 4;
 /**
- * What a frame spanning chunks gets at once: a frame up to this size is copied once, into one
- * buffer; a longer one grows by doubling as its bytes arrive.
+ * A frame spanning chunks up to this size gets its whole buffer at its header, and is copied
+ * once (a file's 1 MiB pieces: growing by doubling cost their reader more copies and garbage
+ * than the bytes themselves). A longer one grows by doubling from this size as its bytes
+ * arrive, so that a header alone never makes the reader allocate more than this.
  */
-const FIRST_BODY_BYTES = 256 * 1024;
+const WHOLE_BODY_BYTES = 2 * 1024 * 1024;
 /** Upper bound of a msgpack array32 / str32 / bin32 header. */
 const MSGPACK_HEADER_BYTES = 5;
 
@@ -76,14 +78,15 @@ const PACK_SLACK_BYTES = 0x800 + 16;
 let packingIntoFrameMemory = false;
 
 /**
- * Encodes messages as one frame. The payloads are copied once, into the frame. With `memory`
- * and `sizeBound` (an upper bound of the body, see messageSize), the frame is cut from that
- * memory: give it back with `memory.written(frame)` once the stream has written it.
+ * Encodes messages as one frame. The payloads are copied once, into the frame. With `memory`,
+ * the frame is cut from that memory (room for `sizeBound`, an upper bound of the body that
+ * messageSize gives when not given): give it back with `memory.written(frame)` once the stream
+ * has written it.
  */
 export function encodeFrame(
   messages: readonly WireMessage[],
   memory?: FrameMemory,
-  sizeBound = 0,
+  sizeBound = memory ? messages.reduce((sum, message) => sum + messageSize(message), 0) : 0,
 ): Buffer {
   const room = memory?.room(HEADER_BYTES + sizeBound + PACK_SLACK_BYTES);
   if (room !== undefined) {
@@ -511,7 +514,7 @@ export class FrameDecoder<M> {
     if (body === undefined || body.length < needed) {
       const size = Math.min(
         this.#bodyLength,
-        Math.max(needed, body === undefined ? FIRST_BODY_BYTES : 2 * body.length),
+        Math.max(needed, body === undefined ? WHOLE_BODY_BYTES : 2 * body.length),
       );
       const grown = Buffer.allocUnsafe(size);
       if (body !== undefined) body.copy(grown, 0, 0, this.#bodyFill);

@@ -4,6 +4,7 @@ import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { FrameMemory } from '../protocol/frame-memory.js';
 import { FrameDecoder, encodeFrame } from '../protocol/framing.js';
 import {
   parseLayerMessage,
@@ -79,6 +80,11 @@ interface LayerConnection {
   lookups: number;
   /** Local ports it was told others accept on too (it asks for their peers): told once. */
   shared: Set<number>;
+  /**
+   * Where its replies are encoded: a file's MiB pieces in fresh buffers cost the CLI more in
+   * garbage collection than in copying (see FrameMemory).
+   */
+  replies: FrameMemory;
 }
 
 /** A replayed connection's key: the replay's source port and the app's port it reached. */
@@ -204,6 +210,7 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       ports: new Map(),
       lookups: 0,
       shared: new Set(),
+      replies: new FrameMemory(),
     };
     this.#connections.add(connection);
     const decoder = new FrameDecoder(parseLayerMessage, { maxFrameSize: MAX_FRAME_BYTES });
@@ -263,7 +270,13 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
           send: (reply) =>
             new Promise<void>((resolve) => {
               const socket = connection.socket;
-              if (socket.destroyed || socket.write(frameOf(reply))) {
+              if (socket.destroyed) {
+                resolve();
+                return;
+              }
+              const frame = encodeFrame([sessionMessageToWire(reply)], connection.replies);
+              const written = (): void => connection.replies.written(frame);
+              if (socket.write(frame, written)) {
                 resolve();
                 return;
               }

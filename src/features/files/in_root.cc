@@ -64,9 +64,18 @@ class OpenWorker : public Napi::AsyncWorker {
             fail(EISDIR);
             return;
         }
-        head_ = static_cast<char *>(malloc(headBytes_ > 0 ? headBytes_ : 1));
-        while (headLength_ < headBytes_) {
-            ssize_t n = pread(fd_, head_ + headLength_, headBytes_ - headLength_,
+        // As much as the file holds and one byte more, which tells that it was all of it (and
+        // a small file costs no MiB of memory until the GC frees its Buffer). A size of 0 may
+        // be a file of /proc or /sys, whose size is unknown until read: those get headBytes.
+        const size_t size = static_cast<size_t>(stat_.st_size);
+        const size_t want = size > 0 && size < headBytes_ ? size + 1 : headBytes_;
+        head_ = static_cast<char *>(malloc(want > 0 ? want : 1));
+        if (!head_) {
+            fail(ENOMEM);
+            return;
+        }
+        while (headLength_ < want) {
+            ssize_t n = pread(fd_, head_ + headLength_, want - headLength_,
                               static_cast<off_t>(headLength_));
             if (n < 0 && errno == EINTR)
                 continue;
@@ -78,8 +87,9 @@ class OpenWorker : public Napi::AsyncWorker {
                 break;
             headLength_ += static_cast<size_t>(n);
         }
-        // A short read is the end: nothing is left to read by descriptor.
-        if (headLength_ < headBytes_)
+        // A short read is the end: nothing is left to read by descriptor. A file that grew
+        // since its stat fills `want`, and is read on by descriptor.
+        if (headLength_ < want)
             closeFd();
     }
 
