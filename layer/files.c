@@ -1,22 +1,21 @@
 // The files feature in the app: its calls on the target's paths are answered from the target
 // (src/features/files/), the others go to the local file system as if the layer were not there.
 //
-// One decision per call (is_remote): with MIRRORD_FS=read, an absolute path is the target's
-// unless it matches a glob of MIRRORD_FS_LOCAL (the defaults and --fs-local, from
-// src/features/files/policy.ts), and one of MIRRORD_FS_REMOTE (--fs-remote) makes it the
-// target's again. Globs are fnmatch(3)'s without FNM_PATHNAME: `*` crosses `/`.
+// One decision per call (remote_path, with the directories' section below): with
+// MIRRORD_FS=read, an absolute path is the target's unless a glob keeps it local.
 //
 // A remote file that is opened becomes a memfd holding its contents, so read, pread, lseek,
 // mmap and fstat need no hooks. Opened for writing, it is the app's private copy: writes never
 // reach the target. stat, lstat, statx and access answer from the target's stat; readlink
 // from its link. A call that gets no answer in FILE_WAIT_MS, or whose session is gone, fails
-// with EIO: the app is never hung. A remote directory's listing is read whole at opendir (or
-// scandir, which libuv uses) and handed out by readdir.
+// with EIO: the app is never hung. A remote directory the app opens or lists is a local
+// stand-in holding the target's names (see the directories' section).
 
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <fcntl.h>
 #include <fnmatch.h>
+#include <ftw.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -27,6 +26,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -38,6 +38,7 @@
 #define GLOBS_MAX 256
 
 static int files_on;
+static char stand_ins_root[PATH_MAX]; // "" when the session gave none
 static const char *local_globs[GLOBS_MAX];
 static const char *remote_globs[GLOBS_MAX];
 
@@ -89,6 +90,11 @@ void files_init(void) {
         return;
     split_globs(getenv("MIRRORD_FS_LOCAL"), globs_text[0], sizeof globs_text[0], local_globs);
     split_globs(getenv("MIRRORD_FS_REMOTE"), globs_text[1], sizeof globs_text[1], remote_globs);
+    // Beside the session's socket: made by the CLI (src/features/files/layer.ts), removed with it.
+    const char *socket = getenv("MIRRORD_LAYER_SOCKET");
+    const char *slash = strrchr(socket, '/');
+    if (slash && (size_t)(slash - socket) + sizeof "/dirs" < sizeof stand_ins_root)
+        snprintf(stand_ins_root, sizeof stand_ins_root, "%.*s/dirs", (int)(slash - socket), socket);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -109,15 +115,9 @@ static int matches(const char **globs, const char *path) {
     return 0;
 }
 
-// The one decision: is this path (as the app named it, from `dirfd`) the target's?
-static int is_remote(int dirfd, const char *path) {
-    if (!files_on || !path || path[0] != '/')
-        return 0; // relative paths are the app's own, from its working directory
-    (void)dirfd;  // an absolute path ignores it
-    if (matches(remote_globs, path))
-        return 1;
-    return !matches(local_globs, path);
-}
+static const char *remote_path(int dirfd, const char *path, char *buf);
+static const char *stand_in_of(int dirfd, char *buf);
+static int stand_in(const char *path, char *out);
 
 // ---- requests ----
 
@@ -296,11 +296,25 @@ static int remote_stat(const char *path, int follow, struct stat *st) {
 
 // The target's file as a memfd of its contents: sealed against writes when opened for reading,
 // the app's private copy when opened for writing.
-static int remote_open(const char *path, int flags) {
-    if (flags & O_DIRECTORY) {
-        errno = ENOTSUP; // directories are listed locally (see the top)
-        return -2;
+typedef int (*openat_fn)(int, const char *, int, ...);
+static void *real_openat_slot, *real_openat64_slot, *real_open_slot, *real_open64_slot;
+
+// A descriptor of the target's directory: its stand-in's.
+static int open_stand_in(const char *path, int flags) {
+    char dir[PATH_MAX];
+    if (stand_in(path, dir) != 0)
+        return -1;
+    openat_fn real = (openat_fn)real_symbol(&real_openat_slot, "openat");
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
     }
+    return real(AT_FDCWD, dir, flags);
+}
+
+static int remote_open(const char *path, int flags) {
+    if (flags & O_DIRECTORY)
+        return open_stand_in(path, flags);
     int writing = (flags & O_ACCMODE) != O_RDONLY;
     const char *name = strrchr(path, '/');
     int memfd = memfd_create(name && name[1] ? name + 1 : "mirrord",
@@ -321,6 +335,9 @@ static int remote_open(const char *path, int flags) {
     request_free(r);
     if (rc != 0 && !(writing && (flags & O_CREAT) && error == ENOENT)) {
         close(memfd);
+        // open(2) gives a directory to a reader that did not say O_DIRECTORY (Python's fwalk).
+        if (error == EISDIR && !writing)
+            return open_stand_in(path, flags);
         errno = error;
         return -1;
     }
@@ -334,13 +351,12 @@ static int remote_open(const char *path, int flags) {
     return memfd;
 }
 
-typedef int (*openat_fn)(int, const char *, int, ...);
-static void *real_openat_slot, *real_openat64_slot, *real_open_slot, *real_open64_slot;
-
 static int open_hook(void **slot, const char *name, int dirfd, const char *path, int flags,
                      mode_t mode, int at) {
-    if (is_remote(dirfd, path)) {
-        int fd = remote_open(path, flags);
+    char buf[PATH_MAX];
+    const char *remote = remote_path(dirfd, path, buf);
+    if (remote) {
+        int fd = remote_open(remote, flags);
         if (fd != -2)
             return fd;
     }
@@ -425,8 +441,10 @@ static void *real_fopen_slot, *real_fopen64_slot;
 
 static FILE *fopen_hook(void **slot, const char *name, const char *path, const char *mode) {
     int flags = mode ? fopen_flags(mode) : -1;
-    if (flags >= 0 && is_remote(AT_FDCWD, path)) {
-        int fd = remote_open(path, flags);
+    char buf[PATH_MAX];
+    const char *remote = flags >= 0 ? remote_path(AT_FDCWD, path, buf) : NULL;
+    if (remote) {
+        int fd = remote_open(remote, flags);
         if (fd == -1)
             return NULL;
         if (fd >= 0) {
@@ -458,10 +476,20 @@ typedef int (*fstatat_fn)(int, const char *, struct stat *, int);
 static void *real_fstatat_slot, *real_fstatat64_slot, *real_stat_slot, *real_stat64_slot,
     *real_lstat_slot, *real_lstat64_slot;
 
+// The target's path a stat-like call names: with AT_EMPTY_PATH and "", the descriptor's own
+// (a stand-in's directory), else as remote_path says.
+static const char *stat_path(int dirfd, const char *path, int flags, char *buf) {
+    if (flags & AT_EMPTY_PATH && path && path[0] == 0)
+        return stand_in_of(dirfd, buf);
+    return remote_path(dirfd, path, buf);
+}
+
 static int stat_hook(void **slot, const char *name, int dirfd, const char *path, struct stat *st,
                      int flags, int at, int follow) {
-    if (is_remote(dirfd, path) && !(flags & AT_EMPTY_PATH && path[0] == 0))
-        return remote_stat(path, follow && !(flags & AT_SYMLINK_NOFOLLOW), st);
+    char buf[PATH_MAX];
+    const char *remote = stat_path(dirfd, path, flags, buf);
+    if (remote)
+        return remote_stat(remote, follow && !(flags & AT_SYMLINK_NOFOLLOW), st);
     void *real = real_symbol(slot, name);
     if (!real) {
         errno = ENOSYS;
@@ -498,8 +526,10 @@ static void *real_xstat_slot, *real_xstat64_slot, *real_lxstat_slot, *real_lxsta
 
 static int xstat_hook(void **slot, const char *name, int ver, const char *path, struct stat *st,
                       int follow) {
-    if (is_remote(AT_FDCWD, path))
-        return remote_stat(path, follow, st);
+    char buf[PATH_MAX];
+    const char *remote = remote_path(AT_FDCWD, path, buf);
+    if (remote)
+        return remote_stat(remote, follow, st);
     xstat_fn real = (xstat_fn)real_symbol(slot, name);
     if (!real) {
         errno = ENOSYS;
@@ -519,6 +549,45 @@ EXPORT int __lxstat(int ver, const char *path, struct stat *st) {
 }
 EXPORT int __lxstat64(int ver, const char *path, struct stat64 *st) {
     return xstat_hook(&real_lxstat64_slot, "__lxstat64", ver, path, (struct stat *)st, 0);
+}
+
+// fstat on a stand-in gives the target's directory's stat, as a stat of its path does: a
+// runtime that compares the two (Python's fwalk, against a directory swapped under it) finds
+// them the same. Only a directory on the stand-ins' file system is asked about. `ver` is the
+// pre-2.33 __fxstat's first argument, or -1 for fstat's form.
+typedef int (*fstat_fn)(int, struct stat *);
+typedef int (*fxstat_fn)(int, int, struct stat *);
+static void *real_fstat_slot, *real_fstat64_slot, *real_fxstat_slot, *real_fxstat64_slot;
+
+static int fstat_hook(void **slot, const char *name, int ver, int fd, struct stat *st) {
+    void *real = real_symbol(slot, name);
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    int rc = ver < 0 ? ((fstat_fn)real)(fd, st) : ((fxstat_fn)real)(ver, fd, st);
+    if (rc != 0 || !files_on || !S_ISDIR(st->st_mode))
+        return rc;
+    static dev_t dev;
+    struct stat root;
+    if (dev == 0 && stand_ins_root[0] && stat(stand_ins_root, &root) == 0)
+        dev = root.st_dev;
+    char buf[PATH_MAX];
+    const char *remote = st->st_dev == dev ? stand_in_of(fd, buf) : NULL;
+    return remote ? remote_stat(remote, 1, st) : rc;
+}
+
+EXPORT int fstat(int fd, struct stat *st) {
+    return fstat_hook(&real_fstat_slot, "fstat", -1, fd, st);
+}
+EXPORT int fstat64(int fd, struct stat64 *st) {
+    return fstat_hook(&real_fstat64_slot, "fstat64", -1, fd, (struct stat *)st);
+}
+EXPORT int __fxstat(int ver, int fd, struct stat *st) {
+    return fstat_hook(&real_fxstat_slot, "__fxstat", ver, fd, st);
+}
+EXPORT int __fxstat64(int ver, int fd, struct stat64 *st) {
+    return fstat_hook(&real_fxstat64_slot, "__fxstat64", ver, fd, (struct stat *)st);
 }
 
 static void fill_statx(const struct stat *st, struct statx *sx) {
@@ -544,10 +613,12 @@ static void fill_statx(const struct stat *st, struct statx *sx) {
 
 // statx for a remote path: 1 when answered (rc in *rc), 0 when the path is local.
 int files_statx(int dirfd, const char *path, int flags, struct statx *sx, long *rc) {
-    if (!is_remote(dirfd, path) || (flags & AT_EMPTY_PATH && path[0] == 0))
+    char buf[PATH_MAX];
+    const char *remote = stat_path(dirfd, path, flags, buf);
+    if (!remote)
         return 0;
     struct stat st;
-    *rc = remote_stat(path, !(flags & AT_SYMLINK_NOFOLLOW), &st);
+    *rc = remote_stat(remote, !(flags & AT_SYMLINK_NOFOLLOW), &st);
     if (*rc == 0)
         fill_statx(&st, sx);
     return 1;
@@ -588,8 +659,10 @@ typedef int (*faccessat_fn)(int, const char *, int, int);
 static void *real_access_slot, *real_faccessat_slot;
 
 EXPORT int access(const char *path, int mode) {
-    if (is_remote(AT_FDCWD, path))
-        return remote_access(path, mode);
+    char buf[PATH_MAX];
+    const char *remote = remote_path(AT_FDCWD, path, buf);
+    if (remote)
+        return remote_access(remote, mode);
     access_fn real = (access_fn)real_symbol(&real_access_slot, "access");
     if (!real) {
         errno = ENOSYS;
@@ -599,8 +672,10 @@ EXPORT int access(const char *path, int mode) {
 }
 
 EXPORT int faccessat(int dirfd, const char *path, int mode, int flags) {
-    if (is_remote(dirfd, path))
-        return remote_access(path, mode);
+    char buf[PATH_MAX];
+    const char *remote = remote_path(dirfd, path, buf);
+    if (remote)
+        return remote_access(remote, mode);
     faccessat_fn real = (faccessat_fn)real_symbol(&real_faccessat_slot, "faccessat");
     if (!real) {
         errno = ENOSYS;
@@ -629,8 +704,10 @@ typedef ssize_t (*readlinkat_fn)(int, const char *, char *, size_t);
 static void *real_readlink_slot, *real_readlinkat_slot;
 
 EXPORT ssize_t readlink(const char *path, char *buf, size_t size) {
-    if (is_remote(AT_FDCWD, path))
-        return remote_readlink(path, buf, size);
+    char at[PATH_MAX];
+    const char *remote = remote_path(AT_FDCWD, path, at);
+    if (remote)
+        return remote_readlink(remote, buf, size);
     readlink_fn real = (readlink_fn)real_symbol(&real_readlink_slot, "readlink");
     if (!real) {
         errno = ENOSYS;
@@ -640,8 +717,10 @@ EXPORT ssize_t readlink(const char *path, char *buf, size_t size) {
 }
 
 EXPORT ssize_t readlinkat(int dirfd, const char *path, char *buf, size_t size) {
-    if (is_remote(dirfd, path))
-        return remote_readlink(path, buf, size);
+    char at[PATH_MAX];
+    const char *remote = remote_path(dirfd, path, at);
+    if (remote)
+        return remote_readlink(remote, buf, size);
     readlinkat_fn real = (readlinkat_fn)real_symbol(&real_readlinkat_slot, "readlinkat");
     if (!real) {
         errno = ENOSYS;
@@ -650,31 +729,115 @@ EXPORT ssize_t readlinkat(int dirfd, const char *path, char *buf, size_t size) {
     return real(dirfd, path, buf, size);
 }
 
-// ---- directories: a remote one's listing, read whole at opendir ----
+// ---- extended attributes: the target's files have none (ls -l asks for ACLs) ----
 
-// What opendir returns for a remote directory; readdir and its kin tell it from glibc's DIR by
-// the registry below.
-struct remote_dir {
-    char *entries; // the listing: a kind letter, the name and a NUL each
-    size_t size;
-    size_t at;
-    long index; // entries returned, "." and ".." first (telldir/seekdir)
-    int fd;     // what dirfd gives: the memfd the listing came in
-    struct dirent64 entry;
-};
+typedef ssize_t (*getxattr_fn)(const char *, const char *, void *, size_t);
+typedef ssize_t (*listxattr_fn)(const char *, char *, size_t);
+static void *real_getxattr_slot, *real_lgetxattr_slot, *real_listxattr_slot, *real_llistxattr_slot;
 
-#define DIRS_MAX 256
-static struct remote_dir *dirs[DIRS_MAX];
-
-static int dir_slot(const void *dir) {
-    for (int i = 0; i < DIRS_MAX; i++) {
-        if (dir && dirs[i] == dir)
-            return i;
+static ssize_t getxattr_hook(void **slot, const char *name, const char *path, const char *key,
+                             void *value, size_t size) {
+    char buf[PATH_MAX];
+    if (remote_path(AT_FDCWD, path, buf)) {
+        errno = ENODATA;
+        return -1;
     }
-    return -1;
+    getxattr_fn real = (getxattr_fn)real_symbol(slot, name);
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(path, key, value, size);
 }
 
-static struct remote_dir *remote_opendir(const char *path) {
+static ssize_t listxattr_hook(void **slot, const char *name, const char *path, char *list,
+                              size_t size) {
+    char buf[PATH_MAX];
+    if (remote_path(AT_FDCWD, path, buf))
+        return 0;
+    listxattr_fn real = (listxattr_fn)real_symbol(slot, name);
+    if (!real) {
+        errno = ENOSYS;
+        return -1;
+    }
+    return real(path, list, size);
+}
+
+EXPORT ssize_t getxattr(const char *path, const char *key, void *value, size_t size) {
+    return getxattr_hook(&real_getxattr_slot, "getxattr", path, key, value, size);
+}
+EXPORT ssize_t lgetxattr(const char *path, const char *key, void *value, size_t size) {
+    return getxattr_hook(&real_lgetxattr_slot, "lgetxattr", path, key, value, size);
+}
+EXPORT ssize_t listxattr(const char *path, char *list, size_t size) {
+    return listxattr_hook(&real_listxattr_slot, "listxattr", path, list, size);
+}
+EXPORT ssize_t llistxattr(const char *path, char *list, size_t size) {
+    return listxattr_hook(&real_llistxattr_slot, "llistxattr", path, list, size);
+}
+
+// ---- directories: a local stand-in for each of the target's that the app opens ----
+//
+// The app gets a real directory whose entries are the target's names, each of the target's kind
+// and empty: opendir, readdir, scandir, fdopendir, getdents64 and fstat on it are the kernel's
+// and glibc's own, as many ways of listing as runtimes have, with no hook. A call on a name from
+// such a directory (openat, fstatat, readlinkat with its descriptor) is the target's: see
+// remote_path. The stand-ins live in the session's directory (src/features/files/layer.ts),
+// which the CLI removes at the end; one tree per process and user, refreshed from the target at
+// every open.
+
+typedef int (*scandir_fn)(const char *, struct dirent ***, int (*)(const struct dirent *),
+                          int (*)(const struct dirent **, const struct dirent **));
+typedef DIR *(*opendir_fn)(const char *);
+static void *real_scandir_slot, *real_scandir64_slot, *real_opendir_slot;
+
+// The target's directory that `dirfd` is a stand-in of, into buf ("/" for the root), or NULL.
+// Asked of the kernel, so that dup'd and inherited descriptors are recognised too.
+static const char *stand_in_of(int dirfd, char *buf) {
+    size_t root_len = strlen(stand_ins_root);
+    if (dirfd < 0 || root_len == 0)
+        return NULL;
+    char proc[32], target[PATH_MAX];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", dirfd);
+    readlinkat_fn real = (readlinkat_fn)real_symbol(&real_readlinkat_slot, "readlinkat");
+    ssize_t n = real ? real(AT_FDCWD, proc, target, sizeof target - 1) : -1;
+    if (n <= (ssize_t)root_len || memcmp(target, stand_ins_root, root_len) != 0 ||
+        target[root_len] != '/')
+        return NULL;
+    target[n] = 0;
+    const char *tree = strchr(target + root_len + 1, '/'); // past the process's tree
+    snprintf(buf, PATH_MAX, "%s", tree ? tree : "/");
+    return buf;
+}
+
+// The one decision: the target's path a call names, or NULL when the call is local. An
+// absolute path is the target's unless it matches a glob of MIRRORD_FS_LOCAL (the defaults and
+// --fs-local, from src/features/files/policy.ts), and one of MIRRORD_FS_REMOTE (--fs-remote)
+// makes it the target's again (fnmatch(3) globs without FNM_PATHNAME: `*` crosses `/`). A
+// relative one is the app's own, from its working directory, unless it is from a stand-in's
+// descriptor: then it is the target's, built into buf.
+static const char *remote_path(int dirfd, const char *path, char *buf) {
+    if (!files_on || !path)
+        return NULL;
+    if (path[0] == '/') {
+        size_t root_len = strlen(stand_ins_root);
+        if (root_len && strncmp(path, stand_ins_root, root_len) == 0)
+            return NULL; // a stand-in named by its own path
+        if (matches(remote_globs, path))
+            return path;
+        return matches(local_globs, path) ? NULL : path;
+    }
+    if (dirfd == AT_FDCWD || path[0] == 0 || !stand_in_of(dirfd, buf))
+        return NULL;
+    size_t len = strlen(buf);
+    if (snprintf(buf + len, PATH_MAX - len, "%s%s", len > 1 ? "/" : "", path) >=
+        (int)(PATH_MAX - len))
+        return NULL;
+    return buf;
+}
+
+// The target's listing of `path`: a kind letter, the name and a NUL each, in malloc'd memory.
+static char *remote_list(const char *path, size_t *size) {
     int memfd = memfd_create("mirrord-dir", MFD_CLOEXEC);
     if (memfd < 0)
         return NULL;
@@ -686,204 +849,147 @@ static struct remote_dir *remote_opendir(const char *path) {
     }
     int rc = ask(r, "list", path);
     int error = errno;
-    size_t size = (size_t)r->size;
+    *size = (size_t)r->size;
     request_free(r);
-    struct remote_dir *d = rc == 0 ? calloc(1, sizeof *d) : NULL;
-    if (d)
-        d->entries = malloc(size ? size : 1);
-    if (!d || !d->entries || pread(memfd, d->entries, size, 0) != (ssize_t)size) {
-        if (d)
-            free(d->entries);
-        free(d);
-        close(memfd);
-        errno = rc == 0 ? EIO : error;
-        return NULL;
+    char *entries = rc == 0 ? malloc(*size ? *size : 1) : NULL;
+    if (entries && pread(memfd, entries, *size, 0) != (ssize_t)*size) {
+        free(entries);
+        entries = NULL;
+        error = EIO;
+    } else if (rc == 0 && !entries) {
+        error = ENOMEM;
     }
-    d->size = size;
-    d->fd = memfd;
-    pthread_mutex_lock(&files_mu);
-    int slot = -1;
-    for (int i = 0; i < DIRS_MAX && slot < 0; i++) {
-        if (!dirs[i])
-            slot = i;
-    }
-    if (slot >= 0)
-        dirs[slot] = d;
-    pthread_mutex_unlock(&files_mu);
-    if (slot < 0) {
-        free(d->entries);
-        free(d);
-        close(memfd);
-        errno = EMFILE;
-        return NULL;
-    }
-    return d;
+    close(memfd);
+    errno = error;
+    return entries;
 }
 
-static struct dirent64 *remote_readdir(struct remote_dir *d) {
-    struct dirent64 *e = &d->entry;
-    memset(e, 0, sizeof *e);
-    if (d->index < 2) {
-        strcpy(e->d_name, d->index == 0 ? "." : "..");
-        e->d_type = DT_DIR;
-    } else {
-        if (d->at >= d->size)
-            return NULL;
-        char kind = d->entries[d->at];
-        const char *name = d->entries + d->at + 1;
-        size_t len = strnlen(name, d->size - d->at - 1);
-        d->at += len + 2;
-        snprintf(e->d_name, sizeof e->d_name, "%.*s", (int)len, name);
-        e->d_type = kind == 'f' ? DT_REG : kind == 'd' ? DT_DIR : kind == 'l' ? DT_LNK : DT_UNKNOWN;
-    }
-    d->index++;
-    e->d_ino = (ino64_t)d->index; // not the target's inode (stat says it): never 0, which hides
-    e->d_off = d->index;
-    e->d_reclen = sizeof *e;
-    return e;
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st;
+    (void)ftw;
+    return flag == FTW_DP ? rmdir(path) : unlink(path);
 }
 
-typedef DIR *(*opendir_fn)(const char *);
-typedef struct dirent *(*readdir_fn)(DIR *);
-typedef struct dirent64 *(*readdir64_fn)(DIR *);
-typedef int (*closedir_fn)(DIR *);
-typedef int (*dirfd_fn)(DIR *);
-typedef void (*rewinddir_fn)(DIR *);
-static void *real_opendir_slot, *real_readdir_slot, *real_readdir64_slot, *real_closedir_slot,
-    *real_dirfd_slot, *real_rewinddir_slot, *real_scandir_slot, *real_scandir64_slot;
+static unsigned char kind_type(char kind) {
+    return kind == 'd' ? DT_DIR : kind == 'l' ? DT_LNK : DT_REG;
+}
+
+// Makes `dir` hold exactly the names of `entries`, each of its kind: what is there already
+// stays (a stand-in below it may be open), the rest is removed or made.
+static void sync_entries(const char *dir, const char *entries, size_t size) {
+    char path[PATH_MAX];
+    struct dirent **have = NULL;
+    scandir_fn real_scandir = (scandir_fn)real_symbol(&real_scandir_slot, "scandir");
+    int count = real_scandir ? real_scandir(dir, &have, NULL, NULL) : -1;
+    for (int i = 0; i < count; i++) {
+        const char *name = have[i]->d_name;
+        int keep = strcmp(name, ".") == 0 || strcmp(name, "..") == 0;
+        for (size_t at = 0; !keep && at < size; at += strlen(entries + at + 1) + 2) {
+            keep = strcmp(entries + at + 1, name) == 0 &&
+                   kind_type(entries[at]) == (have[i]->d_type == DT_DIR   ? DT_DIR
+                                              : have[i]->d_type == DT_LNK ? DT_LNK
+                                                                          : DT_REG);
+        }
+        if (!keep && snprintf(path, sizeof path, "%s/%s", dir, name) < (int)sizeof path)
+            nftw(path, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+        free(have[i]);
+    }
+    free(have);
+    for (size_t at = 0; at < size; at += strlen(entries + at + 1) + 2) {
+        if (snprintf(path, sizeof path, "%s/%s", dir, entries + at + 1) >= (int)sizeof path)
+            continue;
+        if (entries[at] == 'd')
+            mkdir(path, 0755);
+        else if (entries[at] == 'l')
+            symlink("(the target's)", path); // readlinkat through the stand-in asks the target
+        else
+            mknod(path, S_IFREG | 0644, 0);
+    }
+}
+
+// The stand-in of the target's directory `path` (made or refreshed now) into `out`; -1 with
+// errno as the target's (ENOENT, ENOTDIR, EACCES…) or EIO.
+static int stand_in(const char *path, char *out) {
+    if (!stand_ins_root[0]) {
+        errno = ENOTSUP;
+        return -1;
+    }
+    size_t size;
+    char *entries = remote_list(path, &size);
+    if (!entries)
+        return -1;
+    // The process's tree, then the path's components as the target's: `.` and `..` taken here
+    // (they must not lead out of the tree), the others made as directories on the way.
+    int len = snprintf(out, PATH_MAX, "%s/%d.%d", stand_ins_root, (int)getpid(), (int)getuid());
+    const int tree_len = len;
+    mkdir(out, 0700);
+    for (const char *c = path; *c && len < PATH_MAX; c += strcspn(c, "/")) {
+        c += strspn(c, "/");
+        int n = (int)strcspn(c, "/");
+        if (n == 0 || (n == 1 && c[0] == '.'))
+            continue;
+        if (n == 2 && c[0] == '.' && c[1] == '.') {
+            while (len > tree_len && out[--len] != '/') {
+            }
+            out[len] = 0;
+            continue;
+        }
+        len += snprintf(out + len, PATH_MAX - (size_t)len, "/%.*s", n, c);
+        struct stat st;
+        if (len < PATH_MAX && mkdir(out, 0755) != 0 && errno == EEXIST && lstat(out, &st) == 0 &&
+            !S_ISDIR(st.st_mode)) {
+            unlink(out); // the stand-in of a file the target had here before
+            mkdir(out, 0755);
+        }
+    }
+    if (len >= PATH_MAX) {
+        free(entries);
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    sync_entries(out, entries, size);
+    free(entries);
+    return 0;
+}
 
 EXPORT DIR *opendir(const char *path) {
-    if (is_remote(AT_FDCWD, path))
-        return (DIR *)remote_opendir(path);
+    char buf[PATH_MAX], dir[PATH_MAX];
+    const char *remote = remote_path(AT_FDCWD, path, buf);
+    if (remote && stand_in(remote, dir) != 0)
+        return NULL;
     opendir_fn real = (opendir_fn)real_symbol(&real_opendir_slot, "opendir");
     if (!real) {
         errno = ENOSYS;
         return NULL;
     }
-    return real(path);
+    return real(remote ? dir : path);
 }
 
-EXPORT struct dirent *readdir(DIR *dir) {
-    if (dir_slot(dir) >= 0)
-        return (struct dirent *)remote_readdir((struct remote_dir *)dir);
-    readdir_fn real = (readdir_fn)real_symbol(&real_readdir_slot, "readdir");
-    return real ? real(dir) : NULL;
-}
-
-EXPORT struct dirent64 *readdir64(DIR *dir) {
-    if (dir_slot(dir) >= 0)
-        return remote_readdir((struct remote_dir *)dir);
-    readdir64_fn real = (readdir64_fn)real_symbol(&real_readdir64_slot, "readdir64");
-    return real ? real(dir) : NULL;
-}
-
-EXPORT int closedir(DIR *dir) {
-    pthread_mutex_lock(&files_mu);
-    int slot = dir_slot(dir);
-    if (slot >= 0)
-        dirs[slot] = NULL;
-    pthread_mutex_unlock(&files_mu);
-    if (slot >= 0) {
-        struct remote_dir *d = (struct remote_dir *)dir;
-        close(d->fd);
-        free(d->entries);
-        free(d);
-        return 0;
-    }
-    closedir_fn real = (closedir_fn)real_symbol(&real_closedir_slot, "closedir");
+// libuv lists directories with scandir, whose own opendir is glibc's, not the one above.
+static int scandir_hook(void **slot, const char *name, const char *path, struct dirent ***out,
+                        int (*filter)(const struct dirent *),
+                        int (*compar)(const struct dirent **, const struct dirent **)) {
+    char buf[PATH_MAX], dir[PATH_MAX];
+    const char *remote = remote_path(AT_FDCWD, path, buf);
+    if (remote && stand_in(remote, dir) != 0)
+        return -1;
+    scandir_fn real = (scandir_fn)real_symbol(slot, name);
     if (!real) {
         errno = ENOSYS;
         return -1;
     }
-    return real(dir);
-}
-
-EXPORT int dirfd(DIR *dir) {
-    if (dir_slot(dir) >= 0)
-        return ((struct remote_dir *)dir)->fd;
-    dirfd_fn real = (dirfd_fn)real_symbol(&real_dirfd_slot, "dirfd");
-    if (!real) {
-        errno = ENOSYS;
-        return -1;
-    }
-    return real(dir);
-}
-
-EXPORT void rewinddir(DIR *dir) {
-    if (dir_slot(dir) >= 0) {
-        struct remote_dir *d = (struct remote_dir *)dir;
-        d->at = 0;
-        d->index = 0;
-        return;
-    }
-    rewinddir_fn real = (rewinddir_fn)real_symbol(&real_rewinddir_slot, "rewinddir");
-    if (real)
-        real(dir);
-}
-
-typedef int (*scandir_fn)(const char *, struct dirent ***, int (*)(const struct dirent *),
-                          int (*)(const struct dirent **, const struct dirent **));
-
-// scandir of a remote directory: its entries through `filter`, sorted by `compar`, each in
-// memory of its own as the caller frees it.
-static int remote_scandir(const char *path, struct dirent ***out,
-                          int (*filter)(const struct dirent *),
-                          int (*compar)(const struct dirent **, const struct dirent **)) {
-    struct remote_dir *d = remote_opendir(path);
-    if (!d)
-        return -1;
-    size_t count = 0, room = 16;
-    struct dirent **list = malloc(room * sizeof *list);
-    struct dirent64 *e;
-    while (list && (e = remote_readdir(d)) != NULL) {
-        if (filter && !filter((struct dirent *)e))
-            continue;
-        if (count == room) {
-            struct dirent **grown = realloc(list, (room *= 2) * sizeof *list);
-            if (!grown)
-                break;
-            list = grown;
-        }
-        struct dirent *copy = malloc(sizeof *copy);
-        if (!copy)
-            break;
-        memcpy(copy, e, sizeof *copy);
-        list[count++] = copy;
-    }
-    closedir((DIR *)d);
-    if (!list) {
-        errno = ENOMEM;
-        return -1;
-    }
-    if (compar)
-        qsort(list, count, sizeof *list, (int (*)(const void *, const void *))compar);
-    *out = list;
-    return (int)count;
+    return real(remote ? dir : path, out, filter, compar);
 }
 
 EXPORT int scandir(const char *path, struct dirent ***out, int (*filter)(const struct dirent *),
                    int (*compar)(const struct dirent **, const struct dirent **)) {
-    if (is_remote(AT_FDCWD, path))
-        return remote_scandir(path, out, filter, compar);
-    scandir_fn real = (scandir_fn)real_symbol(&real_scandir_slot, "scandir");
-    if (!real) {
-        errno = ENOSYS;
-        return -1;
-    }
-    return real(path, out, filter, compar);
+    return scandir_hook(&real_scandir_slot, "scandir", path, out, filter, compar);
 }
 
 EXPORT int scandir64(const char *path, struct dirent64 ***out,
                      int (*filter)(const struct dirent64 *),
                      int (*compar)(const struct dirent64 **, const struct dirent64 **)) {
-    if (is_remote(AT_FDCWD, path))
-        return remote_scandir(path, (struct dirent ***)out, (int (*)(const struct dirent *))filter,
-                              (int (*)(const struct dirent **, const struct dirent **))compar);
-    scandir_fn real = (scandir_fn)real_symbol(&real_scandir64_slot, "scandir64");
-    if (!real) {
-        errno = ENOSYS;
-        return -1;
-    }
-    return real(path, (struct dirent ***)out, (int (*)(const struct dirent *))filter,
-                (int (*)(const struct dirent **, const struct dirent **))compar);
+    return scandir_hook(&real_scandir64_slot, "scandir64", path, (struct dirent ***)out,
+                        (int (*)(const struct dirent *))filter,
+                        (int (*)(const struct dirent **, const struct dirent **))compar);
 }

@@ -7,9 +7,10 @@
  */
 import { execFileSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { agentsOf, mirrord, tempDir } from './support/mirror-cli.js';
+import { waitFor } from './support/wait.js';
 import { startChrootedTarget } from './support/chrooted-target.js';
 
 const BIG_BYTES = 100 * 1024 * 1024;
@@ -139,6 +140,122 @@ describe("the target's files in the app", () => {
       missing: 2,
     });
   }, 60_000);
+
+  test("directories: find, ls -l, python's fwalk and dir_fd, a C program's fdopendir and getdents64; a listing is the target's as it is now", async () => {
+    // find walks with openat(O_DIRECTORY), fdopendir and fstatat on the descriptor.
+    expect((await inApp(['find', '/app', '/secrets'])).split('\n').filter(Boolean).sort()).toEqual([
+      '/app',
+      '/app/absolute',
+      '/app/config.json',
+      '/app/sub',
+      '/app/through-proc',
+      '/secrets',
+      '/secrets/token',
+    ]);
+    expect((await inApp(['find', '/app', '-type', 'l'])).split('\n').sort()).toEqual([
+      '',
+      '/app/absolute',
+      '/app/through-proc',
+    ]);
+    expect(await inApp(['find', '/app', '-name', '*.json', '-size', '17c'])).toBe(
+      '/app/config.json\n',
+    );
+    // ls -l: the target's sizes, and no error for the extended attributes it asks after.
+    const long = await inApp(['ls', '-l', '/app']);
+    expect(long).toMatch(/^-rw-r--r-- 1 \S+ \S+ +17 .* config\.json$/m);
+    expect(long).toMatch(/^l.* absolute -> \/etc\/app\.conf$/m);
+
+    const program = [
+      'import json, os',
+      'out = {"walk": [[root, sorted(dirs), sorted(files)] for root, dirs, files, _ in os.fwalk("/app")]}',
+      'fd = os.open("/app", os.O_RDONLY)',
+      'out["listdir_fd"] = sorted(os.listdir(fd))',
+      'out["same"] = os.path.samestat(os.fstat(fd), os.stat("/app"))',
+      'out["size_at"] = os.stat("config.json", dir_fd=fd).st_size',
+      'out["read_at"] = os.read(os.open("config.json", os.O_RDONLY, dir_fd=fd), 100).decode()',
+      'out["link_at"] = os.readlink("absolute", dir_fd=fd)',
+      'out["scandir_fd"] = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(fd))',
+      'print(json.dumps(out))',
+    ].join('\n');
+    expect(JSON.parse(await inApp(['/usr/bin/python3', '-c', program]))).toEqual({
+      walk: [
+        ['/app', ['sub'], ['absolute', 'config.json', 'through-proc']],
+        ['/app/sub', [], []],
+      ],
+      listdir_fd: ['absolute', 'config.json', 'sub', 'through-proc'],
+      same: true,
+      size_at: 17,
+      read_at: '{"feature": true}',
+      link_at: '/etc/app.conf',
+      scandir_fd: [
+        ['absolute', false],
+        ['config.json', false],
+        ['sub', true],
+        ['through-proc', false],
+      ],
+    });
+
+    // getdents64 called directly (as Go and Rust programs list), and a listing taken twice
+    // while the target's directory changes in between: the second is the target's new one.
+    const source = join(dir.path, 'list.c');
+    const binary = join(dir.path, 'list');
+    writeFileSync(
+      source,
+      [
+        '#define _GNU_SOURCE',
+        '#include <dirent.h>',
+        '#include <fcntl.h>',
+        '#include <stdio.h>',
+        '#include <string.h>',
+        '#include <sys/syscall.h>',
+        '#include <unistd.h>',
+        'static void list(const char *path) {',
+        '  char buf[4096];',
+        '  int fd = open(path, O_RDONLY | O_DIRECTORY);',
+        '  if (fd < 0) { perror(path); return; }',
+        '  for (long n; (n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0;)',
+        '    for (long at = 0; at < n; at += ((struct dirent64 *)(buf + at))->d_reclen) {',
+        '      struct dirent64 *e = (struct dirent64 *)(buf + at);',
+        '      if (e->d_name[0] != 0x2e) printf("%s:%d ", e->d_name, e->d_type);',
+        '    }',
+        '  DIR *d = fdopendir(fd);',
+        '  rewinddir(d);',
+        '  int count = 0;',
+        '  while (readdir(d)) count++;',
+        '  printf("(%d)\\n", count);',
+        '  closedir(d);',
+        '}',
+        'int main(int argc, char **argv) {',
+        '  (void)argc;',
+        '  list(argv[1]);',
+        '  fflush(stdout);',
+        '  while (access(argv[2], F_OK) != 0) usleep(10000);',
+        '  list(argv[1]);',
+        '  return 0;',
+        '}',
+      ].join('\n'),
+    );
+    execFileSync('gcc', ['-O2', '-o', binary, source]);
+    const go = join(dir.path, 'go');
+    const run = mirrord(['--pid', String(target.pid), '--', binary, '/secrets', go]);
+    await waitFor('the first listing', () => run.stdout().includes('\n'), { ms: 30_000 });
+    const added = `/proc/${target.pid}/root/secrets/added`;
+    writeFileSync(added, 'x');
+    writeFileSync(go, '');
+    const code = await run.exited;
+    rmSync(added);
+    expect({ code, output: run.output() }).toMatchObject({ code: 0 });
+    const listings = run
+      .stdout()
+      .trim()
+      .split('\n')
+      .map((line) => line.split(' ').sort());
+    // Names with their d_type (8: a regular file), then how many entries readdir gave.
+    expect(listings).toEqual([
+      ['(3)', 'token:8'],
+      ['(4)', 'added:8', 'token:8'],
+    ]);
+  }, 120_000);
 
   test('a C program (fopen, fgets), cat and ls', async () => {
     const source = join(dir.path, 'first-line.c');

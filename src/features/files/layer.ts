@@ -2,6 +2,8 @@
  * The files feature between the app's layer and the agent: answers each `file` call of a
  * process of the app (layer/files.c) from the target's file system through the agent.
  */
+import { chmodSync, mkdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { LayerChannel, LayerReply } from '../../session/layer-channel.js';
 import type { LayerMessage, LayerStat } from '../../session/layer-messages.js';
 import type { RemoteFiles } from './cli.js';
@@ -33,12 +35,19 @@ function layerStat(stat: FileStat): LayerStat {
   ];
 }
 
-/** Serves the app's file calls on the target's paths until the channel closes. */
+/**
+ * Serves the app's file calls on the target's paths until the channel closes. The layer makes
+ * its stand-ins of the target's directories (layer/files.c) in `dirs` beside the channel's
+ * socket, which goes with it: open to every user, sticky, as the app may drop privileges.
+ */
 export function serveAppFiles(
   channel: LayerChannel,
   files: RemoteFiles,
   log: (line: string) => void,
 ): void {
+  const dirs = join(dirname(channel.path), 'dirs');
+  mkdirSync(dirs, { recursive: true });
+  chmodSync(dirs, 0o1777);
   channel.on('file', (request, reply) => {
     answer(request, reply, files, log).catch(async (error: Error) => {
       // The session is gone, or the agent failed the request: the app's call fails as an
