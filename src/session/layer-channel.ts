@@ -43,7 +43,8 @@ export interface LayerChannelEvents {
 
 /** Answers one process of the app; `send` resolves once the socket can take more. */
 export interface LayerReply {
-  send(message: SessionMessage): Promise<void>;
+  /** Sends the messages in one frame; resolves once the socket takes more. */
+  send(...messages: SessionMessage[]): Promise<void>;
 }
 
 /** Frames longer than this are not the layer's: the connection is dropped. */
@@ -267,14 +268,14 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
         return;
       case 'file':
         this.emit('file', message, {
-          send: (reply) =>
+          send: (...replies) =>
             new Promise<void>((resolve) => {
               const socket = connection.socket;
               if (socket.destroyed) {
                 resolve();
                 return;
               }
-              const frame = encodeFrame([sessionMessageToWire(reply)], connection.replies);
+              const frame = encodeFrame(replies.map(sessionMessageToWire), connection.replies);
               const written = (): void => connection.replies.written(frame);
               if (socket.write(frame, written)) {
                 resolve();

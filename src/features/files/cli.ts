@@ -13,9 +13,12 @@ import {
 /** Reads of one file in flight at once: enough to hide a port-forward's round trip. */
 const READS_IN_FLIGHT = 8;
 
-/** Where streamFile hands a file: its size to expect, then its pieces in order. */
+/**
+ * Where streamFile hands a file: its size to expect with its first bytes (a small file's all,
+ * in one go), then the other pieces in order.
+ */
 export interface FileSink {
-  opened(stat: FileStat, size: number): Promise<void>;
+  opened(stat: FileStat, size: number, head: Buffer): Promise<void>;
   piece(bytes: Buffer, offset: number): Promise<void>;
 }
 
@@ -51,8 +54,7 @@ export class RemoteFiles {
     try {
       const size = handle === 0 ? head.length : Math.max(stat.size, head.length);
       if (size > maxBytes) return { errno: 'EFBIG' };
-      await sink.opened(stat, size);
-      await sink.piece(head, 0);
+      await sink.opened(stat, size, head);
       let done = head.length;
       let next = head.length;
       const reads: Promise<FileReply<'read'>>[] = [];
@@ -94,9 +96,10 @@ export class RemoteFiles {
     let bytes = Buffer.alloc(0);
     let stat: FileStat | undefined;
     const read = await this.streamFile(path, maxBytes, {
-      opened: async (opened, size) => {
+      opened: async (opened, size, head) => {
         stat = opened;
         bytes = Buffer.allocUnsafe(size);
+        head.copy(bytes);
       },
       piece: async (piece, offset) => void piece.copy(bytes, offset),
     });

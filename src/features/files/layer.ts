@@ -5,7 +5,7 @@
 import { chmodSync, mkdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { LayerChannel, LayerReply } from '../../session/layer-channel.js';
-import type { LayerMessage, LayerStat } from '../../session/layer-messages.js';
+import type { LayerMessage, LayerStat, SessionMessage } from '../../session/layer-messages.js';
 import type { RemoteFiles } from './cli.js';
 import { MAX_READ_BYTES, type FileKind, type FileStat } from './messages.js';
 
@@ -112,16 +112,20 @@ async function answer(
       // Streamed: each piece goes to the app as it comes from the agent.
       let announced = 0;
       const streamed = await files.streamFile(path, MAX_APP_FILE_BYTES, {
-        opened: (stat, size) => {
+        // One frame with the first bytes: a small file reaches the layer in one read.
+        opened: (stat, size, head) => {
           announced = size;
-          return reply.send({
+          const opened: SessionMessage = {
             type: 'fileReply',
             id,
             errno: null,
             stat: layerStat(stat),
             size,
             text: null,
-          });
+          };
+          return head.length > 0
+            ? reply.send(opened, { type: 'fileData', id, offset: 0, bytes: head })
+            : reply.send(opened);
         },
         // Nothing for an empty piece: the layer takes one as the end.
         piece: async (bytes, offset) => {
