@@ -76,10 +76,11 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       log,
       emit: options.onEvent ?? (() => undefined),
     });
-    // The target's files for the app, through this session's agent (a replacement agent's
-    // session is not followed: files opened before it stay as they were read).
     const appFiles = layer && options.files ? layerFsEnvironment(options.files, process.cwd()) : {};
-    if (layer && appFiles.MIRRORD_FS) serveAppFiles(layer, new RemoteFiles(session), log);
+    const serveFilesThrough = (current: AgentClient): void => {
+      if (layer && appFiles.MIRRORD_FS) serveAppFilesThrough(layer, current, log);
+    };
+    serveFilesThrough(session);
     const [file = '', ...args] = options.command ?? [];
     const app = layer
       ? startApp(file, args, {
@@ -125,6 +126,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         agent = await options.placeAgent(progress, replaced);
         ({ session, ended } = await startSession(agent, log));
         await mirrored.follow(session, agent.target);
+        serveFilesThrough(session);
         const gap = ((Date.now() - goneAt) / 1000).toFixed(1);
         log(
           `mirrord: connections that reached the target in the ${gap} s between were not mirrored`,
@@ -175,6 +177,24 @@ async function startSession(
   );
   session.on('warning', (warning) => log(`mirrord: the agent warns: ${warning.message}`));
   return { session, ended };
+}
+
+/**
+ * Answers the app's file calls through `session`, the current one (the first agent's, then each
+ * replacement's), so that after the session followed its target the app reads the
+ * replacement's files. serveAppFiles takes a RemoteFiles, whose private field lets nothing but a
+ * RemoteFiles stand in for it: a stand-in that passed each call on to the current session would
+ * not typecheck. So each session gets its own listener, and the previous one's goes: a file call
+ * has exactly one answer, so the files feature is the channel's only 'file' listener. Calls in
+ * flight on the previous session fail as I/O errors, as they would anyway.
+ */
+function serveAppFilesThrough(
+  layer: LayerChannel,
+  session: AgentClient,
+  log: (line: string) => void,
+): void {
+  layer.removeAllListeners('file');
+  serveAppFiles(layer, new RemoteFiles(session), log);
 }
 
 /**
