@@ -8,12 +8,12 @@
 import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { startAgent } from '../src/agent/server.js';
 import type { PlacedAgent } from '../src/platform/placed-agent.js';
 import { runMirror } from '../src/session/mirror.js';
 import { startChrootedTarget } from './support/chrooted-target.js';
+import { placedInProcess } from './support/in-process-agent.js';
 import { tempDir, until } from './support/mirror-cli.js';
 
 const SECRET = 'files-follow-test';
@@ -62,19 +62,7 @@ describe('files after the session follows its target', () => {
       idleTimeoutMs: 10_000,
       secret: SECRET,
     });
-    return {
-      target: agent.readiness.target,
-      replaceable: true,
-      secret: SECRET,
-      connect: () =>
-        new Promise<Socket>((resolve) => {
-          const socket = connect(agent.readiness.port, '127.0.0.1', () => resolve(socket));
-        }),
-      stop: async () => {
-        agent.stop();
-        await agent.done;
-      },
-    };
+    return placedInProcess(agent, SECRET, true);
   }
 
   test("the app reads the replacement's files once the session followed it", async () => {
