@@ -5,11 +5,12 @@
  * demand, so the one failing call is made to throw what the addon throws when it does (a
  * TapError).
  */
-import { connect, type Socket } from 'node:net';
+import { connect } from 'node:net';
 import { startAgent, type RunningAgent } from '../src/agent/server.js';
 import { Tap, TapError } from '../src/agent/tap.js';
 import { AgentClient, AgentClientError } from '../src/protocol/client.js';
 import { runMirror } from '../src/session/mirror.js';
+import { placedInProcess } from './support/in-process-agent.js';
 import { until } from './support/mirror-cli.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 
@@ -80,20 +81,7 @@ describe('agent subscriptions', () => {
     const session = runMirror({
       placeAgent: async () => {
         agent = await startInProcess();
-        const running = agent;
-        return {
-          target: running.readiness.target,
-          replaceable: false,
-          secret: SECRET,
-          connect: () =>
-            new Promise<Socket>((resolve) => {
-              const socket = connect(running.readiness.port, '127.0.0.1', () => resolve(socket));
-            }),
-          stop: async () => {
-            running.stop();
-            await running.done;
-          },
-        };
+        return placedInProcess(agent, SECRET);
       },
       command: [process.execPath, '-e', app],
       ports: new Map(),

@@ -14,7 +14,7 @@ import {
   midStreamNotice,
   plural,
 } from '../src/cli/status-line.js';
-import { NO_COUNTERS, type MirrorEvent } from '../src/session/mirror.js';
+import { NO_COUNTERS, type MirrorEvent } from '../src/features/mirror/cli.js';
 
 type CountersEvent = Extract<MirrorEvent, { event: 'counters' }>;
 

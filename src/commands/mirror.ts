@@ -1,6 +1,7 @@
 import { Flags } from '@oclif/core';
 import { EXIT, MirrordCommand, UsageError } from '../cli/base-command.js';
-import { runMirror, type MirrorEvent } from '../session/mirror.js';
+import type { MirrorEvent } from '../features/mirror/cli.js';
+import { runMirror } from '../session/mirror.js';
 import { StatusLine } from '../cli/status-line.js';
 import { SessionTerminal } from '../cli/terminal.js';
 import {

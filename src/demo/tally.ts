@@ -1,4 +1,4 @@
-import type { MirrorEvent } from '../session/mirror.js';
+import type { MirrorEvent } from '../features/mirror/cli.js';
 
 type Totals = Extract<MirrorEvent, { event: 'counters' }>;
 

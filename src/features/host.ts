@@ -22,7 +22,7 @@ const IN_FLIGHT = 8;
 const MAX_WAITING = 4096;
 /**
  * A reply is written only while less than this waits in the socket: the tap pauses at 1 MiB
- * (src/agent/server.ts), so replies never make it pause by themselves.
+ * (src/features/mirror/agent.ts), so replies never make it pause by themselves.
  */
 const REPLY_BELOW_BYTES = 512 * 1024;
 

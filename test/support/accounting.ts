@@ -1,11 +1,11 @@
 /**
  * The byte accounting of a `mirror --json` session, checked from its events: every byte the tap
  * copied is replayed, dropped or skipped, per connection and in total (see the `counters` event
- * in src/session/mirror.ts, `Counters` in src/protocol/messages.ts and `ReplayStats` in
+ * in src/features/mirror/cli.ts, `Counters` in src/protocol/messages.ts and `ReplayStats` in
  * src/session/replay.ts for what each count means). Run after every test that drives traffic
  * through a session.
  */
-import type { MirrorEvent } from '../../src/session/mirror.js';
+import type { MirrorEvent } from '../../src/features/mirror/cli.js';
 import type { ReplayAccount, ReplayStats } from '../../src/session/replay.js';
 import { until, type MirrorEventLine, type MirrorRun } from './mirror-cli.js';
 

@@ -17,7 +17,7 @@ export const CLI = join(ROOT, 'bin', 'run.js');
 export const FIXTURES = join(ROOT, 'test', 'fixtures');
 export const LAYER = join(ROOT, 'layer', '.output', 'mirrord_layer.so');
 
-/** One `mirror --json` event (see MirrorEvent in src/session/mirror.ts). */
+/** One `mirror --json` event (see MirrorEvent in src/features/mirror/cli.ts). */
 export interface MirrorEventLine {
   event: string;
   [key: string]: unknown;
