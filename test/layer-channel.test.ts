@@ -4,7 +4,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -405,11 +405,20 @@ describe('layer channel', () => {
     expect(workers.size).toBeGreaterThan(1);
   });
 
-  test('close removes the socket', async () => {
+  test('close removes the socket; opening removes what a killed CLI left, not a live one’s', async () => {
     const { path } = channel;
     expect(existsSync(path)).toBe(true);
     await channel.close();
     expect(existsSync(path)).toBe(false);
+    // A CLI killed with SIGKILL closes nothing: its directory stays until the next open.
+    const killed = spawn('sleep', ['60']);
+    const leftover = mkdtempSync(join(tmpdir(), `mirrord-layer-${killed.pid}-`));
+    mkdirSync(join(leftover, 'dirs', '1.0', 'etc'), { recursive: true });
+    killed.kill('SIGKILL');
+    await once(killed, 'exit');
+    const live = mkdtempSync(join(tmpdir(), `mirrord-layer-${process.pid}-`));
     channel = await LayerChannel.open();
+    expect([existsSync(leftover), existsSync(live)]).toEqual([false, true]);
+    rmSync(live, { recursive: true });
   });
 });

@@ -1,9 +1,10 @@
 /**
  * The agent's end of a session: the handshake, the client's requests as events (each answered
- * with ackSubscribe, failSubscribe or ackUnsubscribe; a feature's with reply or failRequest), and the agent's messages batched into
- * frames. It knows nothing about the tap or reassembly: src/agent/server.ts glues those to it,
- * sends each tap batch's messages and flushes them, and stops reading the tap while the client
- * is behind (`backlogBytes`) until 'drain'.
+ * with ackSubscribe, failSubscribe or ackUnsubscribe; a feature's with reply or failRequest),
+ * and the agent's messages batched into frames. It knows nothing about the tap or reassembly:
+ * mirroring's agent side (src/features/mirror/agent.ts) glues those to it, sends each tap
+ * batch's messages and flushes them, and stops reading the tap while the client is behind
+ * (`backlogBytes`) until 'drain'.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';

@@ -1,9 +1,10 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { isAlive } from '../platform/local/netns.js';
 import { FrameMemory } from '../protocol/frame-memory.js';
 import { FrameDecoder, encodeFrame } from '../protocol/framing.js';
 import {
@@ -88,6 +89,23 @@ interface LayerConnection {
   replies: FrameMemory;
 }
 
+/**
+ * The channel's directory: `mirrord-layer-PID-XXXXXX` in the temporary directory, PID the CLI's,
+ * so that what a killed CLI left (its socket, the layer's stand-ins of the target's
+ * directories) is told from a live session's and removed when the next one opens.
+ */
+const DIR_PREFIX = 'mirrord-layer-';
+const DIR_OWNER = new RegExp(`^${DIR_PREFIX}(\\d+)-`);
+
+function removeStaleDirs(): void {
+  for (const name of readdirSync(tmpdir())) {
+    const owner = DIR_OWNER.exec(name)?.[1];
+    if (owner !== undefined && !isAlive(Number(owner))) {
+      rmSync(join(tmpdir(), name), { recursive: true, force: true });
+    }
+  }
+}
+
 /** A replayed connection's key: the replay's source port and the app's port it reached. */
 const keyOf = (sourcePort: number, localPort: number): string => `${sourcePort}/${localPort}`;
 
@@ -131,7 +149,8 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
 
   private constructor() {
     super();
-    this.#dir = mkdtempSync(join(tmpdir(), 'mirrord-layer-'));
+    removeStaleDirs();
+    this.#dir = mkdtempSync(join(tmpdir(), `${DIR_PREFIX}${process.pid}-`));
     this.path = join(this.#dir, 'layer.sock');
     this.#server.on('connection', (socket) => this.#accept(socket));
   }
