@@ -1,6 +1,6 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { chmodSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -150,7 +150,9 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
   private constructor() {
     super();
     removeStaleDirs();
-    this.#dir = mkdtempSync(join(tmpdir(), `${DIR_PREFIX}${process.pid}-`));
+    // Without symlinks on the way: the layer tells its stand-ins by the paths the kernel gives
+    // for their descriptors (layer/files.c), which are resolved.
+    this.#dir = mkdtempSync(join(realpathSync(tmpdir()), `${DIR_PREFIX}${process.pid}-`));
     this.path = join(this.#dir, 'layer.sock');
     this.#server.on('connection', (socket) => this.#accept(socket));
   }
