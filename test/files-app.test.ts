@@ -160,6 +160,17 @@ describe("the target's files in the app", () => {
     expect(await inApp(['find', '/app', '-name', '*.json', '-size', '17c'])).toBe(
       '/app/config.json\n',
     );
+    // The same with a temporary directory reached through a symlink (the session's directory,
+    // where the stand-ins are, is then named two ways).
+    const linked = join(dir.path, 'linked-tmp');
+    mkdirSync(join(dir.path, 'real-tmp'));
+    symlinkSync(join(dir.path, 'real-tmp'), linked);
+    const throughLink = mirrord(
+      ['--pid', String(target.pid), '--', 'find', '/app', '-name', '*.json', '-size', '17c'],
+      { env: { TMPDIR: linked } },
+    );
+    expect(await throughLink.exited).toBe(0);
+    expect(throughLink.stdout()).toBe('/app/config.json\n');
     // ls -l: the target's sizes, and no error for the extended attributes it asks after.
     const long = await inApp(['ls', '-l', '/app']);
     expect(long).toMatch(/^-rw-r--r-- 1 \S+ \S+ +17 .* config\.json$/m);

@@ -38,6 +38,8 @@ export interface MirrorOptions {
   cwd?: string;
   /** Open files allowed to mirror and to the app it starts (prlimit), for many connections. */
   nofile?: number;
+  /** Variables added to the CLI's environment. */
+  env?: Record<string, string>;
 }
 
 /** Starts `mirrord mirror ARGS`. */
@@ -46,7 +48,11 @@ export function mirrord(args: string[], options: MirrorOptions = {}): MirrorRun 
   const [file, ...rest] = options.nofile
     ? ['prlimit', `--nofile=${options.nofile}:${options.nofile}`, '--', ...command]
     : command;
-  const child = spawn(file!, rest, { stdio: ['ignore', 'pipe', 'pipe'], cwd: options.cwd });
+  const child = spawn(file!, rest, {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    cwd: options.cwd,
+    env: { ...process.env, ...options.env },
+  });
   let stdout = '';
   let all = '';
   child.stdout!.on('data', (chunk: Buffer) => {
