@@ -114,8 +114,17 @@ export class MirroredTraffic {
   /** The current agent's session: a port the app starts listening on is subscribed there. */
   #session: AgentClient;
   #target: string;
-  /** Set by start before it hands the instance out (the first session's counters wait for it). */
-  #replay!: Replay;
+  /**
+   * Made before the first subscription: the agent may send a connection's `opened` in the same
+   * read as the acknowledgement of its port's subscription, and a replay made after it would
+   * miss that connection and its first bytes.
+   */
+  readonly #replay: Replay;
+  /**
+   * Events of the replay until the session is ready (see start and follow): held, so that
+   * `ready` still comes first.
+   */
+  #held: MirrorEvent[] | undefined = [];
   #agentCounters = NO_COUNTERS;
   /** Counted by agents that are gone (see addCounters). */
   #earlierCounters = NO_COUNTERS;
@@ -128,6 +137,7 @@ export class MirroredTraffic {
     for (const [remote, local] of options.ports) {
       this.#routes.set(remote, { host: '127.0.0.1', port: local });
     }
+    this.#replay = this.#replayFrom(session);
     options.layer?.on('listen', (listener) => this.#onListen(listener));
     options.layer?.on('close', ({ port }) => {
       if (!this.#routes.has(port) || options.ports.has(port)) return;
@@ -146,8 +156,13 @@ export class MirroredTraffic {
     options: MirroredTrafficOptions,
   ): Promise<MirroredTraffic> {
     const mirrored = new MirroredTraffic(session, target, options);
-    await mirrored.#subscribeRoutes(session);
-    mirrored.#replay = mirrored.#replayFrom(session);
+    try {
+      await mirrored.#subscribeRoutes(session);
+    } catch (error) {
+      // What the replay started meanwhile (connections to the app) ends with it.
+      await mirrored.#replay.close();
+      throw error;
+    }
     mirrored.#ready(session);
     return mirrored;
   }
@@ -172,11 +187,13 @@ export class MirroredTraffic {
    */
   async follow(session: AgentClient, target: string): Promise<void> {
     this.#target = target;
+    this.#held = [];
+    // Before subscribing, for the reason the replay is made before the first session's.
+    this.#replay.follow(session);
     await this.#subscribeRoutes(session);
     // Only now: a port the app listened on meanwhile was subscribed above (a Map's iteration
     // visits the keys added during it).
     this.#session = session;
-    this.#replay.follow(session);
     this.#ready(session);
   }
 
@@ -186,6 +203,8 @@ export class MirroredTraffic {
    */
   async close(): Promise<void> {
     await this.#replay.close();
+    // Whether or not the last session got ready (a replacement may fail to), all is told.
+    this.#release();
     this.#options.emit(this.#countersEvent());
   }
 
@@ -194,7 +213,7 @@ export class MirroredTraffic {
     session.on('counters', (counters) => {
       const { type, ...kernelAndAgent } = counters;
       this.#agentCounters = kernelAndAgent;
-      if (this.#replay) this.#options.emit(this.#countersEvent());
+      this.#emit(this.#countersEvent());
     });
     for (const remote of this.#routes.keys()) await session.subscribe(remote);
   }
@@ -204,10 +223,24 @@ export class MirroredTraffic {
     const interfaces = session.agent.interfaces;
     this.#options.log(`mirrord: mirroring ${this.#target} (${interfaces.join(', ')})`);
     this.#options.emit({ event: 'ready', target: this.#target, interfaces });
+    this.#release();
+  }
+
+  /** Emits the events held until now, and those to come at once. */
+  #release(): void {
+    const held = this.#held ?? [];
+    this.#held = undefined;
+    for (const event of held) this.#options.emit(event);
+  }
+
+  #emit(event: MirrorEvent): void {
+    if (this.#held) this.#held.push(event);
+    else this.#options.emit(event);
   }
 
   #replayFrom(session: AgentClient): Replay {
-    const { layer, log, emit } = this.#options;
+    const { layer, log } = this.#options;
+    const emit = (event: MirrorEvent): void => this.#emit(event);
     const replay = new Replay(session, {
       route: (port) => this.#routes.get(port),
       midStream: this.#options.midStream,
