@@ -41,6 +41,8 @@ export class FrameMemory {
    */
   room(bytes: number): { slab: Buffer; offset: number } {
     if (bytes > SLAB_BYTES / 2) {
+      // One whose frame never came to cut (its encoding failed) is free again.
+      if (this.#large !== undefined) this.#retire(this.#large);
       const at = this.#spareLarge.findIndex((spare) => spare.memory.length >= bytes);
       this.#large =
         at >= 0
