@@ -294,8 +294,6 @@ static int remote_stat(const char *path, int follow, struct stat *st) {
     return rc;
 }
 
-// The target's file as a memfd of its contents: sealed against writes when opened for reading,
-// the app's private copy when opened for writing.
 typedef int (*openat_fn)(int, const char *, int, ...);
 static void *real_openat_slot, *real_openat64_slot, *real_open_slot, *real_open64_slot;
 
@@ -312,6 +310,8 @@ static int open_stand_in(const char *path, int flags) {
     return real(AT_FDCWD, dir, flags);
 }
 
+// The target's file as a memfd of its contents: sealed against writes when opened for reading,
+// the app's private copy when opened for writing; a directory as its stand-in.
 static int remote_open(const char *path, int flags) {
     if (flags & O_DIRECTORY)
         return open_stand_in(path, flags);
@@ -355,11 +355,8 @@ static int open_hook(void **slot, const char *name, int dirfd, const char *path,
                      mode_t mode, int at) {
     char buf[PATH_MAX];
     const char *remote = remote_path(dirfd, path, buf);
-    if (remote) {
-        int fd = remote_open(remote, flags);
-        if (fd != -2)
-            return fd;
-    }
+    if (remote)
+        return remote_open(remote, flags);
     void *real = real_symbol(slot, name);
     if (!real) {
         errno = ENOSYS;
@@ -445,14 +442,12 @@ static FILE *fopen_hook(void **slot, const char *name, const char *path, const c
     const char *remote = flags >= 0 ? remote_path(AT_FDCWD, path, buf) : NULL;
     if (remote) {
         int fd = remote_open(remote, flags);
-        if (fd == -1)
+        if (fd < 0)
             return NULL;
-        if (fd >= 0) {
-            FILE *file = fdopen(fd, mode);
-            if (!file)
-                close(fd);
-            return file;
-        }
+        FILE *file = fdopen(fd, mode);
+        if (!file)
+            close(fd);
+        return file;
     }
     fopen_fn real = (fopen_fn)real_symbol(slot, name);
     if (!real) {
