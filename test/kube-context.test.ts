@@ -160,6 +160,10 @@ describe("a pod's environment and files (real cluster)", () => {
         size: fs.statSync('/data/big.bin').size,
         sha: require('crypto').createHash('sha256').update(fs.readFileSync('/data/big.bin')).digest('hex'),
         missing: fs.existsSync('/etc/secret/nothing'),
+        missingCode: (() => { try { fs.readFileSync('/etc/secret/nothing'); } catch (e) { return e.code; } })(),
+        // The kubelet's layout of a Secret volume: each key a link into ..data, 0644 by default.
+        secretLink: fs.readlinkSync('/etc/secret/DB_PASSWORD'),
+        secretMode: fs.statSync('/etc/secret/DB_PASSWORD').mode & 0o777,
       };
       fs.writeFileSync(${JSON.stringify(file)}, JSON.stringify(out));`;
     const session = mirrord([...kube('--pod', 'api'), '--', process.execPath, '-e', program]);
@@ -174,7 +178,26 @@ describe("a pod's environment and files (real cluster)", () => {
       size: BIG_BYTES,
       sha: expectedSha,
       missing: false,
+      missingCode: 'ENOENT',
+      secretLink: '..data/DB_PASSWORD',
+      secretMode: 0o644,
     });
+    // find (C, libc) walks the ConfigMap volume through its stand-ins, following the kubelet's
+    // links (-L), and sizes the file there.
+    const yaml = 'replicas: 3\nregion: eu-1\n';
+    const found = mirrord([
+      ...kube('--pod', 'api'),
+      '--',
+      'find',
+      '-L',
+      '/etc/config/',
+      '-name',
+      'app.yaml',
+      '-size',
+      `${Buffer.byteLength(yaml)}c`,
+    ]);
+    expect({ code: await found.exited, output: found.output() }).toMatchObject({ code: 0 });
+    expect(found.stdout().trim().split('\n')).toContain('/etc/config/app.yaml');
     await nothingLeft();
   }, 180_000);
 });
