@@ -10,7 +10,7 @@ import { chmodSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MAX_OPEN_FILES } from '../src/features/files/agent.js';
 import { RemoteFiles } from '../src/features/files/cli.js';
-import { MAX_READ_BYTES } from '../src/features/files/messages.js';
+import { MAX_READ_BYTES, type FileReply } from '../src/features/files/messages.js';
 import { placeLocalAgent } from '../src/platform/local/agent-process.js';
 import type { PlacedAgent } from '../src/platform/placed-agent.js';
 import { AgentClient } from '../src/protocol/client.js';
@@ -189,11 +189,17 @@ describe("the target's files, through the agent", () => {
       errno: null,
       result: { handle: 0, head: Buffer.from('{"feature": true}') },
     });
-    const opened = await Promise.all(
-      Array.from({ length: MAX_OPEN_FILES }, () =>
-        files.ask({ op: 'open', path: '/data/big.bin' }),
-      ),
-    );
+    // 64 at a time, as many as the layer asks at once (REQUESTS_MAX in layer/files.c): each
+    // reply carries a MiB, and a request's timeout runs while it waits behind the others, so
+    // 1,024 at once (a GiB) timed out on a busy machine.
+    const opened: FileReply<'open'>[] = [];
+    for (let at = 0; at < MAX_OPEN_FILES; at += 64) {
+      opened.push(
+        ...(await Promise.all(
+          Array.from({ length: 64 }, () => files.ask({ op: 'open', path: '/data/big.bin' })),
+        )),
+      );
+    }
     expect(opened.every((reply) => reply.errno === null && reply.result.handle > 0)).toBe(true);
     expect(opened[0]!.result!.head.length).toBe(MAX_READ_BYTES);
     expect(await files.ask({ op: 'open', path: '/data/big.bin' })).toEqual({

@@ -343,16 +343,17 @@ describe('mirrord mirror under load and failure', () => {
     await untilMirroring(run, sandbox, port);
     const probes = connectionsOn(run, port).opened.length;
 
-    // 50 MB/s, about four seconds. The test is about exactness, not capacity (`bench -- tap`
+    // 20 MB/s, about ten seconds. The test is about exactness, not capacity (`bench -- tap`
     // measures that): at 100 MB/s curl, the target, the agent, the CLI and the app together
     // need about 1.5 of this machine's 2 cores, and while the test cluster is busy (just
     // started, or removing the kube tests' pods) the mirror's side was starved past what the
-    // 8 MiB ring holds in 2 of 3 runs (the kernel dropped, or the app fell 16 MiB behind);
-    // at 50 MB/s, 9 of 9 passed in the same conditions.
+    // 8 MiB ring holds in 2 of 3 runs (the kernel dropped, or the app fell 16 MiB behind); at
+    // 50 MB/s 9 of 9 passed then, but a later full run failed the same way once, while the
+    // hypervisor took up to a third of the VM's time (vmstat's `st`).
     const answer = await sandbox.runAsync(sandbox.client, 'curl', [
       '-sS',
       '--limit-rate',
-      '50M',
+      '20M',
       '-T',
       upload,
       `http://${sandbox.targetAddress}:${port}/upload`,
