@@ -7,7 +7,17 @@
  */
 import { execFileSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  constants,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { agentsOf, mirrord, tempDir } from './support/mirror-cli.js';
 import { waitFor } from './support/wait.js';
@@ -238,9 +248,15 @@ describe("the target's files in the app", () => {
         '}',
         'int main(int argc, char **argv) {',
         '  (void)argc;',
+        // Waits for the test's word through a FIFO, opened (read and write, so that reading
+        // waits for data rather than for a writer) before the first listing tells the test to
+        // go on; alarm() is the deadline (SIGALRM ends the program, and the test fails).
+        '  int go = open(argv[2], O_RDWR);',
         '  list(argv[1]);',
         '  fflush(stdout);',
-        '  while (access(argv[2], F_OK) != 0) usleep(10000);',
+        '  alarm(30);',
+        '  char word;',
+        '  if (go < 0 || read(go, &word, 1) != 1) return 1;',
         '  list(argv[1]);',
         '  return 0;',
         '}',
@@ -248,11 +264,15 @@ describe("the target's files in the app", () => {
     );
     execFileSync('gcc', ['-O2', '-o', binary, source]);
     const go = join(dir.path, 'go');
+    execFileSync('mkfifo', [go]);
     const run = mirrord(['--pid', String(target.pid), '--', binary, '/secrets', go]);
     await waitFor('the first listing', () => run.stdout().includes('\n'), { ms: 30_000 });
     const added = `/proc/${target.pid}/root/secrets/added`;
     writeFileSync(added, 'x');
-    writeFileSync(go, '');
+    // Non-blocking: a program that is gone makes this fail (ENXIO) rather than wait.
+    const end = openSync(go, constants.O_WRONLY | constants.O_NONBLOCK);
+    writeSync(end, 'g');
+    closeSync(end);
     const code = await run.exited;
     rmSync(added);
     expect({ code, output: run.output() }).toMatchObject({ code: 0 });
