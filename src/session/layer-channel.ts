@@ -97,11 +97,11 @@ interface LayerConnection {
 const DIR_PREFIX = 'mirrord-layer-';
 const DIR_OWNER = new RegExp(`^${DIR_PREFIX}(\\d+)-`);
 
-function removeStaleDirs(): void {
-  for (const name of readdirSync(tmpdir())) {
+function removeStaleDirs(parent: string): void {
+  for (const name of readdirSync(parent)) {
     const owner = DIR_OWNER.exec(name)?.[1];
     if (owner !== undefined && !isAlive(Number(owner))) {
-      rmSync(join(tmpdir(), name), { recursive: true, force: true });
+      rmSync(join(parent, name), { recursive: true, force: true });
     }
   }
 }
@@ -149,10 +149,11 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
 
   private constructor() {
     super();
-    removeStaleDirs();
     // Without symlinks on the way: the layer tells its stand-ins by the paths the kernel gives
     // for their descriptors (layer/files.c), which are resolved.
-    this.#dir = mkdtempSync(join(realpathSync(tmpdir()), `${DIR_PREFIX}${process.pid}-`));
+    const parent = realpathSync(tmpdir());
+    removeStaleDirs(parent);
+    this.#dir = mkdtempSync(join(parent, `${DIR_PREFIX}${process.pid}-`));
     this.path = join(this.#dir, 'layer.sock');
     this.#server.on('connection', (socket) => this.#accept(socket));
   }

@@ -77,10 +77,10 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       emit: options.onEvent ?? (() => undefined),
     });
     const appFiles = layer && options.files ? layerFsEnvironment(options.files, process.cwd()) : {};
-    const serveFilesThrough = (current: AgentClient): void => {
-      if (layer && appFiles.MIRRORD_FS) serveAppFilesThrough(layer, current, log);
-    };
-    serveFilesThrough(session);
+    // Through the current session: after following its target, the app reads the replacement's
+    // files (calls in flight on the previous one fail as I/O errors, as they would anyway).
+    let files = new RemoteFiles(session);
+    if (layer && appFiles.MIRRORD_FS) serveAppFiles(layer, () => files, log);
     const [file = '', ...args] = options.command ?? [];
     const app = layer
       ? startApp(file, args, {
@@ -126,7 +126,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         agent = await options.placeAgent(progress, replaced);
         ({ session, ended } = await startSession(agent, log));
         await mirrored.follow(session, agent.target);
-        serveFilesThrough(session);
+        files = new RemoteFiles(session);
         const gap = ((Date.now() - goneAt) / 1000).toFixed(1);
         log(
           `mirrord: connections that reached the target in the ${gap} s between were not mirrored`,
@@ -177,24 +177,6 @@ async function startSession(
   );
   session.on('warning', (warning) => log(`mirrord: the agent warns: ${warning.message}`));
   return { session, ended };
-}
-
-/**
- * Answers the app's file calls through `session`, the current one (the first agent's, then each
- * replacement's), so that after the session followed its target the app reads the
- * replacement's files. serveAppFiles takes a RemoteFiles, whose private field lets nothing but a
- * RemoteFiles stand in for it: a stand-in that passed each call on to the current session would
- * not typecheck. So each session gets its own listener, and the previous one's goes: a file call
- * has exactly one answer, so the files feature is the channel's only 'file' listener. Calls in
- * flight on the previous session fail as I/O errors, as they would anyway.
- */
-function serveAppFilesThrough(
-  layer: LayerChannel,
-  session: AgentClient,
-  log: (line: string) => void,
-): void {
-  layer.removeAllListeners('file');
-  serveAppFiles(layer, new RemoteFiles(session), log);
 }
 
 /**

@@ -36,20 +36,21 @@ function layerStat(stat: FileStat): LayerStat {
 }
 
 /**
- * Serves the app's file calls on the target's paths until the channel closes. The layer makes
- * its stand-ins of the target's directories (layer/files.c) in `dirs` beside the channel's
- * socket, which goes with it: open to every user, sticky, as the app may drop privileges.
+ * Serves the app's file calls on the target's paths until the channel closes, each through
+ * `files()`, the current session's. The layer makes its stand-ins of the target's directories
+ * (layer/files.c) in `dirs` beside the channel's socket, which goes with it: open to every
+ * user, sticky, as the app may drop privileges.
  */
 export function serveAppFiles(
   channel: LayerChannel,
-  files: RemoteFiles,
+  files: () => RemoteFiles,
   log: (line: string) => void,
 ): void {
   const dirs = join(dirname(channel.path), 'dirs');
-  mkdirSync(dirs, { recursive: true });
+  mkdirSync(dirs);
   chmodSync(dirs, 0o1777);
   channel.on('file', (request, reply) => {
-    answer(request, reply, files, log).catch(async (error: Error) => {
+    answer(request, reply, files(), log).catch(async (error: Error) => {
       // The session is gone, or the agent failed the request: the app's call fails as an
       // I/O error, never hangs.
       log(`mirrord: ${request.op} ${request.path} for the app failed: ${error.message}`);
