@@ -113,6 +113,28 @@ function programAt(path: string): Program {
 }
 
 /**
+ * The files execvp tries for `file`, in order: a name with a slash as it is, any other in each
+ * directory of PATH.
+ */
+function candidatesOf(file: string, path: string): string[] {
+  if (file.includes('/')) return [file];
+  // An empty entry is the working directory, for execvp as for a shell.
+  return path.split(':').map((dir) => join(dir || '.', file));
+}
+
+/**
+ * The file execvp runs for `file` (see commandProblem), or undefined when none can run: what
+ * COMMAND really is, for a look inside it (src/cli/unhookable.ts).
+ */
+export function commandPath(
+  file: string,
+  path = process.env.PATH ?? '/bin:/usr/bin',
+): string | undefined {
+  if (file === '') return undefined;
+  return candidatesOf(file, path).find((candidate) => programAt(candidate) === 'runnable');
+}
+
+/**
  * Why COMMAND cannot be started, or undefined when it can: looked for as execvp looks for it (a
  * name with a slash as it is, any other in the directories of PATH, the first one that can run).
  * Checked before an agent is placed, which on a cluster takes a Job, a pod and a port-forward.
@@ -133,9 +155,7 @@ export function commandProblem(
     return `COMMAND ${file} is ${found}: ${fix[found]}`;
   }
   let unusable: string | undefined;
-  for (const dir of path.split(':')) {
-    // An empty entry is the working directory, for execvp as for a shell.
-    const candidate = join(dir || '.', file);
+  for (const candidate of candidatesOf(file, path)) {
     const found = programAt(candidate);
     if (found === 'runnable') return undefined;
     if (found !== 'missing') {

@@ -4,11 +4,13 @@ import { release } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { layerPath, packageRoot } from '../package-root.js';
 import { KubeError, loadKubeAccess, type KubeAccess } from '../platform/kube/kubeconfig.js';
+import { commandPath, commandProblem } from '../cli/mirror-settings.js';
+import { UNHOOKABLE_MEANS, unhookableReason } from '../cli/unhookable.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
 export interface CheckResult {
-  id: 'kernel' | 'bpf' | 'privileges' | 'addon' | 'layer' | 'kubeconfig';
+  id: 'kernel' | 'bpf' | 'privileges' | 'addon' | 'layer' | 'kubeconfig' | 'program';
   title: string;
   status: CheckStatus;
   /** One line: what was found. */
@@ -22,6 +24,8 @@ export interface DoctorOptions {
   kubeconfig?: string;
   /** The kubeconfig context to check instead of the current one. */
   context?: string;
+  /** A COMMAND for `mirrord mirror`, checked too: whether it can be run, and hooked. */
+  command?: string;
 }
 
 export interface DoctorReport {
@@ -338,6 +342,40 @@ export async function checkKubeconfig(options: DoctorOptions = {}): Promise<Chec
   }
 }
 
+/**
+ * COMMAND as `mirror` would run it: found as `mirror` looks for it, and read to tell whether
+ * the layer can hook it (see src/cli/unhookable.ts); the same words as `mirror`'s warning.
+ */
+export function checkProgram(command: string): CheckResult {
+  const base = { id: 'program', title: 'program' } as const;
+  const problem = commandProblem(command);
+  if (problem !== undefined) {
+    return {
+      ...base,
+      status: 'fail',
+      detail: problem,
+      fix: 'mirrord mirror refuses this COMMAND too: give the program as a path or a name on PATH',
+    };
+  }
+  // Runnable, so there is a file that execvp runs.
+  const path = commandPath(command)!;
+  const shown = path === command ? command : `${command} (${path})`;
+  const reason = unhookableReason(path);
+  if (reason !== undefined) {
+    return {
+      ...base,
+      status: 'warn',
+      detail: `${shown} is ${reason}: ${UNHOOKABLE_MEANS}`,
+      fix: 'mirror into it with --port REMOTE[:LOCAL]; the rest needs a dynamically linked program that is not Go (a C program: link it without -static)',
+    };
+  }
+  return {
+    ...base,
+    status: 'ok',
+    detail: `${shown}: the layer can hook it (not statically linked, not Go)`,
+  };
+}
+
 /** Runs every check; each one really tries what mirroring needs, none attaches anything. */
 export async function runChecks(options: DoctorOptions = {}): Promise<DoctorReport> {
   const checks = await Promise.all([
@@ -347,6 +385,7 @@ export async function runChecks(options: DoctorOptions = {}): Promise<DoctorRepo
     checkAddon(),
     checkLayer(),
     checkKubeconfig(options),
+    ...(options.command === undefined ? [] : [checkProgram(options.command)]),
   ]);
   return { checks, ok: checks.every((check) => check.status !== 'fail') };
 }
