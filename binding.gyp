@@ -46,6 +46,26 @@
       "cflags!": ["-fno-exceptions"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra"]
+    },
+    {
+      # Outgoing connections leave from the target's network namespace: the agent's main
+      # thread enters it (src/features/outgoing/netns.cc).
+      "target_name": "mirrord_netns",
+      "sources": ["src/features/outgoing/netns.cc"],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NODE_ADDON_API_CPP_EXCEPTIONS", "NAPI_VERSION=8"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "cflags_cc": ["-std=c++17", "-Wall", "-Wextra"]
+    },
+    {
+      # Names resolved as the target resolves them: a program that enters the target's
+      # namespaces and answers getaddrinfo queries (src/features/outgoing/resolver.c).
+      "target_name": "mirrord_resolver",
+      "type": "executable",
+      "sources": ["src/features/outgoing/resolver.c"],
+      "cflags": ["-Wall", "-Wextra", "-Werror", "-pthread"],
+      "ldflags": ["-pthread"]
     }
   ]
 }

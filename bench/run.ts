@@ -7,6 +7,7 @@ const benches: Record<string, () => Promise<Record<string, unknown>>> = {
   forward: async () => (await import('./forward.js')).benchForward(),
   mirror: async () => (await import('./mirror.js')).benchMirror(),
   files: async () => (await import('./files.js')).benchFiles(),
+  outgoing: async () => (await import('./outgoing.js')).benchOutgoing(),
 };
 
 const name = process.argv[2] ?? '';

@@ -42,6 +42,9 @@ COPY --from=build /src/dist/ dist/
 COPY --from=build /src/build/Release/mirrord_tap.node build/Release/
 # The files feature's openat2 (src/features/files/in_root.cc).
 COPY --from=build /src/build/Release/mirrord_files.node build/Release/
+# Outgoing connections: the addon that enters the target's network namespace, and the program
+# that resolves names in the target's namespaces (src/features/outgoing/).
+COPY --from=build /src/build/Release/mirrord_netns.node /src/build/Release/mirrord_resolver build/Release/
 # The Job's command is `mirrord agent ...`: this puts `mirrord` on PATH.
 COPY docker/mirrord /usr/local/bin/mirrord
 ENTRYPOINT ["mirrord"]

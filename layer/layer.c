@@ -15,6 +15,10 @@
 //     listens alone, and any other asks for it (`lookup`): a pre-fork worker that inherited the
 //     listener, one of several processes the session said listen on the port (`shared`), or a
 //     process handed the accepted socket (a Node cluster primary passes it to a worker).
+// files.c hooks the calls on paths (open, stat, readlink, directories...) for the files feature,
+// and outgoing.c connect, sendto/sendmsg/sendmmsg, recvfrom/recvmsg/recvmmsg, getaddrinfo and
+// gethostbyname* for the outgoing one (connections and look-ups through the target); that one's
+// state on a socket lives on the objects here, so getpeername and getsockname report it too.
 // Without MIRRORD_LAYER_SOCKET, or when the session cannot be reached, the app runs as if the
 // layer were not there. Nothing is printed unless MIRRORD_LAYER_DEBUG=1.
 
@@ -45,9 +49,11 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-// Fixed tables: fds at or above FD_MAX are not tracked (they behave as if unhooked).
+// Fixed tables: fds at or above FD_MAX are not tracked (they behave as if unhooked). Each
+// connection the app makes through the target takes an object, so there is room for pools of
+// them.
 #define FD_MAX 65536
-#define OBJ_MAX 1024
+#define OBJ_MAX 4096
 // How long accept waits for the session's word on a replayed connection's original client. The
 // session sends it as soon as its connect completes, so this is only reached when the CLI is
 // starved of CPU (a thousand connections opened at once on a busy machine); a miss then costs
@@ -55,14 +61,16 @@
 #define PEER_WAIT_MS 1000
 #define PEER_TTL_MS 30000
 #define LINE_MAX_LEN 512
-// The session's frames: a few dozen bytes, or a file's contents in pieces of up to a MiB (the
-// agent's reads); one longer than this is not the session's.
+// The session's frames: a few dozen bytes (a resolved name's addresses, a few hundred), or a
+// file's contents in pieces of up to a MiB (the agent's reads); one longer than this is not the
+// session's.
 #define FRAME_MAX (1024 * 1024 + 1024)
 
 // ---- real functions, resolved lazily (a hook may run before any constructor) ----
 
 typedef int (*socket_fn)(int, int, int);
 typedef int (*bind_fn)(int, const struct sockaddr *, socklen_t);
+typedef int (*connect_fn)(int, const struct sockaddr *, socklen_t);
 typedef int (*listen_fn)(int, int);
 typedef int (*accept_fn)(int, struct sockaddr *, socklen_t *);
 typedef int (*accept4_fn)(int, struct sockaddr *, socklen_t *, int);
@@ -74,16 +82,10 @@ typedef int (*dup3_fn)(int, int, int);
 typedef long (*syscall_fn)(long, ...);
 typedef int (*fcntl_fn)(int, int, ...);
 
-// The next definition of each wrapped function (see real_symbol in channel.h).
-#define REAL(type, name)                                                                           \
-    static void *real_##name##_slot;                                                               \
-    static type real_##name(void) {                                                                \
-        type f = (type)real_symbol(&real_##name##_slot, #name);                                    \
-        return f;                                                                                  \
-    }
-
+// The next definition of each wrapped function (see REAL in channel.h).
 REAL(socket_fn, socket)
 REAL(bind_fn, bind)
+REAL(connect_fn, connect)
 REAL(listen_fn, listen)
 REAL(accept_fn, accept)
 REAL(accept4_fn, accept4)
@@ -97,9 +99,6 @@ REAL(syscall_fn, syscall)
 REAL(fcntl_fn, fcntl)
 REAL(fcntl_fn, fcntl64)
 
-// If dlsym cannot find the next definition (should not happen), fail like a bad fd would.
-#define CALL_REAL(name, ...) (real_##name() ? real_##name()(__VA_ARGS__) : (errno = ENOSYS, -1))
-
 // ---- configuration and state ----
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
@@ -112,7 +111,9 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t send_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t peer_cv; // initialised in do_init (CLOCK_MONOTONIC)
 static int conn_fd = -1;
-static int conn_up; // read without lock by accept (atomic)
+static uint32_t conn_generation; // counts the connections made (under send_mu)
+// The generation of the connection that is up, 0 when none; read without lock (atomic).
+static uint32_t conn_live;
 
 // A socket object: what the layer knows about one open file description. Several fds (dup) may
 // refer to it; refs counts them.
@@ -129,10 +130,13 @@ struct obj {
     uint8_t peer_looked; // the original client was looked for (found or not): never again
     socklen_t peer_len;
     struct sockaddr_storage peer;
+    struct outgoing out; // connections through the target (outgoing.c)
 };
 
 static int16_t fd_map[FD_MAX]; // object index + 1, 0 = untracked
 static struct obj objs[OBJ_MAX];
+// Where obj_new looks first: past the last one taken, so that it rarely scans the whole table.
+static int obj_hint;
 
 // The original client of a replayed connection, by the session's source port and the app's
 // local port it connected to: the kernel gives one source port to connections to different ports
@@ -205,12 +209,13 @@ static void atfork_parent(void) {
 // peers of the connections it accepts on them (a pre-fork worker).
 static void atfork_child(void) {
     files_after_fork_child();
+    outgoing_after_fork_child();
     pthread_mutex_init(&mu, NULL);
     pthread_mutex_init(&send_mu, NULL);
     if (conn_fd >= 0)
         CALL_REAL(close, conn_fd);
     conn_fd = -1;
-    __atomic_store_n(&conn_up, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&conn_live, 0, __ATOMIC_RELEASE);
     for (int i = 0; i < OBJ_MAX; i++) {
         objs[i].reported = 0;
         if (objs[i].listening)
@@ -235,6 +240,7 @@ static void do_init(void) {
     pthread_condattr_destroy(&ca);
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
     files_init();
+    outgoing_init();
 }
 
 static void init(void) { pthread_once(&init_once, do_init); }
@@ -314,10 +320,12 @@ static int obj_of(int fd) {
 }
 
 static int obj_new(void) {
-    for (int i = 0; i < OBJ_MAX; i++) {
+    for (int n = 0; n < OBJ_MAX; n++) {
+        int i = (obj_hint + n) % OBJ_MAX;
         if (!objs[i].used) {
             memset(&objs[i], 0, sizeof objs[i]);
             objs[i].used = 1;
+            obj_hint = (i + 1) % OBJ_MAX;
             return i;
         }
     }
@@ -361,6 +369,20 @@ static int obj_get_or_new(int fd) {
         fd_attach(fd, i);
     return i;
 }
+
+struct outgoing *outgoing_lock(int fd, int create) {
+    if (fd < 0 || fd >= FD_MAX || (!create && !__atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED)))
+        return NULL;
+    pthread_mutex_lock(&mu);
+    int i = create ? obj_get_or_new(fd) : obj_of(fd);
+    if (i < 0 || (!create && !objs[i].out.family)) {
+        pthread_mutex_unlock(&mu);
+        return NULL;
+    }
+    return &objs[i].out;
+}
+
+void outgoing_unlock(void) { pthread_mutex_unlock(&mu); }
 
 // ---- the unix connection to the session ----
 
@@ -409,9 +431,10 @@ gone:
     if (conn_fd == fd) {
         CALL_REAL(close, fd);
         conn_fd = -1;
-        __atomic_store_n(&conn_up, 0, __ATOMIC_RELEASE);
+        __atomic_store_n(&conn_live, 0, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&send_mu);
+    outgoing_on_channel_lost();
     return NULL;
 }
 
@@ -470,8 +493,9 @@ static int ensure_connected(void) {
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
         return -1;
-    // Non-blocking connect: a full backlog fails at once instead of stalling the app.
-    if (connect(fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
+    // Non-blocking connect: a full backlog fails at once instead of stalling the app. The real
+    // one: the app's connect is outgoing.c's.
+    if (CALL_REAL(connect, fd, (struct sockaddr *)&sun, sizeof sun) != 0) {
         dbg("cannot reach session at %s: %s", layer_path, strerror(errno));
         CALL_REAL(close, fd);
         return -1;
@@ -510,17 +534,24 @@ static int ensure_connected(void) {
         return -1;
     }
     conn_fd = fd;
-    __atomic_store_n(&conn_up, 1, __ATOMIC_RELEASE);
+    if (++conn_generation == 0) // 0 is no connection's
+        conn_generation = 1;
+    __atomic_store_n(&conn_live, conn_generation, __ATOMIC_RELEASE);
     dbg("connected to session at %s", layer_path);
     return fd;
 }
 
-int channel_up(void) { return __atomic_load_n(&conn_up, __ATOMIC_ACQUIRE); }
+int channel_up(void) { return __atomic_load_n(&conn_live, __ATOMIC_ACQUIRE) != 0; }
 
-void send_frame(struct frame *f) {
+int channel_alive(uint32_t generation) {
+    return generation != 0 && __atomic_load_n(&conn_live, __ATOMIC_ACQUIRE) == generation;
+}
+
+uint32_t send_frame(struct frame *f) {
     size_t len = frame_end(f);
     if (len == 0)
-        return;
+        return 0;
+    uint32_t sent_on = 0;
     pthread_mutex_lock(&send_mu);
     int fd = ensure_connected();
     if (fd >= 0) {
@@ -536,8 +567,11 @@ void send_frame(struct frame *f) {
             }
             off += (size_t)n;
         }
+        if (off == len)
+            sent_on = conn_generation;
     }
     pthread_mutex_unlock(&send_mu);
+    return sent_on;
 }
 
 static void report_listen(uint16_t port, uint16_t local_port, int family, const char *address) {
@@ -701,6 +735,8 @@ static void handle_frame(const char *body, size_t size) {
                         f[5].type == MSGPACK_OBJECT_NIL ? NULL : id);
         } else if (code == SESSION_FILE_REPLY || code == SESSION_FILE_DATA) {
             files_on_message(code, f, m->via.array.size);
+        } else if (code == SESSION_CONNECTED || code == SESSION_RESOLVED) {
+            outgoing_on_message(code, f, m->via.array.size);
         } else {
             dbg("a message from the session of code %llu that is not understood",
                 (unsigned long long)code);
@@ -753,14 +789,14 @@ static void deadline_in(struct timespec *dl, long ms) {
 // lport, as pushed to this process (the one that listened). The session sends it right after
 // connecting: waits briefly.
 static int wait_pushed(uint16_t sport, uint16_t lport, struct sockaddr_storage *out) {
-    if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
+    if (!channel_up())
         return 0;
     struct timespec dl;
     deadline_in(&dl, PEER_WAIT_MS);
     int have;
     pthread_mutex_lock(&mu);
     while (!(have = peer_take(sport, lport, out))) {
-        if (!__atomic_load_n(&conn_up, __ATOMIC_ACQUIRE))
+        if (!channel_up())
             break;
         if (pthread_cond_timedwait(&peer_cv, &mu, &dl) == ETIMEDOUT) {
             have = peer_take(sport, lport, out);
@@ -807,7 +843,7 @@ static int lookup_peer(int fd, uint16_t sport, uint16_t lport, struct sockaddr_s
     deadline_in(&dl, PEER_WAIT_MS);
     pthread_mutex_lock(&mu);
     struct lookup *l = &lookups[slot];
-    while (!l->done && __atomic_load_n(&conn_up, __ATOMIC_ACQUIRE)) {
+    while (!l->done && channel_up()) {
         if (pthread_cond_timedwait(&peer_cv, &mu, &dl) == ETIMEDOUT)
             break;
     }
@@ -855,8 +891,7 @@ static socklen_t peer_for_family(const struct sockaddr_storage *orig, int family
 
 // Copies a sockaddr into the caller's buffer the way the kernel does: truncated to *addrlen,
 // and *addrlen set to the full length.
-static void copy_out(struct sockaddr *addr, socklen_t *addrlen, const struct sockaddr_storage *ss,
-                     socklen_t len) {
+static void copy_out(struct sockaddr *addr, socklen_t *addrlen, const void *ss, socklen_t len) {
     if (!addr || !addrlen)
         return;
     socklen_t n = *addrlen < len ? *addrlen : len;
@@ -1052,7 +1087,17 @@ EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *addrlen) {
     pthread_mutex_lock(&mu);
     int i = obj_of(fd);
     uint16_t req = i >= 0 ? objs[i].req_port : 0;
+    union inet_sockaddr target;
+    socklen_t target_len = i >= 0 ? objs[i].out.local_len : 0;
+    if (target_len)
+        target = objs[i].out.local;
     pthread_mutex_unlock(&mu);
+    // A connection through the target is bound where the agent's socket is, there.
+    if (target_len) {
+        *addrlen = cap;
+        copy_out(addr, addrlen, &target, target_len);
+        return rc;
+    }
     // The port sits at the same offset (2..3) in sockaddr_in and sockaddr_in6.
     if (req && cap >= 4 && (addr->sa_family == AF_INET || addr->sa_family == AF_INET6)) {
         uint16_t p = htons(req);
@@ -1088,27 +1133,34 @@ EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *addrlen) {
     init();
     if (!layer_path || fd < 0 || fd >= FD_MAX || !addr || !addrlen)
         return CALL_REAL(getpeername, fd, addr, addrlen);
-    struct sockaddr_storage peer;
-    socklen_t plen = 0;
-    int looked = 0;
-    if (__atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED)) {
-        pthread_mutex_lock(&mu);
-        int i = obj_of(fd);
-        if (i >= 0) {
-            looked = objs[i].peer_looked || objs[i].listening;
-            if (objs[i].has_peer) {
-                peer = objs[i].peer;
-                plen = objs[i].peer_len;
-            }
-        }
-        pthread_mutex_unlock(&mu);
-    }
     // Always ask the kernel, so a disconnected socket fails as it should (ENOTCONN).
     struct sockaddr_storage real;
     socklen_t rl = sizeof real;
     int rc = CALL_REAL(getpeername, fd, (struct sockaddr *)&real, &rl);
     if (rc != 0)
         return rc;
+    struct sockaddr_storage peer;
+    socklen_t plen = 0;
+    int looked = 0;
+    if (__atomic_load_n(&fd_map[fd], __ATOMIC_RELAXED)) {
+        pthread_mutex_lock(&mu);
+        int i = obj_of(fd);
+        union inet_sockaddr destination;
+        socklen_t dlen;
+        if (i >= 0) {
+            looked = objs[i].peer_looked || objs[i].listening;
+            if (objs[i].has_peer) {
+                peer = objs[i].peer;
+                plen = objs[i].peer_len;
+            } else if (objs[i].out.family &&
+                       (dlen = outgoing_destination(&objs[i].out, &real, &destination))) {
+                // Connected to a relay of the session's: the destination it stands for.
+                memcpy(&peer, &destination, dlen);
+                plen = dlen;
+            }
+        }
+        pthread_mutex_unlock(&mu);
+    }
     // Decision: a replayed connection this process did not accept is looked up once; everything
     // else is the kernel's.
     if (!plen && !looked && sa_is_replay_source(&real) && tcp_family(fd))

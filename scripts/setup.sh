@@ -16,13 +16,15 @@ bench=false
 # python3, redis-server and redis-tools are the real programs the tests and benchmarks drive;
 # python3-gunicorn is the real pre-fork server (workers forked after listen) the tests mirror
 # into, and whose workers must all end with a killed mirror; openssl makes the test API
-# server's certificate; tmux is the real terminal the status line is tested in.
+# server's certificate; tmux is the real terminal the status line is tested in. dnsmasq is the
+# nameserver a test target's resolver asks, dig (bind9-dnsutils) the app that speaks DNS itself,
+# python3-redis a Redis client library, for the outgoing tests.
 # msgpack-c is linked into the layer (libmsgpack-c-dev since Debian 13, libmsgpack-dev before).
 msgpack=libmsgpack-dev
 apt-cache show libmsgpack-c-dev >/dev/null 2>&1 && msgpack=libmsgpack-c-dev
 packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-format make g++
   pkg-config tcpdump wrk curl python3 python3-gunicorn procps redis-server redis-tools openssl
-  tmux "$msgpack")
+  tmux dnsmasq-base bind9-dnsutils python3-redis "$msgpack")
 # The test cluster: the container runtime and pod network, iptables for kube-proxy, and what
 # builds images without a Docker engine or registry (buildah, debootstrap).
 $cluster && packages+=(containerd runc containernetworking-plugins iptables conntrack buildah

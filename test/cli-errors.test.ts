@@ -145,6 +145,12 @@ describe('mirrord.json', () => {
     fs: ['write', '"fs" must be read or local'],
     fsLocals: [[''], 'fsLocals[0] "" is not a glob of paths'],
     fsRemotes: ['/etc/*', '"fsRemotes" must be a list'],
+    outgoing: ['off', '"outgoing" must be true or false'],
+    outgoingLocals: [
+      ['10.0.0.0/8', 'db:99999'],
+      'outgoingLocals[1] "db:99999" is not CIDR or HOST, with :PORT for one port ([IPV6]:PORT)',
+    ],
+    localhost: ['mine', '"localhost" must be remote or local'],
   };
 
   test.each(CONFIG_KEYS)('a bad "%s" is named with the file', (key) => {

@@ -4,6 +4,7 @@ import { AgentSession } from '../protocol/server.js';
 import { CAPABILITIES } from '../protocol/messages.js';
 import { agentFeatures } from '../features/agent.js';
 import { FeatureHost } from '../features/host.js';
+import { Streams } from '../protocol/streams.js';
 import { TargetTraffic, type TargetTrafficOptions } from '../features/mirror/agent.js';
 import { deferToTarget } from './tap.js';
 import { describeNodeTarget, tapNetnsOf, targetPresence } from './target.js';
@@ -43,10 +44,19 @@ const SWEEP_INTERVAL_MS = 1_000;
 export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   const targetName = describeNodeTarget(options.target);
   let session: AgentSession | undefined;
+  let streams: Streams | undefined;
   const tapNetns = tapNetnsOf(options.target);
   const features = agentFeatures(
-    { pid: 'pid' in tapNetns ? tapNetns.pid : undefined, name: targetName },
+    {
+      pid: 'pid' in tapNetns ? tapNetns.pid : undefined,
+      netns: 'netns' in tapNetns ? tapNetns.netns : undefined,
+      name: targetName,
+    },
     (code, message) => session?.sendWarning(code, message),
+    () => {
+      if (!streams) throw new Error('no session');
+      return streams;
+    },
   );
   const targetGone = targetPresence(options.target, tapNetns);
   deferToTarget();
@@ -104,9 +114,14 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
         session = accepted;
         traffic.serve(accepted);
         const host = new FeatureHost(features, accepted);
+        streams = new Streams(accepted);
+        const sessionStreams = streams;
         accepted.on('request', (id, feature, body) => host.request(id, feature, body));
+        accepted.on('stream', (message) => sessionStreams.receive(message));
         accepted.on('end', (error) => {
           session = undefined;
+          // The CLI is gone: the target's ends of the app's connections are reset.
+          sessionStreams.resetAll();
           void host.close();
           end(error ? { error: `session ended: ${error.message}` } : {});
         });

@@ -4,6 +4,12 @@ import { PULL_POLICIES, type PullPolicy } from '../platform/kube/agent-job.js';
 import { TARGET_KINDS } from '../platform/kube/target-kinds.js';
 import { ENV_OVERRIDE } from '../features/env/flags.js';
 import { overrideOf } from '../features/env/selection.js';
+import {
+  LOCALHOST_MODES,
+  OUTGOING_RULE,
+  outgoingRuleProblem,
+  type LocalhostMode,
+} from '../features/outgoing/policy.js';
 import { FS_MODES, type FsMode } from '../features/files/policy.js';
 import { UsageError } from './base-command.js';
 
@@ -37,6 +43,9 @@ export interface MirrorConfig {
   fs?: FsMode;
   fsLocals?: string[];
   fsRemotes?: string[];
+  outgoing?: boolean;
+  outgoingLocals?: string[];
+  localhost?: LocalhostMode;
 }
 export type ConfigKey = keyof MirrorConfig;
 
@@ -164,6 +173,17 @@ const SETTINGS: { [Key in ConfigKey]-?: Setting } = {
   fs: one('any', (v) => (FS_MODES as readonly unknown[]).includes(v), 'read or local'),
   fsLocals: list('any', isText, 'a glob of paths'),
   fsRemotes: list('any', isText, 'a glob of paths'),
+  outgoing: one('any', isBoolean, 'true or false'),
+  outgoingLocals: list(
+    'any',
+    (item) => typeof item === 'string' && outgoingRuleProblem(item) === undefined,
+    OUTGOING_RULE,
+  ),
+  localhost: one(
+    'any',
+    (v) => (LOCALHOST_MODES as readonly unknown[]).includes(v),
+    'remote or local',
+  ),
 };
 
 export const CONFIG_KEYS = Object.keys(SETTINGS) as ConfigKey[];

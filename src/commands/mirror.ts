@@ -12,14 +12,17 @@ import {
   type PortMapping,
 } from '../cli/config.js';
 import {
+  commandPath,
   commandProblem,
   kubeAgentOptions,
   localPrivilegesProblem,
 } from '../cli/mirror-settings.js';
+import { UNHOOKABLE_MEANS, unhookableReason } from '../cli/unhookable.js';
 import { agentPlacer, resolveTarget, targetFlags } from '../cli/target-flags.js';
 import { appEnvironmentOf } from '../features/env/cli.js';
 import { envFlags } from '../features/env/flags.js';
 import { fsFlags, fsSettingsOf } from '../features/files/flags.js';
+import { outgoingFlags, outgoingSettingsOf } from '../features/outgoing/flags.js';
 
 /** --port REMOTE[:LOCAL]. */
 const portMapping = Flags.custom<PortMapping>({
@@ -29,6 +32,18 @@ const portMapping = Flags.custom<PortMapping>({
     return mapping;
   },
 });
+
+/**
+ * The warning for a COMMAND the layer cannot hook (a Go program, a static binary), or undefined:
+ * the session runs all the same, but without most of what the layer does.
+ */
+function unhookableWarning(file: string): string | undefined {
+  const path = commandPath(file);
+  const reason = path === undefined ? undefined : unhookableReason(path);
+  if (reason === undefined) return undefined;
+  const shown = path === file ? file : `${file} (${path})`;
+  return `mirrord: warning: COMMAND ${shown} is ${reason}: ${UNHOOKABLE_MEANS}`;
+}
 
 export default class MirrorCommand extends MirrordCommand {
   static override summary = "Mirror a target's incoming TCP connections into a local process.";
@@ -72,6 +87,7 @@ export default class MirrorCommand extends MirrordCommand {
     }),
     ...envFlags,
     ...fsFlags,
+    ...outgoingFlags,
     json: Flags.boolean({
       summary:
         'Print the session’s events (ready, listen, opened, closed, counters) as JSON lines on stdout.',
@@ -109,6 +125,7 @@ export default class MirrorCommand extends MirrordCommand {
     const target = resolveTarget(flags, config);
     const env = appEnvironmentOf(target, flags, config);
     const files = fsSettingsOf(target, flags, config);
+    const outgoing = outgoingSettingsOf(flags, config);
     // Found out before anything is placed next to the target, not once the agent is ready.
     const commandIssue = command[0] === undefined ? undefined : commandProblem(command[0]);
     if (commandIssue) throw new UsageError(commandIssue);
@@ -142,6 +159,9 @@ export default class MirrorCommand extends MirrordCommand {
     // on that terminal comes through it, so that the status is redrawn below it.
     const terminal = new SessionTerminal();
     const live = terminal.live && !flags.json;
+    // Before the session starts: the user may stop it and add --port.
+    const warning = command[0] === undefined ? undefined : unhookableWarning(command[0]);
+    if (warning) terminal.note(warning);
     const status = new StatusLine({
       draw: live ? (render) => terminal.setStatus(render) : undefined,
       log: (line) => terminal.note(line),
@@ -160,6 +180,7 @@ export default class MirrorCommand extends MirrordCommand {
         midStream: flags['mid-stream'] ?? config.midStream ?? false,
         appEnvironment: env,
         files,
+        outgoing,
         log: (line) => terminal.note(line),
         onEvent,
         appOutput: live

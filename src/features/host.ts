@@ -16,7 +16,10 @@ export interface FeatureSession {
   once(event: 'drain', listener: () => void): unknown;
 }
 
-/** Requests served at once: enough to overlap a few slow reads, few enough to bound memory. */
+/**
+ * Requests of a feature served at once, unless it says otherwise: enough to overlap a few slow
+ * reads, few enough to bound memory.
+ */
 const IN_FLIGHT = 8;
 /** Requests that may wait; past this a client is flooding, and is told so per request. */
 const MAX_WAITING = 4096;
@@ -36,7 +39,8 @@ export class FeatureHost {
   readonly #features: ReadonlyMap<string, AgentFeature>;
   readonly #session: FeatureSession;
   readonly #waiting: Request[] = [];
-  #inFlight = 0;
+  /** Requests being served, by feature. */
+  readonly #inFlight = new Map<string, number>();
   #closed = false;
 
   constructor(features: ReadonlyMap<string, AgentFeature>, session: FeatureSession) {
@@ -60,15 +64,29 @@ export class FeatureHost {
     await Promise.all([...this.#features.values()].map((feature) => feature.close?.()));
   }
 
+  /** Starts the waiting requests whose feature has room, in order within each feature. */
   #pump(): void {
-    while (!this.#closed && this.#inFlight < IN_FLIGHT && this.#waiting.length > 0) {
-      const request = this.#waiting.shift()!;
-      this.#inFlight += 1;
+    if (this.#closed) return;
+    const full = new Set<string>();
+    for (let i = 0; i < this.#waiting.length;) {
+      const request = this.#waiting[i]!;
+      const serving = this.#inFlight.get(request.feature) ?? 0;
+      if (full.has(request.feature) || serving >= this.#limitOf(request.feature)) {
+        full.add(request.feature);
+        i += 1;
+        continue;
+      }
+      this.#waiting.splice(i, 1);
+      this.#inFlight.set(request.feature, serving + 1);
       void this.#serve(request).finally(() => {
-        this.#inFlight -= 1;
+        this.#inFlight.set(request.feature, (this.#inFlight.get(request.feature) ?? 1) - 1);
         this.#pump();
       });
     }
+  }
+
+  #limitOf(feature: string): number {
+    return this.#features.get(feature)?.inFlight ?? IN_FLIGHT;
   }
 
   async #serve({ id, feature, body }: Request): Promise<void> {

@@ -29,6 +29,7 @@ import {
   type DataMessage,
   type ErrorMessage,
   type OpenedMessage,
+  type StreamMessage,
   type WireValue,
 } from './messages.js';
 
@@ -89,6 +90,8 @@ export interface AgentClientEvents {
   data: [DataMessage];
   closed: [ClosedMessage];
   counters: [CountersMessage];
+  /** A message of one of the streams a feature opened (see src/protocol/streams.ts). */
+  stream: [StreamMessage];
   /** A non-fatal problem the agent reported; mirroring goes on. */
   warning: [ErrorMessage];
   /**
@@ -227,7 +230,11 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
    * the feature's messages module checks. Fails with `request-failed` when the agent answered
    * with an error, and before anything is sent when the agent does not serve `feature`.
    */
-  request(feature: string, body: WireValue): Promise<WireValue> {
+  request(
+    feature: string,
+    body: WireValue,
+    timeoutMs = this.#requestTimeoutMs,
+  ): Promise<WireValue> {
     if (this.#phase === 'open' && !this.agent.capabilities.includes(feature)) {
       return Promise.reject(
         new AgentClientError(
@@ -237,12 +244,26 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       );
     }
     const id = ++this.#requestId;
-    return this.#request(`a ${feature} request`, `request:${id}`, {
-      type: 'request',
-      id,
-      feature,
-      body,
-    });
+    return this.#request(
+      `a ${feature} request`,
+      `request:${id}`,
+      { type: 'request', id, feature, body },
+      timeoutMs,
+    );
+  }
+
+  /** Sends a stream's message (see src/protocol/streams.ts); dropped once the session is over. */
+  sendStream(message: StreamMessage): void {
+    if (this.#phase === 'open') this.#send(message);
+  }
+
+  /** The connection to the agent is behind: streams stop reading their sockets until it drains. */
+  get streamsBehind(): boolean {
+    return this.#stream.writableNeedDrain;
+  }
+
+  onceDrained(listener: () => void): void {
+    this.#stream.once('drain', listener);
   }
 
   /**
@@ -272,7 +293,12 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
   }
 
   /** Sends `message` and waits for the answer settled under `key` (see #dispatch). */
-  #request(what: string, key: string, message: ClientMessage): Promise<WireValue> {
+  #request(
+    what: string,
+    key: string,
+    message: ClientMessage,
+    timeoutMs = this.#requestTimeoutMs,
+  ): Promise<WireValue> {
     if (this.#phase !== 'open') {
       return Promise.reject(
         new AgentClientError('closed', `cannot send ${what}: the session is over`),
@@ -287,7 +313,7 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
           queue.splice(queue.indexOf(request), 1);
           if (queue.length === 0) this.#pending.delete(key);
           reject(new AgentClientError('request-timeout', `the agent did not answer ${what}`));
-        }, this.#requestTimeoutMs),
+        }, timeoutMs),
       };
       queue.push(request);
       this.#pending.set(key, queue);
@@ -515,6 +541,8 @@ export class AgentClient extends EventEmitter<AgentClientEvents> {
       case 'hello':
       case 'refused':
         throw new ProtocolError(`unexpected ${message.type} after the handshake`);
+      default:
+        this.emit('stream', message);
     }
   }
 

@@ -16,7 +16,7 @@ import { isIP } from 'node:net';
  * `hello` messages never changes, and `hello` tolerates trailing fields, so that a newer peer
  * is told "wrong version" instead of "malformed message".
  */
-export const PROTOCOL_VERSION = 5;
+export const PROTOCOL_VERSION = 6;
 
 /**
  * What this build supports. Informational: a peer must tolerate names it does not know.
@@ -92,13 +92,59 @@ export interface RequestMessage {
   body: WireValue;
 }
 
+// ---- streams, both ways ----
+
+/**
+ * A stream is a byte stream (a TCP connection) or a sequence of datagrams (a UDP socket) that a
+ * feature opened with a request (src/features/outgoing/): each end holds a socket, and these
+ * messages carry what one end's socket gave to the other end's. Ids are chosen by the client,
+ * unique in the session. For a byte stream, `streamCredit` says how many bytes its receiver
+ * has handed to its socket: a sender keeps at most a window of bytes unacknowledged (see
+ * src/protocol/streams.ts), so that one slow socket holds back its own stream, never the
+ * session. A datagram stream keeps each datagram one `streamData` and takes no credit.
+ */
+export interface StreamDataMessage {
+  type: 'streamData';
+  stream: number;
+  /** A view into the received frame, as DataMessage's. */
+  bytes: Buffer;
+}
+
+/** The sender's socket ended its side (a FIN): the receiver shuts down its socket's writing. */
+export interface StreamEndMessage {
+  type: 'streamEnd';
+  stream: number;
+}
+
+/**
+ * The stream is over at once: the sender's socket failed or was closed without an end, or
+ * the sender gave it up. `errno` names why (`ECONNRESET`, …), null when there is nothing to
+ * tell. The receiver resets its socket (an RST), and both forget the stream.
+ */
+export interface StreamResetMessage {
+  type: 'streamReset';
+  stream: number;
+  errno: string | null;
+}
+
+/** The receiver handed `bytes` more of the stream to its socket. */
+export interface StreamCreditMessage {
+  type: 'streamCredit';
+  stream: number;
+  bytes: number;
+}
+
+export type StreamMessage =
+  StreamDataMessage | StreamEndMessage | StreamResetMessage | StreamCreditMessage;
+
 export type ClientMessage =
   | ClientHelloMessage
   | SubscribeMessage
   | UnsubscribeMessage
   | PingMessage
   | ByeMessage
-  | RequestMessage;
+  | RequestMessage
+  | StreamMessage;
 
 // ---- agent → client (CLI) ----
 
@@ -280,7 +326,8 @@ export type AgentMessage =
   | CountersMessage
   | ErrorMessage
   | PongMessage
-  | ReplyMessage;
+  | ReplyMessage
+  | StreamMessage;
 
 // ---- wire form ----
 
@@ -299,6 +346,10 @@ export const MessageCode = {
   ping: 0x04,
   bye: 0x05,
   request: 0x06,
+  clientStreamData: 0x07,
+  clientStreamEnd: 0x08,
+  clientStreamReset: 0x09,
+  clientStreamCredit: 0x0a,
   agentHello: 0x10,
   refused: 0x11,
   subscribed: 0x12,
@@ -311,6 +362,10 @@ export const MessageCode = {
   error: 0x19,
   pong: 0x1a,
   reply: 0x1b,
+  agentStreamData: 0x1c,
+  agentStreamEnd: 0x1d,
+  agentStreamReset: 0x1e,
+  agentStreamCredit: 0x1f,
 } as const;
 
 const C = MessageCode;
@@ -329,6 +384,78 @@ export function clientMessageToWire(m: ClientMessage): WireMessage {
       return [C.bye];
     case 'request':
       return [C.request, m.id, m.feature, m.body];
+    default:
+      return streamMessageToWire(m, CLIENT_STREAM_CODES);
+  }
+}
+
+/** Each direction's codes of the stream messages, by type. */
+type StreamCodes = Record<StreamMessage['type'], number>;
+const CLIENT_STREAM_CODES: StreamCodes = {
+  streamData: C.clientStreamData,
+  streamEnd: C.clientStreamEnd,
+  streamReset: C.clientStreamReset,
+  streamCredit: C.clientStreamCredit,
+};
+const AGENT_STREAM_CODES: StreamCodes = {
+  streamData: C.agentStreamData,
+  streamEnd: C.agentStreamEnd,
+  streamReset: C.agentStreamReset,
+  streamCredit: C.agentStreamCredit,
+};
+
+function streamMessageToWire(m: StreamMessage, codes: StreamCodes): WireMessage {
+  switch (m.type) {
+    case 'streamData':
+      return [codes.streamData, m.stream, m.bytes];
+    case 'streamEnd':
+      return [codes.streamEnd, m.stream];
+    case 'streamReset':
+      return [codes.streamReset, m.stream, m.errno];
+    case 'streamCredit':
+      return [codes.streamCredit, m.stream, m.bytes];
+  }
+}
+
+/** The stream message `w` is, if its code is one of `codes`'. */
+function parseStreamMessage(w: readonly unknown[], code: number, codes: StreamCodes) {
+  switch (code) {
+    case codes.streamData: {
+      arity(w, 'streamData', 2);
+      const bytes = w[2];
+      if (!(bytes instanceof Uint8Array)) return fail('streamData', 'bytes', 'binary', bytes);
+      return {
+        type: 'streamData' as const,
+        stream: uint(w, 1, 'streamData', 'stream'),
+        bytes: Buffer.isBuffer(bytes)
+          ? bytes
+          : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+      };
+    }
+    case codes.streamEnd:
+      arity(w, 'streamEnd', 1);
+      return { type: 'streamEnd' as const, stream: uint(w, 1, 'streamEnd', 'stream') };
+    case codes.streamReset: {
+      arity(w, 'streamReset', 2);
+      const errno = w[2];
+      if (errno !== null && typeof errno !== 'string') {
+        return fail('streamReset', 'errno', 'nil or a string', errno);
+      }
+      return {
+        type: 'streamReset' as const,
+        stream: uint(w, 1, 'streamReset', 'stream'),
+        errno,
+      };
+    }
+    case codes.streamCredit:
+      arity(w, 'streamCredit', 2);
+      return {
+        type: 'streamCredit' as const,
+        stream: uint(w, 1, 'streamCredit', 'stream'),
+        bytes: uint(w, 2, 'streamCredit', 'bytes'),
+      };
+    default:
+      return undefined;
   }
 }
 
@@ -388,6 +515,8 @@ export function agentMessageToWire(m: AgentMessage): WireMessage {
       return [C.pong, m.nonce, m.clockMicros];
     case 'reply':
       return [C.reply, m.id, m.error, m.body];
+    default:
+      return streamMessageToWire(m, AGENT_STREAM_CODES);
   }
 }
 
@@ -521,7 +650,7 @@ export function parseClientMessage(value: unknown): ClientMessage {
         body: w[3] as WireValue, // the feature checks it
       };
     default:
-      return wrongDirection(w[0], 'client');
+      return parseStreamMessage(w, w[0], CLIENT_STREAM_CODES) ?? wrongDirection(w[0], 'client');
   }
 }
 
@@ -651,6 +780,6 @@ export function parseAgentMessage(value: unknown): AgentMessage {
       };
     }
     default:
-      return wrongDirection(w[0], 'agent');
+      return parseStreamMessage(w, w[0], AGENT_STREAM_CODES) ?? wrongDirection(w[0], 'agent');
   }
 }

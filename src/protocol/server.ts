@@ -24,6 +24,7 @@ import {
   type CloseReason,
   type Counters,
   type OpenedMessage,
+  type StreamMessage,
   type WireValue,
 } from './messages.js';
 
@@ -36,6 +37,8 @@ import {
 const FRAME_BYTES = 64 * 1024 - 4;
 /** Larger payloads are sent as several `data` messages, each with its header in one frame. */
 const MAX_DATA_MESSAGE_BYTES = FRAME_BYTES - 64;
+/** Bytes waiting in the session's socket past which streams pause (see streamsBehind). */
+const STREAMS_BEHIND_BYTES = 512 * 1024;
 /** Agent error messages are for humans; a runaway one must not fill a frame. */
 const MAX_ERROR_TEXT = 4096;
 
@@ -94,6 +97,8 @@ export interface AgentSessionEvents {
   ping: [nonce: number];
   /** A feature's request (see src/features/): answer with reply() or failRequest(). */
   request: [id: number, feature: string, body: WireValue];
+  /** A message of one of the streams a feature opened (see src/protocol/streams.ts). */
+  stream: [StreamMessage];
   /** The stream's buffer emptied after needsDrain: resume reading the tap. */
   drain: [];
   /**
@@ -225,6 +230,26 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
 
   failRequest(id: number, error: string): void {
     this.#sendNow({ type: 'reply', id, error: error.slice(0, MAX_ERROR_TEXT), body: null });
+  }
+
+  /**
+   * A stream's message goes out at once: streams carry request-and-answer protocols (a
+   * database's), whose every small message the batching interval would delay.
+   */
+  sendStream(message: StreamMessage): void {
+    this.#sendNow(message);
+  }
+
+  /**
+   * Streams stop reading their sockets before the tap would (see REPLY_BELOW_BYTES in
+   * src/features/host.ts): bulk outgoing data must not make mirroring drop.
+   */
+  get streamsBehind(): boolean {
+    return this.#stream.writableLength >= STREAMS_BEHIND_BYTES;
+  }
+
+  onceDrained(listener: () => void): void {
+    this.#stream.once('drain', listener);
   }
 
   /** A non-fatal problem; for a fatal one use close({ code, message }). */
@@ -406,6 +431,8 @@ export class AgentSession extends EventEmitter<AgentSessionEvents> {
         case 'hello':
           this.#abort(new ProtocolError('hello sent twice'));
           break;
+        default:
+          this.emit('stream', message);
       }
     }
   }

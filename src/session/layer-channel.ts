@@ -40,6 +40,10 @@ export interface LayerChannelEvents {
    * answer with `reply` on that process's connection.
    */
   file: [request: Extract<LayerMessage, { type: 'file' }>, reply: LayerReply];
+  /** A process of the app connects through the target (src/features/outgoing/layer.ts). */
+  connect: [request: Extract<LayerMessage, { type: 'connect' }>, reply: LayerReply];
+  /** A process of the app looks a name up (src/features/outgoing/layer.ts). */
+  resolve: [request: Extract<LayerMessage, { type: 'resolve' }>, reply: LayerReply];
 }
 
 /** Answers one process of the app; `send` resolves once the socket can take more. */
@@ -289,27 +293,13 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
         }
         return;
       case 'file':
-        this.emit('file', message, {
-          send: (...replies) =>
-            new Promise<void>((resolve) => {
-              const socket = connection.socket;
-              if (socket.destroyed) {
-                resolve();
-                return;
-              }
-              const frame = encodeFrame(replies.map(sessionMessageToWire), connection.replies);
-              const written = (): void => connection.replies.written(frame);
-              if (socket.write(frame, written)) {
-                resolve();
-                return;
-              }
-              const done = (): void => {
-                socket.off('drain', done).off('close', done);
-                resolve();
-              };
-              socket.on('drain', done).on('close', done);
-            }),
-        });
+        this.emit('file', message, replyTo(connection));
+        return;
+      case 'connect':
+        this.emit('connect', message, replyTo(connection));
+        return;
+      case 'resolve':
+        this.emit('resolve', message, replyTo(connection));
         return;
       case 'hello':
         return; // once is enough
@@ -391,6 +381,31 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
       }),
     );
   }
+}
+
+/** Answers on one process's connection. */
+function replyTo(connection: LayerConnection): LayerReply {
+  return {
+    send: (...replies) =>
+      new Promise<void>((resolve) => {
+        const socket = connection.socket;
+        if (socket.destroyed) {
+          resolve();
+          return;
+        }
+        const frame = encodeFrame(replies.map(sessionMessageToWire), connection.replies);
+        const written = (): void => connection.replies.written(frame);
+        if (socket.write(frame, written)) {
+          resolve();
+          return;
+        }
+        const done = (): void => {
+          socket.off('drain', done).off('close', done);
+          resolve();
+        };
+        socket.on('drain', done).on('close', done);
+      }),
+  };
 }
 
 /** A frame of one message: each goes out as soon as it is known. */

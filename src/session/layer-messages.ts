@@ -21,10 +21,14 @@ export const LayerCode = {
   close: 0x03,
   lookup: 0x04,
   file: 0x05,
+  connect: 0x06,
+  resolve: 0x07,
   peer: 0x10,
   shared: 0x11,
   fileReply: 0x12,
   fileData: 0x13,
+  connected: 0x14,
+  resolved: 0x15,
 } as const;
 
 /** What the layer asks of the target's files (src/features/files/layer.ts answers). */
@@ -49,7 +53,26 @@ export type LayerMessage =
   /** Who is the client of the app's `socket` (an inode), accepted from `sourcePort`? */
   | { type: 'lookup'; pid: number; sourcePort: number; localPort: number; socket: string }
   /** A call of the app on one of the target's paths; answered by `fileReply` with the same id. */
-  | { type: 'file'; pid: number; id: number; op: LayerFileOp; path: string };
+  | { type: 'file'; pid: number; id: number; op: LayerFileOp; path: string }
+  /**
+   * The app connects a socket (`tcp`), or sends from one (`udp`), to a destination that goes
+   * through the target (src/features/outgoing/layer.ts); answered by `connected`. `family` is
+   * the destination's (a v4-mapped one is sent as IPv4); the app's socket is bound to
+   * `localAddress`:`localPort`: a loopback address for TCP, the relay then knows it by its port.
+   */
+  | {
+      type: 'connect';
+      pid: number;
+      id: number;
+      protocol: 'tcp' | 'udp';
+      family: 4 | 6;
+      address: string;
+      port: number;
+      localAddress: string;
+      localPort: number;
+    }
+  /** The app looks a name up (`family` 0: any); answered by `resolved`. */
+  | { type: 'resolve'; pid: number; id: number; name: string; family: 0 | 4 | 6 };
 
 /**
  * A file's stat as the layer fills `struct stat`: mode, size, uid, gid, ino, nlink, dev, then
@@ -86,7 +109,28 @@ export type SessionMessage =
       size: number;
       text: string | null;
     }
-  | { type: 'fileData'; id: number; offset: number; bytes: Buffer };
+  | { type: 'fileData'; id: number; offset: number; bytes: Buffer }
+  /**
+   * The answer to `connect`: the errno the app's call fails with, or the port of the session's
+   * relay on the loopback address of the destination's family, which the app's socket then
+   * really connects or sends to, and where the target's socket is bound (getsockname's answer).
+   */
+  | {
+      type: 'connected';
+      id: number;
+      errno: string | null;
+      relayPort: number;
+      localAddress: string | null;
+      localPort: number;
+    }
+  /** The answer to `resolve`: getaddrinfo's error (`NONAME`, …) or the target's addresses. */
+  | {
+      type: 'resolved';
+      id: number;
+      error: string | null;
+      canonicalName: string | null;
+      addresses: string[];
+    };
 
 const C = LayerCode;
 
@@ -100,6 +144,10 @@ export function sessionMessageToWire(m: SessionMessage): WireMessage {
       return [C.fileReply, m.id, m.errno, m.stat, m.size, m.text];
     case 'fileData':
       return [C.fileData, m.id, m.offset, m.bytes];
+    case 'connected':
+      return [C.connected, m.id, m.errno, m.relayPort, m.localAddress, m.localPort];
+    case 'resolved':
+      return [C.resolved, m.id, m.error, m.canonicalName, m.addresses];
   }
 }
 
@@ -149,6 +197,42 @@ export function parseLayerMessage(value: unknown): LayerMessage {
         id: uint(w, 2, 'file', 'id'),
         op: op as LayerFileOp,
         path: str(w, 4, 'file', 'path'),
+      };
+    }
+    case C.connect: {
+      arity(w, 'connect', 8);
+      const protocol = str(w, 3, 'connect', 'protocol');
+      if (protocol !== 'tcp' && protocol !== 'udp') {
+        throw new ProtocolError(`connect.protocol: expected tcp or udp, got ${protocol}`);
+      }
+      const family = w[4];
+      if (family !== 4 && family !== 6) {
+        throw new ProtocolError(`connect.family: expected 4 or 6, got ${String(family)}`);
+      }
+      return {
+        type: 'connect',
+        pid: uint(w, 1, 'connect', 'pid'),
+        id: uint(w, 2, 'connect', 'id'),
+        protocol,
+        family,
+        address: str(w, 5, 'connect', 'address'),
+        port: port(w, 6, 'connect', 'port'),
+        localAddress: str(w, 7, 'connect', 'localAddress'),
+        localPort: port(w, 8, 'connect', 'localPort'),
+      };
+    }
+    case C.resolve: {
+      arity(w, 'resolve', 4);
+      const family = w[4];
+      if (family !== 0 && family !== 4 && family !== 6) {
+        throw new ProtocolError(`resolve.family: expected 0, 4 or 6, got ${String(family)}`);
+      }
+      return {
+        type: 'resolve',
+        pid: uint(w, 1, 'resolve', 'pid'),
+        id: uint(w, 2, 'resolve', 'id'),
+        name: str(w, 3, 'resolve', 'name'),
+        family,
       };
     }
     default:

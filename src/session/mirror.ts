@@ -8,6 +8,9 @@ import type { AppEnvironment } from '../features/env/selection.js';
 import { RemoteFiles } from '../features/files/cli.js';
 import { serveAppFiles } from '../features/files/layer.js';
 import { layerFsEnvironment, type FsSettings } from '../features/files/policy.js';
+import { RemoteOutgoing } from '../features/outgoing/cli.js';
+import { serveAppOutgoing } from '../features/outgoing/layer.js';
+import { layerOutgoingEnvironment, type OutgoingSettings } from '../features/outgoing/policy.js';
 import { MirroredTraffic, type MirrorEvent } from '../features/mirror/cli.js';
 import { LayerChannel } from './layer-channel.js';
 
@@ -25,6 +28,8 @@ export interface MirrorOptions {
   appEnvironment?: EnvironmentSource;
   /** Which of the app's paths are the target's (see src/features/files/); default: none. */
   files?: FsSettings;
+  /** Which of the app's destinations go through the target (src/features/outgoing/); default: none. */
+  outgoing?: OutgoingSettings;
   /** Human-readable notes (stderr). */
   log(line: string): void;
   /** What happens, for --json and the status line. */
@@ -63,6 +68,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   let session: AgentClient | undefined;
   let layer: LayerChannel | undefined;
   let mirrored: MirroredTraffic | undefined;
+  let relays: { close(): void } | undefined;
   try {
     agent = await options.placeAgent(progress);
     let ended: Promise<Error | undefined>;
@@ -76,17 +82,29 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       log,
       emit: options.onEvent ?? (() => undefined),
     });
-    const appFiles = layer && options.files ? layerFsEnvironment(options.files, process.cwd()) : {};
+    const appOutgoing = layer && options.outgoing ? layerOutgoingEnvironment(options.outgoing) : {};
+    const appFiles =
+      layer && options.files
+        ? layerFsEnvironment(options.files, process.cwd(), 'MIRRORD_OUTGOING' in appOutgoing)
+        : {};
     // Through the current session: after following its target, the app reads the replacement's
-    // files (calls in flight on the previous one fail as I/O errors, as they would anyway).
+    // files and connects from it (calls in flight on the previous one fail as I/O errors,
+    // connections through it are reset, as they would be anyway).
     let files = new RemoteFiles(session);
     if (layer && appFiles.MIRRORD_FS) serveAppFiles(layer, () => files, log);
+    let outgoing = new RemoteOutgoing(session);
+    if (layer && appOutgoing.MIRRORD_OUTGOING) {
+      relays = await serveAppOutgoing(layer, () => outgoing, log);
+      log(
+        `mirrord: the app's outgoing connections leave from ${agent.target}: a mirrored request that writes to a shared backend (a database, a queue) writes twice, once by the target and once by the app; keep such a backend local with --outgoing-local HOST[:PORT], or use --no-outgoing`,
+      );
+    }
     const [file = '', ...args] = options.command ?? [];
     const app = layer
       ? startApp(file, args, {
           layer,
           environment: await appEnvironmentFrom(session, agent.target, options),
-          appFiles,
+          layerSettings: { ...appFiles, ...appOutgoing },
           output: options.appOutput,
         })
       : undefined;
@@ -127,6 +145,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         ({ session, ended } = await startSession(agent, log));
         await mirrored.follow(session, agent.target);
         files = new RemoteFiles(session);
+        outgoing = new RemoteOutgoing(session);
         const gap = ((Date.now() - goneAt) / 1000).toFixed(1);
         log(
           `mirrord: connections that reached the target in the ${gap} s between were not mirrored`,
@@ -152,6 +171,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   } finally {
     // The totals, whatever ended the session (see MirroredTraffic.close).
     await mirrored?.close();
+    relays?.close();
     await session?.close();
     await agent?.stop();
     await layer?.close();
@@ -206,8 +226,8 @@ async function appEnvironmentFrom(
 interface AppStart {
   layer: LayerChannel;
   environment: AppEnvironment | undefined;
-  /** The layer's file settings (layerFsEnvironment). */
-  appFiles: Record<string, string>;
+  /** The layer's settings of each feature (layerFsEnvironment, layerOutgoingEnvironment). */
+  layerSettings: Record<string, string>;
   output: AppOutput | undefined;
 }
 
@@ -215,7 +235,7 @@ interface AppStart {
 function startApp(
   file: string,
   args: string[],
-  { layer, environment, appFiles, output }: AppStart,
+  { layer, environment, layerSettings, output }: AppStart,
 ): ResultPromise {
   const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
   // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
@@ -230,7 +250,7 @@ function startApp(
     extendEnv: environment === undefined,
     env: {
       ...environment?.env,
-      ...appFiles,
+      ...layerSettings,
       LD_PRELOAD: preload,
       MIRRORD_LAYER_SOCKET: layer.path,
       MIRRORD_LAYER_TOKEN: layer.token,

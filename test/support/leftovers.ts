@@ -1,7 +1,10 @@
-import { existsSync, readdirSync, rmdirSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync, rmdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { deleteNetns } from '../../src/platform/local/netns.js';
 import { SANDBOX_PREFIX, listTestNetns } from './sandbox.js';
+
+/** Files `ip netns exec` lays over /etc, by netns name. */
+const ETC_NETNS = '/etc/netns';
 
 /** Where tests make the cgroups that stand for containers (cgroup v2, hybrid or pure). */
 export const CGROUP_ROOT = existsSync('/sys/fs/cgroup/unified/cgroup.procs')
@@ -35,5 +38,18 @@ export function removeLeftovers(select: (name: string) => boolean): string[] {
       // Still busy; see above.
     }
   }
-  return [...netns.map((n) => `netns ${n}`), ...cgroups.map((c) => `cgroup ${c}`)];
+  // What `ip netns exec` lays over /etc for a test netns (the outgoing tests' hosts and
+  // resolv.conf) goes with it.
+  const etc = existsSync(ETC_NETNS)
+    ? readdirSync(ETC_NETNS).filter(
+        (name) =>
+          name.startsWith(SANDBOX_PREFIX) && select(name) && !listTestNetns().includes(name),
+      )
+    : [];
+  for (const name of etc) rmSync(join(ETC_NETNS, name), { recursive: true, force: true });
+  return [
+    ...netns.map((n) => `netns ${n}`),
+    ...cgroups.map((c) => `cgroup ${c}`),
+    ...etc.map((e) => `${ETC_NETNS}/${e}`),
+  ];
 }

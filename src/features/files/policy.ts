@@ -15,8 +15,10 @@ import { homedir } from 'node:os';
  *   malloc.conf, passwd, group, nsswitch,
  *   localtime, ssl, ca-certificates, pki, alternatives, locale, mime types): they describe this
  *   machine, and the local runtime needs its own;
- * - name resolution (hosts, resolv.conf, host.conf, gai.conf): until outgoing traffic and DNS
- *   go through the target (issue 15), names resolve here;
+ * - name resolution's own configuration (host.conf, gai.conf); and hosts and resolv.conf when
+ *   the app's connections stay local (--no-outgoing): names then resolve as here. With
+ *   outgoing connections through the target, a resolver that reads them itself (c-ares, dig,
+ *   a JVM's) reads the target's, and reaches its nameserver through the target;
  * - the working directory and the home directory: the app's own code, its dependencies, the
  *   developer's configuration and caches; and the directories above them, which a runtime
  *   resolving a path below them looks at.
@@ -55,11 +57,11 @@ export const LOCAL_FILES: readonly string[] = [
   '/etc/locale.alias',
   '/etc/locale.conf',
   '/etc/mime.types',
-  '/etc/hosts',
-  '/etc/resolv.conf',
   '/etc/host.conf',
   '/etc/gai.conf',
 ];
+/** Local only while names resolve here (see above). */
+export const NAME_FILES: readonly string[] = ['/etc/hosts', '/etc/resolv.conf'];
 
 export const FS_MODES = ['read', 'local'] as const;
 export type FsMode = (typeof FS_MODES)[number];
@@ -91,12 +93,18 @@ const ancestors = (directory: string): string[] => {
 /**
  * The environment that tells the layer which paths are the target's: MIRRORD_FS (`read`, else
  * the feature is off), MIRRORD_FS_LOCAL and MIRRORD_FS_REMOTE (globs, one a line).
+ * `namesFromTarget`: the app's names resolve through the target (the outgoing feature).
  */
-export function layerFsEnvironment(settings: FsSettings, cwd: string): Record<string, string> {
+export function layerFsEnvironment(
+  settings: FsSettings,
+  cwd: string,
+  namesFromTarget: boolean,
+): Record<string, string> {
   if (settings.mode !== 'read') return {};
   const local = [
     ...LOCAL_DIRECTORIES.flatMap(tree),
     ...LOCAL_FILES,
+    ...(namesFromTarget ? [] : NAME_FILES),
     ...tree(cwd),
     ...ancestors(cwd),
     ...tree(homedir()),

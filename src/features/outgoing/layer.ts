@@ -1,0 +1,190 @@
+/**
+ * The outgoing feature between the app's layer and the agent. The layer (layer/outgoing.c)
+ * asks for each connection and look-up that goes through the target; the agent makes it, and
+ * the app's own socket then really connects to a relay here, on loopback, which joins it to
+ * the agent's socket as a session stream. So the app holds a real connected TCP socket:
+ * blocking or not, poll, epoll, half-close and backpressure are the kernel's own. A TCP relay
+ * knows the app's socket by its source port, which the layer bound before asking. A UDP relay
+ * is a socket per app socket and destination: what the app sends it goes out of the agent's
+ * socket connected to that destination, and the answers come back from it.
+ */
+import dgram from 'node:dgram';
+import net from 'node:net';
+import type { LayerChannel, LayerReply } from '../../session/layer-channel.js';
+import type { LayerMessage } from '../../session/layer-messages.js';
+import type { RemoteOutgoing } from './cli.js';
+import type { Family } from './messages.js';
+
+/** How long the app's socket has to reach its relay after the layer was answered. */
+const RELAY_WAIT_MS = 10_000;
+/**
+ * A UDP relay nobody sent through for this long is closed: the layer does not say when the
+ * app closes a UDP socket, and a DNS client makes one per query.
+ */
+const UDP_IDLE_MS = 60_000;
+
+const LOOPBACK: Record<Family, string> = { 4: '127.0.0.1', 6: '::1' };
+
+type ConnectRequest = Extract<LayerMessage, { type: 'connect' }>;
+
+/** A connection the agent opened, whose app end has not reached its relay yet. */
+interface Expected {
+  outgoing: RemoteOutgoing;
+  stream: number;
+  timer: NodeJS.Timeout;
+}
+
+/**
+ * Serves the app's outgoing connections and look-ups through `outgoing()`, the current
+ * session's, until the channel closes; resolves once the relays listen.
+ */
+export async function serveAppOutgoing(
+  channel: LayerChannel,
+  outgoing: () => RemoteOutgoing,
+  log: (line: string) => void,
+): Promise<{ close(): void }> {
+  const relays = new Map<Family, net.Server>();
+  /** By the relay's family and the app socket's port. */
+  const expected = new Map<string, Expected>();
+  const keyOf = (family: Family, port: number): string => `${family}/${port}`;
+  const udpRelays = new Set<dgram.Socket>();
+
+  for (const family of [4, 6] as const) {
+    const relay = net.createServer({ allowHalfOpen: true, noDelay: true });
+    relay.on('connection', (socket) => {
+      const key = keyOf(family, socket.remotePort ?? 0);
+      const waiting = expected.get(key);
+      if (!waiting) {
+        socket.destroy();
+        return;
+      }
+      expected.delete(key);
+      clearTimeout(waiting.timer);
+      waiting.outgoing.join(waiting.stream, socket);
+    });
+    const listening = await new Promise<boolean>((resolve) => {
+      relay.once('error', () => resolve(false));
+      relay.listen(0, LOOPBACK[family], () => resolve(true));
+    });
+    // A machine without IPv6 on loopback has no ::1: its apps reach IPv6 destinations only
+    // through v4-mapped addresses, which the IPv4 relay takes.
+    if (listening) relays.set(family, relay);
+  }
+
+  const openTcp = async (request: ConnectRequest, session: RemoteOutgoing) => {
+    const relay = relays.get(request.family);
+    if (!relay) {
+      return { errno: 'EAFNOSUPPORT', relayPort: 0, localAddress: null, localPort: 0 };
+    }
+    const opened = await session.open('tcp', request.family, request.address, request.port);
+    if (opened.errno !== null) {
+      return { errno: opened.errno, relayPort: 0, localAddress: null, localPort: 0 };
+    }
+    const key = keyOf(request.family, request.localPort);
+    // An earlier connection from the same port that never came: its socket was closed.
+    const stale = expected.get(key);
+    if (stale) stale.outgoing.abandon(stale.stream);
+    expected.set(key, {
+      outgoing: session,
+      stream: opened.stream,
+      timer: setTimeout(() => {
+        expected.delete(key);
+        session.abandon(opened.stream);
+      }, RELAY_WAIT_MS),
+    });
+    return {
+      errno: null,
+      relayPort: (relay.address() as net.AddressInfo).port,
+      localAddress: opened.localAddress,
+      localPort: opened.localPort,
+    };
+  };
+
+  const openUdp = async (request: ConnectRequest, session: RemoteOutgoing) => {
+    const relay = dgram.createSocket(request.family === 6 ? 'udp6' : 'udp4');
+    await new Promise<void>((resolve, reject) => {
+      relay.once('error', reject);
+      relay.bind(0, LOOPBACK[request.family], () => {
+        relay.off('error', reject);
+        resolve();
+      });
+    });
+    const opened = await session
+      .open('udp', request.family, request.address, request.port)
+      .catch((error: Error) => {
+        relay.close();
+        throw error;
+      });
+    if (opened.errno !== null) {
+      relay.close();
+      return { errno: opened.errno, relayPort: 0, localAddress: null, localPort: 0 };
+    }
+    udpRelays.add(relay);
+    const idle = setTimeout(() => session.abandon(opened.stream), UDP_IDLE_MS);
+    const active = (): void => void idle.refresh();
+    // The app's socket, as the relay sees it: on loopback, from its own port.
+    const app = { port: request.localPort, address: LOOPBACK[request.family] };
+    relay.on('error', () => undefined);
+    relay.on('message', (bytes, from) => {
+      if (from.port !== app.port) return;
+      active();
+      session.sendDatagram(opened.stream, bytes);
+    });
+    session.joinDatagrams(
+      opened.stream,
+      (bytes) => {
+        active();
+        relay.send(bytes, app.port, app.address);
+      },
+      () => {
+        clearTimeout(idle);
+        udpRelays.delete(relay);
+        relay.close();
+      },
+    );
+    return {
+      errno: null,
+      relayPort: relay.address().port,
+      localAddress: opened.localAddress,
+      localPort: opened.localPort,
+    };
+  };
+
+  const answer = async (request: ConnectRequest, reply: LayerReply): Promise<void> => {
+    let connected;
+    try {
+      const session = outgoing();
+      connected =
+        request.protocol === 'tcp'
+          ? await openTcp(request, session)
+          : await openUdp(request, session);
+    } catch (error) {
+      // The session is gone, or the agent failed the request: the app's connect fails as
+      // unreachable, never hangs.
+      log(
+        `mirrord: ${request.protocol} to ${request.address}:${request.port} for the app failed: ${(error as Error).message}`,
+      );
+      connected = { errno: 'ENETUNREACH', relayPort: 0, localAddress: null, localPort: 0 };
+    }
+    await reply.send({ type: 'connected', id: request.id, ...connected });
+  };
+
+  channel.on('connect', (request, reply) => void answer(request, reply));
+  channel.on('resolve', (request, reply) => {
+    void outgoing()
+      .resolve(request.name, request.family)
+      .catch((error: Error) => {
+        log(`mirrord: looking up ${request.name} for the app failed: ${error.message}`);
+        return { error: 'AGAIN', canonicalName: null, addresses: [] };
+      })
+      .then((resolution) => reply.send({ type: 'resolved', id: request.id, ...resolution }));
+  });
+
+  return {
+    close: () => {
+      for (const relay of relays.values()) relay.close();
+      for (const relay of udpRelays) relay.close();
+      for (const waiting of expected.values()) clearTimeout(waiting.timer);
+    },
+  };
+}
