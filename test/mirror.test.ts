@@ -245,7 +245,7 @@ for (const port of [${ignored}, ${appPort}]) {
     const cases: [string[], RegExp][] = [
       [
         ['--config', badConfig, '--', 'true'],
-        /unknown key "prots" \(known: pid, netns, ports, ignorePorts, midStream, env, envIncludes, envExcludes, envOverrides, fs, fsLocals, fsRemotes\)/,
+        /unknown key "prots" \(known: pid, netns, ports, ignorePorts, midStream, env, envIncludes, envExcludes, envOverrides, fs, fsLocals, fsRemotes, outgoing, outgoingLocals, localhost\)/,
       ],
       [['--config', join(configDir, 'missing.json'), '--', 'true'], /no such file/],
       [['--netns', sandbox.target], /nothing to mirror into/],

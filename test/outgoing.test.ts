@@ -6,7 +6,7 @@
  * target reaches: a Redis on its own loopback, servers behind its peer address, names only its
  * hosts file and its nameserver (dnsmasq on its loopback) know.
  */
-import type { ChildProcess } from 'node:child_process';
+import { execFileSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -260,7 +260,7 @@ describe('outgoing connections and DNS through the target', () => {
     expect(many.result).toEqual({ ok: 500 });
   }, 120_000);
 
-  test('refused and unreachable as the target sees them; half-close both ways; socket names', async () => {
+  test('refused, unreachable and timed out as the target sees them; half-close both ways; socket names', async () => {
     const errors = await inApp([
       process.execPath,
       CLIENT,
@@ -278,6 +278,29 @@ describe('outgoing connections and DNS through the target', () => {
       // On the target's subnet, but nobody answers its ARP.
       [`${peer.replace(/\.\d+$/, '.99')}:80`]: 'EHOSTUNREACH',
     });
+    // A neighbour that takes the target's SYNs and never answers; the target gives up after
+    // one retry (its own sysctl: the app sees the target's timeout, whatever this machine's).
+    const silent = peer.replace(/\.\d+$/, '.98');
+    execFileSync('ip', [
+      '-n',
+      sandbox.target,
+      'neigh',
+      'replace',
+      silent,
+      'lladdr',
+      '02:00:00:00:00:98',
+      'dev',
+      'eth0',
+      'nud',
+      'permanent',
+    ]);
+    sandbox.run(sandbox.target, 'sysctl', ['-qw', 'net.ipv4.tcp_syn_retries=1']);
+    try {
+      const timedOut = await inApp([process.execPath, CLIENT, 'errors', `${silent}:80`]);
+      expect(timedOut.result).toEqual({ [`${silent}:80`]: 'ETIMEDOUT' });
+    } finally {
+      sandbox.run(sandbox.target, 'sysctl', ['-qw', 'net.ipv4.tcp_syn_retries=6']);
+    }
     // The app ends its side first and reads the answer; the server ends after answering.
     const halfClose = await inApp([process.execPath, CLIENT, 'half-close', peer, '7004']);
     expect(halfClose.result).toEqual({ answer: 'got 12 bytes after your end\n' });
