@@ -5,9 +5,10 @@
 // set-up is in no figure. `node outgoing-client.mjs PEER BYTES CONNECTS LOOKUPS NAME...`:
 // - download BYTES from PEER:7103 and upload BYTES to PEER:7102 (MB/s, from the connect's
 //   start to the last byte, or to the sink's count after the app's end);
-// - CONNECTS sequential connects to PEER:7101, each until its 16-byte message came back (ms);
+// - CONNECTS sequential connects to PEER:7101, each until its 17-byte message came back (ms);
 // - LOOKUPS sequential getaddrinfo (dns.lookup) of each NAME, which must give PEER (ms).
-// A short warm-up of each first (the JIT of this app, and of the CLI and the agent), unmeasured.
+// A warm-up of each first, unmeasured: a fresh CLI and agent reach their steady speed only after
+// about 500 MB (their JIT and heap sizes), so two whole transfers each way go before the measured one.
 import dns from 'node:dns/promises';
 import net from 'node:net';
 
@@ -15,7 +16,7 @@ const [peer, bytesArg, connectsArg, lookupsArg, ...names] = process.argv.slice(2
 const BYTES = Number(bytesArg);
 const CHUNK = Buffer.alloc(1024 * 1024, 0xa5);
 const MESSAGE = Buffer.from('ping from the app');
-const WARMUP_BYTES = 32 * 1024 * 1024;
+const WARMUP_TRANSFERS = 2;
 
 const now = () => process.hrtime.bigint();
 const msSince = (start) => Number(now() - start) / 1e6;
@@ -102,9 +103,12 @@ async function times(n, step) {
 }
 
 // Warm-up.
-await upload(WARMUP_BYTES);
-await times(200, connectEcho);
-for (const name of names) await times(50, () => lookup(name));
+for (let i = 0; i < WARMUP_TRANSFERS; i++) {
+  await download(BYTES);
+  await upload(BYTES);
+}
+await times(500, connectEcho);
+for (const name of names) await times(200, () => lookup(name));
 
 const downloadMbps = await download(BYTES);
 const uploadMbps = await upload(BYTES);

@@ -27,6 +27,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
@@ -102,7 +103,10 @@ REAL(fcntl_fn, fcntl64)
 // ---- configuration and state ----
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
-static const char *layer_path; // MIRRORD_LAYER_SOCKET, NULL when unset or empty
+// MIRRORD_LAYER_SOCKET, NULL when unset or empty; copied, as every setting is: a server that sets
+// its process title (nginx, postgres) writes over the environment's original strings.
+static const char *layer_path;
+static char layer_path_copy[PATH_MAX];
 static int debug_on;
 
 // mu guards the fd/object/peer tables; send_mu guards conn_fd and writes to it.
@@ -227,7 +231,8 @@ static void atfork_child(void) {
 
 static void do_init(void) {
     const char *p = getenv("MIRRORD_LAYER_SOCKET");
-    layer_path = (p && *p) ? p : NULL;
+    if (p && *p && strlen(p) < sizeof layer_path_copy)
+        layer_path = strcpy(layer_path_copy, p);
     const char *t = getenv("MIRRORD_LAYER_TOKEN");
     if (t && strlen(t) < sizeof layer_token && !strpbrk(t, "\"\\"))
         strcpy(layer_token, t);

@@ -24,7 +24,7 @@ msgpack=libmsgpack-dev
 apt-cache show libmsgpack-c-dev >/dev/null 2>&1 && msgpack=libmsgpack-c-dev
 packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-format make g++
   pkg-config tcpdump wrk curl python3 python3-gunicorn procps redis-server redis-tools openssl
-  tmux dnsmasq-base bind9-dnsutils python3-redis "$msgpack")
+  tmux dnsmasq-base bind9-dnsutils python3-redis nginx-light "$msgpack")
 # The test cluster: the container runtime and pod network, iptables for kube-proxy, and what
 # builds images without a Docker engine or registry (buildah, debootstrap).
 $cluster && packages+=(containerd runc containernetworking-plugins iptables conntrack buildah

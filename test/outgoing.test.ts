@@ -13,7 +13,19 @@ import http from 'node:http';
 import net from 'node:net';
 import { join } from 'node:path';
 import { pattern } from './fixtures/outgoing/pattern.mjs';
-import { FIXTURES, agentsOf, mirrord, processesMatching } from './support/mirror-cli.js';
+import { waitForTcp } from '../src/platform/local/netns.js';
+import {
+  FIXTURES,
+  agentsOf,
+  killMatching,
+  killRun,
+  logLines,
+  mirrord,
+  processesMatching,
+  tempDir,
+  until,
+  untilMirroring,
+} from './support/mirror-cli.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
 import { waitFor } from './support/wait.js';
 
@@ -39,10 +51,15 @@ describe('outgoing connections and DNS through the target', () => {
   let etc: string;
   const started: ChildProcess[] = [];
 
-  /** Runs `command` as the app under mirror; its exit code and last JSON line. */
-  async function inApp(command: string[], flags: string[] = []): Promise<AppRun> {
+  /**
+   * Runs `command` as the app under mirror, which must exit with `exitCode` (the app's, or
+   * mirror's own for bad input); its last JSON line.
+   */
+  async function inApp(command: string[], flags: string[] = [], exitCode = 0): Promise<AppRun> {
     const run = mirrord(['--netns', sandbox.target, ...flags, '--', ...command]);
     const code = await run.exited;
+    // Also a crash of the CLI after the app's end.
+    expect({ code, output: run.output() }).toEqual({ code: exitCode, output: expect.any(String) });
     const lines = run.stdout().trim().split('\n');
     let result: Record<string, unknown> = {};
     try {
@@ -351,11 +368,122 @@ describe('outgoing connections and DNS through the target', () => {
       ['--no-outgoing'],
     );
     expect(off.result).toEqual({ error: 'NONAME' });
-    const bad = await inApp(['true'], ['--outgoing-local', '10.0.0.0/33']);
-    expect(bad.code).toBe(2);
+    const bad = await inApp(['true'], ['--outgoing-local', '10.0.0.0/33'], 2);
     expect(bad.output.trim()).toBe(
       'mirrord: --outgoing-local "10.0.0.0/33": /33 is not a prefix from 0 to 32; give CIDR or HOST, with :PORT for one port ([IPV6]:PORT)',
     );
+  }, 120_000);
+
+  test('a server that serves mirrored requests calls a backend only the target reaches: nginx (pre-fork, epoll)', async () => {
+    const port = 21000 + Math.floor(Math.random() * 5000);
+    const dir = tempDir('outgoing-nginx');
+    // The target's own server on the port, which its clients get their answers from.
+    startIn(sandbox.target, PYTHON, [
+      '-m',
+      'http.server',
+      String(port),
+      '--bind',
+      sandbox.targetAddress,
+    ]);
+    const conf = join(dir.path, 'nginx.conf');
+    writeFileSync(
+      conf,
+      [
+        'daemon off;',
+        'master_process on;',
+        'worker_processes 2;',
+        'user root;',
+        `pid ${dir.path}/nginx.pid;`,
+        `error_log ${dir.path}/error.log;`,
+        'events { worker_connections 64; }',
+        'http {',
+        "  log_format upstream '$request_uri $upstream_addr $upstream_status';",
+        `  access_log ${dir.path}/access.log upstream;`,
+        ...['client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'].map(
+          (kind) => `  ${kind}_temp_path ${dir.path}/${kind};`,
+        ),
+        // The replay ends a mirrored connection when the target's client did, which may be
+        // before the backend answered nginx: nginx then finishes the request all the same.
+        '  proxy_ignore_client_abort on;',
+        // Resolved once, when nginx reads this, through the target's hosts file.
+        `  server { listen ${port}; location / { proxy_pass http://peer.only-target.test:8080; } }`,
+        '}',
+      ].join('\n'),
+    );
+    const run = mirrord(['--netns', sandbox.target, '--json', '--', 'nginx', '-c', conf]);
+    try {
+      await waitForTcp(sandbox.target, sandbox.targetAddress, port);
+      await untilMirroring(run, sandbox, port);
+      expect(run.output()).toContain('writes twice, once by the target and once by the app');
+      for (const order of [1, 2, 3]) {
+        sandbox.run(sandbox.client, 'curl', [
+          '-sS',
+          '-o',
+          '/dev/null',
+          `http://${sandbox.targetAddress}:${port}/order-${order}`,
+        ]);
+      }
+      const proxied = (): string[] =>
+        logLines(join(dir.path, 'access.log')).filter((line) => line.startsWith('/order-'));
+      await until(() => proxied().length >= 3, 'nginx to proxy the 3 mirrored requests');
+      expect(proxied().sort()).toEqual(
+        [1, 2, 3].map((order) => `/order-${order} ${peer}:8080 200`),
+      );
+      run.child.kill('SIGINT');
+      expect(await run.exited).toBe(130);
+      expect(processesMatching(conf)).toEqual([]);
+    } finally {
+      await killRun(run);
+      killMatching(conf);
+      dir.remove();
+    }
+  }, 120_000);
+
+  test('a Redis replica as the app follows a master on the target’s loopback (its own event loop)', async () => {
+    const port = 26000 + Math.floor(Math.random() * 4000);
+    const run = mirrord([
+      '--netns',
+      sandbox.target,
+      '--',
+      'redis-server',
+      '--bind',
+      '127.0.0.1',
+      '--port',
+      String(port),
+      '--replicaof',
+      '127.0.0.1',
+      String(TARGET_REDIS_PORT),
+      '--save',
+      '',
+      '--appendonly',
+      'no',
+    ]);
+    try {
+      sandbox.run(sandbox.target, 'redis-cli', [
+        '-p',
+        String(TARGET_REDIS_PORT),
+        'SET',
+        'replicated',
+        'from the target',
+      ]);
+      await waitFor('the local replica to have the target master’s key', () => {
+        try {
+          return (
+            execFileSync('redis-cli', ['-p', String(port), 'GET', 'replicated'], {
+              encoding: 'utf8',
+            }) === 'from the target\n'
+          );
+        } catch {
+          return false;
+        }
+      });
+      const info = execFileSync('redis-cli', ['-p', String(port), 'INFO', 'replication'], {
+        encoding: 'utf8',
+      });
+      expect(info).toContain('master_link_status:up');
+    } finally {
+      await killRun(run);
+    }
   }, 120_000);
 
   test('a killed agent: the app’s connection fails at once, and nothing is left', async () => {

@@ -47,7 +47,8 @@ export async function serveAppOutgoing(
   /** By the relay's family and the app socket's port. */
   const expected = new Map<string, Expected>();
   const keyOf = (family: Family, port: number): string => `${family}/${port}`;
-  const udpRelays = new Set<dgram.Socket>();
+  /** Each open UDP relay's one way to close it (the session's end and the channel's both do). */
+  const udpRelays = new Set<() => void>();
 
   for (const family of [4, 6] as const) {
     const relay = net.createServer({ allowHalfOpen: true, noDelay: true });
@@ -119,8 +120,13 @@ export async function serveAppOutgoing(
       relay.close();
       return { errno: opened.errno, relayPort: 0, localAddress: null, localPort: 0 };
     }
-    udpRelays.add(relay);
     const idle = setTimeout(() => session.abandon(opened.stream), UDP_IDLE_MS);
+    const closeRelay = (): void => {
+      if (!udpRelays.delete(closeRelay)) return;
+      clearTimeout(idle);
+      relay.close();
+    };
+    udpRelays.add(closeRelay);
     const active = (): void => void idle.refresh();
     // The app's socket, as the relay sees it: on loopback, from its own port.
     const app = { port: request.localPort, address: LOOPBACK[request.family] };
@@ -136,11 +142,7 @@ export async function serveAppOutgoing(
         active();
         relay.send(bytes, app.port, app.address);
       },
-      () => {
-        clearTimeout(idle);
-        udpRelays.delete(relay);
-        relay.close();
-      },
+      closeRelay,
     );
     return {
       errno: null,
@@ -183,7 +185,7 @@ export async function serveAppOutgoing(
   return {
     close: () => {
       for (const relay of relays.values()) relay.close();
-      for (const relay of udpRelays) relay.close();
+      for (const closeRelay of udpRelays) closeRelay();
       for (const waiting of expected.values()) clearTimeout(waiting.timer);
     },
   };
