@@ -114,7 +114,12 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
         session = accepted;
         traffic.serve(accepted);
         const host = new FeatureHost(features, accepted);
-        streams = new Streams(accepted);
+        streams = new Streams(accepted, (total) =>
+          accepted.sendWarning(
+            'datagrams-dropped',
+            `dropped ${total} UDP datagrams to the app so far: the session was behind`,
+          ),
+        );
         const sessionStreams = streams;
         accepted.on('request', (id, feature, body) => host.request(id, feature, body));
         accepted.on('stream', (message) => sessionStreams.receive(message));

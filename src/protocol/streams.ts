@@ -64,15 +64,25 @@ interface PendingEnd {
 
 type End = SocketEnd | DatagramEnd | PendingEnd;
 
+/** How often, at most, dropped datagrams are told (their total so far). */
+const DROPS_TOLD_EVERY_MS = 1000;
+
 export class Streams {
   readonly #session: StreamSession;
   readonly #ends = new Map<number, End>();
   #waitingForDrain = false;
-  /** Datagrams dropped because the session was behind, both ways. */
-  datagramsDropped = 0;
+  /** Datagrams this end dropped because the session was behind. */
+  #datagramsDropped = 0;
+  readonly #tellDrops: (total: number) => void;
+  #dropsTimer: NodeJS.Timeout | undefined;
 
-  constructor(session: StreamSession) {
+  /**
+   * `tellDrops` gets the total of datagrams dropped here so far, at most once a second and
+   * once more after the last: nothing is lost unseen.
+   */
+  constructor(session: StreamSession, tellDrops: (total: number) => void) {
     this.#session = session;
+    this.#tellDrops = tellDrops;
   }
 
   /** Streams open now. */
@@ -149,7 +159,11 @@ export class Streams {
   sendDatagram(id: number, bytes: Buffer): boolean {
     if (!this.#ends.has(id)) return false;
     if (this.#session.streamsBehind) {
-      this.datagramsDropped += 1;
+      this.#datagramsDropped += 1;
+      this.#dropsTimer ??= setTimeout(() => {
+        this.#dropsTimer = undefined;
+        this.#tellDrops(this.#datagramsDropped);
+      }, DROPS_TOLD_EVERY_MS);
       return false;
     }
     this.#session.sendStream({ type: 'streamData', stream: id, bytes });
@@ -210,6 +224,11 @@ export class Streams {
 
   /** The session is over: every stream's socket is reset, so its app sees an error, not a hang. */
   resetAll(): void {
+    if (this.#dropsTimer) {
+      clearTimeout(this.#dropsTimer);
+      this.#dropsTimer = undefined;
+      this.#tellDrops(this.#datagramsDropped);
+    }
     for (const end of this.#ends.values()) {
       if (end.kind === 'socket') {
         end.done = true;

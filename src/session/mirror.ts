@@ -92,7 +92,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     // connections through it are reset, as they would be anyway).
     let files = new RemoteFiles(session);
     if (layer && appFiles.MIRRORD_FS) serveAppFiles(layer, () => files, log);
-    let outgoing = new RemoteOutgoing(session);
+    let outgoing = new RemoteOutgoing(session, log);
     if (layer && appOutgoing.MIRRORD_OUTGOING) {
       relays = await serveAppOutgoing(layer, () => outgoing, log);
       log(
@@ -145,7 +145,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         ({ session, ended } = await startSession(agent, log));
         await mirrored.follow(session, agent.target);
         files = new RemoteFiles(session);
-        outgoing = new RemoteOutgoing(session);
+        outgoing = new RemoteOutgoing(session, log);
         const gap = ((Date.now() - goneAt) / 1000).toFixed(1);
         log(
           `mirrord: connections that reached the target in the ${gap} s between were not mirrored`,

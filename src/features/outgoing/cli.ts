@@ -29,17 +29,17 @@ export class RemoteOutgoing {
   readonly #streams: Streams;
   #nextStream = 1;
 
-  constructor(client: AgentClient) {
+  /** `log`: a line for the user (datagrams dropped here). */
+  constructor(client: AgentClient, log: (line: string) => void) {
     this.#client = client;
-    this.#streams = new Streams(client);
+    this.#streams = new Streams(client, (total) =>
+      log(
+        `mirrord: dropped ${total} of the app's UDP datagrams so far: the connection to the agent was behind`,
+      ),
+    );
     client.on('stream', (message) => this.#streams.receive(message));
     // The agent is gone: the app's connections through it are reset, never left hanging.
     client.once('end', () => this.#streams.resetAll());
-  }
-
-  /** Datagrams dropped because the session was behind. */
-  get datagramsDropped(): number {
-    return this.#streams.datagramsDropped;
   }
 
   /** Has the agent open a TCP connection (`udp`: a connected UDP socket) from the target. */

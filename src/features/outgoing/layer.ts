@@ -73,7 +73,9 @@ export async function serveAppOutgoing(
   }
 
   const openTcp = async (request: ConnectRequest, session: RemoteOutgoing) => {
-    const relay = relays.get(request.family);
+    // Without ::1 (see above), the layer reaches the IPv4 relay through ::ffff:127.0.0.1.
+    const relayFamily = relays.has(request.family) ? request.family : 4;
+    const relay = relays.get(relayFamily);
     if (!relay) {
       return { errno: 'EAFNOSUPPORT', relayPort: 0, localAddress: null, localPort: 0 };
     }
@@ -81,7 +83,7 @@ export async function serveAppOutgoing(
     if (opened.errno !== null) {
       return { errno: opened.errno, relayPort: 0, localAddress: null, localPort: 0 };
     }
-    const key = keyOf(request.family, request.localPort);
+    const key = keyOf(relayFamily, request.localPort);
     // An earlier connection from the same port that never came: its socket was closed.
     const stale = expected.get(key);
     if (stale) stale.outgoing.abandon(stale.stream);
@@ -102,10 +104,12 @@ export async function serveAppOutgoing(
   };
 
   const openUdp = async (request: ConnectRequest, session: RemoteOutgoing) => {
-    const relay = dgram.createSocket(request.family === 6 ? 'udp6' : 'udp4');
+    // As for TCP: on ::1 when this machine has it, else on 127.0.0.1.
+    const relayFamily = relays.has(request.family) ? request.family : 4;
+    const relay = dgram.createSocket(relayFamily === 6 ? 'udp6' : 'udp4');
     await new Promise<void>((resolve, reject) => {
       relay.once('error', reject);
-      relay.bind(0, LOOPBACK[request.family], () => {
+      relay.bind(0, LOOPBACK[relayFamily], () => {
         relay.off('error', reject);
         resolve();
       });
@@ -129,7 +133,7 @@ export async function serveAppOutgoing(
     udpRelays.add(closeRelay);
     const active = (): void => void idle.refresh();
     // The app's socket, as the relay sees it: on loopback, from its own port.
-    const app = { port: request.localPort, address: LOOPBACK[request.family] };
+    const app = { port: request.localPort, address: LOOPBACK[relayFamily] };
     relay.on('error', () => undefined);
     relay.on('message', (bytes, from) => {
       if (from.port !== app.port) return;
