@@ -107,11 +107,13 @@ export async function benchOutgoing(): Promise<Record<string, unknown>> {
       hosts.destroy();
       rmSync(etc, { recursive: true, force: true });
     })());
-  const interrupted = (): void => {
-    void cleanUp().finally(() => process.exit(130));
+  const interrupted = (signal: NodeJS.Signals): void => {
+    void cleanUp().finally(() => process.exit(signal === 'SIGTERM' ? 143 : 130));
   };
-  process.once('SIGINT', interrupted);
-  process.once('SIGTERM', interrupted);
+  // `on`, not `once`: execa's exit hook re-raises a signal that no other listener is left for,
+  // which would end this process before the clean-up above has finished.
+  process.on('SIGINT', interrupted);
+  process.on('SIGTERM', interrupted);
   try {
     checkRoutedLocally(peer);
     mkdirSync(etc, { recursive: true });
