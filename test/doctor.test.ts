@@ -3,7 +3,6 @@
  * kubeconfigs whose API server is missing, silent, or the real test cluster's.
  */
 import { KubeConfig, VersionApi } from '@kubernetes/client-node';
-import { spawn } from 'node:child_process';
 import {
   chmodSync,
   copyFileSync,
@@ -21,6 +20,7 @@ import { fileURLToPath } from 'node:url';
 import { checkAddon, checkKernel, checkLayer, checkPrivileges } from '../src/doctor/checks.js';
 import { ensureCluster } from './cluster/cluster.js';
 import { packageRoot } from '../src/package-root.js';
+import { runToEnd, type Run } from './support/processes.js';
 
 const CLI = join(dirname(fileURLToPath(import.meta.url)), '..', 'bin', 'run.js');
 const LOCAL_CHECKS = ['kernel', 'bpf', 'privileges', 'addon', 'layer'];
@@ -30,12 +30,6 @@ const MARKS: Record<string, string> = { ok: 'ok', warn: 'warn', fail: 'FAIL' };
 interface KubeconfigFile {
   clusters: { name: string; cluster: { server: string } }[];
   contexts: { name: string; context: { cluster: string; user: string } }[];
-}
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
 }
 
 interface Check {
@@ -69,22 +63,7 @@ function runDoctor(args: string[], env: NodeJS.ProcessEnv, asNobody = false): Pr
   const [file, ...argv] = asNobody
     ? ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', '--inh-caps=-all', ...command]
     : command;
-  return new Promise((resolve, reject) => {
-    const child = spawn(file!, argv, {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, ...env },
-    });
-    let stdout = '';
-    let stderr = '';
-    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
-    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
+  return runToEnd(file!, argv, { ...process.env, ...env });
 }
 
 /** Each check is `MARK  TITLE  DETAIL`, its fix (if any) on the next line, indented. */

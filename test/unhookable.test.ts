@@ -4,18 +4,13 @@
  * unhookableReason says of each, and what a user sees: `mirrord doctor -- COMMAND` and the
  * warning of `mirrord mirror`.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { chmodSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { UNHOOKABLE_MEANS, unhookableReason } from '../src/cli/unhookable.js';
 import { CLI, mirrord, tempDir, type MirrorRun } from './support/mirror-cli.js';
+import { runToEnd, type Run } from './support/processes.js';
 import { createSandbox, type Sandbox } from './support/sandbox.js';
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
 
 interface ProgramCheck {
   id: string;
@@ -157,25 +152,10 @@ describe('unhookableReason', () => {
 
 /** `mirrord doctor ARGS`, with no kubeconfig to look for and `dir` first on PATH. */
 function doctor(args: string[]): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, 'doctor', ...args], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: {
-        ...process.env,
-        KUBECONFIG: join(dir.path, 'no-kubeconfig'),
-        PATH: `${dir.path}:${process.env.PATH ?? ''}`,
-      },
-    });
-    let stdout = '';
-    let stderr = '';
-    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
-    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.on('error', reject);
-    child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
+  return runToEnd(process.execPath, [CLI, 'doctor', ...args], {
+    ...process.env,
+    KUBECONFIG: join(dir.path, 'no-kubeconfig'),
+    PATH: `${dir.path}:${process.env.PATH ?? ''}`,
   });
 }
 

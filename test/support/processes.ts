@@ -1,4 +1,5 @@
-/** The processes a run started, from /proc: to see that none outlives it. */
+/** The processes a run started, from /proc: to see that none outlives it; a run to its end. */
+import { spawn } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { WaitTimeout, waitFor } from './wait.js';
 
@@ -62,4 +63,28 @@ export function killAll(processes: Map<number, string>): void {
       // Gone meanwhile.
     }
   }
+}
+
+/** What a program printed and how it exited. */
+export interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `file ARGS` with `env` to its end (killed after a minute). */
+export function runToEnd(file: string, args: string[], env: NodeJS.ProcessEnv): Promise<Run> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
+    let stdout = '';
+    let stderr = '';
+    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+  });
 }
