@@ -283,6 +283,8 @@ describe('the agent image (docker/agent.Dockerfile, as built for the test cluste
     expect(readdirSync(join(rootfs, APP, 'build'), { recursive: true }).sort()).toEqual([
       'Release',
       'Release/mirrord_files.node',
+      'Release/mirrord_netns.node',
+      'Release/mirrord_resolver',
       'Release/mirrord_tap.node',
     ]);
     // The addon links libbpf and libelf, which the runtime stage installs.
@@ -300,6 +302,17 @@ describe('the agent image (docker/agent.Dockerfile, as built for the test cluste
         `Object.keys(require('${APP}/build/Release/mirrord_files.node')).join()`,
       ]).trim(),
     ).toBe('openInRoot,readLinkAt');
+    expect(
+      inImage([
+        'node',
+        '-p',
+        `Object.keys(require('${APP}/build/Release/mirrord_netns.node')).join()`,
+      ]).trim(),
+    ).toBe('enterNetns');
+    // The resolver runs in the image's libc: it starts, and says what it lacks.
+    expect(
+      inImage(['/bin/sh', '-c', `${APP}/build/Release/mirrord_resolver 2>&1; echo "exit $?"`]),
+    ).toBe('usage: mirrord_resolver --pid PID | --netns NAME\nexit 2\n');
     for (const file of [
       'bin/run.js',
       'dist/commands/agent.js',

@@ -224,7 +224,7 @@ describe('outgoing connections and DNS through the target', () => {
     });
   }, 120_000);
 
-  test('names as the target resolves them: getent, getaddrinfo, dns.lookup, dig over UDP and TCP', async () => {
+  test('names as the target resolves them: getent, getaddrinfo, gethostbyname_r, dns.lookup, dig over UDP and TCP', async () => {
     const getent = await inApp(['getent', 'hosts', 'dns.only-target.test']);
     expect(getent.output).toMatch(
       new RegExp(`^${peer.replace(/\./g, '\\.')}\\s+dns\\.only-target\\.test`, 'm'),
@@ -236,6 +236,9 @@ describe('outgoing connections and DNS through the target', () => {
       await inApp([PYTHON, PYTHON_CLIENT, 'lookup', 'nowhere.only-target.test']),
     ).toMatchObject({
       result: { error: 'NONAME' },
+    });
+    expect(await inApp([PYTHON, PYTHON_CLIENT, 'hostent', 'dns.only-target.test'])).toMatchObject({
+      result: { host: 'dns.only-target.test', addresses: [peer] },
     });
     expect(await inApp([process.execPath, CLIENT, 'lookup', 'dns.only-target.test'])).toMatchObject(
       {
@@ -362,6 +365,19 @@ describe('outgoing connections and DNS through the target', () => {
       expect(localhost.output).toContain('this machine');
     } finally {
       local.close();
+    }
+    // The same settings in mirrord.json.
+    const configDir = tempDir('outgoing-config');
+    const config = join(configDir.path, 'mirrord.json');
+    writeFileSync(config, JSON.stringify({ outgoing: false }));
+    try {
+      const offByFile = await inApp(
+        [PYTHON, PYTHON_CLIENT, 'lookup', 'peer.only-target.test'],
+        ['--config', config],
+      );
+      expect(offByFile.result).toEqual({ error: 'NONAME' });
+    } finally {
+      configDir.remove();
     }
     const off = await inApp(
       [PYTHON, PYTHON_CLIENT, 'lookup', 'peer.only-target.test'],

@@ -90,7 +90,8 @@ describe('session streams', () => {
       await new Promise((resolve) => setTimeout(resolve, 200));
       return written === before && written < bytes;
     });
-    expect(farEnd.writableLength).toBeLessThanOrEqual(STREAM_WINDOW_BYTES);
+    // The sender stops once a window is uncredited: the read that crossed it is the most past it.
+    expect(farEnd.writableLength).toBeLessThanOrEqual(STREAM_WINDOW_BYTES + 64 * 1024);
     const received = createHash('sha256');
     let count = 0;
     far.on('data', (chunk: Buffer) => {

@@ -99,7 +99,7 @@ export interface RequestMessage {
  * feature opened with a request (src/features/outgoing/): each end holds a socket, and these
  * messages carry what one end's socket gave to the other end's. Ids are chosen by the client,
  * unique in the session. For a byte stream, `streamCredit` says how many bytes its receiver
- * has handed to its socket: a sender keeps at most a window of bytes unacknowledged (see
+ * has handed to its socket: a sender stops reading its socket once a window of bytes is uncredited (see
  * src/protocol/streams.ts), so that one slow socket holds back its own stream, never the
  * session. A datagram stream keeps each datagram one `streamData` and takes no credit.
  */

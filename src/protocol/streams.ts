@@ -22,7 +22,8 @@ export interface StreamSession {
 }
 
 /**
- * Bytes a sender may have uncredited per stream: enough for a local target's round trip at a
+ * Bytes uncredited at which a sender stops reading its socket (so at most this and one read are
+ * in flight per stream): enough for a local target's round trip at a
  * GB/s (the credit comes back within a millisecond), small enough that 500 streams' worst case
  * stays within half a GiB.
  */

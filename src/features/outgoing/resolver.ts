@@ -48,10 +48,13 @@ function resolverPath(): string {
 }
 
 export class TargetResolver {
-  private run: Run | undefined;
-  private lastId = 0;
+  readonly #target: ResolverTarget;
+  #run: Run | undefined;
+  #lastId = 0;
 
-  constructor(private readonly target: ResolverTarget) {}
+  constructor(target: ResolverTarget) {
+    this.#target = target;
+  }
 
   /**
    * Resolves `name` for IPv4 and IPv6 (0), or one of them. Rejects only when the program cannot
@@ -63,45 +66,45 @@ export class TargetResolver {
       return Promise.resolve(failed('NONAME'));
     }
     return new Promise((resolve, reject) => {
-      const run = this.run ?? this.start();
-      this.lastId += 1;
-      run.waiting.set(this.lastId, { resolve, reject });
-      run.child.stdin.write(`${this.lastId} ${family} ${name}\n`);
+      const run = this.#run ?? this.#start();
+      this.#lastId += 1;
+      run.waiting.set(this.#lastId, { resolve, reject });
+      run.child.stdin.write(`${this.#lastId} ${family} ${name}\n`);
     });
   }
 
   /** Ends the program at once; look-ups under way answer 'FAIL'. A later look-up starts it anew. */
   close(): void {
-    this.run?.child.kill('SIGKILL');
-    this.run = undefined;
+    this.#run?.child.kill('SIGKILL');
+    this.#run = undefined;
   }
 
-  private start(): Run {
+  #start(): Run {
     const args =
-      'pid' in this.target ? ['--pid', String(this.target.pid)] : ['--netns', this.target.netns];
+      'pid' in this.#target ? ['--pid', String(this.#target.pid)] : ['--netns', this.#target.netns];
     const child = spawn(resolverPath(), args, { stdio: ['pipe', 'pipe', 'pipe'] });
     const run: Run = { child, waiting: new Map(), lastErrorLine: '' };
-    this.run = run;
-    createInterface({ input: child.stdout }).on('line', (line) => this.answer(run, line));
+    this.#run = run;
+    createInterface({ input: child.stdout }).on('line', (line) => this.#answer(run, line));
     createInterface({ input: child.stderr }).on('line', (line) => {
       if (line) run.lastErrorLine = line;
     });
     // Writing to a program that died fails with EPIPE; its death is handled on 'close'.
     child.stdin.on('error', () => undefined);
-    child.on('error', (error) => this.end(run, error));
+    child.on('error', (error) => this.#end(run, error));
     // 'close' rather than 'exit': by then every answer it wrote before dying has been read.
     child.on('close', (code) => {
       const failure =
         code === START_FAILED
           ? new Error(run.lastErrorLine || `mirrord_resolver exited with code ${code}`)
           : undefined;
-      this.end(run, failure);
+      this.#end(run, failure);
     });
     return run;
   }
 
   /** `ID ok CANON|- ADDR...` or `ID err CODE`. */
-  private answer(run: Run, line: string): void {
+  #answer(run: Run, line: string): void {
     const [id, status, first = '-', ...rest] = line.split(' ');
     const waiting = run.waiting.get(Number(id));
     if (!waiting) return;
@@ -113,8 +116,8 @@ export class TargetResolver {
     );
   }
 
-  private end(run: Run, failure: Error | undefined): void {
-    if (this.run === run) this.run = undefined;
+  #end(run: Run, failure: Error | undefined): void {
+    if (this.#run === run) this.#run = undefined;
     for (const { resolve, reject } of run.waiting.values()) {
       if (failure) reject(failure);
       else resolve(failed('FAIL'));
