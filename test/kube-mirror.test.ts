@@ -624,8 +624,14 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
           .events()
           .filter((e) => e.event === 'counters')
           .at(-1);
+        const keys = async (at: string[]) => new Set((await redis(at, '--scan')).split('\n'));
+        const [here, there] = [await keys(local), await keys(remote)];
+        const differ = [
+          ...[...here].filter((key) => !there.has(key)).map((key) => `only here: ${key}`),
+          ...[...there].filter((key) => !here.has(key)).map((key) => `only there: ${key}`),
+        ];
         throw new Error(
-          `${error.message}: ${await redis(local, 'DBSIZE')} of ${expected.length}; ${JSON.stringify(counters)}`,
+          `${error.message}: ${await redis(local, 'DBSIZE')} of ${expected.length} (${differ.join(', ')}); ${JSON.stringify(counters)}`,
         );
       });
       expect(await state(local)).toEqual(expected);

@@ -457,6 +457,9 @@ describe('outgoing connections and DNS through the target', () => {
 
   test('a Redis replica as the app follows a master on the target’s loopback (its own event loop)', async () => {
     const port = 26000 + Math.floor(Math.random() * 4000);
+    // A replica writes what its master sends to its directory: a temporary one, never the
+    // working directory, where another test's Redis would load it.
+    const dir = tempDir('outgoing-replica');
     const run = mirrord([
       '--netns',
       sandbox.target,
@@ -473,6 +476,8 @@ describe('outgoing connections and DNS through the target', () => {
       '',
       '--appendonly',
       'no',
+      '--dir',
+      dir.path,
     ]);
     try {
       sandbox.run(sandbox.target, 'redis-cli', [
@@ -499,6 +504,7 @@ describe('outgoing connections and DNS through the target', () => {
       expect(info).toContain('master_link_status:up');
     } finally {
       await killRun(run);
+      dir.remove();
     }
   }, 120_000);
 
