@@ -68,7 +68,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   let session: AgentClient | undefined;
   let layer: LayerChannel | undefined;
   let mirrored: MirroredTraffic | undefined;
-  let relays: { close(): void } | undefined;
+  let features: AppFeatures | undefined;
   try {
     agent = await options.placeAgent(progress);
     let ended: Promise<Error | undefined>;
@@ -82,29 +82,13 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
       log,
       emit: options.onEvent ?? (() => undefined),
     });
-    const appOutgoing = layer && options.outgoing ? layerOutgoingEnvironment(options.outgoing) : {};
-    const appFiles =
-      layer && options.files
-        ? layerFsEnvironment(options.files, process.cwd(), 'MIRRORD_OUTGOING' in appOutgoing)
-        : {};
-    // Through the current session: after following its target, the app reads the replacement's
-    // files and connects from it (calls in flight on the previous one fail as I/O errors,
-    // connections through it are reset, as they would be anyway).
-    let files = new RemoteFiles(session);
-    if (layer && appFiles.MIRRORD_FS) serveAppFiles(layer, () => files, log);
-    let outgoing = new RemoteOutgoing(session, log);
-    if (layer && appOutgoing.MIRRORD_OUTGOING) {
-      relays = await serveAppOutgoing(layer, () => outgoing, log);
-      log(
-        `mirrord: the app's outgoing connections leave from ${agent.target}: a mirrored request that writes to a shared backend (a database, a queue) writes twice, once by the target and once by the app; keep such a backend local with --outgoing-local HOST[:PORT], or use --no-outgoing`,
-      );
-    }
+    features = layer ? await serveAppFeatures(layer, session, agent.target, options) : undefined;
     const [file = '', ...args] = options.command ?? [];
     const app = layer
       ? startApp(file, args, {
           layer,
           environment: await appEnvironmentFrom(session, agent.target, options),
-          layerSettings: { ...appFiles, ...appOutgoing },
+          layerSettings: features?.layerSettings ?? {},
           output: options.appOutput,
         })
       : undefined;
@@ -144,8 +128,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         agent = await options.placeAgent(progress, replaced);
         ({ session, ended } = await startSession(agent, log));
         await mirrored.follow(session, agent.target);
-        files = new RemoteFiles(session);
-        outgoing = new RemoteOutgoing(session, log);
+        features?.follow(session);
         const gap = ((Date.now() - goneAt) / 1000).toFixed(1);
         log(
           `mirrord: connections that reached the target in the ${gap} s between were not mirrored`,
@@ -171,11 +154,56 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
   } finally {
     // The totals, whatever ended the session (see MirroredTraffic.close).
     await mirrored?.close();
-    relays?.close();
+    features?.close();
     await session?.close();
     await agent?.stop();
     await layer?.close();
   }
+}
+
+/** The app's files and outgoing connections, served through the current session's agent. */
+interface AppFeatures {
+  /** The layer's settings of each feature, for the app's environment. */
+  layerSettings: Record<string, string>;
+  /**
+   * The session followed its target to a new agent: from now on the app reads the
+   * replacement's files and connects from it (calls in flight on the previous one fail as I/O
+   * errors, connections through it are reset, as they would be anyway).
+   */
+  follow(session: AgentClient): void;
+  close(): void;
+}
+
+/** Serves the features the options ask for to the app's processes on `layer`. */
+async function serveAppFeatures(
+  layer: LayerChannel,
+  session: AgentClient,
+  target: string,
+  options: MirrorOptions,
+): Promise<AppFeatures> {
+  const { log } = options;
+  const appOutgoing = options.outgoing ? layerOutgoingEnvironment(options.outgoing) : {};
+  const appFiles = options.files
+    ? layerFsEnvironment(options.files, process.cwd(), 'MIRRORD_OUTGOING' in appOutgoing)
+    : {};
+  let files = new RemoteFiles(session);
+  if (appFiles.MIRRORD_FS) serveAppFiles(layer, () => files, log);
+  let outgoing = new RemoteOutgoing(session, log);
+  let relays: { close(): void } | undefined;
+  if (appOutgoing.MIRRORD_OUTGOING) {
+    relays = await serveAppOutgoing(layer, () => outgoing, log);
+    log(
+      `mirrord: the app's outgoing connections leave from ${target}: a mirrored request that writes to a shared backend (a database, a queue) writes twice, once by the target and once by the app; keep such a backend local with --outgoing-local HOST[:PORT], or use --no-outgoing`,
+    );
+  }
+  return {
+    layerSettings: { ...appFiles, ...appOutgoing },
+    follow: (next) => {
+      files = new RemoteFiles(next);
+      outgoing = new RemoteOutgoing(next, log);
+    },
+    close: () => relays?.close(),
+  };
 }
 
 /**
