@@ -84,12 +84,12 @@ describe('session streams', () => {
       }
       app.end();
     })();
-    // The writer stalls: what the far end holds unwritten is the window, not the whole.
-    await waitFor('the writer to stall', async () => {
-      const before = written;
-      await new Promise((resolve) => setTimeout(resolve, 200));
-      return written === before && written < bytes;
-    });
+    // The writer stalls: end A stopped reading its socket, whose buffers then filled, before
+    // the whole was written; what the far end holds unwritten is the window, not the whole.
+    await waitFor(
+      'the writer to stall',
+      () => appEnd.isPaused() && app.writableNeedDrain && written < bytes,
+    );
     // The sender stops once a window is uncredited: the read that crossed it is the most past it.
     expect(farEnd.writableLength).toBeLessThanOrEqual(STREAM_WINDOW_BYTES + 64 * 1024);
     const received = createHash('sha256');
