@@ -23,7 +23,7 @@ import { execFile, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { cpus, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -31,7 +31,7 @@ import { RemoteFiles } from '../src/features/files/cli.js';
 import { placeLocalAgent } from '../src/platform/local/agent-process.js';
 import { AgentClient } from '../src/protocol/client.js';
 import { startChrootedTarget } from '../test/support/chrooted-target.js';
-import { median, percentile, progress, round } from './support.js';
+import { machineName, median, percentile, progress, round } from './support.js';
 
 const execFileAsync = promisify(execFile);
 const ROUNDS = Number(process.env.MIRRORD_BENCH_ROUNDS ?? 7);
@@ -96,7 +96,7 @@ async function largeRound(read: Read): Promise<number> {
 }
 
 export async function benchFiles(): Promise<Record<string, unknown>> {
-  const machine = `${cpus().length}-vCPU ${cpus()[0]?.model.trim() ?? 'unknown CPU'}`;
+  const machine = machineName();
   progress(
     `files: ${machine}; ${ROUNDS} rounds of ${FILES} small files and one ${LARGE_MIB} MiB file`,
   );

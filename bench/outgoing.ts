@@ -23,7 +23,6 @@
  */
 import type { ResultPromise } from 'execa';
 import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { cpus } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createHosts, isStale, waitForTcp } from '../src/platform/local/netns.js';
@@ -31,7 +30,7 @@ import { execaGuarded, KILL_ALL } from '../src/platform/local/guarded.js';
 import { checkRoutedLocally, ensureBlackhole } from '../test/cluster/host.js';
 import { waitFor } from '../test/support/wait.js';
 import { spread, showSpread, type Spread } from './node-model.js';
-import { progress } from './support.js';
+import { machineName, progress } from './support.js';
 
 const ROUNDS = Number(process.env.MIRRORD_BENCH_ROUNDS ?? 7);
 const TRANSFER_MIB = 256;
@@ -77,7 +76,7 @@ function removeStaleEtc(): void {
 }
 
 export async function benchOutgoing(): Promise<Record<string, unknown>> {
-  const machine = `${cpus().length}-vCPU ${cpus()[0]?.model.trim() ?? 'unknown CPU'}`;
+  const machine = machineName();
   progress(
     `outgoing: ${machine}; ${ROUNDS} rounds of ${TRANSFER_MIB} MiB each way, ${CONNECTS} connects, ` +
       `${LOOKUPS} look-ups of each of two names`,

@@ -2,6 +2,7 @@ import { execa } from 'execa';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
+import { cpus } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { startLocalAgent, type LocalAgent } from '../src/platform/local/agent-process.js';
 import { createHosts, waitForTcp, type Hosts } from '../src/platform/local/netns.js';
@@ -22,6 +23,11 @@ export const WARMUP_PATH = '/warmup';
 
 export function progress(line: string): void {
   process.stderr.write(`${line}\n`);
+}
+
+/** This machine as a benchmark names it: its vCPUs and their model. */
+export function machineName(): string {
+  return `${cpus().length}-vCPU ${cpus()[0]?.model.trim() ?? 'unknown CPU'}`;
 }
 
 export type BenchHosts = Hosts;

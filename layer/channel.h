@@ -31,6 +31,14 @@ void pack_str(struct frame *f, const char *s);
 uint32_t send_frame(struct frame *f);
 // Whether this process's connection to the session is up (a waiter gives up when it is not).
 int channel_up(void);
+
+// What the features share for reading the session's answers: a CLOCK_MONOTONIC deadline ms
+// from now; a msgpack string as a C string in out (-1 when it is none or does not fit); the
+// errno an errno name stands for (EIO for a name not known here).
+struct timespec;
+void deadline_in(struct timespec *deadline, long ms);
+int str_of(const msgpack_object *o, char *out, size_t n);
+int errno_named(const msgpack_object *o);
 // Whether the connection of that generation is still the one up: an answer to what was sent on
 // it can still come (the session does not answer on a later connection).
 int channel_alive(uint32_t generation);

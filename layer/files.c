@@ -146,8 +146,7 @@ static int ask(struct request *r, const char *op, const char *path) {
     pack_str(&f, path);
     send_frame(&f);
     struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += FILE_WAIT_MS / 1000;
+    deadline_in(&deadline, FILE_WAIT_MS);
     pthread_mutex_lock(&files_mu);
     while (!r->done && channel_up()) {
         if (pthread_cond_timedwait(&files_cv, &files_mu, &deadline) == ETIMEDOUT)
@@ -181,31 +180,6 @@ static struct request *request_by_id(uint64_t id) {
     return NULL;
 }
 
-static int errno_of(const msgpack_object *o) {
-    static const struct {
-        const char *name;
-        int value;
-    } names[] = {
-        {"ENOENT", ENOENT},
-        {"EACCES", EACCES},
-        {"ENOTDIR", ENOTDIR},
-        {"EISDIR", EISDIR},
-        {"ELOOP", ELOOP},
-        {"EINVAL", EINVAL},
-        {"ENAMETOOLONG", ENAMETOOLONG},
-        {"EMFILE", EMFILE},
-        {"EFBIG", EFBIG},
-        {"EPERM", EPERM},
-        {"EBADF", EBADF},
-    };
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        size_t n = strlen(names[i].name);
-        if (o->via.str.size == n && memcmp(o->via.str.ptr, names[i].name, n) == 0)
-            return names[i].value;
-    }
-    return EIO;
-}
-
 // Called by the channel's reader thread: fileReply [code, id, errno|nil, stat|nil, size,
 // text|nil] and fileData [code, id, offset, bytes].
 void files_on_message(uint64_t code, const msgpack_object *f, uint32_t count) {
@@ -219,7 +193,7 @@ void files_on_message(uint64_t code, const msgpack_object *f, uint32_t count) {
     }
     if (code == SESSION_FILE_REPLY && count == 6) {
         if (f[2].type == MSGPACK_OBJECT_STR) {
-            r->error = errno_of(&f[2]);
+            r->error = errno_named(&f[2]);
         } else {
             if (f[3].type == MSGPACK_OBJECT_ARRAY && f[3].via.array.size == 13) {
                 for (int i = 0; i < 13; i++)

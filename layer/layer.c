@@ -693,13 +693,48 @@ static void handle_peer(uint64_t source_port, uint64_t local_port, const char *a
         (unsigned long long)local_port, addr, (unsigned long long)port);
 }
 
-// A msgpack string as a C string in `out`; -1 when it is not a string or does not fit.
-static int str_of(const msgpack_object *o, char *out, size_t n) {
+int str_of(const msgpack_object *o, char *out, size_t n) {
     if (o->type != MSGPACK_OBJECT_STR || o->via.str.size >= n)
         return -1;
     memcpy(out, o->via.str.ptr, o->via.str.size);
     out[o->via.str.size] = 0;
     return 0;
+}
+
+int errno_named(const msgpack_object *o) {
+    static const struct {
+        const char *name;
+        int value;
+    } names[] = {
+        // The files feature's (see src/features/files/agent.ts).
+        {"ENOENT", ENOENT},
+        {"EACCES", EACCES},
+        {"ENOTDIR", ENOTDIR},
+        {"EISDIR", EISDIR},
+        {"ELOOP", ELOOP},
+        {"EINVAL", EINVAL},
+        {"ENAMETOOLONG", ENAMETOOLONG},
+        {"EMFILE", EMFILE},
+        {"EFBIG", EFBIG},
+        {"EPERM", EPERM},
+        {"EBADF", EBADF},
+        // The outgoing feature's: a connect's, as the target's own failed.
+        {"ECONNREFUSED", ECONNREFUSED},
+        {"ETIMEDOUT", ETIMEDOUT},
+        {"EHOSTUNREACH", EHOSTUNREACH},
+        {"ENETUNREACH", ENETUNREACH},
+        {"ECONNRESET", ECONNRESET},
+        {"EADDRNOTAVAIL", EADDRNOTAVAIL},
+        {"EAFNOSUPPORT", EAFNOSUPPORT},
+    };
+    if (o->type != MSGPACK_OBJECT_STR)
+        return EIO;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        size_t n = strlen(names[i].name);
+        if (o->via.str.size == n && memcmp(o->via.str.ptr, names[i].name, n) == 0)
+            return names[i].value;
+    }
+    return EIO;
 }
 
 static int uint_of(const msgpack_object *o, uint64_t *out) {
@@ -780,7 +815,7 @@ static int peer_take(uint16_t source_port, uint16_t local_port, struct sockaddr_
     return 1;
 }
 
-static void deadline_in(struct timespec *dl, long ms) {
+void deadline_in(struct timespec *dl, long ms) {
     clock_gettime(CLOCK_MONOTONIC, dl);
     dl->tv_sec += ms / 1000;
     dl->tv_nsec += (ms % 1000) * 1000000L;

@@ -524,16 +524,6 @@ void outgoing_on_channel_lost(void) {
     pthread_mutex_unlock(&out_mu);
 }
 
-static void deadline_in(struct timespec *deadline, long ms) {
-    clock_gettime(CLOCK_MONOTONIC, deadline);
-    deadline->tv_sec += ms / 1000;
-    deadline->tv_nsec += (ms % 1000) * 1000000L;
-    if (deadline->tv_nsec >= 1000000000L) {
-        deadline->tv_sec++;
-        deadline->tv_nsec -= 1000000000L;
-    }
-}
-
 // A free request, waited for until the deadline when all are taken; NULL when none came free.
 static struct request *request_new(int resolving, const struct timespec *deadline) {
     struct request *r = NULL;
@@ -576,40 +566,8 @@ static int ask(struct request *r, struct frame *f, const struct timespec *deadli
     return outcome;
 }
 
-// The text of a msgpack string into out; 0 when it is none or does not fit.
-static int text_of(const msgpack_object *o, char *out, size_t room) {
-    if (o->type != MSGPACK_OBJECT_STR || o->via.str.size >= room)
-        return 0;
-    memcpy(out, o->via.str.ptr, o->via.str.size);
-    out[o->via.str.size] = 0;
-    return 1;
-}
-
 static int str_is(const msgpack_object *o, const char *name) {
     return o->via.str.size == strlen(name) && memcmp(o->via.str.ptr, name, o->via.str.size) == 0;
-}
-
-static int errno_of(const msgpack_object *o) {
-    static const struct {
-        const char *name;
-        int value;
-    } names[] = {
-        {"ECONNREFUSED", ECONNREFUSED},
-        {"ETIMEDOUT", ETIMEDOUT},
-        {"EHOSTUNREACH", EHOSTUNREACH},
-        {"ENETUNREACH", ENETUNREACH},
-        {"ECONNRESET", ECONNRESET},
-        {"EACCES", EACCES},
-        {"EPERM", EPERM},
-        {"EADDRNOTAVAIL", EADDRNOTAVAIL},
-        {"EAFNOSUPPORT", EAFNOSUPPORT},
-        {"EINVAL", EINVAL},
-    };
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        if (str_is(o, names[i].name))
-            return names[i].value;
-    }
-    return EIO;
 }
 
 static int eai_of(const msgpack_object *o) {
@@ -642,12 +600,12 @@ static void read_connected(const msgpack_object *f, uint32_t count, struct conne
     memset(c, 0, sizeof *c);
     char local[INET6_ADDRSTRLEN];
     if (count == 6 && f[2].type == MSGPACK_OBJECT_STR)
-        c->error = errno_of(&f[2]);
+        c->error = errno_named(&f[2]);
     else if (count != 6 || f[2].type != MSGPACK_OBJECT_NIL || !port_of(&f[3], &c->relay_port) ||
              c->relay_port == 0)
         c->error = EIO;
     else
-        c->has_local = text_of(&f[4], local, sizeof local) && address_parse(local, &c->local) &&
+        c->has_local = str_of(&f[4], local, sizeof local) == 0 && address_parse(local, &c->local) &&
                        port_of(&f[5], &c->local_port);
 }
 
@@ -664,7 +622,7 @@ static void read_resolved(const msgpack_object *f, uint32_t count, struct resolv
         r->error = eai_of(&f[2]);
         return;
     }
-    if (!text_of(&f[3], r->canonical, sizeof r->canonical))
+    if (str_of(&f[3], r->canonical, sizeof r->canonical) != 0)
         r->canonical[0] = 0;
     if (f[4].type != MSGPACK_OBJECT_ARRAY)
         return;
@@ -674,7 +632,7 @@ static void read_resolved(const msgpack_object *f, uint32_t count, struct resolv
             dbg("a name of more than %d addresses: the last are left out", ADDRESSES_MAX);
             break;
         }
-        if (text_of(&f[4].via.array.ptr[i], text, sizeof text) &&
+        if (str_of(&f[4].via.array.ptr[i], text, sizeof text) == 0 &&
             address_parse(text, &r->addresses[r->count]))
             r->count++;
     }

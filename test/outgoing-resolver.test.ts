@@ -19,7 +19,8 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import type { Writable } from 'node:stream';
 import { promisify } from 'node:util';
-import { TargetResolver, type ResolverTarget } from '../src/features/outgoing/resolver.js';
+import type { TapNetns } from '../src/agent/tap.js';
+import { TargetResolver } from '../src/features/outgoing/resolver.js';
 import { packageRoot } from '../src/package-root.js';
 import { deleteNetns, isStale, netnsName } from '../src/platform/local/netns.js';
 import { startChrootedTarget } from './support/chrooted-target.js';
@@ -64,7 +65,7 @@ describe('names resolved as the target resolves them', () => {
   let dnsmasq: ChildProcess | undefined;
   let chrooted: ChildProcess | undefined;
 
-  const resolverFor = (target: ResolverTarget): TargetResolver => {
+  const resolverFor = (target: TapNetns): TargetResolver => {
     const resolver = new TargetResolver(target);
     resolvers.push(resolver);
     return resolver;

@@ -47,11 +47,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
   let streams: Streams | undefined;
   const tapNetns = tapNetnsOf(options.target);
   const features = agentFeatures(
-    {
-      pid: 'pid' in tapNetns ? tapNetns.pid : undefined,
-      netns: 'netns' in tapNetns ? tapNetns.netns : undefined,
-      name: targetName,
-    },
+    { netns: tapNetns, name: targetName },
     (code, message) => session?.sendWarning(code, message),
     () => {
       if (!streams) throw new Error('no session');

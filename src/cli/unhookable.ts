@@ -77,6 +77,19 @@ const LAYOUTS: Record<number, ElfLayout> = {
 };
 
 /**
+ * COMMAND as `mirror` runs it (the file execvp runs, found as commandPath finds it): how to name
+ * it to the user (`NAME (PATH)` for a name found on PATH) and why the layer cannot hook it
+ * (undefined when it can); undefined when nothing would run.
+ */
+export function commandHookability(
+  file: string,
+): { shown: string; reason: string | undefined } | undefined {
+  const path = commandPath(file);
+  if (path === undefined) return undefined;
+  return { shown: path === file ? file : `${file} (${path})`, reason: unhookableReason(path) };
+}
+
+/**
  * Why the layer cannot hook the program at `path` ("a Go program", "statically linked"), or
  * undefined when it can. A `#!` script is its interpreter's case (one level: an interpreter that
  * is a script itself is not looked into). Whatever cannot be read or is not an ELF file is

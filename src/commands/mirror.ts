@@ -12,12 +12,11 @@ import {
   type PortMapping,
 } from '../cli/config.js';
 import {
-  commandPath,
   commandProblem,
   kubeAgentOptions,
   localPrivilegesProblem,
 } from '../cli/mirror-settings.js';
-import { UNHOOKABLE_MEANS, unhookableReason } from '../cli/unhookable.js';
+import { UNHOOKABLE_MEANS, commandHookability } from '../cli/unhookable.js';
 import { agentPlacer, resolveTarget, targetFlags } from '../cli/target-flags.js';
 import { appEnvironmentOf } from '../features/env/cli.js';
 import { envFlags } from '../features/env/flags.js';
@@ -38,11 +37,9 @@ const portMapping = Flags.custom<PortMapping>({
  * the session runs all the same, but without most of what the layer does.
  */
 function unhookableWarning(file: string): string | undefined {
-  const path = commandPath(file);
-  const reason = path === undefined ? undefined : unhookableReason(path);
-  if (reason === undefined) return undefined;
-  const shown = path === file ? file : `${file} (${path})`;
-  return `mirrord: warning: COMMAND ${shown} is ${reason}: ${UNHOOKABLE_MEANS}`;
+  const command = commandHookability(file);
+  if (command?.reason === undefined) return undefined;
+  return `mirrord: warning: COMMAND ${command.shown} is ${command.reason}: ${UNHOOKABLE_MEANS}`;
 }
 
 export default class MirrorCommand extends MirrordCommand {

@@ -4,8 +4,8 @@ import { release } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { layerPath, packageRoot } from '../package-root.js';
 import { KubeError, loadKubeAccess, type KubeAccess } from '../platform/kube/kubeconfig.js';
-import { commandPath, commandProblem } from '../cli/mirror-settings.js';
-import { UNHOOKABLE_MEANS, unhookableReason } from '../cli/unhookable.js';
+import { commandProblem } from '../cli/mirror-settings.js';
+import { UNHOOKABLE_MEANS, commandHookability } from '../cli/unhookable.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
@@ -358,9 +358,7 @@ export function checkProgram(command: string): CheckResult {
     };
   }
   // Runnable, so there is a file that execvp runs.
-  const path = commandPath(command)!;
-  const shown = path === command ? command : `${command} (${path})`;
-  const reason = unhookableReason(path);
+  const { shown, reason } = commandHookability(command)!;
   if (reason !== undefined) {
     return {
       ...base,

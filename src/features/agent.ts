@@ -7,6 +7,7 @@ import { targetEnvironment } from './env/agent.js';
 import { ENV_FEATURE, envReplyBody } from './env/messages.js';
 import { TargetFiles } from './files/agent.js';
 import { FILES_FEATURE, fileReplyBody, parseFileRequest } from './files/messages.js';
+import type { TapNetns } from '../agent/tap.js';
 import type { Streams } from '../protocol/streams.js';
 import { TargetOutgoing } from './outgoing/agent.js';
 import { OUTGOING_FEATURE, parseOutgoingRequest } from './outgoing/messages.js';
@@ -24,10 +25,8 @@ export interface AgentFeature {
 
 /** What the features need to know of the target. */
 export interface FeatureTarget {
-  /** A process of the target, when it has one (a bare network namespace has none). */
-  pid?: number;
-  /** The target's named network namespace, when it is one. */
-  netns?: string;
+  /** Its network namespace: a process's, or a bare named one (which has no process). */
+  netns: TapNetns;
   /** How the user knows it, for messages. */
   name: string;
 }
@@ -42,15 +41,13 @@ export function agentFeatures(
   streams: () => Streams,
 ): Map<string, AgentFeature> {
   const targetPid = (): number => {
-    if (target.pid === undefined) {
+    if (!('pid' in target.netns)) {
       throw new Error(`${target.name} is a network namespace: it has no process to take this from`);
     }
-    return target.pid;
+    return target.netns.pid;
   };
   let files: TargetFiles | undefined;
   let outgoing: TargetOutgoing | undefined;
-  const outgoingTarget = (): { pid: number } | { netns: string } =>
-    target.netns !== undefined ? { netns: target.netns } : { pid: targetPid() };
   return new Map<string, AgentFeature>([
     [ENV_FEATURE, { serve: async () => envReplyBody(await targetEnvironment(targetPid())) }],
     [
@@ -72,7 +69,7 @@ export function agentFeatures(
         inFlight: 4096,
         serve: async (body) => {
           const request = parseOutgoingRequest(body);
-          outgoing ??= new TargetOutgoing(outgoingTarget(), streams);
+          outgoing ??= new TargetOutgoing(target.netns, streams);
           return outgoing.serve(request);
         },
         close: async () => outgoing?.close(),

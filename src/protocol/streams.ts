@@ -96,6 +96,11 @@ export class Streams {
     this.#ends.set(id, { kind: 'pending', messages: [] });
   }
 
+  /** Stream `id` was never opened (the peer failed it): there is nothing to tell the peer. */
+  unexpect(id: number): void {
+    if (this.#ends.get(id)?.kind === 'pending') this.#ends.delete(id);
+  }
+
   /**
    * Joins a connected TCP socket to stream `id`. It is made half-open-capable here; the stream
    * is forgotten once both sides ended and the socket closed, or on a reset either way.

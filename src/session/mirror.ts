@@ -184,7 +184,7 @@ async function serveAppFeatures(
   const { log } = options;
   const appOutgoing = options.outgoing ? layerOutgoingEnvironment(options.outgoing) : {};
   const appFiles = options.files
-    ? layerFsEnvironment(options.files, process.cwd(), 'MIRRORD_OUTGOING' in appOutgoing)
+    ? layerFsEnvironment(options.files, process.cwd(), options.outgoing?.enabled ?? false)
     : {};
   let files = new RemoteFiles(session);
   if (appFiles.MIRRORD_FS) serveAppFiles(layer, () => files, log);

@@ -11,6 +11,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import net from 'node:net';
 import { join } from 'node:path';
+import type { TapNetns } from '../../agent/tap.js';
 import { packageRoot } from '../../package-root.js';
 import type { Streams } from '../../protocol/streams.js';
 import type { WireValue } from '../../protocol/messages.js';
@@ -36,17 +37,17 @@ function loadNative(): NativeNetns {
 
 type Destination = Exclude<OutgoingRequest, { op: 'resolve' }>;
 
-/** The target's network namespace: a process's, or a named one (ip netns). */
-export type OutgoingTarget = { pid: number } | { netns: string };
-
 export class TargetOutgoing {
-  readonly #target: OutgoingTarget;
+  readonly #target: TapNetns;
   readonly #streams: () => Streams;
   readonly #resolver: TargetResolver;
   #entered = false;
 
-  /** `streams`: the current session's, which the connections join. */
-  constructor(target: OutgoingTarget, streams: () => Streams) {
+  /**
+   * `target`: the target's network namespace, a process's or a named one (ip netns);
+   * `streams`: the current session's, which the connections join.
+   */
+  constructor(target: TapNetns, streams: () => Streams) {
     this.#target = target;
     this.#streams = streams;
     this.#resolver = new TargetResolver(target);

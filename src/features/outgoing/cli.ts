@@ -64,7 +64,7 @@ export class RemoteOutgoing {
         CONNECT_WAIT_MS,
       );
       const connection = parseConnectionReply(body);
-      if (connection.errno !== null) this.#streams.reset(stream);
+      if (connection.errno !== null) this.#streams.unexpect(stream);
       return { ...connection, stream };
     } catch (error) {
       this.#streams.reset(stream);

@@ -11,7 +11,7 @@
 import dgram from 'node:dgram';
 import net from 'node:net';
 import type { LayerChannel, LayerReply } from '../../session/layer-channel.js';
-import type { LayerMessage } from '../../session/layer-messages.js';
+import type { LayerMessage, SessionMessage } from '../../session/layer-messages.js';
 import type { RemoteOutgoing } from './cli.js';
 import type { Family } from './messages.js';
 
@@ -26,6 +26,15 @@ const UDP_IDLE_MS = 60_000;
 const LOOPBACK: Record<Family, string> = { 4: '127.0.0.1', 6: '::1' };
 
 type ConnectRequest = Extract<LayerMessage, { type: 'connect' }>;
+type Connected = Omit<Extract<SessionMessage, { type: 'connected' }>, 'type' | 'id'>;
+
+/** The layer's answer for a connect that fails with `errno`. */
+const failed = (errno: string): Connected => ({
+  errno,
+  relayPort: 0,
+  localAddress: null,
+  localPort: 0,
+});
 
 /** A connection the agent opened, whose app end has not reached its relay yet. */
 interface Expected {
@@ -72,21 +81,24 @@ export async function serveAppOutgoing(
     if (listening) relays.set(family, relay);
   }
 
-  const openTcp = async (request: ConnectRequest, session: RemoteOutgoing) => {
+  const openTcp = async (request: ConnectRequest, session: RemoteOutgoing): Promise<Connected> => {
     // Without ::1 (see above), the layer reaches the IPv4 relay through ::ffff:127.0.0.1.
     const relayFamily = relays.has(request.family) ? request.family : 4;
     const relay = relays.get(relayFamily);
     if (!relay) {
-      return { errno: 'EAFNOSUPPORT', relayPort: 0, localAddress: null, localPort: 0 };
+      return failed('EAFNOSUPPORT');
     }
     const opened = await session.open('tcp', request.family, request.address, request.port);
     if (opened.errno !== null) {
-      return { errno: opened.errno, relayPort: 0, localAddress: null, localPort: 0 };
+      return failed(opened.errno);
     }
     const key = keyOf(relayFamily, request.localPort);
     // An earlier connection from the same port that never came: its socket was closed.
     const stale = expected.get(key);
-    if (stale) stale.outgoing.abandon(stale.stream);
+    if (stale) {
+      clearTimeout(stale.timer);
+      stale.outgoing.abandon(stale.stream);
+    }
     expected.set(key, {
       outgoing: session,
       stream: opened.stream,
@@ -103,7 +115,7 @@ export async function serveAppOutgoing(
     };
   };
 
-  const openUdp = async (request: ConnectRequest, session: RemoteOutgoing) => {
+  const openUdp = async (request: ConnectRequest, session: RemoteOutgoing): Promise<Connected> => {
     // As for TCP: on ::1 when this machine has it, else on 127.0.0.1.
     const relayFamily = relays.has(request.family) ? request.family : 4;
     const relay = dgram.createSocket(relayFamily === 6 ? 'udp6' : 'udp4');
@@ -122,7 +134,7 @@ export async function serveAppOutgoing(
       });
     if (opened.errno !== null) {
       relay.close();
-      return { errno: opened.errno, relayPort: 0, localAddress: null, localPort: 0 };
+      return failed(opened.errno);
     }
     const idle = setTimeout(() => session.abandon(opened.stream), UDP_IDLE_MS);
     const closeRelay = (): void => {
@@ -157,7 +169,7 @@ export async function serveAppOutgoing(
   };
 
   const answer = async (request: ConnectRequest, reply: LayerReply): Promise<void> => {
-    let connected;
+    let connected: Connected;
     try {
       const session = outgoing();
       connected =
@@ -170,7 +182,7 @@ export async function serveAppOutgoing(
       log(
         `mirrord: ${request.protocol} to ${request.address}:${request.port} for the app failed: ${(error as Error).message}`,
       );
-      connected = { errno: 'ENETUNREACH', relayPort: 0, localAddress: null, localPort: 0 };
+      connected = failed('ENETUNREACH');
     }
     await reply.send({ type: 'connected', id: request.id, ...connected });
   };

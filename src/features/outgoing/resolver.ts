@@ -9,10 +9,8 @@ import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import type { TapNetns } from '../../agent/tap.js';
 import { packageRoot } from '../../package-root.js';
-
-/** A process whose namespaces and root are entered, or a named netns as `ip netns exec` does. */
-export type ResolverTarget = { pid: number } | { netns: string };
 
 /** getaddrinfo's answer; `error` is its EAI name without `EAI_` ('NONAME', 'AGAIN'...). */
 export type Resolution =
@@ -48,11 +46,15 @@ function resolverPath(): string {
 }
 
 export class TargetResolver {
-  readonly #target: ResolverTarget;
+  readonly #target: TapNetns;
   #run: Run | undefined;
   #lastId = 0;
 
-  constructor(target: ResolverTarget) {
+  /**
+   * `target`: a process, whose namespaces and root are entered, or a named netns, as `ip netns
+   * exec` enters it.
+   */
+  constructor(target: TapNetns) {
     this.#target = target;
   }
 
