@@ -1,7 +1,16 @@
+import { Flags } from '@oclif/core';
 import { MirrordCommand } from '../cli/base-command.js';
 import { clusterFlags, kubeAccessOptions, namespaceFlags } from '../cli/cluster-flags.js';
 import { loadKubeAccess } from '../platform/kube/kubeconfig.js';
 import { formatTargets, listTargets, type ListedTarget } from '../platform/kube/list-targets.js';
+import { listNetns } from '../platform/local/netns.js';
+
+/** A target on this machine: a named network namespace (mirror --netns NAME). */
+interface LocalTarget {
+  target: string;
+  kind: 'netns';
+  name: string;
+}
 
 export default class LsCommand extends MirrordCommand {
   static override summary =
@@ -12,16 +21,28 @@ export default class LsCommand extends MirrordCommand {
     '<%= config.bin %> ls',
     '<%= config.bin %> ls -n staging --json',
     '<%= config.bin %> ls --all-namespaces',
+    '<%= config.bin %> ls --local --json',
   ];
   static override enableJsonFlag = true;
 
   static override flags = {
     ...namespaceFlags('list'),
     ...clusterFlags(),
+    local: Flags.boolean({
+      summary: "List this machine's network namespaces (ip netns) instead: targets of --netns.",
+      exclusive: ['namespace', 'all-namespaces', 'context', 'kubeconfig'],
+    }),
   };
 
-  async run(): Promise<{ targets: ListedTarget[] }> {
+  async run(): Promise<{ targets: ListedTarget[] | LocalTarget[] }> {
     const { flags } = await this.parse(LsCommand);
+    if (flags.local) {
+      const names = listNetns('');
+      if (!this.jsonEnabled()) {
+        this.log(names.length > 0 ? names.join('\n') : 'no network namespaces on this machine');
+      }
+      return { targets: names.map((name) => ({ target: `netns/${name}`, kind: 'netns', name })) };
+    }
     const access = loadKubeAccess(kubeAccessOptions(flags));
     const allNamespaces = flags['all-namespaces'];
     const { targets, notes } = await listTargets(access, { allNamespaces });

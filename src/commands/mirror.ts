@@ -5,32 +5,13 @@ import { runMirror } from '../session/mirror.js';
 import { StatusLine } from '../cli/status-line.js';
 import { SessionTerminal } from '../cli/terminal.js';
 import {
-  CONFIG_FILE,
-  PORT_MAPPING,
-  loadMirrorConfig,
-  portMappingOf,
-  type PortMapping,
-} from '../cli/config.js';
-import {
   commandProblem,
   kubeAgentOptions,
   localPrivilegesProblem,
 } from '../cli/mirror-settings.js';
+import { sessionFlags, sessionSettingsOf } from '../cli/session-flags.js';
 import { UNHOOKABLE_MEANS, commandHookability } from '../cli/unhookable.js';
-import { agentPlacer, resolveTarget, targetFlags } from '../cli/target-flags.js';
-import { appEnvironmentOf } from '../features/env/cli.js';
-import { envFlags } from '../features/env/flags.js';
-import { fsFlags, fsSettingsOf } from '../features/files/flags.js';
-import { outgoingFlags, outgoingSettingsOf } from '../features/outgoing/flags.js';
-
-/** --port REMOTE[:LOCAL]. */
-const portMapping = Flags.custom<PortMapping>({
-  parse: async (value, _context, flag) => {
-    const mapping = portMappingOf(value);
-    if (!mapping) throw new UsageError(`--${flag.name} "${value}" is not ${PORT_MAPPING}`);
-    return mapping;
-  },
-});
+import { agentPlacer } from '../cli/target-flags.js';
 
 /**
  * The warning for a COMMAND the layer cannot hook (a Go program, a static binary), or undefined:
@@ -61,37 +42,14 @@ export default class MirrorCommand extends MirrordCommand {
   static override strict = false;
 
   static override flags = {
-    ...targetFlags,
+    ...sessionFlags,
     'dry-run': Flags.boolean({
       summary: 'Print the agent Job that would be created (YAML) and create nothing.',
       helpGroup: 'KUBERNETES',
     }),
-    port: portMapping({
-      summary: 'Mirror remote port REMOTE into local port LOCAL (default: the same).',
-      multiple: true,
-      helpValue: 'REMOTE[:LOCAL]',
-    }),
-    'ignore-port': Flags.integer({
-      summary: 'Never mirror this remote port, even when COMMAND listens on it.',
-      helpValue: 'PORT',
-      multiple: true,
-      min: 1,
-      max: 65535,
-    }),
-    'mid-stream': Flags.boolean({
-      summary: 'Also replay connections that were already open when mirroring started.',
-      allowNo: true,
-    }),
-    ...envFlags,
-    ...fsFlags,
-    ...outgoingFlags,
     json: Flags.boolean({
       summary:
         'Print the session’s events (ready, listen, opened, closed, counters) as JSON lines on stdout.',
-    }),
-    config: Flags.string({
-      summary: `Settings file (default: ./${CONFIG_FILE} when present); flags win over it.`,
-      helpValue: 'FILE',
     }),
   };
 
@@ -115,14 +73,8 @@ export default class MirrorCommand extends MirrordCommand {
         `unexpected argument "${String(argv[0])}": COMMAND and its arguments go after --, as in ${this.config.bin} mirror --netns staging -- node server.js`,
       );
     }
-    const config = loadMirrorConfig(flags.config);
-    // loadMirrorConfig checked every entry of `ports`.
-    const mappings = flags.port ?? config.ports?.map((port) => portMappingOf(port)!) ?? [];
-    const ports = new Map(mappings.map(({ remote, local }) => [remote, local]));
-    const target = resolveTarget(flags, config);
-    const env = appEnvironmentOf(target, flags, config);
-    const files = fsSettingsOf(target, flags, config);
-    const outgoing = outgoingSettingsOf(flags, config);
+    const settings = sessionSettingsOf(flags);
+    const { config, target, ports, ignorePorts } = settings;
     // Found out before anything is placed next to the target, not once the agent is ready.
     const commandIssue = command[0] === undefined ? undefined : commandProblem(command[0]);
     if (commandIssue) throw new UsageError(commandIssue);
@@ -151,7 +103,6 @@ export default class MirrorCommand extends MirrordCommand {
       return;
     }
     const placeAgent = await agentPlacer(target, flags, config, abort.signal);
-    const ignorePorts = new Set(flags['ignore-port'] ?? config.ignorePorts ?? []);
     // Without --json, a live status at the bottom of the terminal; the app's output that shows
     // on that terminal comes through it, so that the status is redrawn below it.
     const terminal = new SessionTerminal();
@@ -174,10 +125,10 @@ export default class MirrorCommand extends MirrordCommand {
         command: command.length ? command : undefined,
         ports,
         ignorePorts,
-        midStream: flags['mid-stream'] ?? config.midStream ?? false,
-        appEnvironment: env,
-        files,
-        outgoing,
+        midStream: settings.midStream,
+        appEnvironment: settings.appEnvironment,
+        files: settings.files,
+        outgoing: settings.outgoing,
         log: (line) => terminal.note(line),
         onEvent,
         appOutput: live

@@ -4,6 +4,7 @@ import { chmodSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { layerPath } from '../package-root.js';
 import { isAlive } from '../platform/local/netns.js';
 import { FrameMemory } from '../protocol/frame-memory.js';
 import { FrameDecoder, encodeFrame } from '../protocol/framing.js';
@@ -26,6 +27,8 @@ export interface AppListener {
 }
 
 export interface LayerChannelEvents {
+  /** A process of the app greeted the session: it uses it from now on. */
+  join: [{ pid: number }];
   listen: [AppListener];
   /** The app stopped listening on `port` (closed it, or the process is gone). */
   close: [{ pid: number; port: number }];
@@ -173,6 +176,18 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
     return channel;
   }
 
+  /**
+   * The variables a process of the app starts with to use this channel: the layer preloaded
+   * (before what the CLI's environment preloads), the socket and its token.
+   */
+  variables(): Record<string, string> {
+    return {
+      LD_PRELOAD: [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':'),
+      MIRRORD_LAYER_SOCKET: this.path,
+      MIRRORD_LAYER_TOKEN: this.token,
+    };
+  }
+
   /** Everything the app listens on now. */
   listening(): AppListener[] {
     return [...this.#connections].flatMap((c) => [...c.ports.values()]);
@@ -273,6 +288,7 @@ export class LayerChannel extends EventEmitter<LayerChannelEvents> {
         return;
       }
       connection.greeted = true;
+      if (message.type === 'hello') this.emit('join', { pid: message.pid });
       return;
     }
     switch (message.type) {

@@ -1,7 +1,6 @@
 import type { ResultPromise } from 'execa';
 import { KILL_ALL, execaGuarded, startFailure } from '../platform/local/guarded.js';
 import type { AgentPlacer, PlacedAgent } from '../platform/placed-agent.js';
-import { layerPath } from '../package-root.js';
 import { AgentClient, AgentClientError } from '../protocol/client.js';
 import type { EnvironmentSource } from '../features/env/cli.js';
 import type { AppEnvironment } from '../features/env/selection.js';
@@ -12,13 +11,20 @@ import { RemoteOutgoing } from '../features/outgoing/cli.js';
 import { serveAppOutgoing } from '../features/outgoing/layer.js';
 import { layerOutgoingEnvironment, type OutgoingSettings } from '../features/outgoing/policy.js';
 import { MirroredTraffic, type MirrorEvent } from '../features/mirror/cli.js';
+import { joinEnvironment, joinedExit } from './joined.js';
 import { LayerChannel } from './layer-channel.js';
 
 export interface MirrorOptions {
   /** Brings the agent next to the target (see src/platform/). */
   placeAgent: AgentPlacer;
-  /** The local app and its arguments; without one, only `ports` are replayed. */
+  /** The local app and its arguments; without one (nor `join`), only `ports` are replayed. */
   command?: string[];
+  /**
+   * Instead of `command`: the app is started by someone else (an editor's debugger), with the
+   * environment `join` is given. The session then lasts until the first process that joined it
+   * exits (see joined.ts), or until it is interrupted.
+   */
+  join?(environment: Record<string, string>): void;
   /** Remote port → local port, given by the user; they win over what the layer reports. */
   ports: Map<number, number>;
   /** Remote ports never mirrored, even when the app listens on them. */
@@ -73,7 +79,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     agent = await options.placeAgent(progress);
     let ended: Promise<Error | undefined>;
     ({ session, ended } = await startSession(agent, log));
-    layer = options.command ? await LayerChannel.open() : undefined;
+    layer = options.command || options.join ? await LayerChannel.open() : undefined;
     mirrored = await MirroredTraffic.start(session, agent.target, {
       ports: options.ports,
       ignorePorts: options.ignorePorts,
@@ -84,22 +90,30 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
     });
     features = layer ? await serveAppFeatures(layer, session, agent.target, options) : undefined;
     const [file = '', ...args] = options.command ?? [];
-    const app = layer
-      ? startApp(file, args, {
-          layer,
-          environment: await appEnvironmentFrom(session, agent.target, options),
-          layerSettings: features?.layerSettings ?? {},
-          output: options.appOutput,
-        })
-      : undefined;
+    const environment = layer && (await appEnvironmentFrom(session, agent.target, options));
+    const layerSettings = features?.layerSettings ?? {};
+    const app =
+      layer && options.command
+        ? startApp(file, args, { layer, environment, layerSettings, output: options.appOutput })
+        : undefined;
     const appEnded = app ?? new Promise<never>(() => undefined);
+    let joinedEnded = new Promise<number>(() => undefined);
+    if (layer && options.join) {
+      joinedEnded = joinedExit(layer);
+      options.join(joinEnvironment(layer, layerSettings, environment?.env));
+    }
 
     for (;;) {
       const outcome = await Promise.race([
         appEnded.then((result) => ({ app: result })),
         options.interrupted.then(() => ({ interrupted: true as const })),
         ended.then((error) => ({ sessionEnd: error })),
+        joinedEnded.then((pid) => ({ joined: pid })),
       ]);
+      if ('joined' in outcome) {
+        log(`mirrord: the process that joined the session (pid ${outcome.joined}) exited`);
+        return 0;
+      }
       if ('interrupted' in outcome) {
         // One rule for every command (README, "Errors and exit codes"): interrupted is 130,
         // whatever the app answered to its SIGTERM.
@@ -265,7 +279,6 @@ function startApp(
   args: string[],
   { layer, environment, layerSettings, output }: AppStart,
 ): ResultPromise {
-  const preload = [layerPath(), process.env.LD_PRELOAD].filter(Boolean).join(':');
   // Under the guard: the app and its workers must not outlive the CLI (see guarded.ts).
   const app = execaGuarded(file, args, {
     stdin: 'inherit',
@@ -276,13 +289,7 @@ function startApp(
     // With the target's, the environment is the one appEnvironment made (it holds the local
     // variables it kept), not added to the CLI's own.
     extendEnv: environment === undefined,
-    env: {
-      ...environment?.env,
-      ...layerSettings,
-      LD_PRELOAD: preload,
-      MIRRORD_LAYER_SOCKET: layer.path,
-      MIRRORD_LAYER_TOKEN: layer.token,
-    },
+    env: { ...environment?.env, ...layerSettings, ...layer.variables() },
   });
   if (output) handAppOutput(app, output);
   return app;

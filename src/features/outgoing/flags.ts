@@ -47,7 +47,15 @@ export interface OutgoingConfig {
   localhost?: LocalhostMode;
 }
 
-export function outgoingSettingsOf(flags: OutgoingFlags, config: OutgoingConfig): OutgoingSettings {
+/**
+ * The outgoing settings: flags, else mirrord.json, else the defaults; `localhost` is the default
+ * of the command (`session` keeps the app's localhost local: see its description).
+ */
+export function outgoingSettingsOf(
+  flags: OutgoingFlags,
+  config: OutgoingConfig,
+  localhost: LocalhostMode = 'remote',
+): OutgoingSettings {
   const local = flags['outgoing-local'] ?? config.outgoingLocals ?? [];
   for (const rule of local) {
     const problem = outgoingRuleProblem(rule);
@@ -58,6 +66,6 @@ export function outgoingSettingsOf(flags: OutgoingFlags, config: OutgoingConfig)
   return {
     enabled: flags.outgoing ?? config.outgoing ?? true,
     local,
-    localhost: flags.localhost ?? config.localhost ?? 'remote',
+    localhost: flags.localhost ?? config.localhost ?? localhost,
   };
 }
