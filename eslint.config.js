@@ -9,6 +9,7 @@ export default tseslint.config(
       'build/',
       '.bench-out/',
       '.test-out/',
+      'extension/out/',
       'node_modules/',
       'oclif.manifest.json',
     ],

@@ -7,7 +7,7 @@ export default {
     '^.+\\.ts$': ['@swc/jest', { jsc: { target: 'es2022', parser: { syntax: 'typescript' } } }],
   },
   moduleNameMapper: { '^(\\.{1,2}/.*)\\.js$': '$1' },
-  testMatch: ['<rootDir>/test/**/*.test.ts'],
+  testMatch: ['<rootDir>/test/**/*.test.ts', '<rootDir>/extension/test/**/*.test.ts'],
   maxWorkers: 1,
   setupFilesAfterEnv: ['<rootDir>/test/support/hygiene.ts'],
   // The first Kubernetes test starts the real test cluster; it stays up for the others.
