@@ -11,13 +11,15 @@ function emit(event: object): void {
 }
 
 /**
- * Whether stdin is a pipe, which the program that started this command holds open for as long
- * as it wants the session: when it ends (the editor closed, or killed) the session ends. A
- * terminal or /dev/null says nothing of the kind, and is not watched.
+ * Whether stdin is a pipe (or a socket: Node's child_process makes its pipes so), which the
+ * program that started this command holds open for as long as it wants the session: when it
+ * ends (the editor closed, or killed) the session ends. A terminal or /dev/null says nothing of
+ * the kind, and is not watched.
  */
 function stdinIsPipe(): boolean {
   try {
-    return fstatSync(0).isFIFO();
+    const stdin = fstatSync(0);
+    return stdin.isFIFO() || stdin.isSocket();
   } catch {
     return false;
   }

@@ -40,16 +40,20 @@ export interface MirrorOptions {
   nofile?: number;
   /** Variables added to the CLI's environment. */
   env?: Record<string, string>;
+  /** The command: `mirror` (default), or `session` for a process started by the test. */
+  command?: 'mirror' | 'session';
+  /** The CLI's stdin: none (default), or a pipe the test holds (`child.stdin`). */
+  stdin?: 'ignore' | 'pipe';
 }
 
-/** Starts `mirrord mirror ARGS`. */
+/** Starts `mirrord mirror ARGS` (or another session command, see MirrorOptions). */
 export function mirrord(args: string[], options: MirrorOptions = {}): MirrorRun {
-  const command = [process.execPath, CLI, 'mirror', ...args];
+  const command = [process.execPath, CLI, options.command ?? 'mirror', ...args];
   const [file, ...rest] = options.nofile
     ? ['prlimit', `--nofile=${options.nofile}:${options.nofile}`, '--', ...command]
     : command;
   const child = spawn(file!, rest, {
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: [options.stdin ?? 'ignore', 'pipe', 'pipe'],
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
   });
