@@ -17,12 +17,7 @@
  * loopback relay to it that goes silent, so that the shared cluster is not stalled that long),
  * the CLI reports, exits, and the agent and the Job's TTL clean up.
  */
-import {
-  AuthorizationV1Api,
-  CoreV1Api,
-  KubeConfig,
-  type V1PolicyRule,
-} from '@kubernetes/client-node';
+import { CoreV1Api, KubeConfig, type V1PolicyRule } from '@kubernetes/client-node';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
@@ -41,6 +36,11 @@ import {
   type PodInfo,
   type TestCluster,
 } from './support/kube.js';
+import {
+  identity as identityOf,
+  rulesWithout,
+  type KubeconfigJson,
+} from './support/kube-identity.js';
 import { CLI, tempDir } from './support/mirror-cli.js';
 import { waitFor } from './support/wait.js';
 
@@ -146,31 +146,8 @@ async function eventually(
   }
 }
 
-/**
- * Everything the CLI needs, as the README lists it, and `get pods/portforward`: what 1.34 checks
- * for a port-forward over WebSocket (a GET).
- */
-const FULL_RULES: V1PolicyRule[] = [
-  { apiGroups: [''], resources: ['pods'], verbs: ['get', 'list', 'watch'] },
-  { apiGroups: [''], resources: ['pods/log'], verbs: ['get'] },
-  { apiGroups: [''], resources: ['pods/portforward'], verbs: ['get', 'create'] },
-  { apiGroups: ['batch'], resources: ['jobs'], verbs: ['create', 'delete'] },
-  { apiGroups: [''], resources: ['secrets'], verbs: ['create'] },
-  { apiGroups: ['apps'], resources: ['deployments', 'statefulsets'], verbs: ['get'] },
-];
-
-/** FULL_RULES without one verb on one resource. */
-function rulesWithout(verb: string, resource: string): V1PolicyRule[] {
-  return FULL_RULES.map((rule) =>
-    rule.resources?.includes(resource)
-      ? { ...rule, verbs: rule.verbs.filter((v) => v !== verb) }
-      : rule,
-  ).filter((rule) => rule.verbs.length > 0);
-}
-
 describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
   let cluster: TestCluster;
-  let authorization: AuthorizationV1Api;
   let dir: ReturnType<typeof tempDir>;
   let api: PodInfo;
   /** Container IDs of this file's targets: an agent process naming one is this file's. */
@@ -182,9 +159,6 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
 
   beforeAll(async () => {
     cluster = await testCluster(NAMESPACE);
-    const config = new KubeConfig();
-    config.loadFromFile(cluster.kubeconfig);
-    authorization = config.makeApiClient(AuthorizationV1Api);
     dir = tempDir('kube-failures');
     api = await cluster.addPod('api', [
       { name: 'app', command: fixture('digest-server.mjs', ['--port', String(PORT)]), port: PORT },
@@ -507,61 +481,9 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
     });
   });
 
-  /**
-   * A ServiceAccount `name` whose Role grants `rules`, and a kubeconfig with a token of it
-   * (TokenRequest API): the real authorizer decides.
-   */
-  async function identity(name: string, rules: V1PolicyRule[]): Promise<string> {
-    await cluster.core.createNamespacedServiceAccount({
-      namespace: NAMESPACE,
-      body: { metadata: { name } },
-    });
-    await cluster.rbac.createNamespacedRole({
-      namespace: NAMESPACE,
-      body: { metadata: { name }, rules },
-    });
-    await cluster.rbac.createNamespacedRoleBinding({
-      namespace: NAMESPACE,
-      body: {
-        metadata: { name },
-        roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name },
-        subjects: [{ kind: 'ServiceAccount', name, namespace: NAMESPACE }],
-      },
-    });
-    const { status } = await cluster.core.createNamespacedServiceAccountToken({
-      name,
-      namespace: NAMESPACE,
-      body: { spec: { audiences: [], expirationSeconds: 3600 } },
-    });
-    // The authorizer learns of new Roles and bindings from its informers: wait until it
-    // grants what the Role grants (the binding is in effect).
-    const user = `system:serviceaccount:${NAMESPACE}:${name}`;
-    await eventually(`RBAC to take the binding of ${name}`, async () => {
-      const review = await authorization.createSubjectAccessReview({
-        body: {
-          spec: {
-            user,
-            resourceAttributes: { namespace: NAMESPACE, verb: 'list', resource: 'pods' },
-          },
-        },
-      });
-      return review.status?.allowed === true;
-    });
-    const { server, caData } = adminCluster();
-    const path = join(dir.path, `${name}.kubeconfig`);
-    const kubeconfig: KubeconfigJson = {
-      apiVersion: 'v1',
-      kind: 'Config',
-      clusters: [
-        { name: 'mirrord-dev', cluster: { server, 'certificate-authority-data': caData } },
-      ],
-      users: [{ name, user: { token: status!.token } }],
-      contexts: [{ name, context: { cluster: 'mirrord-dev', user: name, namespace: NAMESPACE } }],
-      'current-context': name,
-    };
-    writeFileSync(path, JSON.stringify(kubeconfig), { mode: 0o600 });
-    return path;
-  }
+  /** A ServiceAccount whose Role grants `rules` (see support/kube-identity.ts). */
+  const identity = (name: string, rules: V1PolicyRule[]): Promise<string> =>
+    identityOf(cluster, name, rules, dir.path);
 
   describe('RBAC denials', () => {
     /** A ServiceAccount allowed FULL_RULES less `verb` on `resource` (see identity). */
@@ -1069,15 +991,3 @@ describe('mirrord mirror on Kubernetes: failures (real cluster)', () => {
     await expectNothingLeft();
   });
 });
-
-interface KubeconfigJson {
-  apiVersion: string;
-  kind: string;
-  clusters: {
-    name: string;
-    cluster: { server: string; 'certificate-authority-data'?: string; 'tls-server-name'?: string };
-  }[];
-  users: { name: string; user: Record<string, string> }[];
-  contexts: { name: string; context: { cluster: string; user: string; namespace?: string } }[];
-  'current-context': string;
-}
