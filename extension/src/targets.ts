@@ -46,8 +46,8 @@ function itemOf(listed: Listed): Item {
 
 /**
  * Asks for the target with a quick pick and remembers it; undefined when the user dismissed
- * it. What cannot be listed (no kubeconfig, RBAC) is told in a notification with the CLI's own
- * line, and the rest is still offered.
+ * it. The pick opens at once and fills as the listings come. What cannot be listed (no
+ * kubeconfig, RBAC) is told in a notification with the CLI's own line, and the rest is offered.
  */
 export async function pickTarget(
   cli: Cli,
@@ -56,30 +56,46 @@ export async function pickTarget(
   tell: (line: string) => void,
 ): Promise<Target | undefined> {
   const local = process.getuid?.() === 0;
-  const [kube, netns] = await Promise.allSettled([
-    runJson<{ targets: Listed[] }>(cli, ['ls'], cwd),
-    local
-      ? runJson<{ targets: Listed[] }>(cli, ['ls', '--local'], cwd)
-      : Promise.resolve(undefined),
-  ]);
-  const items: Item[] = [];
-  if (kube.status === 'fulfilled') {
-    items.push({ label: 'Kubernetes', kind: vscode.QuickPickItemKind.Separator });
-    items.push(...kube.value.targets.map(itemOf));
-  } else {
-    tell(`cannot list Kubernetes targets: ${(kube.reason as Error).message}`);
-  }
+  const pick = vscode.window.createQuickPick<Item>();
+  pick.title = 'mirrord: Select Target';
+  pick.placeholder = 'The target whose traffic and context the debuggee gets';
+  pick.matchOnDescription = true;
+  pick.busy = true;
+  const kube: Item[] = [];
+  const machine: Item[] = [];
+  const show = () => {
+    const sections: [string, Item[]][] = [
+      ['Kubernetes', kube],
+      ['This machine', machine],
+    ];
+    pick.items = sections.flatMap(([label, items]) =>
+      items.length ? [{ label, kind: vscode.QuickPickItemKind.Separator }, ...items] : [],
+    );
+  };
+  const listings = [
+    runJson<{ targets: Listed[] }>(cli, ['ls'], cwd).then(
+      ({ targets }) => kube.push(...targets.map(itemOf)),
+      (error: Error) => tell(`cannot list Kubernetes targets: ${error.message}`),
+    ),
+  ];
   if (local) {
-    items.push({ label: 'This machine', kind: vscode.QuickPickItemKind.Separator });
-    if (netns.status === 'fulfilled') items.push(...(netns.value?.targets ?? []).map(itemOf));
-    else tell(`cannot list network namespaces: ${(netns.reason as Error).message}`);
-    items.push({ label: 'Process ID…', description: 'a local process (--pid)', askPid: true });
+    machine.push({ label: 'Process ID…', description: 'a local process (--pid)', askPid: true });
+    listings.push(
+      runJson<{ targets: Listed[] }>(cli, ['ls', '--local'], cwd).then(
+        ({ targets }) => machine.unshift(...targets.map(itemOf)),
+        (error: Error) => tell(`cannot list network namespaces: ${error.message}`),
+      ),
+    );
   }
-  const picked = await vscode.window.showQuickPick(items, {
-    title: 'mirrord: Select Target',
-    placeHolder: 'The target whose traffic and context the debuggee gets',
-    matchOnDescription: true,
+  for (const listing of listings) void listing.then(show);
+  void Promise.all(listings).then(() => (pick.busy = false));
+  show();
+  pick.show();
+  const picked = await new Promise<Item | undefined>((resolve) => {
+    pick.onDidAccept(() => resolve(pick.selectedItems[0]));
+    pick.onDidHide(() => resolve(undefined));
   });
+  pick.dispose();
   let target = picked?.target;
   if (picked?.askPid) {
     const pid = await vscode.window.showInputBox({
