@@ -2,7 +2,8 @@
 # Installs what the build, the demo and the tests need and is missing (Debian packages, npm
 # dependencies), then builds everything. Safe to run again: it only installs what is missing.
 # With --cluster (npm test, npm run dev:cluster) also what the real test cluster needs: its
-# Debian packages, and its binaries and images, built once into ~/.cache/mirrord-dev. With
+# Debian packages, and its binaries and images, built once into ~/.cache/mirrord-dev; and the
+# editor tests' VS Code (code-server) with the browser that drives it, installed once there. With
 # --bench (npm run bench) also vegeta, the benchmarks' constant-rate load generator, built once
 # from its Go module into the same cache.
 set -euo pipefail
@@ -29,6 +30,10 @@ packages=(clang llvm libbpf-dev libelf-dev zlib1g-dev bpftool iproute2 clang-for
 # builds images without a Docker engine or registry (buildah, debootstrap).
 $cluster && packages+=(containerd runc containernetworking-plugins iptables conntrack buildah
   debootstrap)
+# The editor tests' VS Code (code-server, test/editor/install.sh): chromium is the browser they
+# drive it with; its install builds VS Code's kerberos module (libkrb5-dev) and takes the search
+# binary VS Code would download from GitHub from ripgrep.
+$cluster && packages+=(chromium ripgrep libkrb5-dev)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
@@ -73,4 +78,5 @@ if $cluster; then
   fi
   bin=$(bash test/cluster/build.sh)
   bash test/cluster/images.sh --coredns-bin "$bin/coredns" >/dev/null
+  bash test/editor/install.sh >/dev/null
 fi
