@@ -101,7 +101,7 @@ describe('mirrord session', () => {
     app.kill('SIGTERM');
     expect(await run.exited).toBe(0);
     expect(run.output()).toMatch(
-      new RegExp(`the process that joined the session \\(pid ${app.pid}\\) exited`),
+      new RegExp(`the processes that joined the session exited \\(pid ${app.pid}\\)`),
     );
     expect(agentsOf(sandbox.target)).toEqual([]);
     expect(existsSync(env.MIRRORD_LAYER_SOCKET!)).toBe(false);

@@ -44,9 +44,12 @@ export class MirrordDebug implements vscode.DebugConfigurationProvider, vscode.D
     folder: vscode.WorkspaceFolder | undefined,
     configuration: vscode.DebugConfiguration,
   ): Promise<vscode.DebugConfiguration | undefined> {
-    // A child of a debug session that joined (js-debug's per-process sessions) or a
-    // configuration already resolved.
-    if (!this.host.enabled() || configuration[SESSION_KEY] !== undefined) return configuration;
+    // A configuration already resolved, or a child session a debugger starts for a process of
+    // its own launch (js-debug's, with `__pendingTargetId`): that process joined already.
+    const child = configuration.__pendingTargetId !== undefined;
+    if (!this.host.enabled() || child || configuration[SESSION_KEY] !== undefined) {
+      return configuration;
+    }
     const reason = unjoinable(configuration as DebugConfigurationLike);
     if (reason) {
       void vscode.window.showWarningMessage(`mirrord: ${reason}`);

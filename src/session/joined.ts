@@ -6,11 +6,18 @@ import { readFileSync } from 'node:fs';
 import type { LayerChannel } from './layer-channel.js';
 
 /**
- * How often the joined process is looked at. No event says that another process's child exited
- * (a pidfd would, but Node has none), and its connection to the layer channel closing is not
- * it: an exec closes it too, and the new program joins again.
+ * How often the joined processes are looked at. No event says that another process's child
+ * exited (a pidfd would, but Node has none), and its connection to the layer channel closing is
+ * not it: an exec closes it too, and the new program joins again.
  */
 const LOOK_MS = 250;
+/**
+ * How long the session waits, once every process that joined has exited, for another to join.
+ * A debugger may run the program's runtime once before the program itself (js-debug runs node
+ * with its bootloader, which opens the inspector, and so joins, then exits): the program joins
+ * within this of the first one's end, and the session goes on.
+ */
+const LINGER_MS = 2000;
 
 /**
  * The variables a process sets to join the session: the layer, the channel and its token, the
@@ -43,18 +50,25 @@ function running(pid: number): boolean {
 }
 
 /**
- * Resolves with the pid of the first process that joined the session, once it has exited. A
- * process joins when it first uses the session (listens, opens one of the target's files,
- * connects through it): one that never does is never waited for, and the session lasts until
- * it is stopped.
+ * Resolves with the pids of the processes that joined the session, once every one of them has
+ * exited and none joined for LINGER_MS after. A process joins when it first uses the session
+ * (listens, opens one of the target's files, connects through it): a session that none joins is
+ * never ended this way, it lasts until it is stopped.
  */
-export function joinedExit(layer: LayerChannel): Promise<number> {
+export function joinedExit(layer: LayerChannel): Promise<number[]> {
   return new Promise((resolve) => {
-    layer.once('join', ({ pid }) => {
-      const look = setInterval(() => {
-        if (running(pid)) return;
+    const joined: number[] = [];
+    let allGoneAt: number | undefined;
+    let look: NodeJS.Timeout | undefined;
+    layer.on('join', ({ pid }) => {
+      joined.push(pid);
+      allGoneAt = undefined;
+      look ??= setInterval(() => {
+        if (joined.some(running)) return;
+        allGoneAt ??= Date.now();
+        if (Date.now() - allGoneAt < LINGER_MS) return;
         clearInterval(look);
-        resolve(pid);
+        resolve(joined);
       }, LOOK_MS);
       // The session may end first, for another reason: this must not keep the CLI alive.
       look.unref();

@@ -21,8 +21,8 @@ export interface MirrorOptions {
   command?: string[];
   /**
    * Instead of `command`: the app is started by someone else (an editor's debugger), with the
-   * environment `join` is given. The session then lasts until the first process that joined it
-   * exits (see joined.ts), or until it is interrupted.
+   * environment `join` is given. The session then lasts until the processes that joined it
+   * have exited (see joined.ts), or until it is interrupted.
    */
   join?(environment: Record<string, string>): void;
   /** Remote port → local port, given by the user; they win over what the layer reports. */
@@ -97,7 +97,7 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         ? startApp(file, args, { layer, environment, layerSettings, output: options.appOutput })
         : undefined;
     const appEnded = app ?? new Promise<never>(() => undefined);
-    let joinedEnded = new Promise<number>(() => undefined);
+    let joinedEnded = new Promise<number[]>(() => undefined);
     if (layer && options.join) {
       joinedEnded = joinedExit(layer);
       options.join(joinEnvironment(layer, layerSettings, environment?.env));
@@ -108,10 +108,11 @@ export async function runMirror(options: MirrorOptions): Promise<number> {
         appEnded.then((result) => ({ app: result })),
         options.interrupted.then(() => ({ interrupted: true as const })),
         ended.then((error) => ({ sessionEnd: error })),
-        joinedEnded.then((pid) => ({ joined: pid })),
+        joinedEnded.then((pids) => ({ joined: pids })),
       ]);
       if ('joined' in outcome) {
-        log(`mirrord: the process that joined the session (pid ${outcome.joined}) exited`);
+        const pids = outcome.joined.join(', ');
+        log(`mirrord: the processes that joined the session exited (pid ${pids}): it ends`);
         return 0;
       }
       if ('interrupted' in outcome) {

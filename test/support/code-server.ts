@@ -775,7 +775,7 @@ class CodeServerEditor implements Editor {
 
   private async showDebugConsole(timeoutMs: number): Promise<void> {
     if (await this.page.locator(REPL).isVisible()) return;
-    await this.runCommand('Debug: Focus on Debug Console View', timeoutMs);
+    await this.runCommand('Debug Console: Focus on Debug Console View', timeoutMs);
     await this.step('see the Debug Console', timeoutMs, (deadline) =>
       this.page.locator(REPL).waitFor({ timeout: deadline.left() }),
     );
