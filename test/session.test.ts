@@ -119,20 +119,22 @@ describe('mirrord session', () => {
     expect(existsSync(env.MIRRORD_LAYER_SOCKET!)).toBe(false);
   });
 
-  test('an error is one JSON line on stdout and one line on stderr, with a non-zero exit', async () => {
+  test('an error is one JSON line on stdout and one line on stderr, with a non-zero exit, also with stdin held open', async () => {
     const missing = `${sandbox.target}-missing`;
-    const result = await runToEnd(
-      process.execPath,
-      [CLI, 'session', '--netns', missing],
-      process.env,
-    );
-    expect(result.code).not.toBe(0);
-    const lines = result.stdout.trim().split('\n');
+    // As the editor runs it: a pipe on stdin that stays open.
+    const run = mirrord(['--netns', missing], { command: 'session', stdin: 'pipe' });
+    runs.push(run);
+    await until(() => run.child.exitCode !== null, 'the CLI to exit after its error');
+    expect(run.child.exitCode).not.toBe(0);
+    const lines = run.stdout().trim().split('\n');
     expect(lines).toHaveLength(1);
     const event = JSON.parse(lines[0]!) as { event: string; message: string };
     expect(event.event).toBe('error');
     expect(event.message).toContain(`"${missing}"`);
-    expect(result.stderr.trim()).toBe(`mirrord: ${event.message}`);
+    // stderr: the same line for the person; nothing else on either.
+    expect(run.output().trim().split('\n').sort()).toEqual(
+      [lines[0], `mirrord: ${event.message}`].sort(),
+    );
   });
 
   test('ls --local lists the network namespaces, the targets of --netns', async () => {

@@ -62,21 +62,24 @@ export default class SessionCommand extends MirrordCommand {
         process.stdin.on('end', stop).on('error', stop).resume();
       }
     });
-    const placeAgent = await agentPlacer(target, flags, config, abort.signal);
-    process.exitCode = await runMirror({
-      placeAgent,
-      join: (env) => emit({ event: 'join', env }),
-      ports: settings.ports,
-      ignorePorts: settings.ignorePorts,
-      midStream: settings.midStream,
-      appEnvironment: settings.appEnvironment,
-      files: settings.files,
-      outgoing: settings.outgoing,
-      log: (line) => process.stderr.write(`${line}\n`),
-      onEvent: emit,
-      interrupted,
-    });
-    // The stdin watched above must not keep the CLI alive once the session is over.
-    process.stdin.destroy();
+    try {
+      const placeAgent = await agentPlacer(target, flags, config, abort.signal);
+      process.exitCode = await runMirror({
+        placeAgent,
+        join: (env) => emit({ event: 'join', env }),
+        ports: settings.ports,
+        ignorePorts: settings.ignorePorts,
+        midStream: settings.midStream,
+        appEnvironment: settings.appEnvironment,
+        files: settings.files,
+        outgoing: settings.outgoing,
+        log: (line) => process.stderr.write(`${line}\n`),
+        onEvent: emit,
+        interrupted,
+      });
+    } finally {
+      // The stdin watched above must not keep the CLI alive once the session is over, or failed.
+      process.stdin.destroy();
+    }
   }
 }
