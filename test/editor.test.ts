@@ -6,7 +6,8 @@
  * the workspace's Node app under the built-in JavaScript debugger and a mirrord session,
  * requests to the target reach the debuggee (a breakpoint in its handler is hit, its output is
  * in the Debug Console, with the original client's address), and stopping the debuggee ends the
- * session: no CLI, agent or layer channel is left. Screenshots of each step are in
+ * session: no CLI, agent or layer channel is left. F5 again runs with the remembered target, and
+ * closing the window while it runs leaves nothing either. Screenshots of each step are in
  * .test-out/screenshots/editor-netns/.
  */
 import { join } from 'node:path';
@@ -124,6 +125,27 @@ describe('the VS Code extension, with a local target', () => {
       );
       await editor.statusBarItem(/^\s*mirrord\s*$/).waitFor();
       await editor.screenshot('stopped');
+
+      // F5 again, with the target remembered: no quick pick. Then the window closes while the
+      // debuggee runs: the session ends with it.
+      await editor.startDebugging();
+      await waitFor(
+        'a second session and its agent',
+        () => sessionProcesses().length === 1 && agentsOf(sandbox.target).length === 1,
+        { ms: 120_000, everyMs: 200 },
+      );
+      await editor.statusBarItem(/mirrord: netns .* · \d+ conn/).waitFor({ timeout: 60_000 });
+      await editor.screenshot('debugging-again');
+      await editor.close();
+      editor = undefined;
+      await waitFor(
+        'the session, its agent and its layer channel to be gone',
+        () =>
+          sessionProcesses().length === 0 &&
+          agentsOf(sandbox.target).length === 0 &&
+          layerDirs().length === 0,
+        { ms: 60_000, everyMs: 200 },
+      );
     },
     SLOW,
   );

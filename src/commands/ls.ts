@@ -14,7 +14,7 @@ interface LocalTarget {
 
 export default class LsCommand extends MirrordCommand {
   static override summary =
-    'List the Kubernetes targets you can mirror, with containers and ports.';
+    'List the Kubernetes targets you can mirror, with containers and ports (--local: this machine’s network namespaces).';
   static override description =
     'Deployments, statefulsets and running pods of the namespace (the context’s by default). The container marked by default is the one mirrored without --container; mesh sidecars are never the default.';
   static override examples = [
