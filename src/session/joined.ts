@@ -57,18 +57,19 @@ function running(pid: number): boolean {
  */
 export function joinedExit(layer: LayerChannel): Promise<number[]> {
   return new Promise((resolve) => {
-    const joined: number[] = [];
+    // A set: a process joins again after an exec, and its pid is one process.
+    const joined = new Set<number>();
     let allGoneAt: number | undefined;
     let look: NodeJS.Timeout | undefined;
     layer.on('join', ({ pid }) => {
-      joined.push(pid);
+      joined.add(pid);
       allGoneAt = undefined;
       look ??= setInterval(() => {
-        if (joined.some(running)) return;
+        if ([...joined].some(running)) return;
         allGoneAt ??= Date.now();
         if (Date.now() - allGoneAt < LINGER_MS) return;
         clearInterval(look);
-        resolve(joined);
+        resolve([...joined]);
       }, LOOK_MS);
       // The session may end first, for another reason: this must not keep the CLI alive.
       look.unref();
