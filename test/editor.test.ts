@@ -45,6 +45,17 @@ describe('the VS Code extension, with a local target', () => {
     ]);
   });
 
+  /** Waits until no session CLI, agent or live layer channel of the target is left. */
+  const untilNothingLeft = () =>
+    waitFor(
+      'the session, its agent and its layer channel to be gone',
+      () =>
+        sessionProcesses().length === 0 &&
+        agentsOf(sandbox.target).length === 0 &&
+        layerDirs().length === 0,
+      { ms: 60_000, everyMs: 200 },
+    );
+
   afterAll(async () => {
     await editor?.close();
     sandbox.destroy();
@@ -115,14 +126,7 @@ describe('the VS Code extension, with a local target', () => {
       await editor.screenshot('counters');
 
       await editor.stopDebugging();
-      await waitFor(
-        'the session, its agent and its layer channel to be gone',
-        () =>
-          sessionProcesses().length === 0 &&
-          agentsOf(sandbox.target).length === 0 &&
-          layerDirs().length === 0,
-        { ms: 60_000, everyMs: 200 },
-      );
+      await untilNothingLeft();
       await editor.statusBarItem(/^\s*mirrord\s*$/).waitFor();
       await editor.screenshot('stopped');
 
@@ -138,14 +142,7 @@ describe('the VS Code extension, with a local target', () => {
       await editor.screenshot('debugging-again');
       await editor.close();
       editor = undefined;
-      await waitFor(
-        'the session, its agent and its layer channel to be gone',
-        () =>
-          sessionProcesses().length === 0 &&
-          agentsOf(sandbox.target).length === 0 &&
-          layerDirs().length === 0,
-        { ms: 60_000, everyMs: 200 },
-      );
+      await untilNothingLeft();
     },
     SLOW,
   );

@@ -41,6 +41,13 @@ function cliAt(path: string): Cli {
     : { file: path, prefix: [] };
 }
 
+/** The line for a CLI that could not be started (spawn's `error` event). */
+export function startFailure(cli: Cli, error: NodeJS.ErrnoException): string {
+  return error.code === 'ENOENT'
+    ? `the mirrord CLI (${cli.file}) was not found: install it, or set mirrord.cliPath`
+    : `cannot run the mirrord CLI (${cli.file}): ${error.message}`;
+}
+
 /** The CLI's one-line error, without its `mirrord: ` prefix. */
 export class CliError extends Error {}
 
@@ -77,13 +84,7 @@ export async function runJson<T>(cli: Cli, args: string[], cwd: string | undefin
   child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const code = await new Promise<number | null>((resolve, reject) => {
     child.once('error', (error: NodeJS.ErrnoException) =>
-      reject(
-        new CliError(
-          error.code === 'ENOENT'
-            ? `the mirrord CLI (${cli.file}) was not found: install it, or set mirrord.cliPath`
-            : `cannot run the mirrord CLI (${cli.file}): ${error.message}`,
-        ),
-      ),
+      reject(new CliError(startFailure(cli, error))),
     );
     child.once('close', resolve);
   });

@@ -6,7 +6,7 @@
 import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as vscode from 'vscode';
-import { findCli, run } from './cli';
+import { findCli, run, startFailure, type Cli } from './cli';
 import { MirrordDebug } from './debug';
 import { MirrordSession } from './session';
 import { StatusItem } from './status';
@@ -51,7 +51,7 @@ export function activate(context: vscode.ExtensionContext): void {
   debug = new MirrordDebug({
     enabled,
     target: async () => rememberedTarget(state) ?? (await selectTarget()),
-    startSession: (target, folder) => startSession(target, folder),
+    startSession,
   });
 
   context.subscriptions.push(
@@ -89,7 +89,7 @@ export async function deactivate(): Promise<void> {
 
 /** `mirrord doctor` in the output channel; a failed check is a notification too. */
 function runDoctor(
-  cli: ReturnType<typeof findCli>,
+  cli: Cli,
   cwd: string | undefined,
   output: vscode.OutputChannel,
   tell: (line: string) => void,
@@ -100,9 +100,7 @@ function runDoctor(
   child.stdin.end();
   child.stdout.on('data', (chunk: Buffer) => output.append(chunk.toString()));
   child.stderr.on('data', (chunk: Buffer) => output.append(chunk.toString()));
-  child.once('error', (error) =>
-    tell(`cannot run the mirrord CLI (${cli.file}): ${error.message}`),
-  );
+  child.once('error', (error) => tell(startFailure(cli, error)));
   child.once('close', (code) => {
     if (code !== 0) tell('a doctor check failed: see the mirrord output channel');
   });

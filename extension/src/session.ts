@@ -5,7 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { createInterface } from 'node:readline';
-import { CliError, cliLines, run, type Cli } from './cli';
+import { CliError, cliLines, run, startFailure, type Cli } from './cli';
 
 /** The CLI's counters event, in the fields the status bar shows. */
 export interface Counters {
@@ -60,12 +60,8 @@ export class MirrordSession extends EventEmitter<SessionEvents> {
         this.#lastNote = cliLines(line)[0] ?? this.#lastNote;
       });
       this.#child.once('error', (error: NodeJS.ErrnoException) => {
-        const line =
-          error.code === 'ENOENT'
-            ? `the mirrord CLI (${cli.file}) was not found: install it, or set mirrord.cliPath`
-            : `cannot run the mirrord CLI (${cli.file}): ${error.message}`;
-        this.#lastError = line;
-        this.emit('error', line);
+        this.#lastError = startFailure(cli, error);
+        this.emit('error', this.#lastError);
       });
       this.#child.once('close', (code) => {
         reject(
