@@ -23,6 +23,7 @@ import {
   agentJobManifest,
   defaultAgentImage,
 } from '../src/platform/kube/agent-job.js';
+import { CLUSTER_DOMAIN } from './cluster/layout.js';
 import {
   REDIS_IMAGE,
   agentProcesses,
@@ -823,12 +824,21 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
       );
       const since = kube.jobRequests().length;
       const log = join(logs.path, `${name}.log`);
+      // The app looks a name up and connects out, through the agent, as most apps do at start:
+      // the agent's resolver and its sockets are then in the pod's network namespace, which
+      // must not keep the pod there for the agent (it did: the first agent never saw it go).
+      const api = `kubernetes.default.svc.${CLUSTER_DOMAIN}:443`;
       const run = mirror([
         `--${kind}`,
         name,
-        ...localDigestServer(log, ['--exit-after-completed', `${CONNECTIONS}:0`]),
+        ...localDigestServer(log, ['--exit-after-completed', `${CONNECTIONS}:0`, '--reach', api]),
       ]);
       await untilMirroring(run, first!.ip, POD_PORT);
+      await untilWhileRunning(
+        run,
+        () => run.output().includes(`reached ${api}`),
+        `the app to reach ${api}`,
+      );
 
       if (kind === 'deployment') {
         const deployment = await kube.apps.readNamespacedDeployment({ name, namespace: NAMESPACE });
@@ -844,7 +854,14 @@ describe('mirrord mirror on Kubernetes targets (real cluster)', () => {
         await kube.core.deleteNamespacedPod({ name: first!.name, namespace: NAMESPACE });
       }
       const readyEvents = () => run.events().filter((e) => e.event === 'ready');
-      await untilWhileRunning(run, () => readyEvents().length === 2, 'the second agent', SLOW);
+      await untilWhileRunning(
+        run,
+        () => readyEvents().length === 2,
+        'the second agent',
+        SLOW,
+      ).catch(async (error: Error) => {
+        throw new Error(`${error.message}\nthe pods then:\n${await kube.podStates()}`);
+      });
       const [second] = track(await kube.readyPods(name, 1));
       expect(second!.containers[0]!.containerId).not.toBe(first!.containers[0]!.containerId);
       expect(readyEvents()[1]!.target).toBe(

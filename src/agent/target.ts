@@ -85,21 +85,31 @@ export function describeNodeTarget(spec: NodeTarget): string {
   return `netns ${spec.netns}`;
 }
 
-/** The process's start time (clock ticks since boot): a PID reused by another process differs. */
-function startTimeOf(pid: number, procRoot: string): string | undefined {
-  let stat: string;
+/**
+ * /proc/PID/stat's fields from the state on (field 3; the command name before it is in
+ * parentheses and may hold anything), or undefined when the process is gone.
+ */
+function statFields(pid: number, procRoot: string): string[] | undefined {
   try {
-    stat = readFileSync(`${procRoot}/${pid}/stat`, 'utf8');
+    const stat = readFileSync(`${procRoot}/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   } catch {
     return undefined;
   }
-  // After the command name, which is in parentheses and may hold anything: state is field 3,
-  // starttime field 22.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const state = fields[0];
+}
+
+/** The process's start time (clock ticks since boot): a PID reused by another process differs. */
+function startTimeOf(pid: number, procRoot: string): string | undefined {
+  const fields = statFields(pid, procRoot);
   // A zombie has exited; only its parent has not reaped it yet.
-  if (state === 'Z' || state === 'X') return undefined;
-  return fields[19];
+  if (!fields || fields[0] === 'Z' || fields[0] === 'X') return undefined;
+  return fields[19]; // starttime, field 22
+}
+
+/** The process's parent (field 4), or undefined when it is gone. */
+function parentOf(pid: number, procRoot: string): number | undefined {
+  const fields = statFields(pid, procRoot);
+  return fields && Number(fields[1]);
 }
 
 /** Identity of a namespace file (nsfs device and inode), or undefined when it is gone. */
@@ -119,8 +129,8 @@ function namespaceOf(path: string): string | undefined {
  *
  * - A process (`--pid`) is gone when it exited: the session mirrors that process.
  * - A named netns is gone when its name is deleted or names another namespace.
- * - A container is gone when no process is left in its pod's network namespace: the pod was
- *   deleted or its sandbox stopped. A restarted container comes back into the same namespace,
+ * - A container is gone when no process but the agent's own is left in its pod's network
+ *   namespace: the pod was deleted or its sandbox stopped. A restarted container comes back into the same namespace,
  *   which the tap still sees, so that is not the end of the session.
  */
 export function targetPresence(
@@ -147,10 +157,13 @@ export function targetPresence(
     if (namespaceOf(`${procRoot}/${holder}/ns/net`) === namespace) return undefined;
     for (const name of readdirSync(procRoot)) {
       if (!/^\d+$/.test(name)) continue;
-      if (namespaceOf(`${procRoot}/${name}/ns/net`) === namespace) {
-        holder = Number(name);
-        return undefined;
-      }
+      const pid = Number(name);
+      if (namespaceOf(`${procRoot}/${name}/ns/net`) !== namespace) continue;
+      // The agent's own do not hold the pod: its main thread enters the namespace for the app's
+      // outgoing connections, and its resolver runs in it.
+      if (pid === process.pid || parentOf(pid, procRoot) === process.pid) continue;
+      holder = pid;
+      return undefined;
     }
     return 'no process is left in its pod’s network namespace: the pod was deleted or stopped';
   };

@@ -112,6 +112,8 @@ export interface TestCluster {
   ): Promise<PodInfo[]>;
   /** mirrord's Jobs, Secrets and pods in the namespace, as `job/NAME`, `secret/NAME`, `pod/NAME`. */
   mirrordObjects(): Promise<string[]>;
+  /** Each pod in the namespace on a line (phase, deletion, containers), for failure messages. */
+  podStates(): Promise<string>;
   /** The audit log's Job requests so far; pass a length to get the ones after it. */
   jobRequests(since?: number): AuditEvent[];
   /** Deletes every workload, pod, Job and Service the tests made in the namespace. */
@@ -239,6 +241,24 @@ export async function testCluster(name: string): Promise<TestCluster> {
       return readyPods(`app=${name}`, replicas);
     },
     readyPods: (name, count) => readyPods(`app=${name}`, count),
+    async podStates() {
+      const { items } = await core.listNamespacedPod({ namespace: NAMESPACE });
+      return items
+        .map((pod) => {
+          const deleted = pod.metadata?.deletionTimestamp;
+          const containers = (pod.status?.containerStatuses ?? []).map(
+            (c) => `${c.name} ${Object.keys(c.state ?? {}).join()} ${c.containerID ?? ''}`,
+          );
+          return [
+            `pod/${pod.metadata?.name} ${pod.status?.phase}`,
+            deleted ? `deleted at ${new Date(deleted).toISOString()}` : '',
+            ...containers,
+          ]
+            .filter(Boolean)
+            .join('; ');
+        })
+        .join('\n');
+    },
     async mirrordObjects() {
       const jobs = await batch.listNamespacedJob({
         namespace: NAMESPACE,

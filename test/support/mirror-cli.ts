@@ -116,6 +116,18 @@ export async function untilAsync(
 }
 
 /**
+ * What `run` printed, for a failure message: a session prints its counters every second, and
+ * only the last of them is kept, so that the lines that tell what happened are not buried.
+ */
+function printed(run: MirrorRun): string {
+  const lines = run.output().split('\n');
+  const last = lines.findLastIndex((line) => line.startsWith('{"event":"counters"'));
+  return lines
+    .filter((line, index) => index === last || !line.startsWith('{"event":"counters"'))
+    .join('\n');
+}
+
+/**
  * The same while `run` is expected to keep running: if it exits first, fails at once with what
  * it printed; if the time runs out, fails with what it printed so far.
  */
@@ -130,7 +142,7 @@ export async function untilWhileRunning(
       if (check()) return true;
       if (run.child.exitCode !== null || run.child.signalCode !== null) {
         throw new Error(
-          `mirror exited (${run.child.exitCode ?? run.child.signalCode}) before ${what}:\n${run.output()}`,
+          `mirror exited (${run.child.exitCode ?? run.child.signalCode}) before ${what}:\n${printed(run)}`,
         );
       }
       return false;
@@ -138,7 +150,7 @@ export async function untilWhileRunning(
     what,
     ms,
   ).catch((error: Error) => {
-    throw new Error(`${error.message}; mirror printed so far:\n${run.output()}`);
+    throw new Error(`${error.message}; mirror printed so far:\n${printed(run)}`);
   });
 }
 
