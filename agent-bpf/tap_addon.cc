@@ -516,8 +516,8 @@ class TapState {
 
         inNetns(t->nsFd_, t->nsLabel_, [&] { t->attach(mode); });
         if (!t->tcMode_) {
-            // Links do not need the namespace again; holding it would keep a deleted pod's
-            // namespace alive.
+            // Links do not need the namespace again (the agent's presence check holds it while
+            // it watches the target: src/agent/target.ts).
             ::close(t->nsFd_);
             t->nsFd_ = -1;
         }

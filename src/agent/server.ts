@@ -54,16 +54,16 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
       return streams;
     },
   );
-  const targetGone = targetPresence(options.target, tapNetns);
   deferToTarget();
   const traffic = new TargetTraffic(tapNetns, options);
+  const presence = targetPresence(options.target, tapNetns);
 
   let finish!: (exit: AgentExit) => void;
   const done = new Promise<AgentExit>((resolve) => (finish = resolve));
   const server = net.createServer();
   const sweeper = setInterval(() => {
     traffic.sweep();
-    const gone = targetGone();
+    const gone = presence.gone();
     if (gone) {
       end({ error: `the target went away: ${gone}` }, { code: 'target-gone', message: gone });
     }
@@ -74,6 +74,7 @@ export async function startAgent(options: AgentOptions): Promise<RunningAgent> {
     if (ended) return;
     ended = true;
     clearInterval(sweeper);
+    presence.close();
     clearTimeout(idleTimer);
     traffic.close();
     session?.close(fatal);

@@ -1,4 +1,13 @@
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  fstatSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+  type Stats,
+} from 'node:fs';
 import type { NodeTarget } from '../protocol/agent-launch.js';
 import type { TapNetns } from './tap.js';
 
@@ -112,48 +121,79 @@ function parentOf(pid: number, procRoot: string): number | undefined {
   return fields && Number(fields[1]);
 }
 
-/** Identity of a namespace file (nsfs device and inode), or undefined when it is gone. */
+/** Identity of a namespace (nsfs device and inode), or undefined when it is gone. */
 function namespaceOf(path: string): string | undefined {
   try {
-    const stat = statSync(path);
-    return `${stat.dev}:${stat.ino}`;
+    return identity(statSync(path));
   } catch {
     return undefined;
   }
 }
 
+function identity(stat: Stats): string {
+  return `${stat.dev}:${stat.ino}`;
+}
+
+/** Whether the target is still there, asked once a second (see targetPresence). */
+export interface TargetPresence {
+  /** Why the target is gone, or undefined while it is there. */
+  gone(): string | undefined;
+  /** Lets go of the target's network namespace. */
+  close(): void;
+}
+
 /**
- * Whether the target is still there, cheap enough to ask once a second: returns why it is gone,
- * or undefined while it is there. Polled rather than waited on (a pidfd): a named netns or a
- * pod's namespace has no descriptor to wait on that would not also keep it alive.
+ * Whether the target is still there, cheap enough to ask once a second. Polled rather than
+ * waited on (a pidfd): a named netns or a pod's namespace has no descriptor to wait on.
  *
  * - A process (`--pid`) is gone when it exited: the session mirrors that process.
  * - A named netns is gone when its name is deleted or names another namespace.
  * - A container is gone when no process but the agent's own is left in its pod's network
- *   namespace: the pod was deleted or its sandbox stopped. A restarted container comes back into the same namespace,
- *   which the tap still sees, so that is not the end of the session.
+ *   namespace: the pod was deleted or its sandbox stopped. A restarted container comes back into
+ *   the same namespace, which the tap still sees, so that is not the end of the session.
+ *
+ * A namespace is known by its inode number, which the kernel gives to the next namespace made
+ * once it is freed: a StatefulSet's replacement pod, made a second after, got the deleted pod's
+ * number, and its processes were taken for the target's. So the namespace is held open until
+ * close(): its number stays its own, and it outlives the pod by at most one poll.
  */
 export function targetPresence(
   spec: NodeTarget,
   tapNetns: TapNetns,
   procRoot = '/proc',
-): () => string | undefined {
+): TargetPresence {
   if ('pid' in spec) {
     const started = startTimeOf(spec.pid, procRoot);
-    return () =>
-      startTimeOf(spec.pid, procRoot) === started ? undefined : `process ${spec.pid} exited`;
+    return {
+      gone: () =>
+        startTimeOf(spec.pid, procRoot) === started ? undefined : `process ${spec.pid} exited`,
+      close: () => undefined,
+    };
   }
+  const path =
+    'netns' in tapNetns ? `/run/netns/${tapNetns.netns}` : `${procRoot}/${tapNetns.pid}/ns/net`;
+  let held: number | undefined;
+  try {
+    held = openSync(path, 'r');
+  } catch {
+    // Gone already: said at the first poll.
+  }
+  const namespace = held === undefined ? '' : identity(fstatSync(held));
+  const close = (): void => {
+    if (held !== undefined) closeSync(held);
+    held = undefined;
+  };
   if ('netns' in tapNetns) {
-    const path = `/run/netns/${tapNetns.netns}`;
-    const namespace = namespaceOf(path);
-    return () =>
-      namespaceOf(path) === namespace
-        ? undefined
-        : `network namespace ${tapNetns.netns} was deleted`;
+    return {
+      gone: () =>
+        namespaceOf(path) === namespace
+          ? undefined
+          : `network namespace ${tapNetns.netns} was deleted`,
+      close,
+    };
   }
-  const namespace = namespaceOf(`${procRoot}/${tapNetns.pid}/ns/net`);
   let holder = tapNetns.pid;
-  return () => {
+  const gone = (): string | undefined => {
     if (namespaceOf(`${procRoot}/${holder}/ns/net`) === namespace) return undefined;
     for (const name of readdirSync(procRoot)) {
       if (!/^\d+$/.test(name)) continue;
@@ -167,4 +207,5 @@ export function targetPresence(
     }
     return 'no process is left in its pod’s network namespace: the pod was deleted or stopped';
   };
+  return { gone, close };
 }
