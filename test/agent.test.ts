@@ -196,15 +196,17 @@ describe('mirrord agent', () => {
     const sent = await upload(sandbox, 128);
     const current = session;
     await current.until(() => current.closedConnections().length === 1, 'the upload to close');
-    expectMirrored(current, [sent]);
+    // The counters first: if the upload broke, they say who dropped it (the kernel's ring, or
+    // the agent for a session that fell behind).
     const counters = await current.nextCounters();
-    expect(counters.bytesCopied).toBeGreaterThanOrEqual(sent.bytes);
     expect(counters).toMatchObject({
       segmentsDroppedKernel: 0,
       connectionsDroppedAgent: 0,
       bytesDroppedAgent: 0,
       connectionsOpen: 0,
     });
+    expect(counters.bytesCopied).toBeGreaterThanOrEqual(sent.bytes);
+    expectMirrored(current, [sent]);
     await expectAgentAccounted(current);
   });
 
