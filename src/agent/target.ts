@@ -170,27 +170,27 @@ export function targetPresence(
       close: () => undefined,
     };
   }
-  const path =
-    'netns' in tapNetns ? `/run/netns/${tapNetns.netns}` : `${procRoot}/${tapNetns.pid}/ns/net`;
+  const [path, why] =
+    'netns' in tapNetns
+      ? [`/run/netns/${tapNetns.netns}`, `network namespace ${tapNetns.netns} was deleted`]
+      : [
+          `${procRoot}/${tapNetns.pid}/ns/net`,
+          'no process is left in its pod’s network namespace: the pod was deleted or stopped',
+        ];
   let held: number | undefined;
   try {
     held = openSync(path, 'r');
   } catch {
     // Gone already: said at the first poll.
+    return { gone: () => why, close: () => undefined };
   }
-  const namespace = held === undefined ? '' : identity(fstatSync(held));
+  const namespace = identity(fstatSync(held));
   const close = (): void => {
     if (held !== undefined) closeSync(held);
     held = undefined;
   };
   if ('netns' in tapNetns) {
-    return {
-      gone: () =>
-        namespaceOf(path) === namespace
-          ? undefined
-          : `network namespace ${tapNetns.netns} was deleted`,
-      close,
-    };
+    return { gone: () => (namespaceOf(path) === namespace ? undefined : why), close };
   }
   let holder = tapNetns.pid;
   const gone = (): string | undefined => {
@@ -205,7 +205,7 @@ export function targetPresence(
       holder = pid;
       return undefined;
     }
-    return 'no process is left in its pod’s network namespace: the pod was deleted or stopped';
+    return why;
   };
   return { gone, close };
 }

@@ -121,10 +121,9 @@ export async function untilAsync(
  */
 function printed(run: MirrorRun): string {
   const lines = run.output().split('\n');
-  const last = lines.findLastIndex((line) => line.startsWith('{"event":"counters"'));
-  return lines
-    .filter((line, index) => index === last || !line.startsWith('{"event":"counters"'))
-    .join('\n');
+  const counters = (line: string): boolean => line.startsWith('{"event":"counters"');
+  const last = lines.findLastIndex(counters);
+  return lines.filter((line, index) => index === last || !counters(line)).join('\n');
 }
 
 /**
